@@ -9,7 +9,7 @@ Two layouts are supported, each matching published checkpoints exactly:
 
 Everything here is numpy and vectorized: a sequence is first turned into base codes
 (``uint8[N]``, 0..3 for the alphabet's letters, :data:`INVALID_BASE` for anything else), then into
-rolling k-mer codes (``int64[N-k+1]``, ``-1`` where the k-mer contains an invalid base).
+k-mer codes (``int64[..., n]``, ``-1`` where the k-mer contains an invalid base).
 """
 
 from __future__ import annotations
@@ -78,18 +78,20 @@ class Vocab:
         return base_codes(seq, self.alphabet)
 
     def kmer_ids(self, codes: np.ndarray, stride: int = 1) -> np.ndarray:
-        """Token ids of the k-mers of a base-code array.
+        """Token ids of the k-mers of base codes, along the last axis.
 
         Args:
-          codes: ``uint8[N]`` base codes from :meth:`base_codes`.
+          codes: ``uint8[..., N]`` base codes from :meth:`base_codes`.
           stride: 1 for overlapping k-mers, ``k`` for non-overlapping ones.
 
         Returns:
-          ``int32[n_kmers]`` ids, ``n_kmers = (N - k) // stride + 1`` (0 if N < k); k-mers that
+          ``int32[..., n_kmers]`` ids, ``n_kmers = (N - k) // stride + 1`` (0 if N < k); k-mers that
           contain an invalid base get ``[UNK]``.
         """
-        kc = rolling_kmer_codes(codes, self.k)[::stride]
-        return np.where(kc < 0, self.unk_id, kc + self.num_specials).astype(np.int32)
+        kc = kmer_codes(codes, self.k, stride, dtype=np.int32)
+        kc += self.num_specials
+        kc[kc < self.num_specials] = self.unk_id
+        return kc
 
 
 DNABERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -100,7 +102,7 @@ LAYOUTS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_vocab(name: str = "dnabert", k: int = 6) -> Vocab:
     """The vocab ``name`` (``"dnabert"`` or ``"barcodebert"``) for k-mers of length ``k`` (1..12)."""
     if name not in LAYOUTS:
@@ -111,7 +113,7 @@ def get_vocab(name: str = "dnabert", k: int = 6) -> Vocab:
     return Vocab(name=name, k=k, alphabet=alphabet, specials=specials)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _code_table(alphabet: str) -> np.ndarray:
     table = np.full(256, INVALID_BASE, dtype=np.uint8)
     for code, base in enumerate(alphabet):
@@ -147,7 +149,7 @@ def base_codes(seq: str | bytes | np.ndarray, alphabet: str = "ACGT") -> np.ndar
 
 
 def rolling_kmer_codes(codes: np.ndarray, k: int) -> np.ndarray:
-    """Base-4 codes of every overlapping k-mer (stride 1).
+    """Base-4 codes of every overlapping k-mer (stride 1): :func:`kmer_codes` with ``stride=1``.
 
     Args:
       codes: ``uint8[N]`` base codes (0..3 valid, anything larger invalid).
@@ -157,15 +159,31 @@ def rolling_kmer_codes(codes: np.ndarray, k: int) -> np.ndarray:
       ``int64[max(N - k + 1, 0)]``: ``sum_j codes[i + j] * 4^(k-1-j)``, or ``-1`` where the k-mer
       at ``i`` contains an invalid base.
     """
+    return kmer_codes(codes, k)
+
+
+def kmer_codes(codes: np.ndarray, k: int, stride: int = 1, dtype=np.int64) -> np.ndarray:
+    """Base-4 codes of the k-mers starting every ``stride`` bases, along the last axis.
+
+    Args:
+      codes: ``uint8[..., N]`` base codes (0..3 valid, anything larger invalid).
+      k: k-mer length (``k <= 15`` for ``int32``, ``k <= 31`` for ``int64``).
+      stride: bases between consecutive k-mer starts (1: overlapping, k: non-overlapping).
+      dtype: integer dtype of the result.
+
+    Returns:
+      ``dtype[..., n]``, ``n = max((N - k) // stride + 1, 0)``: element ``i`` is
+      ``sum_j codes[..., i * stride + j] * 4^(k-1-j)``, or ``-1`` if that k-mer contains an
+      invalid base.
+    """
     codes = np.asarray(codes)
-    n = codes.shape[0] - k + 1
-    if n <= 0:
-        return np.zeros(0, dtype=np.int64)
-    valid = codes < 4
-    out = np.zeros(n, dtype=np.int64)
-    for j in range(k):  # k shifted adds: vectorized over the sequence
-        out = out * 4 + codes[j : j + n].astype(np.int64)
-    # a k-mer is invalid if any of its bases is: count invalid bases in each window
-    bad = np.concatenate([[0], np.cumsum(~valid, dtype=np.int64)])
-    out[(bad[k : k + n] - bad[:n]) > 0] = -1
+    n = max((codes.shape[-1] - k) // stride + 1, 0)
+    out = np.zeros(codes.shape[:-1] + (n,), dtype=dtype)
+    seen = np.zeros(out.shape, dtype=codes.dtype)  # bitwise OR of the k-mer's base codes
+    for j in range(k):  # k shifted adds, each vectorized over all k-mers
+        column = codes[..., j : j + (n - 1) * stride + 1 : stride]
+        out <<= 2
+        out += column
+        seen |= column
+    out[seen >= 4] = -1  # valid codes are 0..3, so the OR is >= 4 iff some base is invalid
     return out
