@@ -104,7 +104,7 @@ LAYOUTS = {
 
 @functools.cache
 def get_vocab(name: str = "dnabert", k: int = 6) -> Vocab:
-    """The vocab ``name`` (``"dnabert"`` or ``"barcodebert"``) for k-mers of length ``k`` (1..12)."""
+    """The vocab ``name`` (``"dnabert"`` or ``"barcodebert"``) for k-mers of length k (1..12)."""
     if name not in LAYOUTS:
         raise ValueError(f"unknown vocab {name!r}; valid: {sorted(LAYOUTS)}")
     if not 1 <= k <= 12:
