@@ -1,0 +1,304 @@
+"""BERT as DNABERT has it, in Flax NNX: embeddings, post-LN encoder, tied MLM head, classifier.
+
+Conventions shared by every module here:
+
+- ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``), ``param_dtype`` the parameter dtype
+  (keep ``jnp.float32``). LayerNorm statistics are always float32; logits are returned float32.
+- Init as in BERT: kernels and embeddings N(0, 0.02), biases 0, LayerNorm scale 1 and bias 0.
+- Large kernels and embedding tables carry mesh-axis annotations (``nnx.with_partitioning``) that
+  shard one dimension over the :data:`FSDP_AXIS` mesh axis; biases and LayerNorm stay replicated.
+  The annotation is always recorded (read it with ``nnx.get_partition_spec``); the array is
+  sharded at creation only when a mesh is active (``jax.set_mesh``), so the same code builds a
+  plain single-device model when no mesh is set. A mesh must have ``AxisType.Auto`` axes (XLA
+  then inserts the FSDP all-gathers); explicit-axis meshes are refused with a clear error.
+- Dropout layers hold no RNG state: they start deterministic (eval mode). For training, switch
+  them on (``model.train()`` or ``nnx.view(model, deterministic=False)``) and pass
+  ``rngs=nnx.Rngs(dropout=key)`` to ``__call__``; that keeps a jitted step a pure function of
+  its key. Layers with rate 0 never need a key.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+if TYPE_CHECKING:
+    from gemsjax.models.registry import BertConfig
+
+FSDP_AXIS = "fsdp"
+"""Mesh axis over which annotated parameters are sharded (the mesh is ``("data", "fsdp")``)."""
+
+INIT_STD = 0.02
+POOLINGS = ("cls", "mean")
+
+Dtype = Any
+Names = tuple[str | None, ...]
+
+
+def sharded_init(init: nnx.Initializer, names: Names) -> nnx.Initializer:
+    """``init`` annotated with mesh axis ``names`` (one per dimension, ``None`` = replicated).
+
+    Flax 0.12.8 shards annotated variables eagerly at creation and raises when no mesh is
+    active; eager sharding is therefore requested only when a mesh is set at construction time.
+    """
+    eager = not jax.sharding.get_abstract_mesh().empty
+    return nnx.with_partitioning(init, names, eager_sharding=eager)
+
+
+def dense(din: int, dout: int, names: Names | None, *, dtype: Dtype, param_dtype: Dtype,
+          rngs: nnx.Rngs, out_dtype: Dtype | None = None) -> nnx.Linear:
+    """Linear ``din -> dout`` with BERT init; ``names`` shards the kernel (None = replicated);
+    ``out_dtype`` (e.g. float32 for logits) sets the matmul's output dtype."""
+    init = nnx.initializers.normal(INIT_STD)
+    return nnx.Linear(din, dout, dtype=dtype, param_dtype=param_dtype,
+                      kernel_init=sharded_init(init, names) if names else init,
+                      bias_init=nnx.initializers.zeros_init(),
+                      preferred_element_type=out_dtype, rngs=rngs)
+
+
+def embed(num: int, features: int, names: Names | None, *, dtype: Dtype, param_dtype: Dtype,
+          rngs: nnx.Rngs) -> nnx.Embed:
+    """Embedding table ``float[num, features]`` with N(0, 0.02) init."""
+    init = nnx.initializers.normal(INIT_STD)
+    return nnx.Embed(num, features, dtype=dtype, param_dtype=param_dtype,
+                     embedding_init=sharded_init(init, names) if names else init, rngs=rngs)
+
+
+def layer_norm(features: int, eps: float, *, dtype: Dtype, param_dtype: Dtype,
+               rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm with float32 statistics and the two-pass (exact) variance, as in PyTorch."""
+    return nnx.LayerNorm(features, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+                         use_fast_variance=False, rngs=rngs)
+
+
+def check_mesh() -> None:
+    """Raise unless the active mesh (if any) has only ``AxisType.Auto`` axes."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and not mesh.are_all_axes_auto:
+        raise ValueError(f"the models need a mesh with AxisType.Auto axes, got {mesh.axis_types}; "
+                         "build it with jax.make_mesh(shape, names, "
+                         "axis_types=(jax.sharding.AxisType.Auto,) * len(names))")
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU, as BERT uses."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def masked_mean(hidden: jax.Array, attention: jax.Array) -> jax.Array:
+    """Mean of ``hidden: float[B, L, H]`` over positions where ``attention: int[B, L]`` is
+    nonzero -> ``float32[B, H]`` (BarcodeMAE's embedding pooling). All-padding rows give 0."""
+    weights = (attention != 0).astype(jnp.float32)[..., None]
+    total = jnp.sum(hidden.astype(jnp.float32) * weights, axis=1)
+    return total / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, dropout: nnx.Dropout,
+           rngs: nnx.Rngs | None) -> jax.Array:
+    """Bidirectional scaled dot-product attention over heads.
+
+    Args:
+      q, k, v: ``float[B, L, N, D]`` (L may differ between q and k/v).
+      key_mask: ``bool[B, L]``, True where a position may be attended to (as a key).
+      dropout: dropout on the attention probabilities; when it is off (deterministic or rate 0)
+        the fused ``jax.nn.dot_product_attention`` runs, else an einsum path that can drop probs.
+      rngs: dropout key source (only read when dropout is on).
+    Returns:
+      ``float[B, L, N, D]`` in ``v``'s dtype. Softmax is computed in float32.
+    """
+    if dropout.deterministic or dropout.rate == 0.0:
+        return jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :])
+    scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(q.shape[-1])
+    scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), rngs=rngs)
+    return jnp.einsum("bnqk,bknd->bqnd", probs, v)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention with separate query/key/value/output projections (BERT layout)."""
+
+    def __init__(self, config: BertConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        h, kw = config.hidden, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.heads = config.heads
+        self.query = dense(h, h, (FSDP_AXIS, None), **kw)
+        self.key = dense(h, h, (FSDP_AXIS, None), **kw)
+        self.value = dense(h, h, (FSDP_AXIS, None), **kw)
+        self.out = dense(h, h, (FSDP_AXIS, None), **kw)
+        self.prob_dropout = nnx.Dropout(config.attn_dropout, deterministic=True)
+
+    def __call__(self, x: jax.Array, key_mask: jax.Array, rngs: nnx.Rngs | None = None):
+        """``x: float[B, L, H]``, ``key_mask: bool[B, L]`` -> ``float[B, L, H]``."""
+        split = lambda t: t.reshape(*t.shape[:-1], self.heads, -1)
+        ctx = attend(split(self.query(x)), split(self.key(x)), split(self.value(x)), key_mask,
+                     self.prob_dropout, rngs)
+        return self.out(ctx.reshape(x.shape[:-1] + (-1,)))
+
+
+class TransformerBlock(nnx.Module):
+    """Post-LN block: ``LN(x + drop(attn(x)))`` then ``LN(h + drop(W2 gelu(W1 h)))``."""
+
+    def __init__(self, config: BertConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        h, kw = config.hidden, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attention = SelfAttention(config, **kw)
+        self.attention_dropout = nnx.Dropout(config.dropout, deterministic=True)
+        self.attention_norm = layer_norm(h, config.ln_eps, **kw)
+        self.ffn_in = dense(h, config.ffn, (None, FSDP_AXIS), **kw)
+        self.ffn_out = dense(config.ffn, h, (FSDP_AXIS, None), **kw)
+        self.ffn_dropout = nnx.Dropout(config.dropout, deterministic=True)
+        self.ffn_norm = layer_norm(h, config.ln_eps, **kw)
+
+    def __call__(self, x: jax.Array, key_mask: jax.Array, rngs: nnx.Rngs | None = None):
+        """``x: float[B, L, H]``, ``key_mask: bool[B, L]`` -> ``float[B, L, H]``."""
+        attn = self.attention_dropout(self.attention(x, key_mask, rngs), rngs=rngs)
+        h = self.attention_norm(x + attn)
+        ffn = self.ffn_dropout(self.ffn_out(gelu(self.ffn_in(h))), rngs=rngs)
+        return self.ffn_norm(h + ffn)
+
+
+class TransformerStack(nnx.Module):
+    """``config.layers`` post-LN blocks applied in order."""
+
+    def __init__(self, config: BertConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        self.blocks = nnx.List([
+            TransformerBlock(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for _ in range(config.layers)
+        ])
+
+    def __call__(self, x: jax.Array, key_mask: jax.Array, rngs: nnx.Rngs | None = None):
+        """``x: float[B, L, H]``, ``key_mask: bool[B, L]`` -> ``float[B, L, H]``."""
+        check_mesh()
+        for block in self.blocks:
+            x = block(x, key_mask, rngs)
+        return x
+
+
+class Embeddings(nnx.Module):
+    """``dropout(LN(x + position + token_type))``: BERT's embedding sum after the word lookup.
+
+    The word lookup is left to the caller so that the MAE decoder can feed vectors instead."""
+
+    def __init__(self, config: BertConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.position = embed(config.max_positions, config.hidden, (None, FSDP_AXIS), **kw)
+        self.token_type = embed(config.type_vocab, config.hidden, None, **kw)
+        self.norm = layer_norm(config.hidden, config.ln_eps, **kw)
+        self.dropout = nnx.Dropout(config.dropout, deterministic=True)
+
+    def __call__(self, x: jax.Array, position_ids: jax.Array, token_type_ids: jax.Array,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        """``x: float[B, L, H]``, ``position_ids, token_type_ids: int32[B, L]`` -> ``[B, L, H]``."""
+        x = x + self.position(position_ids) + self.token_type(token_type_ids)
+        return self.dropout(self.norm(x), rngs=rngs)
+
+
+class BertModel(nnx.Module):
+    """The BERT encoder (no pooler): word embeddings, :class:`Embeddings`, transformer stack."""
+
+    def __init__(self, config: BertConfig, *, dtype: Dtype = jnp.float32,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.word_embeddings = embed(config.vocab_size, config.hidden, (None, FSDP_AXIS), **kw)
+        self.embeddings = Embeddings(config, **kw)
+        self.stack = TransformerStack(config, **kw)
+
+    def __call__(self, ids: jax.Array, attention: jax.Array, *,
+                 position_ids: jax.Array | None = None, token_type_ids: jax.Array | None = None,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Last hidden layer ``float[B, L, H]`` (compute dtype).
+
+        Args:
+          ids: ``int32[B, L]`` token ids.
+          attention: ``int[B, L]`` or ``bool[B, L]``; nonzero where a token may be attended to.
+          position_ids: ``int32[B, L]``; defaults to ``0..L-1`` in every row.
+          token_type_ids: ``int32[B, L]``; defaults to 0.
+          rngs: dropout keys (``nnx.Rngs(dropout=key)``) when dropout is switched on.
+        """
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(ids)
+        x = self.embeddings(self.word_embeddings(ids), position_ids, token_type_ids, rngs)
+        return self.stack(x, attention != 0, rngs)
+
+
+class MlmHead(nnx.Module):
+    """dense -> GELU -> LN -> decoder tied to the word embeddings (``E^T``) + output bias."""
+
+    def __init__(self, config: BertConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.dense = dense(config.hidden, config.hidden, (FSDP_AXIS, None), **kw)
+        self.norm = layer_norm(config.hidden, config.ln_eps, **kw)
+        self.bias = nnx.Param(jnp.zeros((config.vocab_size,), param_dtype))
+
+    def __call__(self, hidden: jax.Array, word_embeddings: jax.Array) -> jax.Array:
+        """``hidden: float[..., H]``, ``word_embeddings: float[V, H]`` -> ``float32[..., V]``."""
+        t = self.norm(gelu(self.dense(hidden)))
+        logits = jnp.einsum("...h,vh->...v", t, word_embeddings.astype(t.dtype),
+                            preferred_element_type=jnp.float32)
+        return logits + self.bias[...].astype(jnp.float32)
+
+
+class BertForMaskedLM(nnx.Module):
+    """:class:`BertModel` + :class:`MlmHead` whose decoder is the encoder's word-embedding table."""
+
+    def __init__(self, config: BertConfig, *, dtype: Dtype = jnp.float32,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.encoder = BertModel(config, **kw)
+        self.head = MlmHead(config, **kw)
+
+    def __call__(self, ids: jax.Array, attention: jax.Array, *, positions: jax.Array | None = None,
+                 position_ids: jax.Array | None = None, token_type_ids: jax.Array | None = None,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        """MLM logits ``float32[B, L, V]``, or ``float32[B, P, V]`` at ``positions: int32[B, P]``
+        (the head then runs only there). Other arguments as in :meth:`BertModel.__call__`."""
+        hidden = self.encoder(ids, attention, position_ids=position_ids,
+                              token_type_ids=token_type_ids, rngs=rngs)
+        if positions is not None:
+            hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+        return self.head(hidden, self.encoder.word_embeddings.embedding[...])
+
+
+class ClassifierHead(nnx.Module):
+    """Pooling -> dropout -> linear. ``pooling="cls"``: BERT's tanh pooler on position 0
+    (DNABERT fine-tuning); ``"mean"``: attention-masked mean of the last hidden layer."""
+
+    def __init__(self, config: BertConfig, num_labels: int, *, pooling: str = "cls",
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; valid: {POOLINGS}")
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        h = config.hidden
+        self.pooler = dense(h, h, (FSDP_AXIS, None), **kw) if pooling == "cls" else None
+        self.dropout = nnx.Dropout(config.dropout, deterministic=True)
+        self.out = dense(h, num_labels, (FSDP_AXIS, None), out_dtype=jnp.float32, **kw)
+
+    def __call__(self, hidden: jax.Array, attention: jax.Array,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        """``hidden: float[B, L, H]``, ``attention: int[B, L]`` -> ``float32[B, num_labels]``."""
+        if self.pooler is not None:
+            pooled = jnp.tanh(self.pooler(hidden[:, 0]))
+        else:
+            pooled = masked_mean(hidden, attention).astype(hidden.dtype)
+        return self.out(self.dropout(pooled, rngs=rngs)).astype(jnp.float32)
+
+
+class BertClassifier(nnx.Module):
+    """:class:`BertModel` + :class:`ClassifierHead`, for fine-tuning a pretrained encoder
+    (copy it in with ``nnx.update(clf.encoder, nnx.state(pretrained.encoder))``)."""
+
+    def __init__(self, config: BertConfig, num_labels: int, *, pooling: str = "cls",
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.encoder = BertModel(config, **kw)
+        self.head = ClassifierHead(config, num_labels, pooling=pooling, **kw)
+
+    def __call__(self, ids: jax.Array, attention: jax.Array, *,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        """``ids: int32[B, L]``, ``attention: int[B, L]`` -> logits ``float32[B, num_labels]``."""
+        return self.head(self.encoder(ids, attention, rngs=rngs), attention, rngs)

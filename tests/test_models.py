@@ -1,0 +1,433 @@
+"""Models: sizes, tied MLM head, BarcodeMAE compaction, precision, split/merge, sharding."""
+
+import csv
+import dataclasses
+import gzip
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+from gemsjax.models import (
+    BertClassifier,
+    build_model,
+    compact_visible,
+    expand_visible,
+    get_model_config,
+    masked_mean,
+    param_count,
+)
+from gemsjax.models.bert import attend
+from gemsjax.vocab import get_vocab
+
+BARCODE_LEN = 660  # BarcodeMAE pads / truncates barcodes to 660 nt = 110 non-overlapping 6-mers
+
+
+# ---------------------------------------------------------------------------------------------
+# Real data, tokenized with the published vocab layouts.
+
+
+def _lambda_batch(shared_data, lengths, max_len):
+    """DNABERT layout ``[CLS] 6-mers [SEP] [PAD]...`` of chunks of phage lambda (bp ``lengths``)."""
+    vocab = get_vocab("dnabert", 6)
+    with gzip.open(shared_data / "phage_lambda" / "lambda_virus.fa.gz", "rt") as f:
+        genome = "".join(line.strip() for line in f if not line.startswith(">"))
+    ids = np.zeros((len(lengths), max_len), np.int32)
+    for row, n in enumerate(lengths):
+        start = 1000 * row
+        kmers = vocab.kmer_ids(vocab.base_codes(genome[start:start + n]))
+        row_ids = np.concatenate([[vocab.special_id("[CLS]")], kmers, [vocab.special_id("[SEP]")]])
+        ids[row, :len(row_ids)] = row_ids
+    return jnp.asarray(ids), jnp.asarray((ids != 0).astype(np.int32))
+
+
+def _barcode_batch(shared_data, rows):
+    """BarcodeBERT layout of the first ``rows`` BOLD barcodes: 110 6-mers, [UNK] padding."""
+    vocab = get_vocab("barcodebert", 6)
+    with gzip.open(shared_data / "bold_insect_coi_barcodes" / "insect_coi_barcodes.tsv.gz") as f:
+        reader = csv.DictReader(io.TextIOWrapper(f), delimiter="\t")
+        seqs = [next(reader)["nucleotides"].replace("-", "").rstrip("N") for _ in range(rows)]
+    codes = np.stack([vocab.base_codes(s[:BARCODE_LEN].ljust(BARCODE_LEN, "N")) for s in seqs])
+    ids = vocab.kmer_ids(codes, stride=6)
+    n_real = np.array([min(len(s), BARCODE_LEN) // 6 for s in seqs])
+    attention = (np.arange(ids.shape[1])[None, :] < n_real[:, None]).astype(np.int32)
+    return jnp.asarray(ids), jnp.asarray(attention)
+
+
+def _mae_mask(ids, seed=0):
+    """BarcodeMAE masking: Bernoulli(0.5) over tokens with id >= 2 -> bool[B, L]."""
+    draw = np.random.default_rng(seed).random(ids.shape)
+    return jnp.asarray((draw < 0.5) & (np.asarray(ids) >= 2))
+
+
+@pytest.fixture(scope="module")
+def lambda_batch(shared_data):
+    return _lambda_batch(shared_data, lengths=[120, 60, 90, 30, 100, 45, 75, 110], max_len=128)
+
+
+@pytest.fixture(scope="module")
+def barcodes(shared_data):
+    ids, attention = _barcode_batch(shared_data, rows=6)
+    mask = _mae_mask(ids)
+    assert int(attention.sum()) < attention.size, "need some padded barcodes"
+    return ids, attention, mask
+
+
+@pytest.fixture(scope="module")
+def mlm():
+    return build_model(get_model_config("test"), nnx.Rngs(0))  # dropout starts off (eval mode)
+
+
+@pytest.fixture(scope="module")
+def mae():
+    model = build_model(get_model_config("test_mae"), nnx.Rngs(1))
+    assert not np.any(model.mask_vector[...]), "the mask vector starts at zero"
+    model.mask_vector[...] = jax.random.normal(jax.random.key(7), model.mask_vector[...].shape)
+    return model
+
+
+# Jitted calls: compiling one program is much faster on CPU than running op by op.
+
+
+@nnx.jit
+def _call(model, *args):
+    return model(*args)
+
+
+@nnx.jit
+def _logits_at(model, ids, attention, positions):
+    return model(ids, attention, positions=positions)
+
+
+@nnx.jit
+def _encode(encoder, ids, attention, position_ids=None):
+    return encoder(ids, attention, position_ids=position_ids)
+
+
+@nnx.jit(static_argnames="num_visible")
+def _mae_logits(model, ids, attention, mask, num_visible=None):
+    return model(ids, attention, mask, num_visible=num_visible)
+
+
+@nnx.jit
+def _mae_reference(model, ids, attention, mask):
+    """BarcodeMAE written the long way: full-length encoder with masked tokens hidden as keys
+    (dropped variant) or replaced by [MASK] (baseline), projection, decoder."""
+    if model.variant == "baseline":
+        projected = model.projection(model.encode(jnp.where(mask, 0, ids), attention))
+        return model.decoder(projected, attention)
+    projected = model.projection(model.encode(ids, attention * ~mask))
+    return model.decoder(jnp.where(mask[..., None], model.mask_vector[...], projected), attention)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry and parameter counts.
+
+
+def _hf_bert(v, h, layers, ffn, positions=512, types=2):
+    """Parameters of a Hugging Face ``BertModel`` without pooler (embeddings + blocks)."""
+    embeddings = (v + positions + types) * h + 2 * h
+    block = 4 * (h * h + h) + 2 * h + (h * ffn + ffn) + (ffn * h + h) + 2 * h
+    return embeddings + layers * block
+
+
+def _hf_pooler(h):
+    return h * h + h
+
+
+def _hf_mlm_head(v, h):
+    """BertOnlyMLMHead: transform dense + LayerNorm + decoder bias (decoder weight is tied)."""
+    return h * h + h + 2 * h + v
+
+
+def _abstract(name):
+    return nnx.eval_shape(lambda: build_model(get_model_config(name), nnx.Rngs(0)))
+
+
+def test_dnabert6_count_equals_hf_bert_for_masked_lm():
+    count = param_count(_abstract("dnabert6"))
+    assert count == _hf_bert(4101, 768, 12, 3072) + _hf_mlm_head(4101, 768) == 89_196_549
+    assert abs(count - 89e6) / 89e6 < 0.005
+
+
+def test_logo_and_barcode_bert_counts():
+    logo = param_count(_abstract("logo"))
+    assert logo == _hf_bert(4101, 256, 2, 3072) + _hf_mlm_head(4101, 256)
+    assert abs(logo - 5.0e6) / 5.0e6 < 0.02  # 4.93M; "≈5.0M" in the GeneMask paper
+    barcode_bert = param_count(_abstract("barcode_bert"))
+    assert barcode_bert == _hf_bert(4098, 768, 6, 3072) + _hf_mlm_head(4098, 768)
+
+
+def test_barcode_mae_counts_match_reference_up_to_unused_tables():
+    """The reference also holds an unused encoder pooler and a full decoder word table of which
+    only row 0 (the mask vector) is used; everything else matches parameter for parameter."""
+    model = _abstract("barcode_mae")
+    h, v, classes = 768, 4098, 4096
+    reference_encoder = _hf_bert(v, h, 6, 3072) + _hf_pooler(h)
+    reference_decoder = _hf_bert(v, h, 6, 3072) + h * classes + classes
+    reference = reference_encoder + (h * h + h) + reference_decoder
+    unused = _hf_pooler(h) + (v - 1) * h
+    assert param_count(model) == reference - unused
+    assert param_count(model.encoder) == reference_encoder - _hf_pooler(h)
+    assert abs(reference - 96.5e6) / 96.5e6 < 0.001
+    assert abs(param_count(model.encoder) - 46e6) / 46e6 < 0.01
+    baseline = _abstract("barcode_mae_baseline")
+    assert param_count(baseline) == param_count(model) - h  # no mask vector
+
+
+def test_registry_errors_and_overrides():
+    with pytest.raises(ValueError, match="unknown model size 'bert9'.*dnabert6"):
+        get_model_config("bert9")
+    with pytest.raises(ValueError, match=r"unknown model config key\(s\) \['hiden'\]"):
+        get_model_config("logo", hiden=3)
+    with pytest.raises(ValueError, match="'hidden' must be divisible by heads=8"):
+        get_model_config("logo", hidden=260)
+    with pytest.raises(ValueError, match="'decoder_layers' must be positive"):
+        get_model_config("barcode_mae", decoder_layers=0)
+    config = get_model_config("dnabert6", dropout=0.0, layers=3)
+    assert (config.dropout, config.layers, config.hidden) == (0.0, 3, 768)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.layers = 4
+
+
+# ---------------------------------------------------------------------------------------------
+# MLM head.
+
+
+def test_mlm_decoder_is_the_word_embedding_table(mlm, lambda_batch):
+    ids, attention = lambda_batch
+    assert set(nnx.state(mlm.head, nnx.Param)) == {"dense", "norm", "bias"}
+    hidden = _call(mlm.encoder, ids, attention)
+    transformed = mlm.head.norm(jax.nn.gelu(mlm.head.dense(hidden), approximate=False))
+    table = mlm.encoder.word_embeddings.embedding[...]
+    expected = transformed @ table.T + mlm.head.bias[...]
+    np.testing.assert_allclose(_call(mlm, ids, attention), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_gradient_through_logits_reaches_unseen_embedding_rows(mlm, lambda_batch):
+    """Rows of tokens absent from the input get gradient only through the tied decoder."""
+    ids, attention = lambda_batch
+    graphdef, params, rest = nnx.split(mlm, nnx.Param, ...)
+    loss = lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(ids, attention) ** 2)
+    grad_table = jax.jit(jax.grad(loss))(params)["encoder"]["word_embeddings"]["embedding"][...]
+    unseen = np.setdiff1d(np.arange(grad_table.shape[0]), np.asarray(ids))
+    assert unseen.size > 3000
+    assert np.all(np.abs(np.asarray(grad_table)[unseen]).sum(axis=1) > 0)
+
+
+def test_logits_at_positions_equal_gathered_full_logits(mlm, lambda_batch):
+    ids, attention = lambda_batch
+    positions = jnp.asarray(np.random.default_rng(0).integers(0, ids.shape[1], (8, 3)), jnp.int32)
+    full = _call(mlm, ids, attention)
+    picked = _logits_at(mlm, ids, attention, positions)
+    assert picked.shape == (8, 3, 4101) and picked.dtype == jnp.float32
+    np.testing.assert_allclose(picked, jnp.take_along_axis(full, positions[..., None], 1),
+                               atol=1e-5)
+
+
+def test_padding_is_never_a_key_in_mlm(mlm, lambda_batch):
+    ids, attention = lambda_batch
+    noise = jax.random.randint(jax.random.key(3), ids.shape, 5, 4101)
+    changed = jnp.where(attention == 0, noise, ids)
+    assert int((changed != ids).sum()) > 100
+    real = np.asarray(attention, bool)
+    np.testing.assert_allclose(np.asarray(_call(mlm, changed, attention))[real],
+                               np.asarray(_call(mlm, ids, attention))[real], atol=1e-6)
+
+
+def test_position_ids_default_to_arange(mlm, lambda_batch):
+    ids, attention = lambda_batch
+    arange = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+    default = _encode(mlm.encoder, ids, attention)
+    np.testing.assert_array_equal(_encode(mlm.encoder, ids, attention, arange), default)
+    shifted = _encode(mlm.encoder, ids, attention, arange + 1)
+    assert float(jnp.max(jnp.abs(shifted - default))) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# BarcodeMAE.
+
+
+def test_compact_visible_keeps_order_positions_and_padding(barcodes):
+    ids, attention, mask = barcodes
+    num_visible = int((~mask).sum(1).max()) + 3
+    slot_ids, slot_pos, key_mask = compact_visible(ids, attention, mask, num_visible)
+    assert slot_ids.shape == slot_pos.shape == key_mask.shape == (ids.shape[0], num_visible)
+    for row in range(ids.shape[0]):
+        visible = np.flatnonzero(~np.asarray(mask[row]))
+        n = visible.size
+        np.testing.assert_array_equal(slot_pos[row, :n], visible)
+        np.testing.assert_array_equal(slot_ids[row, :n], np.asarray(ids[row])[visible])
+        np.testing.assert_array_equal(key_mask[row, :n], np.asarray(attention[row])[visible] != 0)
+        assert np.all(slot_ids[row, n:] == 1) and np.all(slot_pos[row, n:] == 0)
+        assert not np.any(key_mask[row, n:])
+
+
+def test_expand_visible_inverts_compaction(barcodes):
+    ids, attention, mask = barcodes
+    num_visible = int((~mask).sum(1).max())
+    _, slot_pos, _ = compact_visible(ids, attention, mask, num_visible)
+    full = expand_visible(slot_pos[..., None].astype(jnp.float32), mask, jnp.array([-1.0]))
+    expected = jnp.where(mask, -1.0, jnp.arange(ids.shape[1], dtype=jnp.float32))
+    np.testing.assert_array_equal(full[..., 0], expected)
+
+
+def test_gathered_encoder_equals_full_encoder_with_masked_keys(mae, barcodes):
+    ids, attention, mask = barcodes
+    num_visible = int((~mask).sum(1).max()) + 2
+    slot_ids, slot_pos, key_mask = compact_visible(ids, attention, mask, num_visible)
+    gathered = _encode(mae.encoder, slot_ids, key_mask, slot_pos)
+    full = _encode(mae.encoder, ids, attention * ~mask)
+    for row in range(ids.shape[0]):
+        visible = np.flatnonzero(~np.asarray(mask[row]))
+        np.testing.assert_allclose(gathered[row, :visible.size], full[row, visible], atol=1e-5)
+
+
+def test_mae_logits_equal_reference_composition(mae, barcodes):
+    """Encoder on visible tokens == full encoder with masked keys, then projection, mask vector
+    at masked positions, decoder with the padding mask."""
+    ids, attention, mask = barcodes
+    num_visible = int((~mask).sum(1).max())
+    logits = _mae_logits(mae, ids, attention, mask, num_visible=num_visible)
+    assert logits.shape == ids.shape + (4096,) and logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, _mae_reference(mae, ids, attention, mask), atol=1e-5)
+    np.testing.assert_allclose(_mae_logits(mae, ids, attention, mask), logits, atol=1e-5)
+
+
+def test_padding_is_never_a_key_in_mae(mae, barcodes):
+    ids, attention, mask = barcodes
+    changed = jnp.where(attention == 0, 1234, ids)
+    real = np.asarray(attention, bool)
+    np.testing.assert_allclose(np.asarray(_mae_logits(mae, changed, attention, mask))[real],
+                               np.asarray(_mae_logits(mae, ids, attention, mask))[real],
+                               atol=1e-5)
+
+
+def test_mae_baseline_feeds_mask_tokens_to_the_encoder(barcodes):
+    model = build_model(get_model_config("test_mae", arch="mae_baseline"), nnx.Rngs(2))
+    np.testing.assert_allclose(_mae_logits(model, *barcodes),
+                               _mae_reference(model, *barcodes), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifier head.
+
+
+def test_classifier_pools_and_reuses_a_pretrained_encoder(mlm, lambda_batch):
+    ids, attention = lambda_batch
+    config = get_model_config("test")
+    hidden = _call(mlm.encoder, ids, attention)
+    weights = np.asarray(attention, np.float32)[..., None]
+    expected_mean = (np.asarray(hidden) * weights).sum(1) / weights.sum(1)
+    np.testing.assert_allclose(masked_mean(hidden, attention), expected_mean, atol=1e-5)
+    for pooling in ("cls", "mean"):
+        clf = BertClassifier(config, num_labels=3, pooling=pooling, rngs=nnx.Rngs(5))
+        nnx.update(clf.encoder, nnx.state(mlm.encoder))
+        np.testing.assert_array_equal(_call(clf.encoder, ids, attention), hidden)
+        logits = _call(clf, ids, attention)
+        assert logits.shape == (8, 3) and logits.dtype == jnp.float32
+    with pytest.raises(ValueError, match="unknown pooling 'max'"):
+        BertClassifier(config, 3, pooling="max", rngs=nnx.Rngs(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision, dropout, split / merge.
+
+
+def test_bf16_compute_keeps_fp32_params_and_logits(lambda_batch, barcodes):
+    ids, attention = lambda_batch
+    config = get_model_config("test")
+    fp32 = build_model(config, nnx.Rngs(0))
+    bf16 = build_model(config, nnx.Rngs(0), dtype=jnp.bfloat16)
+    params = jax.tree.leaves(nnx.state(bf16, nnx.Param))
+    assert all(p.dtype == jnp.float32 for p in params)
+    assert _call(bf16.encoder, ids, attention).dtype == jnp.bfloat16
+    logits, reference = _call(bf16, ids, attention), _call(fp32, ids, attention)
+    assert logits.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(logits - reference))) < 0.05 * float(jnp.std(reference))
+    mae = build_model(get_model_config("test_mae"), nnx.Rngs(0), dtype=jnp.bfloat16)
+    assert _mae_logits(mae, *barcodes).dtype == jnp.float32
+
+
+def test_attention_dropout_path_equals_fused_path():
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, (2, 7, 3, 8)) for key in keys)
+    key_mask = jnp.arange(7)[None, :] < jnp.array([[7], [4]])
+    fused = attend(q, k, v, key_mask, nnx.Dropout(0.0), None)
+    dropout = nnx.Dropout(1e-9, deterministic=False)
+    einsum = nnx.jit(lambda d, *a: attend(*a, d, nnx.Rngs(dropout=1)))(dropout, q, k, v, key_mask)
+    np.testing.assert_allclose(einsum, fused, atol=1e-5)
+
+
+def test_jitted_pure_function_over_split_state(lambda_batch):
+    """The train-step pattern: split once, jit a pure function of (state, batch, key)."""
+    ids, attention = lambda_batch
+    model = build_model(get_model_config("test"), nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    train_graphdef, _ = nnx.split(nnx.view(model, deterministic=False))
+
+    @jax.jit
+    def forward(state, ids, attention, key):
+        train = nnx.merge(train_graphdef, state)(ids, attention, rngs=nnx.Rngs(dropout=key))
+        return nnx.merge(graphdef, state)(ids, attention), train
+
+    evaluated, train_a = forward(state, ids, attention, jax.random.key(0))
+    _, train_b = forward(state, ids, attention, jax.random.key(0))
+    _, train_c = forward(state, ids, attention, jax.random.key(1))
+    np.testing.assert_allclose(evaluated, _call(model, ids, attention), atol=1e-5)
+    np.testing.assert_array_equal(train_a, train_b)
+    assert float(jnp.max(jnp.abs(train_a - train_c))) > 1e-2
+    assert float(jnp.max(jnp.abs(train_a - evaluated))) > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding annotations on a ("data", "fsdp") mesh of the 8 fake CPU devices.
+
+
+def _auto_mesh():
+    assert jax.device_count() == 8, "tests/conftest.py should give 8 fake CPU devices"
+    return jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+
+
+def test_annotations_shard_params_and_forward_runs_on_mesh(mlm, lambda_batch):
+    ids, attention = lambda_batch
+    expected = _call(mlm, ids, attention)
+    graphdef, state = nnx.split(mlm)
+    specs = nnx.get_partition_spec(state)
+    block = specs["encoder"]["stack"]["blocks"][0]
+    spec = lambda variable: variable.get_value()
+    assert spec(specs["encoder"]["word_embeddings"]["embedding"]) == P(None, "fsdp")
+    assert spec(block["ffn_in"]["kernel"]) == P(None, "fsdp")
+    assert spec(block["attention"]["query"]["kernel"]) == P("fsdp", None)
+    assert spec(block["ffn_in"]["bias"]) == P() and spec(block["ffn_norm"]["scale"]) == P()
+    mesh = _auto_mesh()
+    sharded = jax.device_put(state, nnx.get_named_sharding(state, mesh))
+    kernel = sharded["encoder"]["stack"]["blocks"][0]["ffn_in"]["kernel"][...]
+    assert kernel.addressable_shards[0].data.shape == (64, 128 // 4)
+    batch = jax.NamedSharding(mesh, P(("data", "fsdp")))
+    with jax.set_mesh(mesh):
+        forward = jax.jit(lambda s, i, a: nnx.merge(graphdef, s)(i, a))
+        logits = forward(sharded, jax.device_put(ids, batch), jax.device_put(attention, batch))
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
+def test_models_built_under_a_mesh_are_born_sharded(barcodes):
+    mesh = _auto_mesh()
+    with jax.set_mesh(mesh):
+        model = build_model(get_model_config("test_mae"), nnx.Rngs(0))
+        logits = jax.jit(lambda i, a, m: model(i, a, m, num_visible=110))(*barcodes)
+    classifier = model.decoder.classifier.kernel[...]
+    assert classifier.sharding.spec == P(None, "fsdp")
+    assert classifier.addressable_shards[0].data.shape == (64, 4096 // 4)
+    assert logits.shape == barcodes[0].shape + (4096,)
+
+
+def test_explicit_axis_mesh_is_refused_with_a_clear_error(mlm, lambda_batch):
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Explicit,) * 2)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="AxisType.Auto"):
+        mlm(*lambda_batch)
