@@ -22,6 +22,8 @@ from collections.abc import Mapping
 
 import ml_collections
 
+from gemsjax.train import optim
+
 MLM_RECIPES = ("cm_gems", "cm_step", "genemask", "global_pmi", "dnabert_random")
 BARCODE_RECIPES = ("barcode_mae", "barcode_bert")
 
@@ -49,22 +51,6 @@ def _masking(curriculum: str, strategy: str) -> ml_collections.ConfigDict:
         random_frac=0.1,
         random_low=0,                   # 0: random ids from the whole vocabulary, as DNABERT
         loss_on="masked",               # masked | all (BarcodeBERT: every non-special token)
-    ))
-
-
-def _optimizer(schedule: str, lr: float, weight_decay: float,
-               decay_mask: str) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        schedule=schedule,              # linear (warmup + linear decay) | onecycle
-        lr=lr,
-        b1=0.9,
-        b2=0.98,
-        eps=1e-6,
-        weight_decay=weight_decay,
-        decay_mask=decay_mask,          # no_bias_ln | all
-        warmup_steps=500,
-        onecycle_pct=0.3,
-        clip_norm=1.0,                  # 0 turns clipping off
     ))
 
 
@@ -108,11 +94,9 @@ def pretraining_config(recipe: str, arg: str | None = None) -> ml_collections.Co
     if barcode:
         c.masking.mask_frac, c.masking.random_frac = 1.0, 0.0
         c.masking.loss_on = "all" if recipe == "barcode_bert" else "masked"
-        c.optimizer = _optimizer("onecycle", 1e-4 * 32 / 64, 1e-5, "all")
-        c.optimizer.b1, c.optimizer.b2, c.optimizer.eps = 0.95, 0.999, 1e-8
-        c.optimizer.clip_norm = 0.0
+        c.optimizer = optim.barcode_mae_config(total_batch=c.data.batch_size)
     else:
-        c.optimizer = _optimizer("linear", 8e-4, 0.01, "no_bias_ln")
+        c.optimizer = optim.cm_gems_config()
     c.train = ml_collections.ConfigDict(dict(
         steps=300,
         grad_accum=1,                   # micro-batches per step (data.batch_size = accum * micro)
@@ -147,7 +131,7 @@ def _apply_preset(c: ml_collections.ConfigDict, preset: str) -> None:
         c.train.eval_batches = 20
         if barcode:  # BarcodeMAE+ reference: batch 128, lr 1e-4 x 128/64, 35 epochs of ~2.3M
             c.data.batch_size, c.train.steps = 128, 35 * 2_300_000 // 128
-            c.optimizer.lr = 1e-4 * 128 / 64
+            c.optimizer.learning_rate = 1e-4 * 128 / 64
             c.data.train_splits = ("pretrain", "other_heldout")
         else:        # GeneMask Script-A: 10 x 25 accumulation = 250 sequences, 10K steps
             c.data.batch_size, c.train.grad_accum, c.train.steps = 250, 25, 10_000
@@ -158,7 +142,8 @@ def _apply_preset(c: ml_collections.ConfigDict, preset: str) -> None:
         c.data.batch_size, c.train.steps = 8, 6
         c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 1, 3, 3
         c.train.eval_batches = 1
-        c.optimizer.warmup_steps = 2
+        if not barcode:
+            c.optimizer.warmup_steps = 2
         if not barcode:
             c.data.max_len = 128
     elif preset in ("logo", "dnabert6", "barcode_mae", "barcode_bert", "test", "test_mae"):
@@ -175,11 +160,15 @@ def _literal(text: str):
         return text
 
 
+def _is_dict(x) -> bool:
+    return isinstance(x, Mapping | ml_collections.ConfigDict)
+
+
 def valid_keys(c: Mapping, prefix: str = "") -> list[str]:
     """All dotted leaf keys of a config, e.g. ``["data.batch_size", ...]``."""
     keys = []
     for name, value in c.items():
-        if isinstance(value, Mapping):
+        if _is_dict(value):
             keys += valid_keys(value, f"{prefix}{name}.")
         else:
             keys.append(f"{prefix}{name}")
@@ -192,8 +181,8 @@ def set_key(c: ml_collections.ConfigDict, dotted: str, value) -> None:
     *parents, leaf = dotted.split(".")
     node = c
     for part in parents:
-        node = node.get(part) if isinstance(node, Mapping) else None
-    if not isinstance(node, Mapping) or leaf not in node or isinstance(node[leaf], Mapping):
+        node = node.get(part) if _is_dict(node) else None
+    if not _is_dict(node) or leaf not in node or _is_dict(node[leaf]):
         raise ConfigKeyError(f"unknown config key {dotted!r}; valid keys: "
                              f"{', '.join(valid_keys(c))}")
     current = node[leaf]

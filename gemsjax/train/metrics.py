@@ -1,0 +1,314 @@
+"""Training metrics: one-step buffering, JSONL + TensorBoard + console, FLOPs and MFU.
+
+Loop usage::
+
+    buffer = MetricsBuffer()
+    writer = MetricsWriter(workdir, total_steps=max_steps, tokens_per_step=B * L,
+                           flops_per_step=B * bert_train_flops(...),
+                           peak_flops=peak_flops_per_device())
+    for step in ...:
+        state, device_metrics = train_step(state, batch, step)   # dispatched, not waited for
+        if (done := buffer.push(step, device_metrics)) is not None:
+            writer.write(done)
+    writer.write(buffer.flush()); writer.close()
+
+**FLOPs** count matmuls only (multiply-add = 2 FLOPs), training = 3 x forward (backward = 2 x
+forward), on the padded static shapes the step computes; bidirectional attention is *not* halved.
+A transformer block over ``T`` query tokens attending to ``K`` keys, width ``d``, FFN ``f``::
+
+    forward = T * (8 d^2 + 4 d f)      # Q, K, V, output projections; FFN in and out
+            + 4 T K d                  # scores Q K^T and context A V
+
+BERT MLM per sequence (``S`` tokens, head on ``P`` positions, default ``P = S``)::
+
+    train = 3 * [ layers * (S (8 d^2 + 4 d f) + 4 S^2 d) + P (2 d^2 + 2 d V) ]
+
+(head = dense ``d x d`` + the tied unembedding ``d x V``; embedding lookups cost nothing). This
+equals MaxText's count and the ``6 N + 12 L d S`` per-token rule with N = matmul weights.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+import jax
+import numpy as np
+
+# Dense bf16 peak FLOP/s per chip, matched in order against jax.devices()[0].device_kind.
+PEAK_BF16_FLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("h100", "pcie"), 756e12),
+    (("h100", "nvl"), 835e12),
+    (("h100",), 989e12),  # SXM; 1,979 is the 2:4-sparsity figure
+    (("h200",), 989e12),
+    (("a100",), 312e12),
+    (("tpu v4",), 275e12),
+    (("tpu v5 lite",), 197e12),  # v5e
+    (("tpu v5e",), 197e12),
+    (("tpu v5",), 459e12),  # v5p reports "TPU v5"
+    (("tpu v6",), 918e12),  # v6e ("TPU v6 lite")
+)
+CHECK_FINITE = ("loss", "grad_norm")
+
+
+def peak_flops_per_device(device_kind: str | None = None) -> float | None:
+    """Peak dense bf16 FLOP/s of one device, or None when unknown (CPU, other chips): MFU is then
+    omitted. ``device_kind`` defaults to ``jax.devices()[0].device_kind``."""
+    kind = (device_kind if device_kind is not None else jax.devices()[0].device_kind).lower()
+    for needles, flops in PEAK_BF16_FLOPS:
+        if all(n in kind for n in needles):
+            return flops
+    return None
+
+
+def transformer_forward_flops(layers: int, hidden: int, ffn: int, tokens: int, keys: int) -> float:
+    """Forward matmul FLOPs of ``layers`` blocks over one sequence of ``tokens`` queries attending
+    to ``keys`` keys: ``layers * (tokens * (8 d^2 + 4 d f) + 4 * tokens * keys * d)``."""
+    d = hidden
+    return float(layers * (tokens * (8 * d * d + 4 * d * ffn) + 4 * tokens * keys * d))
+
+
+def bert_train_flops(
+    layers: int, hidden: int, ffn: int, vocab: int, seq_len: int, head_len: int | None = None
+) -> float:
+    """Training FLOPs per sequence of a BERT MLM (module docstring); the MLM head runs on
+    ``head_len`` positions (default all ``seq_len``)."""
+    head = seq_len if head_len is None else head_len
+    encoder = transformer_forward_flops(layers, hidden, ffn, seq_len, seq_len)
+    return 3.0 * (encoder + head * (2 * hidden * hidden + 2 * hidden * vocab))
+
+
+def bert_train_flops_per_token(
+    layers: int, hidden: int, ffn: int, vocab: int, seq_len: int
+) -> float:
+    """:func:`bert_train_flops` (head on every position) divided by ``seq_len``."""
+    return bert_train_flops(layers, hidden, ffn, vocab, seq_len) / seq_len
+
+
+def mae_train_flops(
+    layers: int,
+    hidden: int,
+    ffn: int,
+    decoder_layers: int,
+    num_classes: int,
+    seq_len: int,
+    visible_len: int,
+    decoder_hidden: int | None = None,
+    decoder_ffn: int | None = None,
+) -> float:
+    """Training FLOPs per sequence of BarcodeMAE::
+
+        3 * [ encoder over visible_len tokens (attention over visible_len)
+              + projection visible_len * 2 d_enc d_dec
+              + decoder over seq_len tokens (attention over seq_len)
+              + head seq_len * 2 d_dec num_classes ]
+
+    ``visible_len`` is the static encoder length (``seq_len`` for the baseline variant).
+    """
+    dec_d = hidden if decoder_hidden is None else decoder_hidden
+    dec_f = ffn if decoder_ffn is None else decoder_ffn
+    forward = (
+        transformer_forward_flops(layers, hidden, ffn, visible_len, visible_len)
+        + visible_len * 2 * hidden * dec_d
+        + transformer_forward_flops(decoder_layers, dec_d, dec_f, seq_len, seq_len)
+        + seq_len * 2 * dec_d * num_classes
+    )
+    return 3.0 * forward
+
+
+def throughput(
+    step_seconds: float,
+    tokens_per_step: float | None,
+    flops_per_step: float | None,
+    num_devices: int,
+    peak_flops: float | None,
+) -> dict[str, float]:
+    """Per-device rates for one step (MaxText key names); entries whose inputs are None are
+    left out. ``perf/mfu`` = achieved FLOP/s per device / ``peak_flops``."""
+    out = {"perf/step_time_seconds": step_seconds}
+    if tokens_per_step is not None:
+        out["perf/tokens_per_sec_per_device"] = tokens_per_step / step_seconds / num_devices
+    if flops_per_step is not None:
+        flops = flops_per_step / step_seconds / num_devices
+        out["perf/tflops_per_sec_per_device"] = flops / 1e12
+        if peak_flops:
+            out["perf/mfu"] = flops / peak_flops
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMetrics:
+    """Host-side metrics of one step: ``values`` are floats; ``seconds`` is the wall time since
+    the previous step's metrics were materialized (its duration, in steady state), or None."""
+
+    step: int
+    values: dict[str, float]
+    seconds: float | None
+
+
+class MetricsBuffer:
+    """Holds one step's device metrics until the next step is dispatched.
+
+    ``push(n, m)`` returns step ``n-1``'s metrics fetched with ``jax.device_get``: by then step
+    ``n`` is already queued, so the fetch never leaves the device idle. Raises FloatingPointError
+    when a ``check_finite`` key (default loss and grad_norm, where present) is NaN or Inf.
+    """
+
+    def __init__(self, check_finite: tuple[str, ...] = CHECK_FINITE):
+        self._check_finite = check_finite
+        self._pending: tuple[int, Mapping[str, Any]] | None = None
+        self._last_time: float | None = None
+
+    def push(self, step: int, device_metrics: Mapping[str, Any]) -> StepMetrics | None:
+        """Buffer step ``step``'s scalar metrics; return the previous step's, or None at first."""
+        previous, self._pending = self._pending, (step, device_metrics)
+        return None if previous is None else self._materialize(*previous)
+
+    def flush(self) -> StepMetrics | None:
+        """Materialize the buffered step (call after the last step); None if nothing is buffered."""
+        pending, self._pending = self._pending, None
+        return None if pending is None else self._materialize(*pending)
+
+    def _materialize(self, step: int, device_metrics: Mapping[str, Any]) -> StepMetrics:
+        host = jax.device_get(dict(device_metrics))
+        now = time.perf_counter()
+        seconds = None if self._last_time is None else now - self._last_time
+        self._last_time = now
+        values = {}
+        for key, value in host.items():
+            value = np.asarray(value)
+            if value.size != 1:
+                raise ValueError(
+                    f"metric {key!r} at step {step} has shape {value.shape}; "
+                    "metrics must be scalars"
+                )
+            values[key] = float(value.reshape(()))
+        for key in self._check_finite:
+            if key in values and not math.isfinite(values[key]):
+                raise FloatingPointError(
+                    f"{key} is {values[key]} at step {step}; stopping. Lower the learning rate, "
+                    "check gradient clipping, or inspect that step's batch"
+                )
+        return StepMetrics(step, values, seconds)
+
+
+def _si(value: float) -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.1f}{suffix}"
+    return f"{value:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def format_progress(
+    step: int, total_steps: int, values: Mapping[str, float], eta_seconds: float | None
+) -> str:
+    """One console line, e.g. ``step 1200/10000 | loss 5.4321 | acc 0.1234 | lr 7.60e-04 |
+    mix genemask=0.70 global_pmi=0.30 | 12.3k tok/s/dev | 45.6 TFLOP/s/dev | MFU 4.6% |
+    ETA 1:02:03``. Parts whose keys (``loss``, ``masked_accuracy``, ``lr``, ``mix/<strategy>``,
+    ``perf/...``) are missing are left out. ``step`` is 0-based; ``step + 1`` updates are done.
+    """
+    parts = [f"step {step + 1}/{total_steps}"]
+    if "loss" in values:
+        parts.append(f"loss {values['loss']:.4f}")
+    if "masked_accuracy" in values:
+        parts.append(f"acc {values['masked_accuracy']:.4f}")
+    if "lr" in values:
+        parts.append(f"lr {values['lr']:.2e}")
+    mix = [f"{k[4:]}={v:.2f}" for k, v in sorted(values.items()) if k.startswith("mix/")]
+    if mix:
+        parts.append("mix " + " ".join(mix))
+    if "perf/tokens_per_sec_per_device" in values:
+        parts.append(f"{_si(values['perf/tokens_per_sec_per_device'])} tok/s/dev")
+    if "perf/tflops_per_sec_per_device" in values:
+        parts.append(f"{values['perf/tflops_per_sec_per_device']:.1f} TFLOP/s/dev")
+    if "perf/mfu" in values:
+        parts.append(f"MFU {100 * values['perf/mfu']:.1f}%")
+    if eta_seconds is not None:
+        parts.append(f"ETA {_duration(eta_seconds)}")
+    return " | ".join(parts)
+
+
+class MetricsWriter:
+    """Writes step metrics on process 0: ``<workdir>/metrics.jsonl`` (one JSON object per
+    written step, appended across restarts), TensorBoard events under ``<workdir>/tensorboard``,
+    and a console progress line every ``console_every`` steps. Other processes write nothing.
+
+    Throughput (:func:`throughput`) is added to a step's values when its duration is known;
+    ``tokens_per_step`` / ``flops_per_step`` are global per optimizer step; ``num_devices``
+    defaults to ``jax.device_count()``. The ETA uses the mean of the last 50 step durations.
+    """
+
+    def __init__(
+        self,
+        workdir: str | pathlib.Path,
+        *,
+        total_steps: int,
+        tokens_per_step: float | None = None,
+        flops_per_step: float | None = None,
+        peak_flops: float | None = None,
+        num_devices: int | None = None,
+        console_every: int = 1,
+        stream: TextIO | None = None,
+        enabled: bool | None = None,
+    ):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.total_steps = total_steps
+        self._rates = (
+            tokens_per_step,
+            flops_per_step,
+            num_devices or jax.device_count(),
+            peak_flops,
+        )
+        self._console_every = console_every
+        self._stream = stream if stream is not None else sys.stdout
+        self._durations: collections.deque[float] = collections.deque(maxlen=50)
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
+
+        workdir = pathlib.Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+        self._tb = SummaryWriter(logdir=str(workdir / "tensorboard"), flush_secs=30)
+
+    def write(self, metrics: StepMetrics | None) -> None:
+        """Record one step (None is ignored, so ``write(buffer.flush())`` is safe)."""
+        if metrics is None or not self.enabled:
+            return
+        values = dict(metrics.values)
+        if metrics.seconds:
+            values.update(throughput(metrics.seconds, *self._rates))
+            self._durations.append(metrics.seconds)
+        self._jsonl.write(json.dumps({"step": metrics.step, **values}) + "\n")
+        self._jsonl.flush()
+        for key, value in values.items():
+            self._tb.add_scalar(key, value, metrics.step)
+        last = metrics.step + 1 >= self.total_steps
+        if (metrics.step + 1) % self._console_every == 0 or last:
+            eta = None
+            if self._durations:
+                eta = np.mean(self._durations) * max(self.total_steps - metrics.step - 1, 0)
+            print(
+                format_progress(metrics.step, self.total_steps, values, eta),
+                file=self._stream,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        """Flush and close the files."""
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
