@@ -143,9 +143,7 @@ def _apply_preset(c: ml_collections.ConfigDict, preset: str) -> None:
         c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 1, 3, 3
         c.train.eval_batches = 1
         if not barcode:
-            c.optimizer.warmup_steps = 2
-        if not barcode:
-            c.data.max_len = 128
+            c.optimizer.warmup_steps, c.data.max_len = 2, 128
     elif preset in ("logo", "dnabert6", "barcode_mae", "barcode_bert", "test", "test_mae"):
         c.model.name = preset
     else:

@@ -227,7 +227,14 @@ def format_progress(
         parts.append(f"acc {values['masked_accuracy']:.4f}")
     if "lr" in values:
         parts.append(f"lr {values['lr']:.2e}")
-    mix = [f"{k[4:]}={v:.2f}" for k, v in sorted(values.items()) if k.startswith("mix/")]
+    if "val_loss" in values:
+        parts.append(f"val loss {values['val_loss']:.4f}")
+    if "val_perplexity" in values:
+        parts.append(f"val ppl {values['val_perplexity']:.2f}")
+    if "val_masked_accuracy" in values:
+        parts.append(f"val acc {values['val_masked_accuracy']:.4f}")
+    mix = [f"{k[4:]}={v:.2f}" for k, v in sorted(values.items())
+           if k.startswith("mix/") and v > 0]
     if mix:
         parts.append("mix " + " ".join(mix))
     if "perf/tokens_per_sec_per_device" in values:

@@ -1,0 +1,244 @@
+"""The jitted train and eval steps: masks are made on device, inside the step.
+
+One optimizer update per call::
+
+    key      = fold_in(key(seed), step)
+    strategy = curriculum.sample(key_strategy, step, curriculum_state)      (per micro-batch)
+    mask     = masking.make_mask(key_mask, strategy, ids, special, rank_table)
+    inputs   = masking.corrupt(key_corrupt, ids, mask)                      (MLM)
+    loss     = cross-entropy of model(inputs) at the masked positions
+    grads    = mean over ``grad_accum`` micro-batches (a ``lax.scan``) → optax → new params
+
+The input batch is the raw token batch from the pipeline (``ids, attention: int32[B, L]``); the
+pipeline never masks, so a resumed run (same seed, step and data order) reproduces the same masks.
+Micro-batch ``j`` of a step holds rows ``j, j + A, j + 2A, ...`` (``A = grad_accum``), so every
+device's contiguous block of the sharded batch feeds every micro-batch without resharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from gemsjax import masking
+from gemsjax.curriculum import Curriculum, CurriculumState
+from gemsjax.vocab import Vocab
+
+TASKS = ("mlm", "mae")
+
+
+class TrainState(NamedTuple):
+    """Everything a run checkpoints, as arrays (Orbax-saveable).
+
+    Attributes:
+      step: ``int32[]`` optimizer updates done.
+      params: the model's ``nnx.State`` (``nnx.Param`` leaves, float32).
+      opt_state: optax state.
+      curriculum: the curriculum's validation history.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    curriculum: CurriculumState
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """Static description of what a step computes (hashable; closed over by the jitted step).
+
+    Attributes:
+      kind: ``"mlm"`` (BERT masked-LM: mask, corrupt, predict token ids) or ``"mae"``
+        (BarcodeMAE: drop a fixed number of tokens, predict the k-mer class ``id - specials``).
+      vocab: the token layout (specials are never masked).
+      curriculum: strategy schedule and masking probabilities.
+      seed: base of every step key, ``fold_in(key(seed), step)``.
+      grad_accum: micro-batches per optimizer update.
+      mask_frac, random_frac, random_low: BERT corruption (see :func:`masking.corrupt`).
+      loss_on: ``"masked"`` or ``"all"`` (every non-special token, BarcodeBERT).
+      num_visible: MAE encoder length, :func:`masking.visible_len`: a static bound on the
+        visible maskable tokens per row. The encoder is given those only; ``[UNK]`` k-mers and
+        padding are dropped with the masked tokens (they are never targets), which keeps the
+        bound exact, and the decoder sees them as mask-vector slots.
+    """
+
+    kind: str
+    vocab: Vocab
+    curriculum: Curriculum
+    seed: int = 0
+    grad_accum: int = 1
+    mask_frac: float = 0.8
+    random_frac: float = 0.1
+    random_low: int = 0
+    loss_on: str = "masked"
+    num_visible: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in TASKS:
+            raise ValueError(f"task kind must be one of {TASKS}, got {self.kind!r}")
+        if self.loss_on not in ("masked", "all"):
+            raise ValueError(f"loss_on must be 'masked' or 'all', got {self.loss_on!r}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+
+
+def special_positions(ids: jax.Array, attention: jax.Array, vocab: Vocab) -> jax.Array:
+    """``bool[B, L]``: special tokens and padding (attention 0), never masked."""
+    return masking.special_mask(ids, range(vocab.num_specials)) | (attention == 0)
+
+
+def masked_batch(task: Task, key: jax.Array, step: jax.Array, curriculum_state: CurriculumState,
+                 ids: jax.Array, attention: jax.Array, rank_table: jax.Array) -> dict:
+    """Mask and corrupt one (micro-)batch.
+
+    Args:
+      key: this micro-batch's key.
+      step: ``int32[]`` optimizer step (the curriculum's clock).
+      ids, attention: ``int32[B, L]``.
+      rank_table: ``int32[V]`` PMI ranks by token id.
+
+    Returns:
+      dict with ``inputs int32[B, L]`` (model input ids), ``targets int32[B, L]``,
+      ``weights float32[B, L]`` (loss weights), ``mask bool[B, L]``, ``special bool[B, L]`` and
+      ``strategy int32[]`` or ``int32[B]``.
+    """
+    k_strategy, k_mask, k_corrupt = jax.random.split(key, 3)
+    special = special_positions(ids, attention, task.vocab)
+    cur = task.curriculum
+    if task.kind == "mae":
+        strategy = jnp.int32(masking.strategy_index("mae_drop"))
+        mask = masking.mae_drop_fixed(k_mask, ids, special, cur.mask_params.mae_ratio)
+        targets = jnp.maximum(ids - task.vocab.num_specials, 0)
+        return dict(inputs=ids, targets=targets, weights=mask.astype(jnp.float32), mask=mask,
+                    special=special, strategy=strategy)
+    strategy = cur.sample(k_strategy, step, curriculum_state, ids.shape[0])
+    mask = masking.make_mask(k_mask, strategy, ids, special, rank_table, cur.mask_params,
+                             cur.active)
+    inputs, targets, weights = masking.corrupt(
+        k_corrupt, ids, mask, task.vocab.size, task.vocab.mask_id, mask_frac=task.mask_frac,
+        random_frac=task.random_frac, random_low=task.random_low)
+    if task.loss_on == "all":
+        weights = (~special).astype(jnp.float32)
+    return dict(inputs=inputs, targets=targets, weights=weights, mask=mask, special=special,
+                strategy=strategy)
+
+
+def forward(task: Task, model: nnx.Module, batch: dict, attention: jax.Array,
+            dropout_key: jax.Array | None) -> jax.Array:
+    """Logits ``float32[B, L, C]`` of the model on a masked batch."""
+    rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
+    if task.kind == "mae":  # the encoder sees the visible k-mers only (no [UNK], no padding)
+        return model(batch["inputs"], attention, batch["mask"] | batch["special"],
+                     num_visible=task.num_visible, rngs=rngs)
+    return model(batch["inputs"], attention, rngs=rngs)
+
+
+def loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict:
+    """Weighted cross-entropy and accuracy sums (fp32): ``loss_sum, correct, count``."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return dict(loss_sum=(ce * weights).sum(), correct=(hit * weights).sum(),
+                count=weights.sum())
+
+
+def _strategy_counts(strategy: jax.Array, batch_size: int) -> jax.Array:
+    """``float32[S]``: sequences masked by each strategy."""
+    one_hot = jax.nn.one_hot(strategy, len(masking.STRATEGIES), dtype=jnp.float32)
+    return one_hot * batch_size if strategy.ndim == 0 else one_hot.sum(axis=0)
+
+
+def _micro_batches(x: jax.Array, accum: int) -> jax.Array:
+    """``[B, ...] -> [A, B / A, ...]`` with micro-batch ``j`` = rows ``j, j + A, ...``."""
+    if x.shape[0] % accum:
+        raise ValueError(f"batch of {x.shape[0]} rows does not split into grad_accum={accum} "
+                         "micro-batches; make data.batch_size a multiple of train.grad_accum")
+    return jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
+
+
+def make_train_step(task: Task, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    lr_schedule: optax.Schedule):
+    """``train_step(state, batch, rank_table) -> (state, metrics)``, pure (jit it with shardings).
+
+    Args of the returned function:
+      state: :class:`TrainState`.
+      batch: ``{"ids", "attention"}: int32[B, L]`` (global batch, ``B % grad_accum == 0``).
+      rank_table: ``int32[V]``.
+
+    Metrics (scalars unless noted): ``loss`` (mean masked cross-entropy), ``accuracy``,
+    ``mask_rate`` (masked / maskable tokens), ``grad_norm``, ``lr``, ``tokens`` (non-pad tokens),
+    ``strategy_mix float32[S]`` (share of sequences per strategy).
+    """
+
+    def micro_loss(params, micro, key, step, curriculum_state, rank_table):
+        ids, attention = micro["ids"], micro["attention"]
+        mkey, dkey = jax.random.split(key)
+        batch = masked_batch(task, mkey, step, curriculum_state, ids, attention, rank_table)
+        logits = forward(task, nnx.merge(graphdef, params), batch, attention, dkey)
+        sums = loss_sums(logits, batch["targets"], batch["weights"])
+        loss = sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
+        aux = dict(sums, masked=batch["mask"].sum(), maskable=(~batch["special"]).sum(),
+                   tokens=(attention != 0).sum(),
+                   strategy=_strategy_counts(batch["strategy"], ids.shape[0]))
+        return loss, aux
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict, rank_table: jax.Array):
+        key = jax.random.fold_in(jax.random.key(task.seed), state.step)
+        micro = jax.tree.map(lambda x: _micro_batches(x, task.grad_accum), batch)
+
+        def accumulate(carry, inputs):
+            index, micro_batch = inputs
+            (loss, aux), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(key, index),
+                                         state.step, state.curriculum, rank_table)
+            total = jax.tree.map(jnp.add, carry, (grads, loss, aux))
+            return total, None
+
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+            lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), key, state.step,
+                            state.curriculum, rank_table)))
+        (_, aux0), grads0 = zeros
+        (grads, loss, aux), _ = jax.lax.scan(
+            accumulate, (grads0, jnp.float32(0), aux0),
+            (jnp.arange(task.grad_accum), micro))
+        grads = jax.tree.map(lambda g: g / task.grad_accum, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(
+            loss=loss / task.grad_accum,
+            masked_accuracy=aux["correct"] / jnp.maximum(aux["count"], 1.0),
+            mask_rate=aux["masked"] / jnp.maximum(aux["maskable"], 1),
+            grad_norm=optax.global_norm(grads),
+            lr=lr_schedule(state.step),
+            tokens=aux["tokens"],
+            strategy_mix=aux["strategy"] / batch["ids"].shape[0],
+        )
+        new_state = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(task: Task, graphdef: nnx.GraphDef):
+    """``eval_step(state, batch, rank_table, batch_index) -> sums`` under the current masking.
+
+    Masks come from ``fold_in(fold_in(key(seed + 1), step), batch_index)``: fixed for a given
+    step, so a validation pass is repeatable. Returns ``loss_sum, correct, count`` (float32[]) to
+    be summed over batches; perplexity = ``exp(loss_sum / count)``.
+    """
+
+    def eval_step(state: TrainState, batch: dict, rank_table: jax.Array, batch_index: jax.Array):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(task.seed + 1), state.step),
+                                 batch_index)
+        ids, attention = batch["ids"], batch["attention"]
+        masked = masked_batch(task, key, state.step, state.curriculum, ids, attention,
+                              rank_table)
+        logits = forward(task, nnx.merge(graphdef, state.params), masked, attention, None)
+        return loss_sums(logits, masked["targets"], masked["weights"])
+
+    return eval_step
