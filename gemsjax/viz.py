@@ -1,0 +1,139 @@
+"""Figures for notebooks and the README: masks per strategy, PMI-rank profile, curriculum mix.
+
+Figures are built with :class:`matplotlib.figure.Figure` directly (no pyplot state, no backend
+switch), so they render headless through Agg when saved and display inline in notebooks. Every
+function returns the Figure and, given ``path``, also writes it as a PNG.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+
+from gemsjax import masking
+from gemsjax.curriculum import Curriculum
+from gemsjax.tokenizers import KmerTokenizer
+
+COLORS = {"random_span": "#4C72B0", "genemask": "#DD8452", "global_pmi": "#55A868",
+          "mae_drop": "#8172B3"}
+
+
+def _save(fig: Figure, path: str | pathlib.Path | None, dpi: int) -> Figure:
+    if path is not None:
+        path = pathlib.Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi, format="png")
+    return fig
+
+
+def tokenize(seq: str, max_len: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """One DNA sequence as DNABERT 6-mer ids ``int32[1, max_len]`` and specials ``bool[1, max_len]``
+    (``[CLS] k-mers [SEP] [PAD]...``; a longer sequence is truncated)."""
+    tokenizer = KmerTokenizer(k=6, vocab="dnabert")
+    ids, _ = tokenizer.encode([seq], max_len)
+    return ids, ids < tokenizer.vocab.num_specials
+
+
+def plot_masks(seq: str, ranks: np.ndarray, *, key: jax.Array | None = None,
+               strategies: Sequence[str] = ("random_span", "genemask", "global_pmi"),
+               params: masking.MaskParams = masking.DEFAULT_PARAMS, max_len: int = 512,
+               path: str | pathlib.Path | None = None, dpi: int = 120) -> Figure:
+    """The PMI-rank profile of a sequence and one mask per strategy drawn over it.
+
+    Args:
+      seq: a DNA sequence (e.g. 517 bp of the chr22 segment give a full 512-token window).
+      ranks: ``int32[V]`` rank table indexed by token id (DNABERT layout).
+      key: PRNG key for the masks (default ``jax.random.key(0)``); all strategies share it.
+      strategies: names from :data:`gemsjax.masking.STRATEGIES`, one row each.
+      params: masking probabilities (:class:`gemsjax.masking.MaskParams`).
+      max_len: token window length.
+      path: optional PNG path.
+      dpi: PNG resolution.
+
+    Returns:
+      The Figure: top, the rank of each token (log scale, best at the top); below, the masked
+      positions of each strategy with the masked fraction of the k-mer tokens.
+    """
+    ids, special = tokenize(seq, max_len)
+    key = jax.random.key(0) if key is None else key
+    functions = masking.strategy_functions(params)
+    fig = Figure(figsize=(11, 1.6 + 0.8 * len(strategies)), layout="constrained")
+    axes = fig.subplots(1 + len(strategies), 1, sharex=True,
+                        height_ratios=[2.5] + [1] * len(strategies))
+    valid = ~special[0]
+    positions = np.flatnonzero(valid)
+    token_ranks = np.asarray(ranks)[ids[0]]
+    axes[0].plot(positions, token_ranks[valid], lw=0.6, color="0.3")
+    axes[0].set_yscale("log")
+    axes[0].invert_yaxis()
+    axes[0].set_ylabel("PMI rank")
+    axes[0].set_title(f"{valid.sum()} 6-mer tokens; masks drawn with one key")
+    for ax, name in zip(axes[1:], strategies, strict=True):
+        mask = np.asarray(functions[masking.strategy_index(name)](
+            key, jnp.asarray(ids), jnp.asarray(special), jnp.asarray(ranks)))[0]
+        ax.imshow(mask[None, :], aspect="auto", interpolation="nearest",
+                  cmap=ListedColormap(["#f2f2f2", COLORS[name]]), vmin=0, vmax=1,
+                  extent=(-0.5, mask.size - 0.5, 0, 1))
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center")
+        ax.text(1.0, 0.5, f" {mask[valid].mean():.1%}", transform=ax.transAxes, va="center")
+    axes[-1].set_xlabel("token position")
+    return _save(fig, path, dpi)
+
+
+def curriculum_weights(curriculum: Curriculum, steps: np.ndarray,
+                       val_metrics: Sequence[float] = (), eval_every: int = 500) -> np.ndarray:
+    """Strategy weights ``float32[len(steps), S]`` at each step, given validation metrics.
+
+    ``val_metrics[i]`` is the metric of the validation after step ``(i + 1) * eval_every``; the
+    state at a step has recorded every validation up to it.
+    """
+    states = [curriculum.init()]
+    for metric in val_metrics:
+        states.append(curriculum.update(states[-1], metric))
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    steps = jnp.asarray(steps, jnp.int32)
+    seen = jnp.minimum(steps // eval_every, len(val_metrics))
+    at_step = jax.tree.map(lambda leaf: leaf[seen], stacked)
+    return np.asarray(jax.vmap(curriculum.schedule)(steps, at_step))
+
+
+def plot_curriculum(curriculum: Curriculum, num_steps: int, *,
+                    val_metrics: Sequence[float] = (), eval_every: int = 500, points: int = 400,
+                    path: str | pathlib.Path | None = None, dpi: int = 120) -> Figure:
+    """The curriculum's strategy mix over training (stacked weights per strategy).
+
+    Args:
+      curriculum: a :class:`gemsjax.curriculum.Curriculum`.
+      num_steps: training steps on the x axis.
+      val_metrics: validation metrics (perplexities) fed to ``update`` every ``eval_every`` steps
+        (needed to show CM-GEMS's switch).
+      eval_every: steps between validations.
+      points: steps sampled along the axis.
+      path: optional PNG path.
+      dpi: PNG resolution.
+
+    Returns:
+      The Figure.
+    """
+    steps = np.unique(np.linspace(0, num_steps, points).astype(np.int64))
+    weights = curriculum_weights(curriculum, steps, val_metrics, eval_every)
+    shown = [i for i in range(len(masking.STRATEGIES)) if weights[:, i].any()]
+    fig = Figure(figsize=(8, 3.2), layout="constrained")
+    ax = fig.subplots()
+    ax.stackplot(steps, weights[:, shown].T, step="post",
+                 labels=[masking.STRATEGIES[i] for i in shown],
+                 colors=[COLORS[masking.STRATEGIES[i]] for i in shown])
+    ax.set_xlim(0, num_steps)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("strategy weight")
+    ax.set_title(f"curriculum: {curriculum.name}")
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    return _save(fig, path, dpi)
