@@ -11,7 +11,7 @@ Presets (comma-separated, combinable, ``key=value`` items override single fields
 - ``paper``: the published recipe (CM-GEMS / GeneMask: batch 250, 10K steps, lr 8e-4; BarcodeMAE:
   batch 128, one-cycle); needs ``data.fasta`` (a genome) or ``data.tsv`` (BIOSCAN-5M);
 - ``smoke``: a few steps of a tiny model, for tests;
-- ``logo`` / ``dnabert6``: the model size;
+- a model size (``logo``, ``dnabert6``, ``barcode_mae``, ...; see ``gemsjax.models.registry``);
 - ``key=value``: e.g. ``train.steps=200`` (dotted keys; values parsed as Python literals).
 """
 
@@ -22,6 +22,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
+from gemsjax.models import registry
 from gemsjax.train import optim
 
 MLM_RECIPES = ("cm_gems", "cm_step", "genemask", "global_pmi", "dnabert_random")
@@ -70,7 +71,8 @@ def pretraining_config(recipe: str, arg: str | None = None) -> ml_collections.Co
     c.recipe = recipe
     c.seed = 0
     c.model = ml_collections.ConfigDict(dict(
-        name={"barcode_mae": "barcode_mae", "barcode_bert": "barcode_bert"}.get(recipe, "logo"),
+        name={"barcode_mae": "barcode_mae_small",
+              "barcode_bert": "barcode_bert_small"}.get(recipe, "logo"),
         compute_dtype="auto",           # auto: bfloat16 on GPU/TPU, float32 on CPU
         dropout=-1.0,                   # -1: the size's own value
     ))
@@ -81,7 +83,7 @@ def pretraining_config(recipe: str, arg: str | None = None) -> ml_collections.Co
         tsv="",                         # barcode TSV (BOLD or BIOSCAN-5M); empty: shipped sample
         train_splits=("pretrain",),
         validation_splits=("val",),
-        batch_size=32,                  # global batch per optimizer step
+        batch_size=32 if barcode else 8,  # global batch per optimizer step
         max_len=110 if barcode else 512,
         seed=0,
         corpus_seed=0,
@@ -98,19 +100,19 @@ def pretraining_config(recipe: str, arg: str | None = None) -> ml_collections.Co
     else:
         c.optimizer = optim.cm_gems_config()
     c.train = ml_collections.ConfigDict(dict(
-        steps=300,
+        steps=300 if barcode else 150,
         grad_accum=1,                   # micro-batches per step (data.batch_size = accum * micro)
         log_every=10,
         eval_every=50,
-        eval_batches=4,
-        checkpoint_every=100,
+        eval_batches=2,
+        checkpoint_every=50,
         keep_checkpoints=3,
         mesh_data=-1,                   # -1: all devices not used by fsdp
         mesh_fsdp=1,
         seq_len_bucket=0,               # 0: off
     ))
     if not barcode:
-        c.optimizer.warmup_steps = 30
+        c.optimizer.warmup_steps = 15
         c.train.eval_every = 25         # several validations so the CM-GEMS switch can fire
     for preset in _split_presets(arg):
         _apply_preset(c, preset)
@@ -130,6 +132,7 @@ def _apply_preset(c: ml_collections.ConfigDict, preset: str) -> None:
         c.train.eval_every, c.train.checkpoint_every, c.train.log_every = 500, 1000, 50
         c.train.eval_batches = 20
         if barcode:  # BarcodeMAE+ reference: batch 128, lr 1e-4 x 128/64, 35 epochs of ~2.3M
+            c.model.name = c.recipe
             c.data.batch_size, c.train.steps = 128, 35 * 2_300_000 // 128
             c.optimizer.learning_rate = 1e-4 * 128 / 64
             c.data.train_splits = ("pretrain", "other_heldout")
@@ -144,11 +147,11 @@ def _apply_preset(c: ml_collections.ConfigDict, preset: str) -> None:
         c.train.eval_batches = 1
         if not barcode:
             c.optimizer.warmup_steps, c.data.max_len = 2, 128
-    elif preset in ("logo", "dnabert6", "barcode_mae", "barcode_bert", "test", "test_mae"):
+    elif preset in registry.SIZES:
         c.model.name = preset
     else:
-        raise ValueError(f"unknown preset {preset!r}; valid: paper, smoke, logo, dnabert6, "
-                         "or key=value")
+        raise ValueError(f"unknown preset {preset!r}; valid: paper, smoke, a model size "
+                         f"{sorted(registry.SIZES)}, or key=value")
 
 
 def _literal(text: str):

@@ -217,7 +217,8 @@ def prepare_genome(fasta_paths: str | os.PathLike | Iterable[str | os.PathLike],
 
     Returns:
       ``out_dir`` as a path. If it already holds a genome prepared from the same inputs (same
-      sizes and sha256, in order), nothing is written.
+      sizes and sha256, in order), nothing is written; the inputs are hashed on every call
+      (a few seconds for a human genome).
 
     Raises:
       FileExistsError: ``out_dir`` exists with other inputs or without a manifest, and not

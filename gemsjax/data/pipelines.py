@@ -348,6 +348,8 @@ def _cfg(config: Mapping, key: str, default: Any = None) -> Any:
 
 
 def fasta_paths(value: Any) -> list[pathlib.Path]:
+    """``config.data.fasta`` as paths: one path, a list of paths, or empty for the shipped
+    chr22 sample."""
     if not value:
         return [samples.sample_path(samples.GENOME)]
     return [pathlib.Path(value)] if isinstance(value, str | os.PathLike) else [

@@ -102,12 +102,18 @@ SIZES: dict[str, BertConfig] = {
                                ffn=3072),
     "barcode_mae": BertConfig(arch="mae", **_BARCODE_MAE),
     "barcode_mae_baseline": BertConfig(arch="mae_baseline", **_BARCODE_MAE),
+    "barcode_bert_small": BertConfig(vocab_size=_BARCODE_VOCAB, hidden=256, layers=4, heads=4,
+                                     ffn=1024),
+    "barcode_mae_small": BertConfig(arch="mae", vocab_size=_BARCODE_VOCAB, hidden=256, layers=4,
+                                    heads=4, ffn=1024, decoder_layers=2, decoder_heads=4,
+                                    num_classes=4096),
     "test": BertConfig(vocab_size=_DNABERT_VOCAB, hidden=64, layers=2, heads=2, ffn=128),
     "test_mae": BertConfig(arch="mae", vocab_size=_BARCODE_VOCAB, hidden=64, layers=2, heads=2,
                            ffn=128, decoder_layers=2, decoder_heads=2, num_classes=4096),
 }
 """Named sizes: DNABERT-6 (≈89M), the GeneMask/CM-GEMS "LOGO" size (≈5.0M), a BarcodeBERT-style
-MLM, BarcodeMAE (≈96.5M in the reference, encoder ≈46M) and its baseline, and tiny test sizes."""
+MLM, BarcodeMAE (≈96.5M in the reference, encoder ≈46M) and its baseline, laptop-size ``*_small``
+barcode models (the default configs' CPU demo), and tiny test sizes."""
 
 
 def get_model_config(name: str, **overrides: Any) -> BertConfig:
