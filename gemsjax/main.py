@@ -15,7 +15,7 @@ import json
 import pathlib
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 MODES = ("train", "pmi", "data")
@@ -92,6 +92,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:  # Orbax / XLA info lines drown the progress line
+        logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(config)
     if _MODE.value == "pmi":

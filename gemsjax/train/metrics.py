@@ -240,7 +240,9 @@ def format_progress(
     if "perf/tokens_per_sec_per_device" in values:
         parts.append(f"{_si(values['perf/tokens_per_sec_per_device'])} tok/s/dev")
     if "perf/tflops_per_sec_per_device" in values:
-        parts.append(f"{values['perf/tflops_per_sec_per_device']:.1f} TFLOP/s/dev")
+        tflops = values["perf/tflops_per_sec_per_device"]
+        parts.append(f"{tflops:.1f} TFLOP/s/dev" if tflops >= 1 else
+                     f"{1e3 * tflops:.1f} GFLOP/s/dev")
     if "perf/mfu" in values:
         parts.append(f"MFU {100 * values['perf/mfu']:.1f}%")
     if eta_seconds is not None:
