@@ -176,7 +176,7 @@ def test_sharded_jit_matches_unsharded():
 def test_real_model_and_optimizer_state_born_sharded():
     mesh = sharding.make_mesh(2, 4)
     config = get_model_config("test")
-    tx, _ = optim.make_optimizer(optim.cm_gems_config(), max_steps=1000)  # MultiSteps(AdamW)
+    tx, _ = optim.make_optimizer(optim.cm_gems_config(), max_steps=1000)  # clip + AdamW
 
     def init():
         _, params = nnx.split(build_model(config, nnx.Rngs(0)))
@@ -190,8 +190,8 @@ def test_real_model_and_optimizer_state_born_sharded():
     kernel = ("head", "dense", "kernel")
     get = lambda tree, path: functools.reduce(lambda t, k: t[k], path, tree).get_value()
     assert get(state["params"], table).sharding.spec == P(None, "fsdp")  # 4101 x 64
-    assert get(state["opt"].acc_grads, table).sharding.spec == P(None, "fsdp")
-    assert get(state["opt"].inner_opt_state[1].nu, kernel).sharding.spec == P("fsdp", None)
+    assert get(state["opt"][1].mu, table).sharding.spec == P(None, "fsdp")
+    assert get(state["opt"][1].nu, kernel).sharding.spec == P("fsdp", None)
     assert get(state["params"], ("head", "bias")).sharding.spec == P()
     assert state["step"].sharding == sharding.replicated(mesh)
 
