@@ -39,7 +39,7 @@ class ConfigKeyError(KeyError):
 def _masking(curriculum: str, strategy: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         curriculum=curriculum,          # constant | cm_gems | cm_step
-        strategy=strategy,              # for constant: random_span | genemask | global_pmi | mae_drop
+        strategy=strategy,              # constant: random_span | genemask | global_pmi | mae_drop
         per_example=False,              # each sequence draws its own strategy from the mix
         threshold=1.0,                  # cm_gems: switch once min |delta val perplexity| < this
         random_span_prob=0.025,
@@ -47,7 +47,7 @@ def _masking(curriculum: str, strategy: str) -> ml_collections.ConfigDict:
         global_pmi_prob=0.0136,
         mae_ratio=0.5,
         reference_code_compat="",       # "" (intended algorithm) | genemask | cmgems
-        rank_table="genemask",          # genemask (published table) | fasta (count data.fasta) | path
+        rank_table="genemask",          # genemask (published) | fasta (count data.fasta) | file
         mask_frac=0.8,                  # BERT corruption: [MASK] / random id / unchanged
         random_frac=0.1,
         random_low=0,                   # 0: random ids from the whole vocabulary, as DNABERT
@@ -202,4 +202,5 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     unknown, missing = sorted(got - expected), sorted(expected - got)
     if unknown or missing:
         raise ConfigKeyError(f"config keys differ from the {c.recipe!r} schema: unknown "
-                             f"{unknown}, missing {missing}; valid keys: {', '.join(sorted(expected))}")
+                             f"{unknown}, missing {missing}; valid keys: "
+                             f"{', '.join(sorted(expected))}")

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from gemsjax.data.fasta import iter_fasta
+from gemsjax.data.fasta import iter_fasta, resolve_paths
 from gemsjax.data.rawio import open_text
 from gemsjax.vocab import INVALID_BASE, Vocab, base_codes, get_vocab, rolling_kmer_codes
 
@@ -548,13 +548,7 @@ def rank_table_from_fasta(paths, out_path: str | pathlib.Path, k: int = 6, max_n
     Returns:
       the ``int32[vocab.size]`` rank table that was saved.
     """
-    paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
-    paths = [pathlib.Path(p) for p in paths]
-    if not paths:
-        raise ValueError("no FASTA paths given; set fasta_paths in the config")
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"FASTA file {p} does not exist; check fasta_paths")
+    paths = resolve_paths(paths)
     _check_int("max_n", max_n, k, MAX_N)
     vocab = vocab or get_vocab("dnabert", k)
     counts = count_kmers(paths, max_n, chunk_bases=chunk_bases)

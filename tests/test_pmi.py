@@ -373,7 +373,7 @@ def test_rank_table_from_fasta_and_config(tmp_path, shared_data):
     np.testing.assert_array_equal(loaded, table)
     assert meta["sources"] == paths and meta["min_count"] == 101
     assert meta["n_bases"] == counts.n_bases == counts.counts[1].sum()
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="FASTA file not found"):
         pmi.rank_table_from_fasta([tmp_path / "missing.fa"], out)
     with pytest.raises(ValueError, match="max_n must be an integer in 6..10"):
         pmi.rank_table_from_fasta(paths, out, k=6, max_n=5)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import gzip
 import itertools
 import os
+import pathlib
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -49,6 +50,19 @@ class FastaChunk(NamedTuple):
     description: str
     start: int
     seq: np.ndarray
+
+
+def resolve_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[pathlib.Path]:
+    """One FASTA path or several -> ``list[Path]``; raises if there is none or one is missing."""
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    resolved = [pathlib.Path(p) for p in paths]
+    if not resolved:
+        raise ValueError("no FASTA paths given; name at least one FASTA file (gzip allowed)")
+    for path in resolved:
+        if not path.is_file():
+            raise FileNotFoundError(f"FASTA file not found: {path}; check the path")
+    return resolved
 
 
 def iter_fasta(path: str | os.PathLike, chunk_bases: int = 1 << 22, *, upper: bool = True,

@@ -42,7 +42,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from gemsjax.data.fasta import iter_fasta
+from gemsjax.data.fasta import iter_fasta, resolve_paths
 from gemsjax.vocab import INVALID_BASE, base_codes
 
 FORMAT = "gemsjax-genome"
@@ -138,18 +138,6 @@ def split_chunks(num_chunks: int, seed: int, train_fraction: float = TRAIN_FRACT
     return np.random.default_rng([seed, _SPLIT_STREAM]).random(num_chunks) < train_fraction
 
 
-def _fasta_list(fasta_paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[pathlib.Path]:
-    if isinstance(fasta_paths, str | os.PathLike):
-        fasta_paths = [fasta_paths]
-    paths = [pathlib.Path(p) for p in fasta_paths]
-    if not paths:
-        raise ValueError("prepare_genome needs at least one FASTA path")
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"FASTA file not found: {p}")
-    return paths
-
-
 def _describe_sources(paths: list[pathlib.Path]) -> list[dict]:
     out = []
     for p in paths:
@@ -225,7 +213,7 @@ def prepare_genome(fasta_paths: str | os.PathLike | Iterable[str | os.PathLike],
         ``overwrite``.
       ValueError: the FASTA files hold no A/C/G/T base.
     """
-    paths = _fasta_list(fasta_paths)
+    paths = resolve_paths(fasta_paths)
     out_dir = pathlib.Path(out_dir)
     sources = _describe_sources(paths)
     if out_dir.exists() and not overwrite:

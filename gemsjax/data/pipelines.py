@@ -46,6 +46,7 @@ import grain
 import numpy as np
 
 from gemsjax.data import genome, samples, tables
+from gemsjax.data.fasta import resolve_paths
 from gemsjax.tokenizers import KmerTokenizer
 
 GENOME_MAX_LEN = 512
@@ -350,10 +351,7 @@ def _cfg(config: Mapping, key: str, default: Any = None) -> Any:
 def fasta_paths(value: Any) -> list[pathlib.Path]:
     """``config.data.fasta`` as paths: one path, a list of paths, or empty for the shipped
     chr22 sample."""
-    if not value:
-        return [samples.sample_path(samples.GENOME)]
-    return [pathlib.Path(value)] if isinstance(value, str | os.PathLike) else [
-        pathlib.Path(v) for v in value]
+    return resolve_paths(value or samples.sample_path(samples.GENOME))
 
 
 def default_prepared_dir(fasta_paths: Sequence[pathlib.Path]) -> pathlib.Path:
