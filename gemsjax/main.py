@@ -25,7 +25,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<re
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 
 
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
 def default_workdir(config) -> pathlib.Path:
+    """``runs/<recipe>-<date>-<time>``; multi-process runs must name one shared ``--workdir``."""
+    import os
+
+    if os.environ.get("GEMSJAX_DISTRIBUTED") == "1":
+        sys.exit("gemsjax: a multi-process run needs --workdir (the same folder for every process)")
     name = config.get("recipe", "pmi")
     return pathlib.Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
@@ -105,7 +116,8 @@ def main(argv):
 
         summary = train_and_evaluate(config, workdir)
         summary["workdir"] = str(workdir)
-    print("gemsjax summary: " + json.dumps(summary, sort_keys=True, default=str), flush=True)
+    if _process_index() == 0:
+        print("gemsjax summary: " + json.dumps(summary, sort_keys=True, default=str), flush=True)
 
 
 if __name__ == "__main__":

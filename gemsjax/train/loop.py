@@ -32,6 +32,12 @@ from gemsjax.vocab import get_vocab
 _log = logging.getLogger(__name__)
 
 
+def say(message: str) -> None:
+    """Print a line on process 0 only."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
 def compute_dtype(name: str) -> Any:
     """``auto``: bfloat16 on GPU/TPU, float32 on CPU (where bf16 matmuls are slow)."""
     if name == "auto":
@@ -168,10 +174,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if restored is None:
         state = jax.jit(init, out_shardings=state_sh)()
         rank_table = load_rank_table(config, vocab)
-        print(f"gemsjax: new run in {workdir}", flush=True)
+        say(f"gemsjax: new run in {workdir}")
     else:
         state, rank_table = restored.state, restored.rank_table
-        print(f"gemsjax: resumed {workdir} at step {restored.step}", flush=True)
+        say(f"gemsjax: resumed {workdir} at step {restored.step}")
     rank_table_dev = jax.device_put(jnp.asarray(rank_table, jnp.int32), repl)
     meta = checkpoint.run_metadata(config)
 
@@ -214,9 +220,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             checkpoint.save(manager, step, state, data_iter=train_iter, rank_table=rank_table,
                             meta=meta, metrics={"val_loss": val["val_loss"]} if evaluated else None,
                             force=force)
+            if evaluated:
+                buffer.restart_clock()
             if stopped:
-                print(f"gemsjax: {stopped} received; saved step {step} in {workdir} and stopped "
-                      "(run the same command to resume)", flush=True)
+                say(f"gemsjax: {stopped} received; saved step {step} in {workdir} and stopped "
+                    "(run the same command to resume)")
                 break
         writer.write(buffer.flush())
     finally:

@@ -176,6 +176,11 @@ class MetricsBuffer:
         pending, self._pending = self._pending, None
         return None if pending is None else self._materialize(*pending)
 
+    def restart_clock(self) -> None:
+        """Start the next step's duration now (call after work that is not a train step, such as
+        validation or a checkpoint save, so it is not counted as step time)."""
+        self._last_time = time.perf_counter()
+
     def _materialize(self, step: int, device_metrics: Mapping[str, Any]) -> StepMetrics:
         host = jax.device_get(dict(device_metrics))
         now = time.perf_counter()
