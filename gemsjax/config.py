@@ -78,7 +78,7 @@ def pretraining_config(recipe: str, arg: str | None = None) -> ml_collections.Co
     ))
     c.data = ml_collections.ConfigDict(dict(
         kind="barcode" if barcode else "genome",
-        fasta=[],                       # genome FASTA paths; empty: the shipped chr22 sample
+        fasta=(),                       # genome FASTA paths; empty: the shipped chr22 sample
         prepared_dir="",                # encoded genome cache; empty: ~/.cache/gemsjax/...
         tsv="",                         # barcode TSV (BOLD or BIOSCAN-5M); empty: shipped sample
         train_splits=("pretrain",),

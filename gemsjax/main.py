@@ -52,7 +52,12 @@ def run_pmi(config, workdir: pathlib.Path) -> dict:
     table = pmi.rank_table_from_fasta(paths, out, k=config.k, max_n=config.max_n,
                                       min_count=config.min_count, denominator=config.denominator)
     scored = int((table[5:] < 4**config.k).sum())
-    return dict(rank_table=str(out), fasta=paths, scored_kmers=scored)
+    summary = dict(rank_table=str(out), fasta=paths, scored_kmers=scored)
+    if scored < 4**config.k:
+        summary["note"] = (f"{4**config.k - scored} k-mers were seen fewer than min_count="
+                           f"{config.min_count} times and share the worst rank; count a larger "
+                           "genome or lower --config.min_count")
+    return summary
 
 
 def run_data(config) -> dict:

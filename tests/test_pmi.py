@@ -358,7 +358,7 @@ def test_rank_table_from_fasta_and_config(tmp_path, shared_data):
     pmi_config = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pmi_config)
     config = pmi_config.get_config()
-    assert config.fasta_paths == [] and config.k == 6 and config.min_count == 101
+    assert config.fasta_paths == () and config.k == 6 and config.min_count == 101
     assert pathlib.Path(pmi_config.get_config("chrX").fasta_paths[0]).is_file()
     with pytest.raises(ValueError, match="unknown preset"):
         pmi_config.get_config("chr1")
