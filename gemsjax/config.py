@@ -143,6 +143,8 @@ def _apply_preset(c: ml_collections.ConfigDict, preset: str) -> None:
     elif preset == "smoke":
         c.model.name = "test_mae" if c.recipe == "barcode_mae" else "test"
         c.data.batch_size, c.train.steps = 8, 6
+        if c.recipe == "cm_step":  # its Global-PMI staircase has 100 stairs of >= 1 step
+            c.train.steps = 100
         c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 1, 3, 3
         c.train.eval_batches = 1
         if not barcode:

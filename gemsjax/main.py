@@ -89,12 +89,14 @@ def _load_config_file(spec: str):
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with wrong ``--config.<key>`` overrides reported by name together with
-    the valid keys instead of a traceback."""
-    from gemsjax.config import valid_keys
+    """absl flag parsing, with wrong ``--config.<key>`` overrides and ``key=value`` presets
+    reported by name together with the valid keys instead of a traceback."""
+    from gemsjax.config import ConfigKeyError, valid_keys
 
     try:
         return flags.FLAGS(argv)
+    except ConfigKeyError as err:  # a wrong key in --config=<file>:<presets>
+        sys.exit(f"gemsjax: {err}")
     except (AttributeError, KeyError) as err:
         spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
         if spec is None:
