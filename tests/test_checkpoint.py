@@ -131,7 +131,8 @@ def test_save_decision_interval_and_force(tmp_path):
         saved = [checkpoint.save(manager, step, state) for step in range(10)]
         assert saved == [s % 4 == 0 for s in range(10)]
         assert checkpoint.save(manager, 9, state, force=True)  # e.g. final or SIGTERM save
-        assert not checkpoint.stop_requested(manager, 9, checkpoint.install_sigterm_handler())
+        with checkpoint.sigterm_watch() as sigterm:
+            assert not checkpoint.stop_requested(manager, 9, sigterm)
     assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [4, 8, 9]
 
 
@@ -164,19 +165,21 @@ def test_manager_option_errors(tmp_path):
 def test_sigterm_sets_flag_once_then_restores_previous_handler():
     original = signal.getsignal(signal.SIGTERM)
     seen = []
-    signal.signal(signal.SIGTERM, lambda *_: seen.append("previous"))
+    previous = lambda *_: seen.append("previous")
+    signal.signal(signal.SIGTERM, previous)
     try:
-        flag = checkpoint.install_sigterm_handler()
-        assert not flag.is_set()
-        os.kill(os.getpid(), signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        while not flag.is_set() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert flag.is_set() and seen == []
-        os.kill(os.getpid(), signal.SIGTERM)  # the second one goes to the previous handler
-        while not seen and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert seen == ["previous"]
+        with checkpoint.sigterm_watch() as flag:
+            assert not flag.is_set()
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while not flag.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert flag.is_set() and seen == []
+            os.kill(os.getpid(), signal.SIGTERM)  # the second one goes to the previous handler
+            while not seen and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert seen == ["previous"]
+        assert signal.getsignal(signal.SIGTERM) is previous  # restored on exit
     finally:
         signal.signal(signal.SIGTERM, original)
 

@@ -246,27 +246,34 @@ def open_manager(directory: str, **options: Any) -> Iterator[ocp.CheckpointManag
         close(manager)
 
 
-def install_sigterm_handler() -> threading.Event:
-    """An event set by the first SIGTERM; the loop polls it (:func:`stop_requested`) at step
-    boundaries, saves with ``force=True`` and exits 0. A second SIGTERM acts as before.
+@contextlib.contextmanager
+def sigterm_watch() -> Iterator[threading.Event]:
+    """``with sigterm_watch() as sigterm:`` -- an event set by the first SIGTERM; the loop polls
+    it (:func:`stop_requested`) at step boundaries, saves with ``force=True`` and returns. A second
+    SIGTERM goes to the previous handler; on exit the previous handler is back in place.
 
     Single-process only: with several processes a local flag could stop hosts at different steps,
     so there SIGTERM is left to JAX's preemption service, which agrees on a step across hosts and
-    surfaces it through ``manager.reached_preemption(step)``. Call from the main thread.
+    surfaces it through ``manager.reached_preemption(step)``. Enter from the main thread.
     """
     event = threading.Event()
     if jax.process_count() > 1:
         _log.info("multi-process run: preemption is detected by manager.reached_preemption")
-        return event
+        yield event
+        return
     previous = signal.getsignal(signal.SIGTERM)
+    restore = previous if previous is not None else signal.SIG_DFL
 
     def on_sigterm(signum, frame):
         event.set()
         _log.warning("SIGTERM: saving a checkpoint and stopping at the next step boundary")
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, restore)
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    return event
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGTERM, restore)
 
 
 def stop_requested(manager: ocp.CheckpointManager, step: int, sigterm: threading.Event) -> bool:

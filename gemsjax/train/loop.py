@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import pathlib
+import threading
 import time
 from typing import Any
 
@@ -119,11 +120,14 @@ def evaluate(eval_step, state: TrainState, val_batches: list, rank_table) -> dic
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns a summary."""
     config_lib.check_config(config)
-    workdir = pathlib.Path(workdir)
     sharding.maybe_initialize_distributed()
     mesh = sharding.make_mesh(config.train.mesh_data, config.train.mesh_fsdp)
-    jax.set_mesh(mesh)
+    with jax.set_mesh(mesh), checkpoint.sigterm_watch() as sigterm:
+        return _train(config, pathlib.Path(workdir), mesh, sigterm)
 
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
+           sigterm: threading.Event) -> dict:
     # Data: raw token batches; masks are made in the step.
     vocab = get_vocab("barcodebert" if config.data.kind == "barcode" else "dnabert", 6)
     train_iter = pipelines.make_pretraining_iterator(config, "train")
@@ -195,7 +199,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         flops_per_step=_flops_per_step(model_cfg, task, batch_size, seq_len),
         peak_flops=metrics.peak_flops_per_device(), console_every=config.train.log_every)
     buffer = metrics.MetricsBuffer()
-    sigterm = checkpoint.install_sigterm_handler()
     step = int(state.step)
     val: dict[str, float] = {}
     started, first_step = time.perf_counter(), step

@@ -55,7 +55,7 @@ PEAK_BF16_FLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
     (("tpu v5",), 459e12),  # v5p reports "TPU v5"
     (("tpu v6",), 918e12),  # v6e ("TPU v6 lite")
 )
-CHECK_FINITE = ("loss", "grad_norm")
+CHECK_FINITE = ("loss", "grad_norm", "param_norm")
 
 
 def peak_flops_per_device(device_kind: str | None = None) -> float | None:
@@ -158,7 +158,8 @@ class MetricsBuffer:
 
     ``push(n, m)`` returns step ``n-1``'s metrics fetched with ``jax.device_get``: by then step
     ``n`` is already queued, so the fetch never leaves the device idle. Raises FloatingPointError
-    when a ``check_finite`` key (default loss and grad_norm, where present) is NaN or Inf.
+    when a ``check_finite`` key (default loss, grad_norm, param_norm; where present) is NaN or
+    Inf.
     """
 
     def __init__(self, check_finite: tuple[str, ...] = CHECK_FINITE):

@@ -169,8 +169,9 @@ def make_train_step(task: Task, graphdef: nnx.GraphDef, tx: optax.GradientTransf
       batch: ``{"ids", "attention"}: int32[B, L]`` (global batch, ``B % grad_accum == 0``).
       rank_table: ``int32[V]``.
 
-    Metrics (scalars unless noted): ``loss`` (mean masked cross-entropy), ``accuracy``,
-    ``mask_rate`` (masked / maskable tokens), ``grad_norm``, ``lr``, ``tokens`` (non-pad tokens),
+    Metrics (scalars unless noted): ``loss`` (mean masked cross-entropy), ``masked_accuracy``,
+    ``mask_rate`` (masked / maskable tokens), ``grad_norm``, ``param_norm`` (after the update),
+    ``lr``, ``tokens`` (non-pad tokens),
     ``strategy_mix float32[S]`` (share of sequences per strategy).
     """
 
@@ -213,7 +214,8 @@ def make_train_step(task: Task, graphdef: nnx.GraphDef, tx: optax.GradientTransf
             loss=loss / task.grad_accum,
             masked_accuracy=aux["correct"] / jnp.maximum(aux["count"], 1.0),
             mask_rate=aux["masked"] / jnp.maximum(aux["maskable"], 1),
-            grad_norm=optax.global_norm(grads),
+            grad_norm=optax.tree.norm(grads),
+            param_norm=optax.tree.norm(params),
             lr=lr_schedule(state.step),
             tokens=aux["tokens"],
             strategy_mix=aux["strategy"] / batch["ids"].shape[0],
