@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemsjax import random_bits
 from gemsjax.vocab import get_vocab
 
 STRATEGIES = ("random_span", "genemask", "global_pmi", "mae_drop")
@@ -63,7 +64,6 @@ GENEMASK_SPAN = (-2, 3)
 """Offsets of the 6-token span around a centre (DNABERT ``MASK_LIST`` for k = 6, plus 0)."""
 WIDE_RADIUS = 5
 """Half-width of the 11-token windows of GeneMask's high set and of Global-PMI."""
-_BIG = np.iinfo(np.int32).max
 
 
 class MaskParams(NamedTuple):
@@ -169,41 +169,66 @@ def _position_ranks(ids: jax.Array, ranks: jax.Array, mode: bool | str) -> jax.A
     return jnp.broadcast_to(by_position, ids.shape)
 
 
+def _narrow_dtype(bound: int):
+    """int16 when every value in ``[0, bound]`` fits it (half the memory traffic on CPU), else
+    int32."""
+    return jnp.int16 if bound < 2**15 else jnp.int32
+
+
 def _smallest(keys: jax.Array, count: jax.Array, bits: int) -> jax.Array:
     """``bool[B, L]``: the ``count[b]`` smallest entries of each row of ``keys``.
 
-    ``keys: int32[B, L]`` must be unique within a row among the eligible entries and lie in
-    ``[0, 2**bits)``; excluded entries carry a larger key than every eligible one and the caller
-    ANDs the result with its eligibility. The ``count``-th smallest key is found by bisection, one
-    bit per pass from the top (``bits`` passes over the batch; no sort, which is slow on CPU).
-    The passes count over the transposed keys, which vectorizes across the batch on CPU.
+    ``keys: int16[B, L]`` or ``int32[B, L]`` must be unique within a row among the eligible
+    entries and lie in ``[0, 2**bits)``; excluded entries carry a larger key than every eligible
+    one and the caller ANDs the result with its eligibility. The ``count``-th smallest key is found
+    by bisection, one bit per pass from the top (``bits`` passes over the batch; no sort, which is
+    slow on CPU). The passes count over the transposed keys, which vectorizes across the batch on
+    CPU, in the narrowest integer type that holds ``L``.
     """
     columns = keys.T
+    tally = _narrow_dtype(keys.shape[1])
+    count = count.astype(tally)
+    one = jnp.ones((), keys.dtype)
 
     def narrow(i, below):
-        trial = below | jnp.left_shift(jnp.int32(1), bits - 1 - i)
-        smaller = (columns < trial).sum(axis=0, dtype=jnp.int32)
+        trial = below | jnp.left_shift(one, (bits - 1 - i).astype(keys.dtype))
+        smaller = (columns < trial).sum(axis=0, dtype=tally)
         return jnp.where(smaller < count, trial, below)
 
-    edge = jax.lax.fori_loop(0, bits, narrow, jnp.zeros(keys.shape[:1], jnp.int32))
+    edge = jax.lax.fori_loop(0, bits, narrow, jnp.zeros(keys.shape[:1], keys.dtype))
     return (keys <= edge[:, None]) & (count > 0)[:, None]
 
 
-def _rank_keys(rank: jax.Array, eligible: jax.Array, table_size: int) -> tuple[jax.Array, int]:
-    """Unique sort keys ``rank * L + position`` (ranks clipped to ``[0, table_size]``) and their
-    bit width; ineligible entries get the largest key."""
+def _best_ranked(rank: jax.Array, eligible: jax.Array, count: jax.Array,
+                 table_size: int) -> jax.Array:
+    """``bool[B, L]``: per row, the ``count[b]`` eligible positions with the best (smallest)
+    ``(rank, position)``, ranks clipped to ``[0, table_size]``.
+
+    Two bisections (:func:`_smallest`) on narrow keys instead of one on ``rank * L + position``:
+    the ``count``-th best rank, then, among the positions holding exactly that rank, the leftmost
+    ones still needed; the second runs only when some row has more such positions than it needs.
+    """
     length = rank.shape[1]
-    top = (table_size + 1) * length
-    if top >= 2**31:
-        raise ValueError(f"rank table of {table_size} entries x sequence length {length} exceeds "
-                         "the int32 sort keys; use shorter sequences or a smaller vocabulary")
-    keys = jnp.clip(rank, 0, table_size) * length + jnp.arange(length, dtype=jnp.int32)
-    return jnp.where(eligible, keys, top), top.bit_length()
+    rank = jnp.where(eligible, jnp.clip(rank, 0, table_size), table_size + 1)
+    rank = rank.astype(_narrow_dtype(table_size + 1))
+    count = jnp.asarray(count, jnp.int32)
+    within = _smallest(rank, count, (table_size + 1).bit_length()) & eligible
+    edge = jnp.max(jnp.where(within, rank, -1), axis=1, keepdims=True)
+    below = within & (rank < edge)
+    tied = within & (rank == edge)
+    need = count - below.sum(axis=1, dtype=jnp.int32)
+    position = jnp.arange(length, dtype=_narrow_dtype(length))
+    leftmost = jax.lax.cond(
+        jnp.any(tied.sum(axis=1, dtype=jnp.int32) > need),
+        lambda: _smallest(jnp.where(tied, position, length), need, length.bit_length()) & tied,
+        lambda: tied)
+    return below | leftmost
 
 
 def draw_centres(key: jax.Array, special: jax.Array, prob) -> jax.Array:
-    """Mask centres: ``bool[B, L]``, Bernoulli(``prob``) on each non-special position."""
-    return jax.random.bernoulli(key, prob, special.shape) & ~special.astype(bool)
+    """Mask centres: ``bool[B, L]``, Bernoulli(``prob``) on each non-special position (``prob``
+    rounded to a multiple of ``2**-16``, :func:`gemsjax.random_bits.bernoulli16`)."""
+    return random_bits.bernoulli16(key, prob, special.shape) & ~special.astype(bool)
 
 
 def span_mask(centres: jax.Array, special: jax.Array, span: int = 6) -> jax.Array:
@@ -266,8 +291,10 @@ def genemask_from_centres(centres: jax.Array, ids: jax.Array, special: jax.Array
     valid = _check(ids, special)
     mode = _compat_mode(reference_code_compat)
     centres = centres & valid
-    rank = jnp.where(_inside(valid), _position_ranks(ids, ranks, mode), _BIG)
-    near = _neighbours(rank, GENEMASK_SPAN[0], GENEMASK_SPAN[1], _BIG)
+    worst = jnp.shape(ranks)[0] + 1  # beyond every clipped rank: never a modified centre
+    rank = jnp.clip(_position_ranks(ids, ranks, mode), 0, worst - 1)
+    rank = jnp.where(_inside(valid), rank, worst).astype(_narrow_dtype(worst))
+    near = _neighbours(rank, GENEMASK_SPAN[0], GENEMASK_SPAN[1], worst)
     best_rank = rank
     best_offset = jnp.zeros(ids.shape, jnp.int8)
     for offset in (o for o in range(GENEMASK_SPAN[0], GENEMASK_SPAN[1] + 1) if o != 0):
@@ -278,11 +305,12 @@ def genemask_from_centres(centres: jax.Array, ids: jax.Array, special: jax.Array
 
     num_centres = centres.sum(axis=1, dtype=jnp.int32)
     num_high = (num_centres + 1) // 2
-    if mode:
-        in_front = jnp.cumsum(centres, axis=1, dtype=jnp.int32) <= num_high[:, None]
+    if mode:  # the first num_high centres by position (a bisection is faster than a cumsum)
+        length = ids.shape[1]
+        position = jnp.arange(length, dtype=_narrow_dtype(length))
+        in_front = _smallest(jnp.where(centres, position, length), num_high, length.bit_length())
     else:
-        keys, bits = _rank_keys(best_rank, centres, jnp.shape(ranks)[0])
-        in_front = _smallest(keys, num_high, bits)
+        in_front = _best_ranked(best_rank, centres, num_high, jnp.shape(ranks)[0])
     high = centres & (in_front | (num_high < 5)[:, None])
 
     # mark each high centre's modified centre c + o without a scatter: code[c] = o - lo + 1
@@ -335,8 +363,7 @@ def global_pmi_from_counts(counts: jax.Array, ids: jax.Array, special: jax.Array
     valid = _check(ids, special)
     mode = _compat_mode(reference_code_compat)
     inside = _inside(valid)
-    keys, bits = _rank_keys(_position_ranks(ids, ranks, mode), inside, jnp.shape(ranks)[0])
-    top = _smallest(keys, jnp.asarray(counts, jnp.int32), bits) & inside
+    top = _best_ranked(_position_ranks(ids, ranks, mode), inside, counts, jnp.shape(ranks)[0])
     return _spread(top, -WIDE_RADIUS, WIDE_RADIUS) & valid
 
 
@@ -418,7 +445,7 @@ def mae_drop_fixed(key: jax.Array, ids: jax.Array, special: jax.Array,
     length = ids.shape[1]
     counts = jnp.asarray(_masked_counts(length, ratio))[valid.sum(axis=1)]
     position_bits = max(length - 1, 1).bit_length()
-    draws = jax.random.bits(key, ids.shape, jnp.uint32) >> (2 + position_bits)
+    draws = random_bits.words(key, ids.shape) >> (2 + position_bits)
     keys = jnp.left_shift(draws.astype(jnp.int32), position_bits) | jnp.arange(length)
     return _smallest(jnp.where(valid, keys, 2**30), counts, 31) & valid
 
@@ -446,10 +473,27 @@ def visible_positions(mask: jax.Array, special: jax.Array, num_visible: int
     return positions, present
 
 
+def _share_below(fraction: float) -> int:
+    """``round(fraction * 2**32)``: a uint32 draw is below it with probability ``fraction``."""
+    return int(round(fraction * 2**32))
+
+
+def _below(draw: jax.Array, threshold: int) -> jax.Array:
+    """``draw < threshold`` for ``draw: uint32[...]`` and a static ``threshold`` in [0, 2**32]."""
+    if threshold >= 2**32:
+        return jnp.ones(draw.shape, bool)
+    return draw < jnp.uint32(threshold)
+
+
 def corrupt(key: jax.Array, ids: jax.Array, mask: jax.Array, vocab_size: int, mask_id: int, *,
             mask_frac: float = 0.8, random_frac: float = 0.1, random_low: int = 0
             ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """BERT corruption of masked positions: [MASK] / random id / unchanged (80/10/10).
+
+    One 32-bit random draw ``u`` per position decides everything: ``u`` below ``mask_frac``
+    (as a share of ``2**32``) gives ``[MASK]``; ``u`` in the next ``random_frac`` band gives a
+    random id, read from ``u``'s offset in that band (uniform over the ids to within 0.1%:
+    the offset is scaled in float32); the rest stay unchanged.
 
     Args:
       key: PRNG key.
@@ -457,8 +501,8 @@ def corrupt(key: jax.Array, ids: jax.Array, mask: jax.Array, vocab_size: int, ma
       mask: ``bool[B, L]`` positions to corrupt and predict.
       vocab_size: random ids are uniform in ``[random_low, vocab_size)``.
       mask_id: id of ``[MASK]``.
-      mask_frac: share of masked positions replaced by ``mask_id``.
-      random_frac: share replaced by a random id; the rest is left unchanged.
+      mask_frac: share of masked positions replaced by ``mask_id`` (static).
+      random_frac: share replaced by a random id; the rest is left unchanged (static).
       random_low: lowest random id. 0 draws from the whole vocabulary, specials included, as
         DNABERT / GeneMask do; ``vocab.num_specials`` draws k-mers only.
 
@@ -472,11 +516,22 @@ def corrupt(key: jax.Array, ids: jax.Array, mask: jax.Array, vocab_size: int, ma
     if not 0 <= random_low < vocab_size:
         raise ValueError(f"random_low must be in [0, vocab_size={vocab_size}), got {random_low}")
     ids = jnp.asarray(ids, jnp.int32)
-    choice_key, id_key = jax.random.split(key)
-    draw = jax.random.uniform(choice_key, ids.shape)
-    random_ids = jax.random.randint(id_key, ids.shape, random_low, vocab_size, dtype=jnp.int32)
-    inputs = jnp.where(draw < mask_frac + random_frac, random_ids, ids)
-    inputs = jnp.where(draw < mask_frac, jnp.int32(mask_id), inputs)
+    mask_below = _share_below(mask_frac)
+    band = _share_below(mask_frac + random_frac) - mask_below
+    inputs = ids
+    if band > 0:
+        draw = random_bits.words(key, ids.shape)
+        offset = draw - jnp.uint32(mask_below % 2**32)  # wraps: in the band iff offset < band
+        span = vocab_size - random_low
+        scaled = jnp.floor(offset.astype(jnp.float32) * jnp.float32(span / band))
+        random_ids = random_low + jnp.minimum(scaled.astype(jnp.int32), span - 1)
+        inputs = jnp.where(_below(offset, band), random_ids, inputs)
+        replace = _below(draw, mask_below)
+    elif mask_below < 2**32:
+        replace = _below(random_bits.words(key, ids.shape), mask_below)
+    else:
+        replace = jnp.ones(ids.shape, bool)
+    inputs = jnp.where(replace, jnp.int32(mask_id), inputs)
     inputs = jnp.where(mask, inputs, ids)
     return inputs, ids, mask.astype(jnp.float32)
 

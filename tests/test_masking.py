@@ -259,6 +259,24 @@ def test_corrupt_80_10_10(chr22, ranks):
         masking.corrupt(KEY, ids, mask, VOCAB.size, VOCAB.mask_id, mask_frac=0.95)
 
 
+def test_corrupt_random_ids_are_uniform(chr22):
+    """Random replacements hit every id equally often (chi-square over the vocabulary)."""
+    ids, special = chr22
+    mask = ~special
+    counts, expected = np.zeros(VOCAB.size), np.zeros(VOCAB.size)
+    others = mask.sum() - np.bincount(ids[mask], minlength=VOCAB.size)  # positions != each id
+    for i in range(16):
+        inputs = np.asarray(masking.corrupt(jax.random.fold_in(KEY, i), ids, mask, VOCAB.size,
+                                            VOCAB.mask_id)[0])
+        randomized = mask & (inputs != ids) & (inputs != VOCAB.mask_id)
+        counts += np.bincount(inputs[randomized], minlength=VOCAB.size)
+        expected += 0.1 / VOCAB.size * others
+    shown = np.arange(VOCAB.size) != VOCAB.mask_id  # a random [MASK] looks like a [MASK]
+    chi2 = ((counts - expected)[shown] ** 2 / expected[shown]).sum()
+    dof = shown.sum() - 1
+    assert abs(chi2 - dof) < 5 * np.sqrt(2 * dof)
+
+
 @pytest.fixture(scope="module")
 def barcode_batch(shared_data):
     """BarcodeBERT layout: 2000 real barcodes -> 110 non-overlapping 6-mers, [UNK]-padded."""

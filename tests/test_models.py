@@ -22,7 +22,7 @@ from gemsjax.models import (
     masked_mean,
     param_count,
 )
-from gemsjax.models.bert import attend
+from gemsjax.models.bert import Dropout, attend, dropout_layer
 from gemsjax.vocab import get_vocab
 
 BARCODE_LEN = 660  # BarcodeMAE pads / truncates barcodes to 660 nt = 110 non-overlapping 6-mers
@@ -354,11 +354,25 @@ def test_bf16_compute_keeps_fp32_params_and_logits(lambda_batch, barcodes):
     assert _mae_logits(mae, *barcodes).dtype == jnp.float32
 
 
-def test_attention_dropout_path_equals_fused_path():
+def test_dropout_drops_the_rate_and_rescales_the_rest():
+    x = jnp.ones((64, 512, 32))
+    layer = Dropout(0.1, deterministic=False)
+    y = np.asarray(layer(x, rngs=nnx.Rngs(dropout=0)))
+    kept = y != 0
+    assert kept.mean() == pytest.approx(0.9, abs=0.002)
+    np.testing.assert_allclose(y[kept], 1 / 0.9, rtol=1e-6)
+    other = np.asarray(layer(x, rngs=nnx.Rngs(dropout=1)))
+    assert 0.1 < ((other != 0) != kept).mean() < 0.25
+    np.testing.assert_array_equal(layer(x, deterministic=True), x)
+    np.testing.assert_array_equal(dropout_layer(0.1)(x), x)  # built deterministic (eval)
+
+
+def test_attention_equals_jax_dot_product_attention():
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(key, (2, 7, 3, 8)) for key in keys)
     key_mask = jnp.arange(7)[None, :] < jnp.array([[7], [4]])
-    fused = attend(q, k, v, key_mask, nnx.Dropout(0.0), None)
+    fused = jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :])
+    np.testing.assert_allclose(attend(q, k, v, key_mask, nnx.Dropout(0.0), None), fused, atol=1e-5)
     dropout = nnx.Dropout(1e-9, deterministic=False)
     einsum = nnx.jit(lambda d, *a: attend(*a, d, nnx.Rngs(dropout=1)))(dropout, q, k, v, key_mask)
     np.testing.assert_allclose(einsum, fused, atol=1e-5)

@@ -25,7 +25,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gemsjax.models.bert import FSDP_AXIS, BertModel, Dtype, Embeddings, TransformerStack, dense
+from gemsjax.models.bert import (
+    FSDP_AXIS,
+    BertModel,
+    Dtype,
+    Embeddings,
+    TransformerStack,
+    dense,
+    dropout_layer,
+)
 from gemsjax.vocab import get_vocab
 
 if TYPE_CHECKING:
@@ -86,7 +94,7 @@ class MaeDecoder(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embeddings = Embeddings(config, **kw)
         self.stack = TransformerStack(config, **kw)
-        self.dropout = nnx.Dropout(config.dropout, deterministic=True)
+        self.dropout = dropout_layer(config.dropout)
         self.classifier = dense(config.hidden, num_classes, (None, FSDP_AXIS),
                                 out_dtype=jnp.float32, **kw)
 

@@ -150,7 +150,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
     task = Task(kind="mae" if mae else "mlm", vocab=vocab, curriculum=cur, seed=config.seed,
                 grad_accum=config.train.grad_accum, mask_frac=m.mask_frac,
                 random_frac=m.random_frac, random_low=m.random_low, loss_on=m.loss_on,
-                num_visible=masking.visible_len(config.data.max_len, m.mae_ratio) if mae else None)
+                num_visible=masking.visible_len(config.data.max_len, m.mae_ratio) if mae else None,
+                head_fraction=config.train.head_fraction or None)
 
     def build():
         return registry.build_model(model_cfg, nnx.Rngs(config.seed), dtype=dtype)

@@ -1,0 +1,196 @@
+"""Benchmark: the jitted gemsjax MLM train step vs Hugging Face ``BertForMaskedLM`` in PyTorch.
+
+Both sides train the same model (``logo`` and ``dnabert6`` from ``gemsjax.models.registry``:
+vocabulary 4101, the size's hidden / layers / heads / FFN / 512 positions / dropout, exact GELU,
+LayerNorm eps 1e-12) on the same batch of real tokens (consecutive 510-bp chunks of the shipped
+chr22 sample, N deleted, DNABERT 6-mers: CLS + 505 tokens + SEP + padding to 512) on the CPU,
+with AdamW (lr 8e-4 warm-up/linear schedule, betas 0.9/0.98, eps 1e-6, weight decay 0.01 off
+biases and LayerNorm, gradient clipping 1.0: the CM-GEMS recipe) in float32.
+
+- ``jax``: the real ``gemsjax.train.step.make_train_step`` under ``jax.jit`` (state donated):
+  CM-GEMS masking (GeneMask phase) and 80/10/10 corruption made inside the step from the raw
+  batch, forward, backward and the optax update; timed twice, with the output head on every
+  position (``Task.head_fraction=None``, what torch does) and on the masked positions only
+  (``--head-fraction``, same results).
+- ``torch``: ``model(input_ids, attention_mask, labels)`` (labels -100 off the mask), backward,
+  ``clip_grad_norm_``, ``torch.optim.AdamW.step``, scheduler step, ``zero_grad``. Its masked
+  batches are precomputed (with gemsjax's GeneMask + corruption, so the masking statistics
+  match): torch is given the advantage of no masking cost.
+
+Each side runs ``--warmup`` untimed steps (compilation, allocator warm-up), then ``--steps``
+timed steps, each waited for (``jax.block_until_ready``; torch is synchronous on CPU); medians
+are reported as tokens/s (padded tokens, B x L) with the jax/torch ratio. Threads: JAX's CPU
+client uses all cores (its default); torch gets ``torch.set_num_threads(os.cpu_count())``.
+
+Also measured for ``logo`` (``--share``): the share of the step spent on masking and corruption,
+i.e. the step's own ``masked_batch`` (special positions, curriculum draw, mask, corruption) jitted
+alone on the same batch, over the median step time, in both CM-GEMS phases (GeneMask, Global-PMI).
+
+Run: ``python benchmarks/bench_train_step.py`` (``--sizes``, ``--logo-batch``, ``--dnabert-batch``,
+``--steps``, ``--warmup`` to change the defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+from benchutil import genome_batch, machine_info, median_seconds
+from flax import nnx
+
+from gemsjax import curriculum, masking, pmi
+from gemsjax.data import samples
+from gemsjax.models import registry
+from gemsjax.train import optim
+from gemsjax.train.step import Task, TrainState, make_train_step, masked_batch
+from gemsjax.vocab import get_vocab
+
+VOCAB = get_vocab("dnabert", 6)
+MAX_STEPS = 10_000  # schedule length (CM-GEMS 10K); the timed steps sit in the warm-up
+
+
+def jax_train_step(size: str, head_fraction: float | None = None):
+    """``(jitted step, initial TrainState, Task)`` for model ``size``, as the train loop builds
+    them on one device (CM-GEMS curriculum, the GeneMask rank table)."""
+    model_cfg = registry.get_model_config(size)
+    cur = curriculum.cm_gems(1.0)
+    task = Task(kind="mlm", vocab=VOCAB, curriculum=cur, head_fraction=head_fraction)
+    tx, lr_schedule = optim.make_optimizer(optim.cm_gems_config(), MAX_STEPS)
+    model = registry.build_model(model_cfg, nnx.Rngs(0))
+    model.train()
+    graphdef, params = nnx.split(model, nnx.Param)
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                       curriculum=cur.init())
+    step = jax.jit(make_train_step(task, graphdef, tx, lr_schedule), donate_argnums=0)
+    return step, state, task
+
+
+def time_jax(size: str, batch: dict, rank_table, warmup: int, steps: int,
+             switched: bool = False, head_fraction: float | None = None) -> tuple[float, dict]:
+    """Median seconds of the jax train step (CM-GEMS phase: Global-PMI when ``switched``)."""
+    step, state, _ = jax_train_step(size, head_fraction)
+    state = state._replace(curriculum=state.curriculum._replace(switched=jnp.bool_(switched)))
+    box = {"state": state}
+
+    def run(_):
+        box["state"], out = step(box["state"], batch, rank_table)
+        jax.block_until_ready((box["state"], out))
+        box["metrics"] = out
+
+    seconds = median_seconds(run, steps, warmup)
+    return seconds, jax.device_get(box["metrics"])
+
+
+def torch_model(size: str) -> transformers.BertForMaskedLM:
+    """Hugging Face ``BertForMaskedLM`` with the registry size's configuration."""
+    c = registry.get_model_config(size)
+    config = transformers.BertConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden, num_hidden_layers=c.layers,
+        num_attention_heads=c.heads, intermediate_size=c.ffn, hidden_act="gelu",
+        hidden_dropout_prob=c.dropout, attention_probs_dropout_prob=c.attn_dropout,
+        max_position_embeddings=c.max_positions, type_vocab_size=c.type_vocab,
+        layer_norm_eps=c.ln_eps)
+    return transformers.BertForMaskedLM(config).train()
+
+
+def torch_batches(batch: dict, rank_table, count: int) -> list[tuple[torch.Tensor, ...]]:
+    """``count`` masked batches ``(input_ids, attention_mask, labels)``: gemsjax GeneMask +
+    80/10/10 corruption of the same token batch with different keys, labels -100 off the mask."""
+    ids, attention = jnp.asarray(batch["ids"]), jnp.asarray(batch["attention"])
+    special = masking.special_mask(ids, range(VOCAB.num_specials)) | (attention == 0)
+    out = []
+    for i in range(count):
+        mask_key, corrupt_key = jax.random.split(jax.random.key(i))
+        mask = masking.genemask(mask_key, ids, special, rank_table)
+        inputs, _, _ = masking.corrupt(corrupt_key, ids, mask, VOCAB.size, VOCAB.mask_id)
+        labels = jnp.where(mask, ids, -100)
+        out.append(tuple(torch.as_tensor(np.asarray(x), dtype=torch.long)
+                         for x in (inputs, attention, labels)))
+    return out
+
+
+def time_torch(size: str, batch: dict, rank_table, warmup: int, steps: int) -> float:
+    """Median seconds of a PyTorch train step (forward with labels, backward, clip, AdamW)."""
+    torch.manual_seed(0)
+    model = torch_model(size)
+    no_decay = ("bias", "LayerNorm.weight")
+    named = list(model.named_parameters())
+    cfg = optim.cm_gems_config()
+    groups = [{"params": [p for n, p in named if not any(k in n for k in no_decay)],
+               "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in named if any(k in n for k in no_decay)],
+               "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.b1, cfg.b2), eps=cfg.eps)
+    schedule = transformers.get_linear_schedule_with_warmup(opt, cfg.warmup_steps, MAX_STEPS)
+    batches = torch_batches(batch, rank_table, warmup + steps)
+
+    def run(i):
+        inputs, attention, labels = batches[i]
+        loss = model(input_ids=inputs, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        opt.step()
+        schedule.step()
+        opt.zero_grad(set_to_none=True)
+
+    return median_seconds(run, steps, warmup)
+
+
+def time_masking(size: str, batch: dict, rank_table, switched: bool, repeats: int) -> float:
+    """Median seconds of the step's masking and corruption (``masked_batch``) jitted alone."""
+    _, state, task = jax_train_step(size)
+    cur_state = state.curriculum._replace(switched=jnp.bool_(switched))
+    fn = jax.jit(lambda key, step, ids, attention: masked_batch(
+        task, key, step, cur_state, ids, attention, rank_table))
+    keys = jax.random.split(jax.random.key(1), repeats + 1)
+    return median_seconds(lambda i: jax.block_until_ready(
+        fn(keys[i], jnp.int32(i), batch["ids"], batch["attention"])), repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["logo", "dnabert6"])
+    parser.add_argument("--logo-batch", type=int, default=8)
+    parser.add_argument("--dnabert-batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--head-fraction", type=float, default=0.375)
+    parser.add_argument("--share-repeats", type=int, default=30)
+    parser.add_argument("--no-share", dest="share", action="store_false")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    rank_table = jnp.asarray(pmi.load_genemask_ranks(samples.sample_path(samples.GENEMASK_RANKS),
+                                                     VOCAB))
+    print(machine_info())
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+          f"{transformers.__version__}; medians of {args.steps} steps after {args.warmup} "
+          "warm-up steps; float32; tokens/s counts padded tokens (B x L)")
+    for size in args.sizes:
+        batch_size = args.logo_batch if size == "logo" else args.dnabert_batch
+        host = genome_batch(batch_size)
+        batch = {k: jnp.asarray(v) for k, v in host.items()}
+        tokens = host["ids"].size
+        t_torch = time_torch(size, batch, rank_table, args.warmup, args.steps)
+        print(f"{size}: batch {batch_size} x {host['ids'].shape[1]} | torch {t_torch:.3f} s/step "
+              f"{tokens / t_torch:,.0f} tok/s")
+        for label, fraction in (("head on all positions", None),
+                                (f"head_fraction={args.head_fraction}", args.head_fraction)):
+            t_jax, out = time_jax(size, batch, rank_table, args.warmup, args.steps,
+                                  head_fraction=fraction)
+            print(f"  jax ({label}): {t_jax:.3f} s/step {tokens / t_jax:,.0f} tok/s, loss "
+                  f"{out['loss']:.3f} | jax/torch {t_torch / t_jax:.2f}x")
+        if size == "logo" and args.share:
+            for phase, switched in (("GeneMask", False), ("Global-PMI", True)):
+                t_step, _ = time_jax(size, batch, rank_table, args.warmup, args.steps,
+                                     switched=switched)
+                t_mask = time_masking(size, batch, rank_table, switched, args.share_repeats)
+                print(f"  masking share ({phase} phase): masking + corruption {t_mask * 1e3:.2f} "
+                      f"ms of a {t_step:.3f} s step = {t_mask / t_step:.2%}")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The MLM head on masked positions only (``Task.head_fraction``): same loss, metrics and
+updates as the head on every position, on real chr22 tokens, including the fallback path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gemsjax import curriculum, pmi
+from gemsjax.data import fasta, pipelines, samples
+from gemsjax.models import registry
+from gemsjax.train import optim
+from gemsjax.train.step import Task, TrainState, make_eval_step, make_train_step
+from gemsjax.vocab import get_vocab
+
+VOCAB = get_vocab("dnabert", 6)
+
+
+@pytest.fixture(scope="module")
+def genome_batch():
+    """8 rows of 128 tokens: consecutive N-free chunks of the shipped chr22 sample."""
+    (_, seq), = fasta.read_fasta(samples.sample_path(samples.GENOME))
+    seq = seq.replace("N", "")
+    ids, attention = pipelines.dnabert_tokenizer().encode(
+        [seq[i * 130 : (i + 1) * 130] for i in range(8)], 128)
+    return {"ids": jnp.asarray(ids), "attention": jnp.asarray(attention)}
+
+
+@pytest.fixture(scope="module")
+def rank_table():
+    return jnp.asarray(pmi.load_genemask_ranks(samples.sample_path(samples.GENEMASK_RANKS), VOCAB))
+
+
+def _two_steps(batch, rank_table, head_fraction, grad_accum=1):
+    cur = curriculum.cm_gems(1.0)
+    task = Task(kind="mlm", vocab=VOCAB, curriculum=cur, head_fraction=head_fraction,
+                grad_accum=grad_accum)
+    tx, lr = optim.make_optimizer(optim.cm_gems_config(), 1000)
+    model = registry.build_model(registry.get_model_config("test"), nnx.Rngs(0))
+    model.train()
+    graphdef, params = nnx.split(model, nnx.Param)
+    state = TrainState(jnp.int32(0), params, tx.init(params), cur.init())
+    step = jax.jit(make_train_step(task, graphdef, tx, lr))
+    state, first = step(state, batch, rank_table)
+    state, second = step(state, batch, rank_table)
+    model.eval()
+    eval_graphdef, _ = nnx.split(model, nnx.Param)
+    sums = jax.jit(make_eval_step(task, eval_graphdef))(state, batch, rank_table, jnp.int32(0))
+    return state, [first, second], sums
+
+
+@pytest.mark.parametrize("head_fraction, grad_accum", [(0.5, 1), (0.5, 2), (0.01, 1)])
+def test_head_on_masked_positions_matches_head_everywhere(genome_batch, rank_table,
+                                                          head_fraction, grad_accum):
+    """0.5: the masked tokens (~15%) fit the slots; 0.01: they do not, the head falls back to
+    every position. Either way the step computes the same numbers."""
+    expected = _two_steps(genome_batch, rank_table, None, grad_accum)
+    got = _two_steps(genome_batch, rank_table, head_fraction, grad_accum)
+    for want, have in zip(expected[1], got[1], strict=True):
+        assert 0.10 < float(want["mask_rate"]) < 0.25
+        for key in ("loss", "masked_accuracy", "grad_norm", "mask_rate"):
+            np.testing.assert_allclose(have[key], want[key], rtol=1e-5, err_msg=key)
+    for want, have in zip(jax.tree.leaves(expected[0].params), jax.tree.leaves(got[0].params),
+                          strict=True):
+        np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-7)
+    for key in ("loss_sum", "correct", "count"):
+        np.testing.assert_allclose(got[2][key], expected[2][key], rtol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("kwargs", [dict(head_fraction=0.0), dict(head_fraction=1.5),
+                                    dict(head_fraction=0.25, loss_on="all"),
+                                    dict(head_fraction=0.25, kind="mae")])
+def test_head_fraction_needs_masked_mlm_and_a_fraction(kwargs):
+    kwargs = {"kind": "mlm", **kwargs}
+    with pytest.raises(ValueError, match="head_fraction"):
+        Task(vocab=VOCAB, curriculum=curriculum.cm_gems(1.0), **kwargs)
