@@ -100,7 +100,7 @@ def pretraining_config(recipe: str, arg: str | None = None) -> ml_collections.Co
     else:
         c.optimizer = optim.cm_gems_config()
     c.train = ml_collections.ConfigDict(dict(
-        steps=300 if barcode else 150,
+        steps=300,
         grad_accum=1,                   # micro-batches per step (data.batch_size = accum * micro)
         log_every=10,
         eval_every=50,
