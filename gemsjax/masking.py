@@ -149,7 +149,7 @@ def _spread(marks: jax.Array, lo: int, hi: int) -> jax.Array:
 
 def _inside(valid: jax.Array) -> jax.Array:
     """``bool[B, L]``: between the first and the last maskable position (inclusive)."""
-    pos = jnp.arange(valid.shape[1], dtype=jnp.int32)
+    pos = jnp.arange(valid.shape[1], dtype=_narrow_dtype(valid.shape[1]))
     first = jnp.min(jnp.where(valid, pos, valid.shape[1]), axis=1, keepdims=True)
     last = jnp.max(jnp.where(valid, pos, -1), axis=1, keepdims=True)
     return (pos >= first) & (pos <= last)
@@ -313,15 +313,28 @@ def genemask_from_centres(centres: jax.Array, ids: jax.Array, special: jax.Array
         in_front = _best_ranked(best_rank, centres, num_high, jnp.shape(ranks)[0])
     high = centres & (in_front | (num_high < 5)[:, None])
 
-    # mark each high centre's modified centre c + o without a scatter: code[c] = o - lo + 1
+    # one code per position, one pass over its neighbours (no scatter, no intermediate masks):
+    # 0 no centre, o - lo + 1 a high centre whose modified centre is c + o, `plain` another centre
     lo, hi = GENEMASK_SPAN
-    code = jnp.where(high, best_offset - lo + 1, 0).astype(jnp.int8)
-    back = _neighbours(code, -hi, -lo, 0)  # back[hi - o][:, j] = code[:, j - o]
-    modified = functools.reduce(operator.or_, (back[hi - o] == o - lo + 1
-                                               for o in range(lo, hi + 1)))
-    narrow = _spread(centres, *GENEMASK_SPAN)
-    wide = _spread(modified, -WIDE_RADIUS, WIDE_RADIUS)
-    return (narrow | wide) & valid
+    plain = hi - lo + 2
+    code = jnp.where(high, best_offset - lo + 1, jnp.where(centres, plain, 0)).astype(jnp.int8)
+    reach = (lo - WIDE_RADIUS, hi + WIDE_RADIUS)
+    back = _neighbours(code, -reach[1], -reach[0], 0)  # back[reach[1] - s][:, j] = code[:, j - s]
+    return functools.reduce(operator.or_, (_covers(back[reach[1] - s], s)
+                                           for s in range(reach[0], reach[1] + 1))) & valid
+
+
+def _covers(code: jax.Array, s: int) -> jax.Array:
+    """``bool[B, L]``: a centre with ``code`` (see :func:`genemask_from_centres`) masks the
+    position ``s`` tokens after it: any centre when ``s`` is in :data:`GENEMASK_SPAN` (a high
+    centre's 11 tokens cover its 6-span), else a high centre whose offset ``o`` is within
+    :data:`WIDE_RADIUS` of ``s``."""
+    lo, hi = GENEMASK_SPAN
+    if lo <= s <= hi:
+        return code > 0
+    first = max(s - WIDE_RADIUS, lo) - lo + 1  # codes o - lo + 1 of the offsets o reaching s
+    last = min(s + WIDE_RADIUS, hi) - lo + 1
+    return (code >= first) & (code <= last)
 
 
 def genemask(key: jax.Array, ids: jax.Array, special: jax.Array, ranks: jax.Array,
