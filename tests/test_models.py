@@ -445,3 +445,29 @@ def test_explicit_axis_mesh_is_refused_with_a_clear_error(mlm, lambda_batch):
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Explicit,) * 2)
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="AxisType.Auto"):
         mlm(*lambda_batch)
+
+
+def test_per_head_attention_values_and_gradients_match_the_plain_formula():
+    """The custom-VJP per-head path equals softmax(QK^T/sqrt(d) masked) V, gradients included,
+    also for a row whose keys are all padding."""
+    from gemsjax.models.bert import attend_per_head
+
+    keys = jax.random.split(jax.random.key(1), 4)
+    q, k, v = (jax.random.normal(key, (3, 9, 2, 8)) for key in keys[:3])
+    weights = jax.random.normal(keys[3], (3, 9, 2, 8))
+    key_mask = jnp.arange(9)[None, :] < jnp.array([[9], [4], [0]])
+
+    def plain(q, k, v):
+        scores = jnp.einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(8.0)
+        scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+        return jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(scores, axis=-1), v)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
+
+    per_head = lambda q, k, v: attend_per_head(q, k, v, key_mask)
+    np.testing.assert_allclose(per_head(q, k, v), plain(q, k, v), atol=1e-6)
+    got = jax.jit(jax.grad(loss(per_head), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=2e-5)

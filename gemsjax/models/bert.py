@@ -154,7 +154,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, dropou
     """Bidirectional scaled dot-product attention over heads.
 
     Two einsums around a float32 softmax: ``jax.nn.dot_product_attention`` (its XLA path) computes
-    the same, with a backward pass about 1.7x slower on CPU.
+    the same, with a backward pass about 1.7x slower on CPU. Without attention dropout the heads
+    go through :func:`attend_per_head` instead (same function, faster on CPU).
 
     Args:
       q, k, v: ``float[B, L, N, D]`` (L may differ between q and k/v).
@@ -164,11 +165,98 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, dropou
     Returns:
       ``float[B, L, N, D]`` in ``v``'s dtype.
     """
+    if dropout.rate == 0.0 or dropout.deterministic:
+        return attend_per_head(q, k, v, key_mask)
     scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(q.shape[-1])
     scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), rngs=rngs)
     return jnp.einsum("bnqk,bknd->bqnd", probs, v)
+
+
+def attend_per_head(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> jax.Array:
+    """:func:`attend` without dropout, one head at a time, with a recomputing backward pass.
+
+    XLA's CPU backend writes every ``[B, N, Lq, Lk]`` intermediate (scores, exponentials, their
+    gradients) to memory. Here a ``jax.lax.map`` over heads keeps each intermediate to one head's
+    ``[B, Lq, Lk]`` tile, the forward pass saves only the softmax's row maxima and sums
+    (``float32[N, B, Lq, 1]`` each) and the backward pass recomputes the probabilities; the
+    scale is folded into ``q`` and the normalisation divides the ``[B, Lq, D]`` output rather
+    than the probabilities. On logo's attention (B 8, L 512, 8 heads of 32) that made the forward
+    and backward pass about 1.9x faster (170 -> 90 ms).
+
+    Args and result as in :func:`attend` (``q, k, v: float[B, L, N, D]``, ``key_mask: bool[B, L]``
+    -> ``float[B, L, N, D]`` in ``v``'s dtype).
+    """
+    q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+    heads_first = lambda t: jnp.moveaxis(t, 2, 0)
+    out = _attend_heads(heads_first(q), heads_first(k), heads_first(v), key_mask[:, None, :])
+    return jnp.moveaxis(out, 0, 2)
+
+
+def _head_scores(q: jax.Array, k: jax.Array, keep: jax.Array) -> jax.Array:
+    """One head's masked scores: ``q: float[B, Lq, D]``, ``k: float[B, Lk, D]``,
+    ``keep: bool[B, 1, Lk]`` -> ``float32[B, Lq, Lk]`` (the float32 minimum off ``keep``)."""
+    scores = jnp.einsum("bqd,bkd->bqk", q, k, preferred_element_type=jnp.float32)
+    return jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+
+
+def _head_forward(q: jax.Array, k: jax.Array, v: jax.Array,
+                  keep: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """One head's ``softmax(scores) v: float[B, Lq, D]`` in v's dtype and the scores' row maxima
+    and ``sum(exp(scores - max))``, ``float32[B, Lq, 1]`` each (a log-sum-exp would lose the
+    sum of an all-masked row to rounding); arguments as in :func:`_head_scores`."""
+    scores = _head_scores(q, k, keep)
+    peak = jnp.max(scores, axis=-1, keepdims=True)
+    exp = jnp.exp(scores - peak)
+    total = jnp.sum(exp, axis=-1, keepdims=True)
+    out = jnp.einsum("bqk,bkd->bqd", exp.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / total).astype(v.dtype), (peak, total)
+
+
+@jax.custom_vjp
+def _attend_heads(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array) -> jax.Array:
+    """Heads-first attention: ``q, k, v: float[N, B, L, D]``, ``keep: bool[B, 1, Lk]``
+    -> ``float[N, B, Lq, D]``."""
+    return _attend_heads_fwd(q, k, v, keep)[0]
+
+
+def _attend_heads_fwd(q, k, v, keep):
+    """Output and residuals: the inputs, the output and the per-head row statistics."""
+    out, stats = jax.lax.map(lambda qkv: _head_forward(*qkv, keep), (q, k, v))
+    return out, (q, k, v, keep, out, stats)
+
+
+def _attend_heads_bwd(residuals, d_out):
+    """Cotangents of q, k, v (none for ``keep``), per head from recomputed probabilities.
+
+    The tiles are built transposed (``[B, Lk, Lq]``) so that two of the three gradient matmuls
+    contract over the tile's last axis, the layout XLA's CPU matmul takes without a copy.
+    """
+    q, k, v, keep, out, stats = residuals
+
+    def head(args):
+        hq, hk, hv, h_out, (h_peak, h_total), h_d = args
+        keep_t = jnp.swapaxes(keep, 1, 2)
+        scores_t = jnp.einsum("bkd,bqd->bkq", hk, hq, preferred_element_type=jnp.float32)
+        scores_t = jnp.where(keep_t, scores_t, jnp.finfo(jnp.float32).min)
+        probs_t = (jnp.exp(scores_t - jnp.swapaxes(h_peak, 1, 2))
+                   * jnp.swapaxes(1.0 / h_total, 1, 2))
+        d_v = jnp.einsum("bkq,bqd->bkd", probs_t.astype(h_d.dtype), h_d,
+                         preferred_element_type=jnp.float32)
+        d_probs_t = jnp.einsum("bkd,bqd->bkq", hv, h_d, preferred_element_type=jnp.float32)
+        delta = jnp.sum(h_d.astype(jnp.float32) * h_out.astype(jnp.float32), axis=-1)
+        d_scores_t = jnp.where(keep_t, probs_t * (d_probs_t - delta[:, None, :]),
+                               0.0).astype(hq.dtype)
+        d_q = jnp.einsum("bkq,bkd->bqd", d_scores_t, hk, preferred_element_type=jnp.float32)
+        d_k = jnp.einsum("bkq,bqd->bkd", d_scores_t, hq, preferred_element_type=jnp.float32)
+        return d_q.astype(hq.dtype), d_k.astype(hk.dtype), d_v.astype(hv.dtype)
+
+    d_q, d_k, d_v = jax.lax.map(head, (q, k, v, out, stats, d_out))
+    return d_q, d_k, d_v, None
+
+
+_attend_heads.defvjp(_attend_heads_fwd, _attend_heads_bwd)
 
 
 class SelfAttention(nnx.Module):
