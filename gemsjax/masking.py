@@ -429,7 +429,8 @@ def visible_len(length: int, ratio: float) -> int:
     With ``n`` maskable tokens, :func:`mae_drop_fixed` masks ``floor(ratio * n + 0.5)`` and leaves
     ``n - floor(ratio * n + 0.5)`` visible, which never exceeds the returned value for any
     ``n <= length`` (it is that maximum). An MAE encoder can therefore gather the visible
-    maskable tokens of each row into ``visible_len(L, ratio)`` slots (:func:`visible_positions`).
+    maskable tokens of each row into ``visible_len(L, ratio)`` slots
+    (:func:`gemsjax.models.mae.compact_visible`).
 
     Args:
       length: ``L``, the padded sequence length.
@@ -461,29 +462,6 @@ def mae_drop_fixed(key: jax.Array, ids: jax.Array, special: jax.Array,
     draws = random_bits.words(key, ids.shape) >> (2 + position_bits)
     keys = jnp.left_shift(draws.astype(jnp.int32), position_bits) | jnp.arange(length)
     return _smallest(jnp.where(valid, keys, 2**30), counts, 31) & valid
-
-
-def visible_positions(mask: jax.Array, special: jax.Array, num_visible: int
-                      ) -> tuple[jax.Array, jax.Array]:
-    """Positions of the visible (unmasked, non-special) tokens, left-aligned to a static length.
-
-    Args:
-      mask: ``bool[B, L]`` masked positions.
-      special: ``bool[B, L]``.
-      num_visible: number of slots ``V``, e.g. :func:`visible_len` for :func:`mae_drop_fixed`.
-
-    Returns:
-      ``(positions int32[B, V], present bool[B, V])``: the visible positions in increasing order,
-      then 0 with ``present`` False in unused slots. Visible tokens beyond ``V`` are dropped.
-    """
-    batch, length = mask.shape
-    visible = ~mask & ~special.astype(bool)
-    slot = jnp.where(visible, jnp.cumsum(visible, axis=1, dtype=jnp.int32) - 1, num_visible)
-    rows = jnp.arange(batch)[:, None]
-    positions = jnp.zeros((batch, num_visible), jnp.int32).at[rows, slot].set(
-        jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), mask.shape), mode="drop")
-    present = jnp.arange(num_visible) < visible.sum(axis=1, keepdims=True)
-    return positions, present
 
 
 def _share_below(fraction: float) -> int:

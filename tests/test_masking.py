@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from gemsjax import masking
+from gemsjax.models.mae import compact_visible
 from gemsjax.pmi import load_genemask_ranks
 from gemsjax.tokenizers import KmerTokenizer
 from gemsjax.vocab import get_vocab
@@ -300,7 +301,9 @@ def test_mae_drop_rate_and_fixed_count(barcode_batch):
         bound = masking.visible_len(110, ratio)
         visible = (~fixed & ~special).sum(axis=1)
         assert visible.max() <= bound
-        positions, present = map(np.asarray, masking.visible_positions(fixed, special, bound))
+        dropped = jnp.asarray(fixed | special)  # what the train step hands the MAE encoder
+        _, positions, present = map(np.asarray, compact_visible(ids, jnp.ones_like(ids), dropped,
+                                                                bound))
         assert positions.shape == (len(ids), bound)
         np.testing.assert_array_equal(present.sum(axis=1), visible)
         for row in range(0, len(ids), 97):
