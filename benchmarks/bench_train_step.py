@@ -17,30 +17,34 @@ biases and LayerNorm, gradient clipping 1.0: the CM-GEMS recipe) in float32.
   batches are precomputed (with gemsjax's GeneMask + corruption, so the masking statistics
   match): torch is given the advantage of no masking cost.
 
-Each side runs ``--warmup`` untimed steps (compilation, allocator warm-up), then ``--steps``
-timed steps, each waited for (``jax.block_until_ready``; torch is synchronous on CPU); medians
+The contenders take turns (``benchutil.interleaved_medians``): ``--rounds`` rounds, in each of
+which every contender runs one untimed step (compilation in the first round, cache warm-up after
+the others' turns) and ``--steps`` timed steps, each waited for (``jax.block_until_ready``;
+torch is synchronous on CPU), so a change in the machine's load hits all of them alike. Medians
 are reported as tokens/s (padded tokens, B x L) with the jax/torch ratio. Threads: JAX's CPU
 client uses all cores (its default); torch gets ``torch.set_num_threads(os.cpu_count())``.
 
 Also measured for ``logo`` (``--share``): the share of the step spent on masking and corruption,
 i.e. the step's own ``masked_batch`` (special positions, curriculum draw, mask, corruption) jitted
-alone on the same batch, over the median step time, in both CM-GEMS phases (GeneMask, Global-PMI).
+alone on the same batch, over the median step time (masked-token head, the default), in both
+CM-GEMS phases (GeneMask, Global-PMI).
 
 Run: ``python benchmarks/bench_train_step.py`` (``--sizes``, ``--logo-batch``, ``--dnabert-batch``,
-``--steps``, ``--warmup`` to change the defaults).
+``--rounds``, ``--steps`` to change the defaults).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
-from benchutil import genome_batch, machine_info, median_seconds
+from benchutil import genome_batch, interleaved_medians, machine_info, median_seconds
 from flax import nnx
 
 from gemsjax import curriculum, masking, pmi
@@ -70,9 +74,10 @@ def jax_train_step(size: str, head_fraction: float | None = None):
     return step, state, task
 
 
-def time_jax(size: str, batch: dict, rank_table, warmup: int, steps: int,
-             switched: bool = False, head_fraction: float | None = None) -> tuple[float, dict]:
-    """Median seconds of the jax train step (CM-GEMS phase: Global-PMI when ``switched``)."""
+def jax_runner(size: str, batch: dict, rank_table, switched: bool = False,
+               head_fraction: float | None = None) -> tuple[Callable[[int], None], dict]:
+    """``(run, box)``: ``run(i)`` does one jax train step and waits for it (CM-GEMS phase:
+    Global-PMI when ``switched``); ``box["metrics"]`` holds the last step's metrics."""
     step, state, _ = jax_train_step(size, head_fraction)
     state = state._replace(curriculum=state.curriculum._replace(switched=jnp.bool_(switched)))
     box = {"state": state}
@@ -82,8 +87,7 @@ def time_jax(size: str, batch: dict, rank_table, warmup: int, steps: int,
         jax.block_until_ready((box["state"], out))
         box["metrics"] = out
 
-    seconds = median_seconds(run, steps, warmup)
-    return seconds, jax.device_get(box["metrics"])
+    return run, box
 
 
 def torch_model(size: str) -> transformers.BertForMaskedLM:
@@ -109,13 +113,14 @@ def torch_batches(batch: dict, rank_table, count: int) -> list[tuple[torch.Tenso
         mask = masking.genemask(mask_key, ids, special, rank_table)
         inputs, _, _ = masking.corrupt(corrupt_key, ids, mask, VOCAB.size, VOCAB.mask_id)
         labels = jnp.where(mask, ids, -100)
-        out.append(tuple(torch.as_tensor(np.asarray(x), dtype=torch.long)
+        out.append(tuple(torch.as_tensor(np.array(x), dtype=torch.long)
                          for x in (inputs, attention, labels)))
     return out
 
 
-def time_torch(size: str, batch: dict, rank_table, warmup: int, steps: int) -> float:
-    """Median seconds of a PyTorch train step (forward with labels, backward, clip, AdamW)."""
+def torch_runner(size: str, batch: dict, rank_table, count: int) -> Callable[[int], None]:
+    """``run(i)``: one PyTorch train step (forward with labels, backward, clip, AdamW) on
+    precomputed masked batch ``i`` (``0 <= i < count``)."""
     torch.manual_seed(0)
     model = torch_model(size)
     no_decay = ("bias", "LayerNorm.weight")
@@ -127,7 +132,7 @@ def time_torch(size: str, batch: dict, rank_table, warmup: int, steps: int) -> f
                "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.b1, cfg.b2), eps=cfg.eps)
     schedule = transformers.get_linear_schedule_with_warmup(opt, cfg.warmup_steps, MAX_STEPS)
-    batches = torch_batches(batch, rank_table, warmup + steps)
+    batches = torch_batches(batch, rank_table, count)
 
     def run(i):
         inputs, attention, labels = batches[i]
@@ -138,7 +143,7 @@ def time_torch(size: str, batch: dict, rank_table, warmup: int, steps: int) -> f
         schedule.step()
         opt.zero_grad(set_to_none=True)
 
-    return median_seconds(run, steps, warmup)
+    return run
 
 
 def time_masking(size: str, batch: dict, rank_table, switched: bool, repeats: int) -> float:
@@ -157,8 +162,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["logo", "dnabert6"])
     parser.add_argument("--logo-batch", type=int, default=8)
     parser.add_argument("--dnabert-batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per turn")
     parser.add_argument("--head-fraction", type=float, default=0.375)
     parser.add_argument("--share-repeats", type=int, default=30)
     parser.add_argument("--no-share", dest="share", action="store_false")
@@ -168,29 +173,40 @@ def main() -> None:
                                                      VOCAB))
     print(machine_info())
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
-          f"{transformers.__version__}; medians of {args.steps} steps after {args.warmup} "
-          "warm-up steps; float32; tokens/s counts padded tokens (B x L)")
+          f"{transformers.__version__}; medians of {args.rounds} x {args.steps} steps, "
+          f"contenders taking turns of 1 untimed + {args.steps} timed steps; float32; tokens/s "
+          "counts padded tokens (B x L)")
     for size in args.sizes:
         batch_size = args.logo_batch if size == "logo" else args.dnabert_batch
         host = genome_batch(batch_size)
         batch = {k: jnp.asarray(v) for k, v in host.items()}
         tokens = host["ids"].size
-        t_torch = time_torch(size, batch, rank_table, args.warmup, args.steps)
+        head = f"head_fraction={args.head_fraction}"
+        runners = {"torch": torch_runner(size, batch, rank_table, args.rounds * (1 + args.steps))}
+        boxes = {}
+        for label, fraction in (("head on all positions", None), (head, args.head_fraction)):
+            runners[label], boxes[label] = jax_runner(size, batch, rank_table,
+                                                      head_fraction=fraction)
+        share = size == "logo" and args.share
+        if share:
+            runners["Global-PMI phase"], _ = jax_runner(size, batch, rank_table, switched=True,
+                                                        head_fraction=args.head_fraction)
+        seconds = interleaved_medians(runners, args.rounds, args.steps)
+        t_torch = seconds["torch"]
         print(f"{size}: batch {batch_size} x {host['ids'].shape[1]} | torch {t_torch:.3f} s/step "
               f"{tokens / t_torch:,.0f} tok/s")
-        for label, fraction in (("head on all positions", None),
-                                (f"head_fraction={args.head_fraction}", args.head_fraction)):
-            t_jax, out = time_jax(size, batch, rank_table, args.warmup, args.steps,
-                                  head_fraction=fraction)
+        for label, box in boxes.items():
+            t_jax = seconds[label]
             print(f"  jax ({label}): {t_jax:.3f} s/step {tokens / t_jax:,.0f} tok/s, loss "
-                  f"{out['loss']:.3f} | jax/torch {t_torch / t_jax:.2f}x")
-        if size == "logo" and args.share:
-            for phase, switched in (("GeneMask", False), ("Global-PMI", True)):
-                t_step, _ = time_jax(size, batch, rank_table, args.warmup, args.steps,
-                                     switched=switched)
+                  f"{box['metrics']['loss']:.3f} | jax/torch {t_torch / t_jax:.2f}x")
+        if share:
+            for phase, step_label, switched in (("GeneMask", head, False),
+                                                ("Global-PMI", "Global-PMI phase", True)):
+                t_step = seconds[step_label]
                 t_mask = time_masking(size, batch, rank_table, switched, args.share_repeats)
                 print(f"  masking share ({phase} phase): masking + corruption {t_mask * 1e3:.2f} "
                       f"ms of a {t_step:.3f} s step = {t_mask / t_step:.2%}")
+
 
 if __name__ == "__main__":
     main()

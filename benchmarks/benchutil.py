@@ -52,6 +52,29 @@ def median_seconds(fn: Callable[[int], object], repeats: int, warmup: int = 1) -
     return statistics.median(times)
 
 
+def interleaved_medians(runners: dict[str, Callable[[int], object]], rounds: int,
+                        steps: int) -> dict[str, float]:
+    """Median wall time per call of each runner, the runners taking turns.
+
+    In each of ``rounds`` rounds every runner takes a turn of ``1 + steps`` consecutive calls
+    ``fn(i)`` (``i`` counts that runner's calls from 0); the first call of a turn is untimed
+    (compilation on the first turn; caches and allocator after another contender's turn).
+    Turns spread drift in the machine's load over all contenders, so their ratio is steadier
+    than that of one block each. Each ``fn`` must finish its work before returning.
+    """
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    calls = dict.fromkeys(runners, 0)
+    for _ in range(rounds):
+        for name, fn in runners.items():
+            for turn_step in range(1 + steps):
+                start = time.perf_counter()
+                fn(calls[name])
+                calls[name] += 1
+                if turn_step:
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def genome_batch(batch: int, max_len: int = 512) -> dict[str, np.ndarray]:
     """``{"ids", "attention"}: int32[batch, max_len]``: consecutive 510-bp chunks of the shipped
     chr22 sample with every N deleted (the GeneMask corpus recipe), DNABERT 6-mer tokens."""

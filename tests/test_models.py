@@ -367,7 +367,9 @@ def test_dropout_drops_the_rate_and_rescales_the_rest():
     np.testing.assert_array_equal(dropout_layer(0.1)(x), x)  # built deterministic (eval)
 
 
-def test_attention_equals_jax_dot_product_attention():
+def test_attention_equals_jax_dot_product_attention(monkeypatch):
+    """Every path of ``attend`` computes the same: per-head (CPU), einsums (GPU/TPU backends,
+    and attention dropout anywhere)."""
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(key, (2, 7, 3, 8)) for key in keys)
     key_mask = jnp.arange(7)[None, :] < jnp.array([[7], [4]])
@@ -376,6 +378,9 @@ def test_attention_equals_jax_dot_product_attention():
     dropout = nnx.Dropout(1e-9, deterministic=False)
     einsum = nnx.jit(lambda d, *a: attend(*a, d, nnx.Rngs(dropout=1)))(dropout, q, k, v, key_mask)
     np.testing.assert_allclose(einsum, fused, atol=1e-5)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    accelerator = jax.jit(lambda *a: attend(*a, nnx.Dropout(0.0), None))(q, k, v, key_mask)
+    np.testing.assert_allclose(accelerator, fused, atol=1e-5)
 
 
 def test_jitted_pure_function_over_split_state(lambda_batch):
@@ -471,3 +476,20 @@ def test_per_head_attention_values_and_gradients_match_the_plain_formula():
     want = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=2e-5)
+
+
+def test_gelu_is_exact_erf_gelu_with_its_exact_derivative():
+    """The custom-VJP GELU equals jax.nn.gelu(approximate=False), value and gradient, also far
+    in the tails (x = -12 .. 12) and under jit/vmap."""
+    from gemsjax.models.bert import gelu
+
+    x = jnp.linspace(-12.0, 12.0, 4001)
+    reference = lambda t: jax.nn.gelu(t, approximate=False)
+    np.testing.assert_allclose(gelu(x), reference(x), atol=2e-6, rtol=1e-6)
+    got = jax.jit(jax.vmap(jax.grad(gelu)))(x)
+    want = jax.vmap(jax.grad(reference))(x)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-6)
+    assert float(jax.grad(gelu)(0.0)) == 0.5  # Phi(0) + 0 * phi(0)
+    g = jax.random.normal(jax.random.key(0), x.shape)
+    _, vjp = jax.vjp(gelu, x)
+    np.testing.assert_allclose(vjp(g)[0], g * want, atol=2e-6, rtol=1e-6)

@@ -4,6 +4,7 @@ updates as the head on every position, on real chr22 tokens, including the fallb
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -75,3 +76,28 @@ def test_head_fraction_needs_masked_mlm_and_a_fraction(kwargs):
     kwargs = {"kind": "mlm", **kwargs}
     with pytest.raises(ValueError, match="head_fraction"):
         Task(vocab=VOCAB, curriculum=curriculum.cm_gems(1.0), **kwargs)
+
+
+def test_loss_sums_are_weighted_cross_entropy_and_argmax_accuracy():
+    """``loss_sums`` = optax's integer-label cross-entropy and argmax accuracy, weighted, with
+    the gradient of the cross-entropy; an exact tie for the maximum counts as correct."""
+    from gemsjax.train.step import loss_sums
+
+    keys = jax.random.split(jax.random.key(3), 3)
+    logits = 4.0 * jax.random.normal(keys[0], (4, 16, 37))
+    targets = jax.random.randint(keys[1], (4, 16), 0, 37)
+    weights = (jax.random.uniform(keys[2], (4, 16)) < 0.4).astype(jnp.float32)
+    sums = loss_sums(logits, targets, weights)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    np.testing.assert_allclose(sums["loss_sum"], (ce * weights).sum(), rtol=1e-6)
+    assert float(sums["correct"]) == float((hit * weights).sum()) > 0
+    assert float(sums["count"]) == float(weights.sum())
+    got = jax.grad(lambda z: loss_sums(z, targets, weights)["loss_sum"])(logits)
+    want = jax.grad(lambda z: (optax.softmax_cross_entropy_with_integer_labels(z, targets)
+                               * weights).sum())(logits)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    tie = loss_sums(jnp.array([[1.0, 3.0, 3.0]]), jnp.array([2]), jnp.array([1.0]))
+    assert float(tie["correct"]) == 1.0
+    np.testing.assert_allclose(tie["loss_sum"], -jax.nn.log_softmax(jnp.array([1.0, 3, 3]))[2],
+                               rtol=1e-6)

@@ -131,14 +131,30 @@ def check_mesh() -> None:
                          "axis_types=(jax.sharding.AxisType.Auto,) * len(names))")
 
 
+@jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
     """Exact (erf) GELU, as BERT uses, in PyTorch's form ``x * (1 + erf(x / sqrt(2))) / 2``.
 
     ``jax.nn.gelu(approximate=False)`` computes the same function through ``erfc``; in a BERT
     feed-forward layer on XLA's CPU backend that made the forward pass 2.5x and the backward pass
-    4x slower.
+    4x slower. The derivative ``Phi(x) + x phi(x)`` is a custom VJP computed in the backward pass
+    from the saved input: autodiff would compute it in the forward pass and store it, one more
+    ``[tokens, ffn]`` pass and array per layer.
     """
     return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def _gelu_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return gelu(x), x
+
+
+def _gelu_bwd(x: jax.Array, d_out: jax.Array) -> tuple[jax.Array]:
+    cdf = 0.5 - 0.5 * jax.lax.erf(x * (-1.0 / math.sqrt(2.0)))
+    pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    return (d_out * (cdf + x * pdf).astype(d_out.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 def masked_mean(hidden: jax.Array, attention: jax.Array) -> jax.Array:
@@ -154,8 +170,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, dropou
     """Bidirectional scaled dot-product attention over heads.
 
     Two einsums around a float32 softmax: ``jax.nn.dot_product_attention`` (its XLA path) computes
-    the same, with a backward pass about 1.7x slower on CPU. Without attention dropout the heads
-    go through :func:`attend_per_head` instead (same function, faster on CPU).
+    the same, with a backward pass about 1.7x slower on CPU. On the CPU backend, without attention
+    dropout, the heads go through :func:`attend_per_head` instead (same function, faster there;
+    its loop over heads is a CPU cache optimisation that would only serialise work on a GPU or
+    TPU, where the einsums run).
 
     Args:
       q, k, v: ``float[B, L, N, D]`` (L may differ between q and k/v).
@@ -165,7 +183,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, dropou
     Returns:
       ``float[B, L, N, D]`` in ``v``'s dtype.
     """
-    if dropout.rate == 0.0 or dropout.deterministic:
+    no_dropout = dropout.rate == 0.0 or dropout.deterministic
+    if no_dropout and jax.default_backend() == "cpu":
         return attend_per_head(q, k, v, key_mask)
     scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(q.shape[-1])

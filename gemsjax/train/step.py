@@ -155,49 +155,76 @@ def forward(task: Task, model: nnx.Module, batch: dict, attention: jax.Array,
 
 
 def loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict:
-    """Weighted cross-entropy and accuracy sums (fp32): ``loss_sum, correct, count``."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return dict(loss_sum=(ce * weights).sum(), correct=(hit * weights).sum(),
-                count=weights.sum())
+    """Weighted cross-entropy and accuracy sums (fp32): ``loss_sum, correct, count``.
+
+    ``logits: float[..., C]``, ``targets: int32[...]``, ``weights: float32[...]``. A prediction
+    is correct when the target's logit is the row maximum (an ``argmax`` up to exact ties, which
+    it counts as correct); the maximum is the one the log-sum-exp needs anyway, where a separate
+    ``argmax`` (an index-carrying reduction) cost XLA's CPU backend a full pass of its own.
+    """
+    logits = logits.astype(jnp.float32)
+    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    log_norm = jnp.log(jnp.sum(jnp.exp(logits - peak), axis=-1)) + peak[..., 0]
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    hit = (target_logit >= peak[..., 0]).astype(jnp.float32)
+    return dict(loss_sum=((log_norm - target_logit) * weights).sum(),
+                correct=(hit * weights).sum(), count=weights.sum())
+
+
+def head_slots(task: Task, length: int) -> int:
+    """Head slots per row when the MLM head runs on masked tokens only: ``ceil(f * L)``."""
+    return math.ceil(task.head_fraction * length)
+
+
+def head_fits(batch: dict, slots: int) -> jax.Array:
+    """``bool[]``: no row of the masked ``batch`` has more than ``slots`` loss positions."""
+    return jnp.all((batch["weights"] != 0).sum(axis=1) <= slots)
 
 
 def masked_head_loss_sums(model: nnx.Module, batch: dict, attention: jax.Array,
-                          dropout_key: jax.Array | None, head_fraction: float) -> dict:
+                          dropout_key: jax.Array | None, slots: int) -> dict:
     """:func:`loss_sums` of a ``BertForMaskedLM`` whose head runs on the masked tokens only.
 
-    The encoder runs on the whole batch; each row's masked positions fill its
-    ``S = ceil(head_fraction * L)`` slots (in position order; unused slots weigh 0) and the head
-    runs on those (rows stay where they are, so this shards like the batch). When a row has more
-    than ``S`` masked tokens the head runs on every position of the batch instead.
+    The encoder runs on the whole batch; each row's masked positions fill its ``slots``
+    (in position order; unused slots weigh 0) and the head runs on those (rows stay where they
+    are, so this shards like the batch). Exact only where :func:`head_fits`; callers choose
+    between this and the full head with a ``lax.cond`` on it.
     """
     rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
     hidden = model.encoder(batch["inputs"], attention, rngs=rngs)
     table = model.encoder.word_embeddings.embedding[...]
-    targets, weights = batch["targets"], batch["weights"]
-    masked = weights != 0
-    slots = math.ceil(head_fraction * weights.shape[1])
-
-    def at_masked():
-        positions = jax.vmap(lambda row: jnp.nonzero(row, size=slots, fill_value=0)[0])(masked)
-        used = jnp.arange(slots) < masked.sum(axis=1, keepdims=True)
-        pick = functools.partial(jnp.take_along_axis, indices=positions, axis=1)
-        logits = model.head(pick(hidden, indices=positions[..., None]), table)
-        return loss_sums(logits, pick(targets), jnp.where(used, pick(weights), 0.0))
-
-    def everywhere():
-        return loss_sums(model.head(hidden, table), targets, weights)
-
-    return jax.lax.cond(jnp.all(masked.sum(axis=1) <= slots), at_masked, everywhere)
+    masked = batch["weights"] != 0
+    positions = jax.vmap(lambda row: jnp.nonzero(row, size=slots, fill_value=0)[0])(masked)
+    used = jnp.arange(slots) < masked.sum(axis=1, keepdims=True)
+    pick = functools.partial(jnp.take_along_axis, indices=positions, axis=1)
+    logits = model.head(pick(hidden, indices=positions[..., None]), table)
+    return loss_sums(logits, pick(batch["targets"]),
+                     jnp.where(used, pick(batch["weights"]), 0.0))
 
 
-def batch_loss_sums(task: Task, model: nnx.Module, batch: dict, attention: jax.Array,
-                    dropout_key: jax.Array | None) -> dict:
-    """:func:`loss_sums` of the model on a masked batch (head placement per ``task``)."""
-    if task.head_fraction is not None:
-        return masked_head_loss_sums(model, batch, attention, dropout_key, task.head_fraction)
+def full_loss_sums(task: Task, model: nnx.Module, batch: dict, attention: jax.Array,
+                   dropout_key: jax.Array | None) -> dict:
+    """:func:`loss_sums` of the model's output at every position."""
     logits = forward(task, model, batch, attention, dropout_key)
     return loss_sums(logits, batch["targets"], batch["weights"])
+
+
+def with_head_placement(task: Task, batch: dict, compute):
+    """``compute(loss_sums_fn)`` with the head placement ``task`` asks for.
+
+    ``loss_sums_fn(model, batch, attention, dropout_key) -> sums``. With ``head_fraction`` set,
+    a ``lax.cond`` on :func:`head_fits` picks the masked-only head or the full head; the cond
+    wraps all of ``compute`` (the gradient computation, in the train step) so that no residual
+    of the full-head branch, e.g. its ``[B, L, V]`` softmax, is materialized when the other
+    branch runs.
+    """
+    full = functools.partial(full_loss_sums, task)
+    if task.head_fraction is None:
+        return compute(full)
+    slots = head_slots(task, batch["weights"].shape[1])
+    at_masked = lambda *args: masked_head_loss_sums(*args, slots)
+    return jax.lax.cond(head_fits(batch, slots), lambda: compute(at_masked),
+                        lambda: compute(full))
 
 
 def _strategy_counts(strategy: jax.Array, batch_size: int) -> jax.Array:
@@ -229,18 +256,22 @@ def make_train_step(task: Task, graphdef: nnx.GraphDef, tx: optax.GradientTransf
     ``strategy_mix float32[S]`` (share of sequences per strategy).
     """
 
-    def micro_loss(params, micro, key, step, curriculum_state, rank_table):
+    def micro_grads(params, micro, key, step, curriculum_state, rank_table):
         ids, attention = micro["ids"], micro["attention"]
         mkey, dkey = jax.random.split(key)
         batch = masked_batch(task, mkey, step, curriculum_state, ids, attention, rank_table)
-        sums = batch_loss_sums(task, nnx.merge(graphdef, params), batch, attention, dkey)
-        loss = sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
+
+        def value_and_grad(loss_sums_fn):
+            def loss_fn(params):
+                sums = loss_sums_fn(nnx.merge(graphdef, params), batch, attention, dkey)
+                return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
+            return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+        (loss, sums), grads = with_head_placement(task, batch, value_and_grad)
         aux = dict(sums, masked=batch["mask"].sum(), maskable=(~batch["special"]).sum(),
                    tokens=(attention != 0).sum(),
                    strategy=_strategy_counts(batch["strategy"], ids.shape[0]))
-        return loss, aux
-
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+        return (loss, aux), grads
 
     def train_step(state: TrainState, batch: dict, rank_table: jax.Array):
         key = jax.random.fold_in(jax.random.key(task.seed), state.step)
@@ -248,14 +279,15 @@ def make_train_step(task: Task, graphdef: nnx.GraphDef, tx: optax.GradientTransf
 
         def accumulate(carry, inputs):
             index, micro_batch = inputs
-            (loss, aux), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(key, index),
-                                         state.step, state.curriculum, rank_table)
+            (loss, aux), grads = micro_grads(state.params, micro_batch,
+                                             jax.random.fold_in(key, index), state.step,
+                                             state.curriculum, rank_table)
             total = jax.tree.map(jnp.add, carry, (grads, loss, aux))
             return total, None
 
         zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-            lambda: grad_fn(state.params, jax.tree.map(lambda x: x[0], micro), key, state.step,
-                            state.curriculum, rank_table)))
+            lambda: micro_grads(state.params, jax.tree.map(lambda x: x[0], micro), key,
+                                state.step, state.curriculum, rank_table)))
         (_, aux0), grads0 = zeros
         (grads, loss, aux), _ = jax.lax.scan(
             accumulate, (grads0, jnp.float32(0), aux0),
@@ -293,6 +325,8 @@ def make_eval_step(task: Task, graphdef: nnx.GraphDef):
         ids, attention = batch["ids"], batch["attention"]
         masked = masked_batch(task, key, state.step, state.curriculum, ids, attention,
                               rank_table)
-        return batch_loss_sums(task, nnx.merge(graphdef, state.params), masked, attention, None)
+        model = nnx.merge(graphdef, state.params)
+        return with_head_placement(task, masked, lambda loss_sums_fn: loss_sums_fn(
+            model, masked, attention, None))
 
     return eval_step
