@@ -230,6 +230,27 @@ def test_logits_at_positions_equal_gathered_full_logits(mlm, lambda_batch):
                                atol=1e-5)
 
 
+def test_last_layer_at_positions_drops_what_the_full_layer_drops(lambda_batch):
+    """With dropout on (hidden and attention probabilities, 0.1), logits at ``positions`` (the
+    last layer run at those rows only) equal the full logits there, for the same dropout key;
+    padding positions and repeated positions included."""
+    ids, attention = lambda_batch
+    model = build_model(get_model_config("test"), nnx.Rngs(0))
+    model.train()
+    positions = jnp.asarray(np.random.default_rng(1).integers(0, ids.shape[1], (8, 5)), jnp.int32)
+    positions = positions.at[:, 4].set(positions[:, 0]).at[0, 1].set(ids.shape[1] - 1)
+
+    @nnx.jit
+    def logits(model, positions, key):
+        return model(ids, attention, positions=positions, rngs=nnx.Rngs(dropout=key))
+
+    key = jax.random.key(5)
+    full = jnp.take_along_axis(logits(model, None, key), positions[..., None], 1)
+    np.testing.assert_allclose(logits(model, positions, key), full, atol=1e-5)
+    other = jnp.take_along_axis(logits(model, None, jax.random.key(6)), positions[..., None], 1)
+    assert float(jnp.max(jnp.abs(other - full))) > 1e-2  # dropout is really on
+
+
 def test_padding_is_never_a_key_in_mlm(mlm, lambda_batch):
     ids, attention = lambda_batch
     noise = jax.random.randint(jax.random.key(3), ids.shape, 5, 4101)
@@ -374,12 +395,12 @@ def test_attention_equals_jax_dot_product_attention(monkeypatch):
     q, k, v = (jax.random.normal(key, (2, 7, 3, 8)) for key in keys)
     key_mask = jnp.arange(7)[None, :] < jnp.array([[7], [4]])
     fused = jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :])
-    np.testing.assert_allclose(attend(q, k, v, key_mask, nnx.Dropout(0.0), None), fused, atol=1e-5)
-    dropout = nnx.Dropout(1e-9, deterministic=False)
+    np.testing.assert_allclose(attend(q, k, v, key_mask, Dropout(0.0), None), fused, atol=1e-5)
+    dropout = Dropout(1e-9, deterministic=False)
     einsum = nnx.jit(lambda d, *a: attend(*a, d, nnx.Rngs(dropout=1)))(dropout, q, k, v, key_mask)
     np.testing.assert_allclose(einsum, fused, atol=1e-5)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    accelerator = jax.jit(lambda *a: attend(*a, nnx.Dropout(0.0), None))(q, k, v, key_mask)
+    accelerator = jax.jit(lambda *a: attend(*a, Dropout(0.0), None))(q, k, v, key_mask)
     np.testing.assert_allclose(accelerator, fused, atol=1e-5)
 
 

@@ -20,7 +20,7 @@ Conventions shared by every module here:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +76,21 @@ def dense(din: int, dout: int, names: Names | None, *, dtype: Dtype, param_dtype
                  preferred_element_type=out_dtype, rngs=rngs)
 
 
+class Rows(NamedTuple):
+    """Rows ``positions`` (``int32[B, P]``, per batch row) along ``axis`` of a tensor whose length
+    along ``axis`` is ``length``: what a computation restricted to some query positions holds."""
+
+    axis: int
+    positions: jax.Array
+    length: int
+
+    def take(self, full: jax.Array) -> jax.Array:
+        """The rows of ``full: [B, ..., length, ...]`` (``length`` at ``axis``)."""
+        shape = [1] * full.ndim
+        shape[0], shape[self.axis] = self.positions.shape
+        return jnp.take_along_axis(full, self.positions.reshape(shape), axis=self.axis)
+
+
 class Dropout(nnx.Dropout):
     """``nnx.Dropout`` whose keep mask comes from 16-bit random numbers
     (:func:`gemsjax.random_bits.bernoulli16`, a quarter of a Threefry block per element instead of
@@ -83,10 +98,14 @@ class Dropout(nnx.Dropout):
     took about a sixth of a dropout-0.1 DNABERT-6 train step on CPU."""
 
     def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
+                 rngs: nnx.Rngs | None = None, rows: Rows | None = None) -> jax.Array:
         """``inputs`` with each element zeroed with probability ``rate`` and the rest scaled by
         ``1 / (1 - rate)``; unchanged when deterministic or ``rate == 0``. ``rngs`` as in
-        ``nnx.Dropout`` (an ``nnx.Rngs`` with a ``dropout`` stream, a stream or a key)."""
+        ``nnx.Dropout`` (an ``nnx.Rngs`` with a ``dropout`` stream, a stream or a key).
+
+        ``rows``: ``inputs`` holds only some rows of a full tensor (see :class:`Rows`); the keep
+        mask is drawn for the full tensor and its rows are used, so the rows are dropped exactly
+        as they would be in the full computation."""
         deterministic = self.deterministic if deterministic is None else deterministic
         if self.rate == 0.0 or deterministic:
             return inputs
@@ -98,7 +117,11 @@ class Dropout(nnx.Dropout):
                              "rngs=nnx.Rngs(dropout=key) to the model call")
         key = rngs[self.rng_collection]() if isinstance(rngs, nnx.Rngs) else (
             rngs() if isinstance(rngs, nnx.RngStream) else rngs)
-        keep = random_bits.bernoulli16(key, 1.0 - self.rate, inputs.shape)
+        if rows is None:
+            keep = random_bits.bernoulli16(key, 1.0 - self.rate, inputs.shape)
+        else:
+            full = inputs.shape[:rows.axis] + (rows.length,) + inputs.shape[rows.axis + 1:]
+            keep = rows.take(random_bits.bernoulli16(key, 1.0 - self.rate, full))
         return jnp.where(keep, inputs / (1.0 - self.rate), jnp.zeros((), inputs.dtype))
 
 
@@ -165,8 +188,8 @@ def masked_mean(hidden: jax.Array, attention: jax.Array) -> jax.Array:
     return total / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, dropout: nnx.Dropout,
-           rngs: nnx.Rngs | None) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, dropout: Dropout,
+           rngs: nnx.Rngs | None, query_rows: Rows | None = None) -> jax.Array:
     """Bidirectional scaled dot-product attention over heads.
 
     Two einsums around a float32 softmax: ``jax.nn.dot_product_attention`` (its XLA path) computes
@@ -180,6 +203,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, dropou
       key_mask: ``bool[B, L]``, True where a position may be attended to (as a key).
       dropout: dropout on the attention probabilities (a no-op when deterministic or rate 0).
       rngs: dropout key source (only read when dropout is on).
+      query_rows: the queries are these rows (axis 1) of the full sequence; the probability
+        dropout then drops what it would drop at those rows of the full computation.
     Returns:
       ``float[B, L, N, D]`` in ``v``'s dtype.
     """
@@ -189,7 +214,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, dropou
     scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(q.shape[-1])
     scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-    probs = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), rngs=rngs)
+    rows = None if query_rows is None else query_rows._replace(axis=2)
+    probs = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), rngs=rngs, rows=rows)
     return jnp.einsum("bnqk,bknd->bqnd", probs, v)
 
 
@@ -290,12 +316,15 @@ class SelfAttention(nnx.Module):
         self.out = dense(h, h, (FSDP_AXIS, None), **kw)
         self.prob_dropout = dropout_layer(config.attn_dropout)
 
-    def __call__(self, x: jax.Array, key_mask: jax.Array, rngs: nnx.Rngs | None = None):
-        """``x: float[B, L, H]``, ``key_mask: bool[B, L]`` -> ``float[B, L, H]``."""
+    def __call__(self, x: jax.Array, key_mask: jax.Array, rngs: nnx.Rngs | None = None,
+                 query_rows: Rows | None = None):
+        """``x: float[B, L, H]``, ``key_mask: bool[B, L]`` -> ``float[B, L, H]``, or
+        ``float[B, P, H]`` for the query rows ``query_rows`` only (keys and values: all of x)."""
         split = lambda t: t.reshape(*t.shape[:-1], self.heads, -1)
-        ctx = attend(split(self.query(x)), split(self.key(x)), split(self.value(x)), key_mask,
-                     self.prob_dropout, rngs)
-        return self.out(ctx.reshape(x.shape[:-1] + (-1,)))
+        xq = x if query_rows is None else query_rows.take(x)
+        ctx = attend(split(self.query(xq)), split(self.key(x)), split(self.value(x)), key_mask,
+                     self.prob_dropout, rngs, query_rows)
+        return self.out(ctx.reshape(xq.shape[:-1] + (-1,)))
 
 
 class TransformerBlock(nnx.Module):
@@ -311,12 +340,18 @@ class TransformerBlock(nnx.Module):
         self.ffn_dropout = dropout_layer(config.dropout)
         self.ffn_norm = layer_norm(h, config.ln_eps, **kw)
 
-    def __call__(self, x: jax.Array, key_mask: jax.Array, rngs: nnx.Rngs | None = None):
-        """``x: float[B, L, H]``, ``key_mask: bool[B, L]`` -> ``float[B, L, H]``."""
-        attn = self.attention_dropout(self.attention(x, key_mask, rngs), rngs=rngs)
-        h = self.attention_norm(x + attn)
-        ffn = self.ffn_dropout(self.ffn_out(gelu(self.ffn_in(h))), rngs=rngs)
-        return self.ffn_norm(h + ffn)
+    def __call__(self, x: jax.Array, key_mask: jax.Array, rngs: nnx.Rngs | None = None,
+                 query_rows: Rows | None = None):
+        """``x: float[B, L, H]``, ``key_mask: bool[B, L]`` -> ``float[B, L, H]``.
+
+        With ``query_rows`` (axis 1): the block's output at those rows only, ``float[B, P, H]``
+        (queries, residual stream and feed-forward at ``P`` positions; keys and values from all
+        ``L``), equal to the rows of the full output, dropout included."""
+        xq = x if query_rows is None else query_rows.take(x)
+        attn = self.attention(x, key_mask, rngs, query_rows)
+        h = self.attention_norm(xq + self.attention_dropout(attn, rngs=rngs, rows=query_rows))
+        ffn = self.ffn_out(gelu(self.ffn_in(h)))
+        return self.ffn_norm(h + self.ffn_dropout(ffn, rngs=rngs, rows=query_rows))
 
 
 class TransformerStack(nnx.Module):
@@ -328,12 +363,17 @@ class TransformerStack(nnx.Module):
             for _ in range(config.layers)
         ])
 
-    def __call__(self, x: jax.Array, key_mask: jax.Array, rngs: nnx.Rngs | None = None):
-        """``x: float[B, L, H]``, ``key_mask: bool[B, L]`` -> ``float[B, L, H]``."""
+    def __call__(self, x: jax.Array, key_mask: jax.Array, rngs: nnx.Rngs | None = None,
+                 positions: jax.Array | None = None):
+        """``x: float[B, L, H]``, ``key_mask: bool[B, L]`` -> ``float[B, L, H]``, or
+        ``float[B, P, H]`` at ``positions: int32[B, P]``: the last block then computes only
+        those rows (what an output head at ``positions`` needs)."""
         check_mesh()
-        for block in self.blocks:
+        *blocks, last = self.blocks
+        for block in blocks:
             x = block(x, key_mask, rngs)
-        return x
+        rows = None if positions is None else Rows(1, positions, x.shape[1])
+        return last(x, key_mask, rngs, rows)
 
 
 class Embeddings(nnx.Module):
@@ -367,8 +407,9 @@ class BertModel(nnx.Module):
 
     def __call__(self, ids: jax.Array, attention: jax.Array, *,
                  position_ids: jax.Array | None = None, token_type_ids: jax.Array | None = None,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
-        """Last hidden layer ``float[B, L, H]`` (compute dtype).
+                 rngs: nnx.Rngs | None = None, positions: jax.Array | None = None) -> jax.Array:
+        """Last hidden layer ``float[B, L, H]`` (compute dtype), or ``float[B, P, H]`` at
+        ``positions`` (the last layer then runs only there; see :class:`TransformerStack`).
 
         Args:
           ids: ``int32[B, L]`` token ids.
@@ -376,13 +417,14 @@ class BertModel(nnx.Module):
           position_ids: ``int32[B, L]``; defaults to ``0..L-1`` in every row.
           token_type_ids: ``int32[B, L]``; defaults to 0.
           rngs: dropout keys (``nnx.Rngs(dropout=key)``) when dropout is switched on.
+          positions: ``int32[B, P]`` rows wanted from the last layer (None: all).
         """
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(ids)
         x = self.embeddings(self.word_embeddings(ids), position_ids, token_type_ids, rngs)
-        return self.stack(x, attention != 0, rngs)
+        return self.stack(x, attention != 0, rngs, positions)
 
 
 class MlmHead(nnx.Module):
@@ -416,11 +458,10 @@ class BertForMaskedLM(nnx.Module):
                  position_ids: jax.Array | None = None, token_type_ids: jax.Array | None = None,
                  rngs: nnx.Rngs | None = None) -> jax.Array:
         """MLM logits ``float32[B, L, V]``, or ``float32[B, P, V]`` at ``positions: int32[B, P]``
-        (the head then runs only there). Other arguments as in :meth:`BertModel.__call__`."""
+        (the head and the encoder's last layer then run only there; equal to the full logits
+        at those positions). Other arguments as in :meth:`BertModel.__call__`."""
         hidden = self.encoder(ids, attention, position_ids=position_ids,
-                              token_type_ids=token_type_ids, rngs=rngs)
-        if positions is not None:
-            hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+                              token_type_ids=token_type_ids, rngs=rngs, positions=positions)
         return self.head(hidden, self.encoder.word_embeddings.embedding[...])
 
 

@@ -185,19 +185,18 @@ def masked_head_loss_sums(model: nnx.Module, batch: dict, attention: jax.Array,
                           dropout_key: jax.Array | None, slots: int) -> dict:
     """:func:`loss_sums` of a ``BertForMaskedLM`` whose head runs on the masked tokens only.
 
-    The encoder runs on the whole batch; each row's masked positions fill its ``slots``
-    (in position order; unused slots weigh 0) and the head runs on those (rows stay where they
-    are, so this shards like the batch). Exact only where :func:`head_fits`; callers choose
+    Each row's masked positions fill its ``slots`` (in position order; unused slots weigh 0);
+    the head and the encoder's last layer (queries, residual stream, feed-forward) run on those,
+    the rest of the encoder on the whole batch (rows stay where they are, so this shards like
+    the batch). Exact only where :func:`head_fits`; callers choose
     between this and the full head with a ``lax.cond`` on it.
     """
     rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
-    hidden = model.encoder(batch["inputs"], attention, rngs=rngs)
-    table = model.encoder.word_embeddings.embedding[...]
     masked = batch["weights"] != 0
     positions = jax.vmap(lambda row: jnp.nonzero(row, size=slots, fill_value=0)[0])(masked)
     used = jnp.arange(slots) < masked.sum(axis=1, keepdims=True)
+    logits = model(batch["inputs"], attention, positions=positions, rngs=rngs)
     pick = functools.partial(jnp.take_along_axis, indices=positions, axis=1)
-    logits = model.head(pick(hidden, indices=positions[..., None]), table)
     return loss_sums(logits, pick(batch["targets"]),
                      jnp.where(used, pick(batch["weights"]), 0.0))
 
