@@ -109,7 +109,7 @@ def pretraining_config(recipe: str, arg: str | None = None) -> ml_collections.Co
         keep_checkpoints=3,
         mesh_data=-1,                   # -1: all devices not used by fsdp
         mesh_fsdp=1,
-        head_fraction=0.0 if barcode else 0.375,  # MLM head on masked tokens only (0: off)
+        head_fraction=0.0 if barcode else 0.375,  # head + last layer on masked tokens (0: off)
     ))
     if not barcode:
         c.optimizer.warmup_steps = 15

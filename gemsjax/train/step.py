@@ -68,11 +68,14 @@ class Task:
         padding are dropped with the masked tokens (they are never targets), which keeps the
         bound exact, and the decoder sees them as mask-vector slots.
       head_fraction: MLM with ``loss_on="masked"`` only: run the output head (dense, LayerNorm,
-        the ``V``-way tied decoder, softmax) on the masked tokens only, gathered per row into
-        ``ceil(head_fraction * L)`` slots; when a row has more masked tokens the head runs on
-        every position instead, so the loss, accuracy and gradients are the same either way
-        (0.375 suits the ~15% masking of the MLM recipes: rows past 37.5% are vanishingly rare
-        at L = 512). ``None``: the head runs on every position.
+        the ``V``-way tied decoder, softmax) and the encoder's last layer (its queries, residual
+        stream and feed-forward; keys and values still cover every position) on the masked
+        tokens only, gathered per row into ``ceil(head_fraction * L)`` slots; when a row has
+        more masked tokens everything runs on every position instead, so the loss, accuracy and
+        gradients are the same either way, dropout included. 0.375 suits the ~15% masking of
+        the MLM recipes: over 9,500 rows of chr22 at L = 512 the most masked tokens in a row
+        were 162 (GeneMask), 149 (random spans) and 145 (Global-PMI), against 192 slots.
+        ``None``: every position.
     """
 
     kind: str
