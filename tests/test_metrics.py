@@ -28,9 +28,12 @@ def test_bert_flops_match_hand_calculation():
         metrics.bert_train_flops_per_token(logo.layers, logo.hidden, logo.ffn, logo.vocab_size, 512)
         == 31_858_176
     )
-    # The MLM head on 80 of 512 positions saves 3 x 432 x (2d^2 + 2dV) FLOPs.
+    # The MLM head and the last layer's queries on 80 of 512 positions save 3 x 432 x
+    # (2d^2 + 2dV) in the head and 3 x 432 x (4d^2 + 4df + 4Sd) in the last layer (Q, output
+    # projection, FFN, attention; K and V still cover all 512 positions).
     saved = metrics.bert_train_flops(*args) - metrics.bert_train_flops(*args, head_len=80)
-    assert saved == 3 * 432 * (2 * 768**2 + 2 * 768 * 4101)
+    assert saved == 3 * 432 * (2 * 768**2 + 2 * 768 * 4101
+                               + 4 * 768**2 + 4 * 768 * 3072 + 4 * 512 * 768)
 
 
 def test_mae_flops_match_reference_estimate():

@@ -27,7 +27,7 @@ from gemsjax import masking, pmi
 from gemsjax.data import pipelines, samples
 from gemsjax.models import registry
 from gemsjax.train import checkpoint, metrics, optim, sharding
-from gemsjax.train.step import Task, TrainState, make_eval_step, make_train_step
+from gemsjax.train.step import Task, TrainState, head_slots, make_eval_step, make_train_step
 from gemsjax.vocab import get_vocab
 
 _log = logging.getLogger(__name__)
@@ -94,8 +94,9 @@ def _flops_per_step(model_cfg, task: Task, batch: int, seq_len: int) -> float:
         return batch * metrics.mae_train_flops(
             model_cfg.layers, model_cfg.hidden, model_cfg.ffn, model_cfg.decoder_layers,
             model_cfg.num_classes, seq_len, task.num_visible)
+    head_len = None if task.head_fraction is None else head_slots(task, seq_len)
     return batch * metrics.bert_train_flops(model_cfg.layers, model_cfg.hidden, model_cfg.ffn,
-                                            model_cfg.vocab_size, seq_len)
+                                            model_cfg.vocab_size, seq_len, head_len)
 
 
 def _scalar_metrics(device_metrics: dict) -> dict:

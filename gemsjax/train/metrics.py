@@ -19,12 +19,15 @@ A transformer block over ``T`` query tokens attending to ``K`` keys, width ``d``
     forward = T * (8 d^2 + 4 d f)      # Q, K, V, output projections; FFN in and out
             + 4 T K d                  # scores Q K^T and context A V
 
-BERT MLM per sequence (``S`` tokens, head on ``P`` positions, default ``P = S``)::
+BERT MLM per sequence (``S`` tokens; head on ``P`` positions, default ``P = S``)::
 
     train = 3 * [ layers * (S (8 d^2 + 4 d f) + 4 S^2 d) + P (2 d^2 + 2 d V) ]
 
 (head = dense ``d x d`` + the tied unembedding ``d x V``; embedding lookups cost nothing). This
-equals MaxText's count and the ``6 N + 12 L d S`` per-token rule with N = matmul weights.
+equals MaxText's count and the ``6 N + 12 L d S`` per-token rule with N = matmul weights. When
+the step runs the head on ``P < S`` masked slots (``Task.head_fraction``) the last layer runs its
+queries there too, and the count is what the step computes: that layer costs
+``P (4 d^2 + 4 d f) + S 4 d^2 + 4 P S d`` (Q, output projection and FFN on P; K, V on S).
 """
 
 from __future__ import annotations
@@ -78,11 +81,13 @@ def transformer_forward_flops(layers: int, hidden: int, ffn: int, tokens: int, k
 def bert_train_flops(
     layers: int, hidden: int, ffn: int, vocab: int, seq_len: int, head_len: int | None = None
 ) -> float:
-    """Training FLOPs per sequence of a BERT MLM (module docstring); the MLM head runs on
-    ``head_len`` positions (default all ``seq_len``)."""
-    head = seq_len if head_len is None else head_len
-    encoder = transformer_forward_flops(layers, hidden, ffn, seq_len, seq_len)
-    return 3.0 * (encoder + head * (2 * hidden * hidden + 2 * hidden * vocab))
+    """Training FLOPs per sequence of a BERT MLM (module docstring); the MLM head and the last
+    layer's queries run on ``head_len`` positions (default all ``seq_len``)."""
+    d, s = hidden, seq_len
+    head = s if head_len is None else head_len
+    encoder = transformer_forward_flops(layers - 1, d, ffn, s, s)
+    last = head * (4 * d * d + 4 * d * ffn) + s * 4 * d * d + 4 * head * s * d
+    return 3.0 * (encoder + last + head * (2 * d * d + 2 * d * vocab))
 
 
 def bert_train_flops_per_token(
