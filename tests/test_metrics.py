@@ -178,9 +178,12 @@ def test_writer_jsonl_tensorboard_console(tmp_path):
     buffer = metrics.MetricsBuffer()
     for step in range(4):
         writer.write(buffer.push(step, {"loss": jnp.float32(4.0 - step), "lr": jnp.float32(1e-3)}))
+        if step == 0:  # a validation off the console cadence is still shown
+            writer.write(metrics.StepMetrics(0, {"val_loss": 5.0}, None))
     writer.write(buffer.flush())
     writer.close()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines.pop(0) == {"step": 0, "val_loss": 5.0}
     assert [r["step"] for r in lines] == [0, 1, 2, 3]
     assert [r["loss"] for r in lines] == [4.0, 3.0, 2.0, 1.0]
     assert "perf/step_time_seconds" not in lines[0]  # first step's duration is unknown
@@ -191,7 +194,8 @@ def test_writer_jsonl_tensorboard_console(tmp_path):
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1 and b"perf/mfu" in events[0].read_bytes()
     shown = console.getvalue().splitlines()
-    assert [s.split(" | ")[0] for s in shown] == ["step 2/4", "step 4/4"]
+    assert [s.split(" | ")[0] for s in shown] == ["step 1/4", "step 2/4", "step 4/4"]
+    assert shown[0] == "step 1/4 | val loss 5.0000"
     assert shown[-1].endswith("ETA 0:00:00") and "loss 1.0000" in shown[-1]
 
 

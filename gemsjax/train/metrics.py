@@ -317,7 +317,8 @@ class MetricsWriter:
         for key, value in values.items():
             self._tb.add_scalar(key, value, metrics.step)
         last = metrics.step + 1 >= self.total_steps
-        if (metrics.step + 1) % self._console_every == 0 or last:
+        validation = any(key.startswith("val_") for key in values)
+        if (metrics.step + 1) % self._console_every == 0 or last or validation:
             eta = None
             if self._durations:
                 eta = np.mean(self._durations) * max(self.total_steps - metrics.step - 1, 0)
