@@ -172,6 +172,8 @@ def _gelu_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _gelu_bwd(x: jax.Array, d_out: jax.Array) -> tuple[jax.Array]:
+    # Phi(x) as 1 - Phi(-x): written like the forward's erf(x / sqrt 2), XLA shares that erf
+    # between the passes and stores it, one more [tokens, ffn] pass and array in the forward.
     cdf = 0.5 - 0.5 * jax.lax.erf(x * (-1.0 / math.sqrt(2.0)))
     pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
     return (d_out * (cdf + x * pdf).astype(d_out.dtype),)
@@ -206,7 +208,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, dropou
       query_rows: the queries are these rows (axis 1) of the full sequence; the probability
         dropout then drops what it would drop at those rows of the full computation.
     Returns:
-      ``float[B, L, N, D]`` in ``v``'s dtype.
+      ``float[B, Lq, N, D]`` in ``v``'s dtype.
     """
     no_dropout = dropout.rate == 0.0 or dropout.deterministic
     if no_dropout and jax.default_backend() == "cpu":
