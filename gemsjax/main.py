@@ -6,6 +6,9 @@ Modes:
   folder ``runs/<recipe>-<date>-<time>``); running the same command again resumes it.
 - ``pmi``: write a PMI rank table for FASTA files (``--config=configs/pmi.py``).
 - ``data``: build the input pipeline and print a summary of one batch.
+- ``export``: write a trained run as a Hugging Face transformers folder
+  (``--config=configs/export.py --config.init=<run folder>``; default ``--workdir``:
+  ``<run folder>/hf``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "pmi", "data")
+MODES = ("train", "pmi", "data", "export")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with :presets).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<recipe>-<time>.")
@@ -77,6 +80,16 @@ def run_data(config) -> dict:
                 distinct_ids=int(np.unique(ids).size), first_sequence=first[:60] + "...")
 
 
+def run_export(config, workdir: pathlib.Path | None) -> dict:
+    """Export the run ``config.init`` (a checkpoint step: ``config.step``, -1 the newest)."""
+    from gemsjax.errors import UserError
+    from gemsjax.interop import hf
+
+    if not config.init:
+        raise UserError("--mode=export needs --config.init=<run folder or checkpoint step folder>")
+    return hf.export_run(config.init, workdir, step=None if config.step < 0 else config.step)
+
+
 def _load_config_file(spec: str):
     """``path[:arg]`` -> the config its ``get_config(arg)`` returns."""
     import importlib.util
@@ -113,12 +126,15 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:  # Orbax / XLA info lines drown the progress line
         logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
-    workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(config)
-    if _MODE.value == "pmi":
-        summary = run_pmi(config, workdir)
+    workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else None
+    if _MODE.value == "export":
+        summary = run_export(config, workdir)
+    elif _MODE.value == "pmi":
+        summary = run_pmi(config, workdir or default_workdir(config))
     elif _MODE.value == "data":
         summary = run_data(config)
     else:
+        workdir = workdir or default_workdir(config)
         from gemsjax.train.loop import train_and_evaluate
 
         summary = train_and_evaluate(config, workdir)

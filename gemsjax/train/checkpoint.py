@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import platform
 import signal
 import threading
@@ -36,6 +37,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 ITEMS = ("state", "data_iter", "rank_table", "meta")
 _VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "gemsjax")
@@ -227,6 +229,32 @@ def restore_latest(
             f"no checkpoint in {manager.directory} could be restored:\n" + "\n".join(errors)
         )
     return None
+
+
+def read_params(step_dir: str | os.PathLike) -> Any:
+    """The model parameters of one checkpoint step directory (``<run>/checkpoints/<step>``) as
+    nested dicts of host numpy arrays, without building the model or the optimizer (the rest of
+    the train state is not read). Raises FileNotFoundError when the step has no ``state`` item."""
+    path = epath.Path(step_dir) / "state"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; expected a checkpoint step directory")
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        item = {"params": handler.metadata(path).tree["params"]}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        restored = handler.restore(path, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
+    finally:
+        handler.close()
+    return restored["params"]
+
+
+def read_meta(step_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``meta`` item (:func:`run_metadata`) of a checkpoint step directory, or None."""
+    path = epath.Path(step_dir) / "meta"
+    if not path.exists():
+        return None
+    return ocp.JsonCheckpointHandler().restore(path, args=ocp.args.JsonRestore())
 
 
 def close(manager: ocp.CheckpointManager) -> None:
