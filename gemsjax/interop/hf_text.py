@@ -95,6 +95,7 @@ def _usage(vocab: Vocab, architecture: str) -> str:
             "BertForSequenceClassification": "AutoModelForSequenceClassification"}.get(
         architecture, "AutoModel")
     stride = "1" if vocab.name == "dnabert" else str(k)
+    clean = "s.upper()" if vocab.name == "dnabert" else 's.upper().replace("-", "")'
     return (
         "```python\n"
         f"from transformers import AutoTokenizer, {auto}\n\n"
@@ -102,10 +103,13 @@ def _usage(vocab: Vocab, architecture: str) -> str:
         f"model = {auto}.from_pretrained(folder)\n"
         f"kmers = lambda seq: \" \".join(seq[i:i + {k}] for i in range(0, len(seq) - {k - 1}, "
         f"{stride}))\n"
-        "batch = tokenizer([kmers(s.upper()) for s in sequences], padding=True, "
+        f"batch = tokenizer([kmers({clean}) for s in sequences], padding=True, "
         "return_tensors=\"pt\")\n"
         "out = model(**batch)\n"
-        "```\n")
+        "```\n\n"
+        + ("" if architecture == "BertForSequenceClassification" else
+           "For hidden states, `AutoModel.from_pretrained(folder, add_pooling_layer=False)`: "
+           "gemsjax pretraining has no pooler (transformers would initialize one at random).\n"))
 
 
 def model_card(vocab: Vocab, architecture: str, facts: Mapping[str, Any]) -> str:
