@@ -323,6 +323,31 @@ def test_pytorch_model_bin_is_read_with_weights_only(tmp_path, chr22):
         hf.load_into(ours, legacy, SMALL)
 
 
+def test_sharded_safetensors_and_tf_layer_norm_names_are_read(tmp_path, chr22):
+    """A folder saved in shards (model.safetensors.index.json) and one whose LayerNorm tensors
+    carry the TF-era names gamma/beta load the same weights."""
+    from safetensors.numpy import load_file, save_file
+
+    theirs = _torch_perturbed(transformers.BertForMaskedLM(_hf_config(SMALL, DNABERT)), 10)
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="300KB")
+    assert (tmp_path / "sharded" / hf.WEIGHTS_INDEX).is_file()
+    ids, attention = _dnabert_batch(chr22)
+    sharded = BertForMaskedLM(SMALL, rngs=nnx.Rngs(0))
+    hf.load_into(sharded, tmp_path / "sharded", SMALL)
+    _same_logits(sharded, theirs, ids, attention)
+
+    theirs.save_pretrained(tmp_path / "tf")
+    tensors = load_file(tmp_path / "tf" / hf.WEIGHTS)
+    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias",
+                                                                        "LayerNorm.beta"): v
+               for k, v in tensors.items()}
+    assert sum(k.endswith("gamma") for k in renamed) == 1 + 2 * SMALL.layers + 1
+    save_file(renamed, tmp_path / "tf" / hf.WEIGHTS, metadata={"format": "pt"})
+    tf_names = BertForMaskedLM(SMALL, rngs=nnx.Rngs(0))
+    hf.load_into(tf_names, tmp_path / "tf", SMALL)
+    _same_logits(tf_names, theirs, ids, attention)
+
+
 class _Opaque:
     """An object only an unrestricted unpickler rebuilds."""
 
