@@ -160,8 +160,12 @@ class Target:
 def flat_params(tree: Any) -> dict[str, np.ndarray]:
     """A parameter tree (``nnx.state(model, nnx.Param)``, or the nested dicts a checkpoint
     restores) as host arrays keyed by path, e.g. ``"encoder/stack/blocks/0/ffn_in/kernel"``."""
-    return {_path_name(path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+    return {name: np.asarray(leaf) for name, leaf in named_leaves(jax.device_get(tree)).items()}
+
+
+def named_leaves(tree: Any) -> dict[str, Any]:
+    """The leaves of a parameter tree keyed by path, as they are (no copy to the host)."""
+    return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _path_name(path) -> str:
@@ -493,7 +497,7 @@ def _differences(hf: HfFolder, config: BertConfig) -> list[str]:
     return out
 
 
-def _head_entries(hf: HfFolder, target: Target, flat: Mapping[str, np.ndarray]) -> list[Entry]:
+def _head_entries(hf: HfFolder, target: Target, flat: Mapping[str, Any]) -> list[Entry]:
     """The entries the head of ``target`` is read from; raises UserError when the folder has no
     such head."""
     arch = hf.architecture
@@ -548,7 +552,7 @@ def load_params(folder: str | os.PathLike | HfFolder, params: Any, config: BertC
     if differences:
         raise UserError(f"the transformers model in {hf.path} does not fit this gemsjax model: "
                         + "; ".join(differences))
-    flat = flat_params(params)
+    flat = named_leaves(params)
     target = target_of(flat)
     entries = encoder_entries(target.layers, target.ours, hf.prefix)
     if not encoder_only and target.kind != "encoder":
