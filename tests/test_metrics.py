@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gemsjax.models import get_model_config
+from gemsjax.models.registry import get_model_config
 from gemsjax.train import metrics
 
 

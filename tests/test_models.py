@@ -13,16 +13,9 @@ from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from gemsjax.models import (
-    BertClassifier,
-    build_model,
-    compact_visible,
-    expand_visible,
-    get_model_config,
-    masked_mean,
-    param_count,
-)
-from gemsjax.models.bert import Dropout, attend, dropout_layer
+from gemsjax.models.bert import BertClassifier, Dropout, attend, dropout_layer, masked_mean
+from gemsjax.models.mae import compact_visible, expand_visible
+from gemsjax.models.registry import build_model, get_model_config, param_count
 from gemsjax.vocab import get_vocab
 
 BARCODE_LEN = 660  # BarcodeMAE pads / truncates barcodes to 660 nt = 110 non-overlapping 6-mers

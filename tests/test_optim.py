@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from gemsjax.models import build_model, get_model_config
+from gemsjax.models.registry import build_model, get_model_config
 from gemsjax.train import optim
 
 

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gemsjax.models import build_model, get_model_config
+from gemsjax.models.registry import build_model, get_model_config
 from gemsjax.train import optim, sharding
 
 

@@ -19,8 +19,9 @@ Conventions shared by every module here:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,74 @@ from flax import nnx
 
 from gemsjax import random_bits
 
-if TYPE_CHECKING:
-    from gemsjax.models.registry import BertConfig
+ARCHS = ("mlm", "mae", "mae_baseline")
+"""``mlm``: BERT encoder + tied MLM head. ``mae``: BarcodeMAE (encoder on visible tokens only).
+``mae_baseline``: the same encoder-decoder with ``[MASK]`` tokens fed to the encoder."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Sizes of a BERT encoder (and, for the MAE archs, its decoder).
+
+    Attributes:
+      vocab_size: number of token ids.
+      hidden: model width; ``heads`` must divide it.
+      layers: number of transformer blocks.
+      heads: attention heads.
+      ffn: width of the feed-forward inner layer.
+      max_positions: size of the learned absolute position table.
+      type_vocab: number of token types (segment ids).
+      dropout: hidden dropout rate (embeddings, residual branches, heads).
+      attn_dropout: dropout rate on the attention probabilities.
+      ln_eps: LayerNorm epsilon.
+      arch: one of :data:`ARCHS`.
+      decoder_layers: MAE decoder blocks (MAE archs only; width and FFN as the encoder).
+      decoder_heads: MAE decoder attention heads (MAE archs only).
+      num_classes: MAE output classes (the 4^k k-mers; target = token id - number of specials).
+    """
+
+    vocab_size: int
+    hidden: int
+    layers: int
+    heads: int
+    ffn: int
+    max_positions: int = 512
+    type_vocab: int = 2
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    ln_eps: float = 1e-12
+    arch: str = "mlm"
+    decoder_layers: int = 0
+    decoder_heads: int = 0
+    num_classes: int = 0
+
+    def __post_init__(self):
+        for key in ("vocab_size", "hidden", "layers", "heads", "ffn", "max_positions",
+                    "type_vocab"):
+            _require(key, getattr(self, key) >= 1, "must be a positive integer")
+        _require("hidden", self.hidden % self.heads == 0,
+                 f"must be divisible by heads={self.heads}")
+        for key in ("dropout", "attn_dropout"):
+            _require(key, 0.0 <= getattr(self, key) < 1.0, "must be in [0, 1)")
+        _require("ln_eps", self.ln_eps > 0, "must be positive")
+        _require("arch", self.arch in ARCHS, f"must be one of {ARCHS}")
+        if self.arch != "mlm":
+            for key in ("decoder_layers", "decoder_heads", "num_classes"):
+                _require(key, getattr(self, key) >= 1, f"must be positive for arch={self.arch!r}")
+            _require("hidden", self.hidden % self.decoder_heads == 0,
+                     f"must be divisible by decoder_heads={self.decoder_heads}")
+
+    def decoder(self) -> BertConfig:
+        """The MAE decoder stack's own config: same width and FFN, its own depth and heads."""
+        return dataclasses.replace(self, arch="mlm", layers=self.decoder_layers,
+                                   heads=self.decoder_heads, decoder_layers=0, decoder_heads=0,
+                                   num_classes=0)
+
+
+def _require(key: str, ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(f"model config key {key!r} {what}")
+
 
 FSDP_AXIS = "fsdp"
 """Mesh axis over which annotated parameters are sharded (the mesh is ``("data", "fsdp")``)."""

@@ -19,14 +19,13 @@ After pretraining only the encoder is kept; :meth:`BarcodeMAE.encode` runs it al
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from gemsjax.models.bert import (
     FSDP_AXIS,
+    BertConfig,
     BertModel,
     Dtype,
     Embeddings,
@@ -35,9 +34,6 @@ from gemsjax.models.bert import (
     dropout_layer,
 )
 from gemsjax.vocab import get_vocab
-
-if TYPE_CHECKING:
-    from gemsjax.models.registry import BertConfig
 
 _VOCAB = get_vocab("barcodebert", 6)
 UNK_ID = _VOCAB.unk_id
