@@ -24,7 +24,9 @@ TIMEOUT = 300
 
 
 def config(recipe: str, *presets: str):
-    return config_lib.pretraining_config(recipe, ",".join(("smoke",) + presets))
+    """``configs/<recipe>.py`` with the smoke preset and ``presets``, validated."""
+    return config_lib.load(f"{recipe}:" + ",".join(("smoke",) + presets))
+
 
 def env(jax_cache: pathlib.Path) -> dict[str, str]:
     """The subprocess environment: 1 CPU device, the module's compilation cache."""
