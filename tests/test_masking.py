@@ -325,11 +325,11 @@ def test_make_mask_switch_and_per_example(chr22, ranks):
     direct = [np.asarray(f(KEY, ids, special, ranks))
               for f in masking.strategy_functions(params)]
     for index, expected in enumerate(direct):
-        np.testing.assert_array_equal(np.asarray(make(KEY, index, ids, special, ranks)),
-                                      expected)
+        np.testing.assert_array_equal(
+            np.asarray(make(KEY, index, ids, special, ranks, params)), expected)
     assert make._cache_size() == 1  # the strategy index is traced: no recompilation
     per_row = np.arange(64) % len(masking.STRATEGIES)
-    got = np.asarray(make(KEY, per_row, ids, special, ranks))
+    got = np.asarray(make(KEY, per_row, ids, special, ranks, params))
     for row, index in enumerate(per_row):
         np.testing.assert_array_equal(got[row], direct[index][row])
     only = np.asarray(make(KEY, per_row, ids, special, ranks, params, (1, 2)))
