@@ -8,7 +8,7 @@ fixes the key set of each data kind; a recipe sets values and never adds keys, s
 
 Presets (``--config=configs/cm_gems.py:paper,train.steps=20``; comma-separated, applied in order):
 
-- the config file's own (``PRESETS``): every recipe has ``paper`` and ``smoke``;
+- the config file's own (``PRESETS``): every config has ``smoke``, every training recipe ``paper``;
 - a model size from :data:`gemsjax.models.sizes.SIZES` (``logo``, ``dnabert6``, ...);
 - ``key=value``: a dotted key and a Python literal (``train.steps=200``, ``data.fasta=a.fa.gz``).
 

@@ -45,7 +45,7 @@ def help_text() -> str:
     lines += ["", f"recipes ({config_lib.CONFIGS_DIR.name}/<recipe>.py) and their presets:"]
     for name in config_lib.recipes():
         module = config_lib.load_module(config_lib.CONFIGS_DIR / f"{name}.py")
-        summary = " ".join(module.__doc__.split("\n\n")[0].split())
+        summary = " ".join(module.__doc__.split("\n\n")[0].replace("``", "").split())
         lines += textwrap.wrap(summary, 96, initial_indent=f"  {name:<15}",
                                subsequent_indent=" " * 17)
         lines.append(" " * 17 + "presets: " + ", ".join(module.PRESETS))

@@ -1,20 +1,16 @@
 """gemsjax.curriculum: CM-GEMS switch, CM-STEP staircase, baselines, per-sequence draws, the
 config dispatcher, tracing, Orbax."""
 
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
+import masking_reference as ref
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from gemsjax import curriculum, masking
 from gemsjax.pmi import load_genemask_ranks
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-import masking_reference as ref  # noqa: E402
 
 RANDOM, GENEMASK, GLOBAL, MAE = (masking.strategy_index(s) for s in masking.STRATEGIES)
 KEY = jax.random.key(7)

@@ -2,11 +2,10 @@
 reference-code quirks, corruption statistics, MAE masks and the run-time strategy switch."""
 
 import gzip
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
+import masking_reference as ref
 import numpy as np
 import pytest
 
@@ -15,9 +14,6 @@ from gemsjax.models.mae import compact_visible
 from gemsjax.pmi import load_genemask_ranks
 from gemsjax.tokenizers import KmerTokenizer
 from gemsjax.vocab import get_vocab
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-import masking_reference as ref  # noqa: E402
 
 VOCAB = get_vocab("dnabert", 6)
 KEY = jax.random.key(20240807)
