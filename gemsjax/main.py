@@ -50,6 +50,7 @@ def help_text() -> str:
                                subsequent_indent=" " * 17)
         lines.append(" " * 17 + "presets: " + ", ".join(module.PRESETS))
     lines += ["",
+              "--config also takes a bare recipe name: --config=cm_gems:smoke.",
               "Presets combine with commas, in order: a preset above, a model size of a training",
               "recipe (:dnabert6, :logo, ...) or key=value (:train.steps=200). Every run checks",
               "all keys and ranges before it starts.",
