@@ -136,3 +136,24 @@ def test_grad_accum_is_the_mean_of_micro_batch_gradients(genome):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert max(float(jnp.abs(a - b).max()) for a, b in zip(
         jax.tree.leaves(first_only), jax.tree.leaves(new_state.params), strict=True)) > 1e-5
+
+
+def test_step_spec_is_built_from_the_keys_each_recipe_offers():
+    """One builder for every recipe: the genome MLM recipes carry their curriculum and masking
+    probabilities, BarcodeBERT masks by mae_drop without a curriculum, BarcodeMAE reads only
+    mae_ratio; the vocabulary follows the data kind."""
+    cm_gems = spec_lib.step_spec(cli_runs.config("cm_gems", "masking.genemask_prob=0.02"))
+    assert (cm_gems.kind, cm_gems.vocab.name, cm_gems.curriculum.name) == (
+        "mlm", "dnabert", "cm_gems")
+    assert cm_gems.masking.genemask_prob == 0.02 and cm_gems.mlm_head_share == 0.375
+    assert cm_gems.head_slots(512) == 192
+    cm_step = spec_lib.step_spec(cli_runs.config("cm_step", "train.mlm_head_share=0"))
+    assert cm_step.curriculum.name == "cm_step" and cm_step.head_slots(512) is None
+    bert = spec_lib.step_spec(cli_runs.config("barcode_bert", "masking.mae_ratio=0.3"))
+    assert (bert.kind, bert.vocab.name, bert.curriculum.name) == ("mlm", "barcodebert", "mae_drop")
+    assert bert.masking.mae_ratio == 0.3 and bert.loss_on == "all"
+    mae = spec_lib.step_spec(cli_runs.config("barcode_mae", "masking.mae_ratio=0.25"))
+    assert (mae.kind, mae.vocab.name, mae.mlm_head_share) == ("mae", "barcodebert", None)
+    assert mae.num_visible(110) == 82  # at most 110 - floor(0.25 * 110 + 0.5) visible
+    table = spec_lib.rank_table(cli_runs.config("barcode_mae"), mae.vocab)
+    assert table.shape == (mae.vocab.size,) and (table == 4**6).all()

@@ -115,9 +115,9 @@ def step_spec(config: ml_collections.ConfigDict) -> StepSpec:
 
     MAE models (``arch`` ``mae*``): ``masking.mae_ratio``. MLM models: the corruption
     (``masking.mask_frac``, ``random_frac``, ``random_low``), ``masking.loss_on``,
-    ``train.mlm_head_share`` (0: off), and for genomes the curriculum (:func:`curriculum.
-    from_config`) and the strategies' probabilities; barcode configs have no curriculum, their
-    MLM masks every batch by ``mae_drop`` (Bernoulli ``mae_ratio``).
+    ``train.mlm_head_share`` (0: off), and for genomes the curriculum
+    (:func:`gemsjax.curriculum.from_config`) and the strategies' probabilities; barcode configs
+    have no curriculum, their MLM masks every batch by ``mae_drop`` (Bernoulli ``mae_ratio``).
     """
     m, train = config.masking, config.train
     common = dict(vocab=run_vocab(config), seed=config.seed, grad_accum=train.grad_accum)
