@@ -101,7 +101,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
     def init() -> TrainState:
         return init_train_state(build(), tx, spec)
 
-    train_graphdef, eval_graphdef = step_graphdefs(nnx.eval_shape(build))
+    abstract_model = nnx.eval_shape(build)
+    train_graphdef, eval_graphdef = step_graphdefs(abstract_model)
     abstract_state = nnx.eval_shape(init)
     state_sh = sharding.state_shardings(abstract_state, mesh)
     repl = sharding.replicated(mesh)
@@ -115,7 +116,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
     if restored is None:
         state = jax.jit(init, out_shardings=state_sh)()
         rank_table = spec_lib.rank_table(config, spec.vocab)
-        say(f"gemsjax: new run in {workdir}")
+        say(f"gemsjax: new run in {workdir}: {config.model.name}, "
+            f"{registry.param_count(abstract_model) / 1e6:.2f}M parameters")
     else:
         state, rank_table = restored.state, restored.rank_table
         say(f"gemsjax: resumed {workdir} at step {restored.step}")
