@@ -21,10 +21,13 @@ import torch
 import transformers
 from flax import nnx
 
+from gemsjax import main
 from gemsjax.data import samples
 from gemsjax.errors import UserError
 from gemsjax.interop import hf
-from gemsjax.models import BarcodeMAE, BertClassifier, BertForMaskedLM, BertModel, registry
+from gemsjax.models import registry
+from gemsjax.models.bert import BertClassifier, BertConfig, BertForMaskedLM, BertModel
+from gemsjax.models.mae import BarcodeMAE
 from gemsjax.tokenizers import KmerTokenizer, sequence_to_kmer_text
 from gemsjax.train import checkpoint
 from gemsjax.vocab import get_vocab
@@ -367,7 +370,7 @@ def saved(tmp_path_factory):
         fields = dict(dataclasses.asdict(SMALL), vocab_size=vocab.size)
         fields.update({k: v for k, v in changes.items() if k in fields})
         extra = {k: v for k, v in changes.items() if k not in fields}
-        config = _hf_config(registry.BertConfig(**fields), vocab, **extra)
+        config = _hf_config(BertConfig(**fields), vocab, **extra)
         model_cls(config).save_pretrained(root / name)
         KmerTokenizer(vocab.k, vocab=vocab.name).write_vocab_txt(root / name / "vocab.txt")
         return root / name
@@ -441,6 +444,16 @@ def test_folder_format_errors(saved, tmp_path):
         hf.export_run(tmp_path)
 
 
+def test_export_mode_argument_errors(tmp_path):
+    with pytest.raises(UserError, match=r"takes --config.init=<run folder or checkpoint>.*"
+                                        r"unknown key\(s\) \['steps'\]"):
+        main.run_export({"init": str(tmp_path), "steps": "3"}, None)
+    with pytest.raises(UserError, match="--mode=export takes --config.init="):
+        main.run_export({}, None)
+    with pytest.raises(UserError, match="--config.step=last: must be a checkpoint step"):
+        main.run_export({"init": str(tmp_path), "step": "last"}, None)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -451,8 +464,8 @@ def test_export_mode_writes_a_trained_run_that_transformers_loads(tmp_path, chr2
     run = tmp_path / "run"
     train = [sys.executable, "-m", "gemsjax.main", "--config=configs/genemask.py:smoke",
              f"--workdir={run}"]
-    export = [sys.executable, "-m", "gemsjax.main", "--mode=export",
-              "--config=configs/export.py", f"--config.init={run}", "--config.step=3"]
+    export = [sys.executable, "-m", "gemsjax.main", "--mode=export", f"--config.init={run}",
+              "--config.step=3"]
     for args in (train, export):
         done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=300)

@@ -66,8 +66,7 @@ from flax import nnx
 import gemsjax
 from gemsjax.errors import UserError
 from gemsjax.interop import hf_text
-from gemsjax.models.bert import INIT_STD
-from gemsjax.models.registry import BertConfig
+from gemsjax.models.bert import INIT_STD, BertConfig
 from gemsjax.vocab import LAYOUTS, Vocab, get_vocab
 
 WEIGHTS = "model.safetensors"
@@ -298,8 +297,9 @@ def export_run(path: str | os.PathLike, out_dir: str | os.PathLike | None = None
     Returns:
       A JSON-able summary: the folder, architecture, step, tokens seen.
     """
-    from gemsjax.models import registry
-    from gemsjax.train import checkpoint
+    import ml_collections
+
+    from gemsjax.train import checkpoint, spec
 
     step_dir = _step_dir(pathlib.Path(path), step)
     meta = checkpoint.read_meta(step_dir)
@@ -307,11 +307,9 @@ def export_run(path: str | os.PathLike, out_dir: str | os.PathLike | None = None
         raise UserError(f"{step_dir} has no run metadata (meta item with the config); it was not "
                         "written by gemsjax training")
     run = meta["config"]
-    dropout = run["model"]["dropout"]
-    overrides = dict(dropout=dropout, attn_dropout=dropout) if dropout >= 0 else {}
-    config = registry.get_model_config(run["model"]["name"], **overrides)
-    barcode = run["data"]["kind"] == "barcode"
-    vocab = get_vocab("barcodebert" if barcode else "dnabert", 6)
+    run_config = ml_collections.ConfigDict(run)
+    config, vocab = spec.model_config(run_config), spec.run_vocab(run_config)
+    barcode = vocab.name == "barcodebert"
     steps = int(step_dir.name)
     tokens = steps * run["data"]["batch_size"] * run["data"]["max_len"]
     data = (run["data"]["tsv"] or "the BOLD COI barcode sample shipped with gemsjax") if barcode \
