@@ -275,6 +275,12 @@ def test_barcodebert_format_folder_imports_its_encoder(tmp_path, bold):
     hf.load_into(encoder, tmp_path / "barcodebert", SMALL_BARCODE)
     _close(encoder(jnp.asarray(ids), jnp.asarray(attention)), expected)
 
+    config, vocab, params = hf.import_encoder(tmp_path / "barcodebert")
+    assert (config.vocab_size, config.layers, config.hidden, vocab) == (4098, 2, 64, BARCODE)
+    built = BertModel(config, rngs=nnx.Rngs(1))
+    nnx.update(built, params)
+    _close(built(jnp.asarray(ids), jnp.asarray(attention)), expected)
+
     mae_config = registry.get_model_config("test_mae")
     mae = BarcodeMAE(mae_config, rngs=nnx.Rngs(0))
     decoder_before = hf.flat_params(nnx.state(mae.decoder, nnx.Param))

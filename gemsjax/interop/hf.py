@@ -584,3 +584,17 @@ def load_into(model: nnx.Module, folder: str | os.PathLike | HfFolder, config: B
     folder's; see :func:`load_params`."""
     nnx.update(model, load_params(folder, nnx.state(model, nnx.Param), config,
                                   encoder_only=encoder_only))
+
+
+def import_encoder(folder: str | os.PathLike) -> tuple[BertConfig, Vocab | None, dict[str, Any]]:
+    """The encoder of a transformers BERT folder, without building a model: its size, its
+    vocab layout (None when it matches no gemsjax layout) and the parameters of a gemsjax
+    :class:`~gemsjax.models.bert.BertModel` as a pure nested dict (``nnx.update(model, params)``
+    puts them in place). What ``init=hf:<folder>`` resolves to."""
+    from gemsjax.models.bert import BertModel
+
+    hf = read_folder(folder)
+    config = model_config(hf)
+    abstract = nnx.eval_shape(lambda: BertModel(config, rngs=nnx.Rngs(0)))
+    params = load_params(hf, nnx.state(abstract, nnx.Param), config)
+    return config, hf.vocab, nnx.to_pure_dict(params)
