@@ -16,7 +16,8 @@ vocabulary's id order, tokenizer files and a ``README.md`` model card saying how
 - :class:`~gemsjax.models.bert.BertClassifier` with ``pooling="cls"`` ->
   ``BertForSequenceClassification`` (tanh pooler on position 0, dropout, linear).
 
-Import (:func:`load_into`, :func:`load_params`; :func:`model_config` gives the size of a folder)
+Import (:func:`load_into`, :func:`load_params`; :func:`model_config` gives the size of a folder,
+:func:`import_encoder` its encoder as ``BertModel`` parameters, for ``init=hf:<folder>``)
 reads ``model.safetensors`` (or a sharded ``model.safetensors.index.json``), else
 ``pytorch_model.bin`` with ``torch.load(weights_only=True)``, which refuses anything but
 tensors: nothing is ever unpickled unrestricted. Sizes, vocabulary (layout and k, from
