@@ -435,6 +435,33 @@ def test_folder_format_errors(saved, tmp_path):
                                         "decoder is tied"):
         hf.load_into(model, untied, SMALL)
 
+    (folder / "vocab.txt").write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(UserError, match="4100 tokens is neither the DNABERT layout"):
+        hf.load_into(model, folder, SMALL)
+    KmerTokenizer(5).write_vocab_txt(folder / "vocab.txt")
+    with pytest.raises(UserError, match="vocab.txt has 1029 tokens but config.json says "
+                                        "vocab_size 4101"):
+        hf.load_into(model, folder, SMALL)
+    (folder / "vocab.txt").unlink()
+
+    from safetensors.numpy import load_file, save_file
+    original = load_file(folder / hf.WEIGHTS)
+    edits = [
+        ({k: v for k, v in original.items() if k != "bert.encoder.layer.1.output.dense.bias"},
+         r"lacks 1 tensor\(s\) of a BertForMaskedLM: bert.encoder.layer.1.output.dense.bias"),
+        (dict(original, **{"bert.encoder.layer.0.crossattention.self.query.weight":
+                           original["bert.encoder.layer.0.attention.self.query.weight"]}),
+         "no place for .*: bert.encoder.layer.0.crossattention.self.query.weight"),
+        (dict(original, **{"bert.embeddings.token_type_embeddings.weight": np.zeros((3, 64),
+                                                                                    np.float32)}),
+         r"encoder/embeddings/token_type/embedding has shape \(3, 64\) in the folder, \(2, 64\)"),
+    ]
+    for tensors, message in edits:
+        save_file(tensors, folder / hf.WEIGHTS, metadata={"format": "pt"})
+        with pytest.raises(UserError, match=message):
+            hf.load_into(model, folder, SMALL)
+    save_file(original, folder / hf.WEIGHTS, metadata={"format": "pt"})
+
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(dict(config, model_type="roberta")))
     with pytest.raises(UserError, match="model_type 'roberta'; gemsjax reads BERT models"):
@@ -477,6 +504,8 @@ def test_export_mode_writes_a_trained_run_that_transformers_loads(tmp_path, chr2
                               timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.split("gemsjax summary: ")[-1])
+    with pytest.raises(UserError, match=r"has no checkpoint of step 4; steps: \[3, 6\]"):
+        hf.export_run(run, step=4)
     assert summary["folder"] == str(run / "hf") and summary["step"] == 3
     assert summary["tokens_seen"] == 3 * 8 * 128  # steps x batch x max_len of the smoke preset
 
