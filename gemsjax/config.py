@@ -110,6 +110,7 @@ def pretraining_config(recipe: str, arg: str | None = None) -> ml_collections.Co
         mesh_data=-1,                   # -1: all devices not used by fsdp
         mesh_fsdp=1,
         head_fraction=0.0 if barcode else 0.375,  # head + last layer on masked tokens (0: off)
+        allow_config_change=(),         # keys (or sections) a resume may change on purpose
     ))
     if not barcode:
         c.optimizer.warmup_steps = 15

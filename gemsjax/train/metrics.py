@@ -36,6 +36,7 @@ import collections
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -44,6 +45,8 @@ from typing import Any, TextIO
 
 import jax
 import numpy as np
+
+from gemsjax.train import workdir as workdir_lib
 
 # Dense bf16 peak FLOP/s per chip, matched in order against jax.devices()[0].device_kind.
 PEAK_BF16_FLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
@@ -261,10 +264,37 @@ def format_progress(
     return " | ".join(parts)
 
 
+def drop_records_from(path: pathlib.Path, step: int) -> int:
+    """Rewrite the JSON-lines file ``path`` without the records of steps ``>= step`` (and
+    without a torn last line); returns how many lines were dropped. Atomic: a temporary copy
+    replaces the file."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record_step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            record_step = None  # a line cut short by a kill
+        if record_step is None or record_step >= step:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
+
+
 class MetricsWriter:
     """Writes step metrics on process 0: ``<workdir>/metrics.jsonl`` (one JSON object per
     written step, appended across restarts), TensorBoard events under ``<workdir>/tensorboard``,
     and a console progress line every ``console_every`` steps. Other processes write nothing.
+
+    ``resume_step``: the step a resumed run restarts from; records of steps ``>= resume_step``
+    left in ``metrics.jsonl`` by the interrupted run are dropped (the resumed run writes them
+    again), so each step has one record. A full disk raises ``workdir.DiskFullError``.
 
     Throughput (:func:`throughput`) is added to a step's values when its duration is known;
     ``tokens_per_step`` / ``flops_per_step`` are global per optimizer step; ``num_devices``
@@ -283,6 +313,7 @@ class MetricsWriter:
         console_every: int = 1,
         stream: TextIO | None = None,
         enabled: bool | None = None,
+        resume_step: int = 0,
     ):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.total_steps = total_steps
@@ -301,7 +332,9 @@ class MetricsWriter:
 
         workdir = pathlib.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+        self._path = workdir / "metrics.jsonl"
+        drop_records_from(self._path, resume_step)
+        self._jsonl = open(self._path, "a", encoding="utf-8")
         self._tb = SummaryWriter(logdir=str(workdir / "tensorboard"), flush_secs=30)
 
     def write(self, metrics: StepMetrics | None) -> None:
@@ -312,8 +345,13 @@ class MetricsWriter:
         if metrics.seconds:
             values.update(throughput(metrics.seconds, *self._rates))
             self._durations.append(metrics.seconds)
-        self._jsonl.write(json.dumps({"step": metrics.step, **values}) + "\n")
-        self._jsonl.flush()
+        try:
+            self._jsonl.write(json.dumps({"step": metrics.step, **values}) + "\n")
+            self._jsonl.flush()
+        except OSError as err:
+            if workdir_lib.is_disk_full(err):
+                raise workdir_lib.disk_full_error(self._path, None, "metrics") from err
+            raise
         for key, value in values.items():
             self._tb.add_scalar(key, value, metrics.step)
         last = metrics.step + 1 >= self.total_steps
