@@ -93,19 +93,20 @@ def iter_fasta(path: str | os.PathLike, chunk_bases: int = 1 << 22, *, upper: bo
                          f"{block_bytes}")
     parser = _Parser(os.fspath(path), chunk_bases, upper, allow_empty_records)
     with open_binary(path) as fh:
-        first = True
+        at_start = True  # a UTF-8 byte-order mark at the start is not sequence data: skip it
         while True:
             try:
-                block = fh.read(block_bytes)
+                block = fh.read(len(_BOM) if at_start else block_bytes)
             except (EOFError, zlib.error, gzip.BadGzipFile) as err:
                 raise parser.error(parser.line_base + 1,
                                    f"the gzip stream is truncated or corrupt ({err})",
                                    "download the file again or re-compress it with gzip") from err
             if not block:
                 break
-            if first:  # a byte-order mark is not sequence data: skip it
-                block, first = block.removeprefix(_BOM), False
-            yield from parser.feed(block)
+            if at_start:
+                block, at_start = block.removeprefix(_BOM), False
+            if block:
+                yield from parser.feed(block)
     yield from parser.finish()
 
 

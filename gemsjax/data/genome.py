@@ -160,9 +160,9 @@ class PreparedGenomeError(UserError):
 
 
 @functools.lru_cache(maxsize=64)
-def _sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:
-    """Content digest of a file, memoized within a process on (path, size, mtime, inode): the
-    train and validation pipelines of one run hash a genome once."""
+def _sha256(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+    """Content digest of a file, memoized within a process on (path, size, mtime, ctime, inode):
+    the train and validation pipelines of one run hash a genome once; any write changes ctime."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -172,7 +172,8 @@ def describe_sources(paths: Sequence[pathlib.Path]) -> list[dict]:
     out = []
     for p in paths:
         stat = p.stat()
-        digest = _sha256(str(p.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        digest = _sha256(str(p.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns,
+                         stat.st_ino)
         out.append({"path": str(p.resolve()), "bytes": stat.st_size, "sha256": digest})
     return out
 

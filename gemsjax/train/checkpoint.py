@@ -12,12 +12,12 @@ A checkpoint step directory holds up to four items (:data:`ITEMS`):
   digests of the other items (:func:`state_digest`), written by :func:`save`.
 
 Restores are verified (:func:`restore`): the digests must match what was saved and every float
-array must be finite, so a flipped bit or a NaN written by a failing disk reads as an unreadable
-checkpoint, and :func:`restore_latest` falls back to the previous one and says so. A caller may
-also check a checkpoint's ``meta`` (e.g. its config, :func:`gemsjax.train.workdir.check_resume`)
-before its arrays are read. A save that fails for want of disk space raises
-``workdir.DiskFullError`` (one line: where, how much); Orbax writes each step into a temporary
-folder renamed on success, so earlier checkpoints stay intact.
+array (scalars aside) must be finite, so a flipped bit or a NaN written by a failing disk reads as
+an unreadable checkpoint, and :func:`restore_latest` falls back to the previous one and says so.
+A caller may also check a checkpoint's ``meta`` (e.g. its config,
+:func:`gemsjax.train.workdir.check_resume`) before its arrays are read. A save that fails for
+want of disk space raises ``workdir.DiskFullError`` (one line: where, how much); Orbax writes each
+step into a temporary folder renamed on success, so earlier checkpoints stay intact.
 
 Saves are asynchronous: :func:`save` blocks only while Orbax copies the arrays to host memory,
 then writes in the background, so the caller may donate/overwrite its state right after.
@@ -112,6 +112,8 @@ def make_manager(
         ocp.StandardCheckpointHandler(),
         ocp.JsonCheckpointHandler(),
     )
+    if _not_disk_full not in logging.getLogger("absl").filters:  # Orbax logs through absl
+        logging.getLogger("absl").addFilter(_not_disk_full)
     return ocp.CheckpointManager(
         directory, item_handlers=dict(zip(ITEMS, handlers, strict=True)), options=options
     )
@@ -141,27 +143,41 @@ class CorruptCheckpointError(ValueError):
 
 
 def _leaf_bits(x: jax.Array) -> jax.Array:
-    """``uint32[n]``: the raw bits of any array (one entry per element of up to 4 bytes)."""
+    """``uint32`` raw bits of any array, same shape (8-byte elements: a trailing axis of 2)."""
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
     if x.dtype == jnp.bool_:
         x = x.astype(jnp.uint8)
     unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+    """``uint32[shape]``: each element's row-major position (built without a reshape, so a
+    sharded array is never gathered)."""
+    index, stride = jnp.zeros(shape, jnp.uint32), 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
+    return index
 
 
 @jax.jit
 def _fingerprints(leaves: list[jax.Array]) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+    """Per array: two ``uint32[]`` sums over its bits and a ``bool[]``: "finite", True for
+    scalars (a curriculum's "no value yet" is an infinite scalar; parameters are never scalars)."""
     out = []
     for x in leaves:
         bits = _leaf_bits(x)
-        index = jnp.arange(bits.size, dtype=jnp.uint32)
+        index = _flat_index(bits.shape)
         # Odd weights: flipping bit b of element i moves the sum by 2**b * odd != 0 mod 2**32,
-        # so every single-bit change is caught; the second sum makes coincidences ~2**-64.
+        # so every single-bit change is caught; a second, nonlinear sum catches most changes
+        # of several bits that cancel in the first.
         low = jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
         high = jnp.sum((bits ^ (index * jnp.uint32(0x9E3779B1))) * (2 * (bits >> 7) + 1),
                        dtype=jnp.uint32)
-        finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else True
+        checked = jnp.issubdtype(x.dtype, jnp.inexact) and x.ndim > 0
+        finite = jnp.all(jnp.isfinite(x)) if checked else True
         out.append((low, high, jnp.asarray(finite)))
     return out
 
@@ -170,12 +186,11 @@ def state_digest(state: Any) -> tuple[dict[str, str], list[str]]:
     """Digest of every array of a pytree, computed where the arrays live (sharded or not).
 
     Returns:
-      ``({leaf path: 16 hex digits}, [paths of float leaves holding NaN or Inf])``.
+      ``({leaf path: 16 hex digits}, [paths of float arrays (not scalars) holding NaN or Inf])``.
     """
-    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(state)[0], strict=True) if (
-        jax.tree.leaves(state)) else ((), ())
-    sums = jax.device_get(_fingerprints([jnp.asarray(x) for x in leaves]))
-    names = [jax.tree_util.keystr(p) for p in paths]
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    names = [jax.tree_util.keystr(path) for path, _ in flat]
+    sums = jax.device_get(_fingerprints([jnp.asarray(x) for _, x in flat]))
     digest = {n: f"{int(hi):08x}{int(lo):08x}" for n, (lo, hi, _) in zip(names, sums, strict=True)}
     return digest, [n for n, (_, _, finite) in zip(names, sums, strict=True) if not finite]
 
@@ -189,6 +204,14 @@ def _text_digest(value: Any) -> str:
 def _nbytes(tree: Any) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
                if hasattr(x, "dtype") and not jnp.issubdtype(x.dtype, jax.dtypes.prng_key))
+
+
+def _not_disk_full(record: logging.LogRecord) -> bool:
+    """Log filter: Orbax logs a full disk once per writer thread, with tracebacks (hundreds of
+    lines); :class:`~gemsjax.train.workdir.DiskFullError` says it once instead."""
+    err = record.exc_info[1] if record.exc_info else None
+    return not ((err is not None and workdir.is_disk_full(err))
+                or "No space left on device" in record.getMessage())
 
 
 _PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # manager -> (step, bytes)
@@ -233,7 +256,7 @@ def save(
             step,
             args=ocp.args.Composite(**items),
             metrics=dict(metrics) if metrics is not None else None,
-            force=force,
+            force=True,  # decided above, once (the preemption check syncs hosts)
         )
     except Exception as err:
         if workdir.is_disk_full(err):
