@@ -407,5 +407,6 @@ def test_validation_without_a_masked_token_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"the 1 validation batch\(es\) hold no masked token"):
         loop.train_and_evaluate(_config(tmp_path, "masking.genemask_prob=0.0",
                                         "masking.global_pmi_prob=0.0",
-                                        "masking.random_span_prob=0.0", "train.steps=1"),
+                                        "masking.random_span_prob=0.0", "train.steps=1",
+                                        "optimizer.warmup_steps=0"),
                                 tmp_path / "run")
