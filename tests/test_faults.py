@@ -29,7 +29,7 @@ import pytest
 from flax import nnx
 
 from gemsjax import config as config_lib
-from gemsjax import pmi
+from gemsjax import main, pmi
 from gemsjax.data import genome, genome_cache
 from gemsjax.data.rawio import open_binary
 from gemsjax.errors import UserError
@@ -45,8 +45,8 @@ FLIPS = 30
 
 def _config(tmp_path: pathlib.Path, *presets: str):
     """CM-GEMS smoke config on the shipped chr22 sample, genome prepared under ``tmp_path``."""
-    return config_lib.pretraining_config(
-        "cm_gems", ",".join(("smoke", f"data.prepared_dir={tmp_path / 'genome'}") + presets))
+    return config_lib.load("cm_gems:" + ",".join(
+        ("smoke", f"data.prepared_dir={tmp_path / 'genome'}") + presets))
 
 
 def _train_state(seed: int = 0) -> dict:
@@ -203,7 +203,7 @@ def test_resume_refuses_changed_settings_and_allows_named_ones(tmp_path, caplog)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r["step"] for r in records if "loss" in r]
     val = [r["step"] for r in records if "val_loss" in r]
-    assert train == list(range(8)) and val == [2, 5, 7]
+    assert train == list(range(1, 9)) and val == [3, 6, 8]  # numbered by updates done
 
 
 def test_check_resume_on_saved_metadata():
@@ -399,6 +399,15 @@ def test_rna_and_iupac_input_follow_the_documented_rule(tmp_path, shared_data, c
 
 
 # ---------------------------------------------------------------------------- validation
+
+
+def test_pmi_summary_counts_every_scored_kmer(tmp_path):
+    """With min_count=1 every 6-mer of the chr22 sample is scored: the summary says 4,096, as the
+    table's header does (the worst scored rank, 4,096, is also the "unscored" rank)."""
+    config = config_lib.load("pmi:smoke,min_count=1")
+    summary = main.run_pmi(config, tmp_path)
+    _, _, meta = pmi.load_rank_table(summary["rank_table"])
+    assert summary["scored_kmers"] == meta["n_scored"] == 4096 and "note" not in summary
 
 
 def test_validation_without_a_masked_token_is_refused(tmp_path):

@@ -1,8 +1,9 @@
 """One run per workdir, and a resumed run trains what the checkpoint was trained on.
 
 - :func:`lock`: ``<workdir>/gemsjax.lock`` is held (``fcntl.flock``) by process 0 for the whole
-  run, and names its holder (host, pid, start time, command line). A second run in the same
-  workdir stops with a :class:`WorkdirLockedError` naming the holder. The kernel releases the
+  run, and names its holder (host, pid, start time, command line); nested ``lock`` calls of the
+  holding process pass through. A second run in the same workdir stops with a
+  :class:`WorkdirLockedError` naming the holder. The kernel releases the
   lock when the holder exits in any way (SIGKILL and power loss included), so a lock left by a
   dead run is taken over on the next start, with a warning naming the dead holder.
 - :func:`check_resume`: before a checkpoint is restored, the requested config is compared with
@@ -34,6 +35,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from gemsjax.config import allowed_changes
 from gemsjax.errors import UserError
 
 LOCK_FILE = "gemsjax.lock"
@@ -45,6 +47,7 @@ OPERATIONAL_KEYS = ("train.log_every", "train.eval_every", "train.checkpoint_eve
 FIXED_KEYS = ("recipe", "model.name", "data.kind")
 """Dotted config keys that no override can change in a workdir."""
 _log = logging.getLogger(__name__)
+_HELD: set[pathlib.Path] = set()  # lock files this process holds
 
 
 class WorkdirLockedError(UserError):
@@ -90,7 +93,7 @@ def lock(workdir: str | os.PathLike, *, enabled: bool = True) -> Iterator[pathli
       WorkdirLockedError: a live run holds the lock; the message names it.
     """
     path = pathlib.Path(workdir) / LOCK_FILE
-    if not enabled:
+    if not enabled or path.resolve() in _HELD:  # nested: the command line locks, then the loop
         yield path
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,9 +111,11 @@ def lock(workdir: str | os.PathLike, *, enabled: bool = True) -> Iterator[pathli
             _log.warning("%s: taking over the lock of a run that did not exit cleanly (%s)",
                          path.parent, _describe(previous))
         _write(fd, json.dumps(_holder()))
+        _HELD.add(path.resolve())
         try:
             yield path
         finally:
+            _HELD.discard(path.resolve())
             _write(fd, "")  # an empty lock file means "released cleanly"
     finally:
         os.close(fd)  # closing releases the flock
@@ -168,7 +173,7 @@ def check_resume(saved_meta: Mapping[str, Any] | None, requested: Mapping[str, A
     if not saved_meta or not isinstance(saved_meta.get("config"), Mapping):
         return {}
     changes = config_changes(saved_meta["config"], requested)
-    allow = list(flatten(requested).get(ALLOW_KEY) or [])
+    allow = allowed_changes(flatten(requested).get(ALLOW_KEY) or ())
     fixed = {k: v for k, v in changes.items() if k in FIXED_KEYS}
     refused = {k: v for k, v in changes.items() if not _allowed(k, allow) or k in fixed}
     listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
