@@ -385,7 +385,7 @@ RULES: dict[str, Callable] = {
 PMI_RULES: dict[str, Callable] = {
     "recipe": _one_of(PMI_RECIPE), "fasta_paths": lambda x: _files(x) if x else None,
     "out": lambda x: None if isinstance(x, str) and x else "must be a file name",
-    "k": _int(1, 8), "max_n": _int(1, 10), "min_count": _int(1),
+    "k": _int(1, 8), "max_n": _int(1, 10), "min_count": _int(2),
     "denominator": _one_of("genemask", "per_length"),
 }
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import textwrap
 
+import cli_runs
 import grain
 import jax
 import jax.numpy as jnp
@@ -254,10 +255,28 @@ def test_second_run_in_a_workdir_is_refused_and_a_dead_holders_lock_is_taken(tmp
     assert f"taking over the lock of a run that did not exit cleanly (pid {holder.pid}" in (
         caplog.text)
     assert (tmp_path / workdir.LOCK_FILE).read_text() == ""  # released cleanly
-    with workdir.lock(tmp_path):
-        with pytest.raises(workdir.WorkdirLockedError, match=f"pid {os.getpid()}"):
-            with workdir.lock(tmp_path):
-                pass
+    with workdir.lock(tmp_path):  # the command line holds it; the loop enters it again
+        with workdir.lock(tmp_path) as path:
+            assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert path.read_text() == ""
+
+
+def test_second_run_on_the_command_line_is_one_line(tmp_path):
+    """``python -m gemsjax.main`` in a held workdir: exit 2, one line naming the holder, no
+    traceback, and nothing written into the folder."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        done = cli_runs.run(cli_runs.cli("cm_gems", tmp_path), os.environ.copy())
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"gemsjax: {tmp_path} is in use by another gemsjax run (pid {holder.pid} on ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [workdir.LOCK_FILE]
 
 
 _DISK_FULL = """
@@ -402,9 +421,9 @@ def test_rna_and_iupac_input_follow_the_documented_rule(tmp_path, shared_data, c
 
 
 def test_pmi_summary_counts_every_scored_kmer(tmp_path):
-    """With min_count=1 every 6-mer of the chr22 sample is scored: the summary says 4,096, as the
+    """With min_count=2 every 6-mer of the chr22 sample is scored: the summary says 4,096, as the
     table's header does (the worst scored rank, 4,096, is also the "unscored" rank)."""
-    config = config_lib.load("pmi:smoke,min_count=1")
+    config = config_lib.load("pmi:smoke,min_count=2")
     summary = main.run_pmi(config, tmp_path)
     _, _, meta = pmi.load_rank_table(summary["rank_table"])
     assert summary["scored_kmers"] == meta["n_scored"] == 4096 and "note" not in summary
