@@ -221,6 +221,13 @@ def test_check_resume_on_saved_metadata():
     with pytest.raises(workdir.ConfigChangedError, match="optimizer.learning_rate: 0.001 -> "
                                                          "0.002; optimizer.warmup_steps: 2 -> 4"):
         workdir.check_resume(saved, {**bigger, "train": same["train"]}, "run")
+    with pytest.raises(UserError, match=r"train.allow_config_change names \['trian.steps'\], "
+                                        "which are neither keys nor sections"):
+        config_lib.load("cm_gems:smoke,train.allow_config_change=trian.steps")
+    config = config_lib.load("cm_gems:smoke",
+                             {"train.allow_config_change": "train.steps,optimizer"})
+    assert config_lib.allowed_changes(config.train.allow_config_change) == ["train.steps",
+                                                                             "optimizer"]
 
 
 # ------------------------------------------------------------------------------ the workdir
