@@ -134,9 +134,10 @@ def run_pmi(config, workdir: pathlib.Path) -> dict:
     paths = list(config.fasta_paths) or [str(samples.sample_path(samples.GENOME))]
     out = workdir / config.out
     workdir.mkdir(parents=True, exist_ok=True)
-    table = pmi.rank_table_from_fasta(paths, out, k=config.k, max_n=config.max_n,
-                                      min_count=config.min_count, denominator=config.denominator)
-    scored = int((table[5:] < 4**config.k).sum())
+    pmi.rank_table_from_fasta(paths, out, k=config.k, max_n=config.max_n,
+                              min_count=config.min_count, denominator=config.denominator)
+    # Rank 4**k is both "unscored" and the worst scored rank: the header counts the scored k-mers.
+    scored = pmi.load_rank_table(out)[2]["n_scored"]
     summary = dict(rank_table=str(out), fasta=paths, scored_kmers=scored)
     if scored < 4**config.k:
         summary["note"] = (f"{4**config.k - scored} k-mers were seen fewer than min_count="
@@ -187,12 +188,13 @@ def run_train(config, workdir: pathlib.Path) -> dict:
     import jax
 
     from gemsjax.train import run_files
+    from gemsjax.train import workdir as workdir_lib
     from gemsjax.train.loop import train_and_evaluate
 
     lead = jax.process_index() == 0
-    if lead:
-        run_files.write_config(workdir, config)
-    with run_files.tee_log(workdir, enabled=lead):
+    # Locked first: a refused second run writes nothing into the folder (config.json is written
+    # by the loop once the checkpoint's settings are accepted).
+    with workdir_lib.lock(workdir, enabled=lead), run_files.tee_log(workdir, enabled=lead):
         summary = train_and_evaluate(config, workdir)
         summary["workdir"] = str(workdir)
         if lead:
