@@ -6,6 +6,7 @@ Modes:
   folder ``runs/<recipe>-<date>-<time>``); running the same command again resumes it.
 - ``pmi``: write a PMI rank table for FASTA files (``--config=configs/pmi.py``).
 - ``data``: build the input pipeline and print a summary of one batch.
+- ``embed``: write embeddings of a FASTA / CSV / TSV (``--config=configs/embed.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "pmi", "data")
+MODES = ("train", "pmi", "data", "embed")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with :presets).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<recipe>-<time>.")
@@ -118,6 +119,10 @@ def main(argv):
         summary = run_pmi(config, workdir)
     elif _MODE.value == "data":
         summary = run_data(config)
+    elif _MODE.value == "embed":
+        from gemsjax.eval import embed
+
+        summary = embed.run(config, workdir)
     else:
         from gemsjax.train.loop import train_and_evaluate
 
