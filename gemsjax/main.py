@@ -6,6 +6,9 @@ Modes:
   folder ``runs/<recipe>-<date>-<time>``); running the same command again resumes it.
 - ``pmi``: write a PMI rank table for FASTA files (``--config=configs/pmi.py``).
 - ``data``: build the input pipeline and print a summary of one batch.
+- ``finetune``: fine-tune a classifier on one labelled task (``--config=configs/finetune.py``).
+- ``evaluate``: run a downstream protocol and write its report (``configs/fewshot.py``,
+  ``configs/gue.py``; ``config.protocol`` picks it, see ``gemsjax.eval.PROTOCOLS``).
 - ``embed``: write embeddings of a FASTA / CSV / TSV (``--config=configs/embed.py``).
 """
 
@@ -19,7 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "pmi", "data", "embed")
+MODES = ("train", "pmi", "data", "embed", "finetune", "evaluate")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with :presets).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<recipe>-<time>.")
@@ -38,7 +41,7 @@ def default_workdir(config) -> pathlib.Path:
 
     if os.environ.get("GEMSJAX_DISTRIBUTED") == "1":
         sys.exit("gemsjax: a multi-process run needs --workdir (the same folder for every process)")
-    name = config.get("recipe", "pmi")
+    name = config.get("recipe", config.get("protocol", "pmi"))
     return pathlib.Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
@@ -76,6 +79,21 @@ def run_data(config) -> dict:
                 tokens_per_row=float(attention.sum(axis=1).mean()),
                 unk_fraction=float((ids == 1).sum() / max(attention.sum(), 1)),
                 distinct_ids=int(np.unique(ids).size), first_sequence=first[:60] + "...")
+
+
+def run_evaluate(config, workdir: pathlib.Path) -> dict:
+    """The protocol ``config.protocol`` names (``gemsjax.eval.PROTOCOLS``)."""
+    import importlib
+
+    from gemsjax.errors import UserError
+    from gemsjax.eval import PROTOCOLS
+
+    if config.get("protocol") not in PROTOCOLS:
+        raise UserError(f"config.protocol={config.get('protocol')!r}: --mode=evaluate runs one of "
+                        f"{sorted(PROTOCOLS)} (configs/fewshot.py, configs/gue.py, ...)")
+    module, _, function = PROTOCOLS[config.protocol].partition(":")
+    summary = getattr(importlib.import_module(module), function)(config, workdir)
+    return {k: v for k, v in summary.items() if k not in ("markdown", "rows")}
 
 
 def _load_config_file(spec: str):
@@ -119,6 +137,12 @@ def main(argv):
         summary = run_pmi(config, workdir)
     elif _MODE.value == "data":
         summary = run_data(config)
+    elif _MODE.value == "finetune":
+        from gemsjax.eval import task_run
+
+        summary = task_run.run(config, workdir)
+    elif _MODE.value == "evaluate":
+        summary = run_evaluate(config, workdir)
     elif _MODE.value == "embed":
         from gemsjax.eval import embed
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from gemsjax.data.rawio import first_invalid, open_text
+from gemsjax.errors import UserError
 from gemsjax.tokenizers import kmer_text_to_sequence
 
 BIOSCAN5M_SPLITS = ("pretrain", "train", "val", "test", "key_unseen", "val_unseen", "test_unseen",
@@ -39,7 +40,7 @@ _RENAMED = {"dna_bin": "bin_uri", "dna_barcode": "nucleotides"}
 _RENAMED.update({bold: bioscan for bioscan, bold in _RENAMED.items()})
 
 
-class TableFormatError(ValueError):
+class TableFormatError(UserError):
     """A table that cannot be read; the message names the file, the line and the fix."""
 
 
@@ -256,7 +257,8 @@ def _aliases(column: str) -> tuple[str, ...]:
 
 def _read_integer_labelled(path: str | os.PathLike, delimiter: str,
                            to_sequence: Callable[[str], str]) -> LabelledTable:
-    """Rows ``sequence, label`` with integer labels; ``to_sequence`` maps the sequence field."""
+    """Rows ``sequence, label`` with integer labels; ``to_sequence`` maps the sequence field.
+    ``extra["line"]`` holds each row's 1-based line number in the file."""
     lines, sequences, labels = [], [], []
     with DelimitedReader(path, delimiter) as reader:
         seq_col, label_col = reader.column("sequence"), reader.column("label")
@@ -278,7 +280,7 @@ def _read_integer_labelled(path: str | os.PathLike, delimiter: str,
     n_classes = int(labels_array.max()) + 1 if len(labels) else 0
     return LabelledTable(sequences=sequences, labels=labels_array,
                          label_names=tuple(str(i) for i in range(n_classes)),
-                         source=os.fspath(path))
+                         source=os.fspath(path), extra={"line": np.asarray(lines, np.int64)})
 
 
 def _check_sequences(path: str, sequences: list[str], lines: list[int]) -> None:

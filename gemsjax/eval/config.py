@@ -1,0 +1,157 @@
+"""Configs of the downstream commands (``--mode=finetune`` / ``--mode=evaluate``).
+
+One base per protocol, with every key the protocol reads; the config files in ``configs/``
+(``finetune.py``, ``fewshot.py``, ``gue.py``) set values on it and apply presets with
+:func:`apply_presets` (``name``, a model size, or ``key=value``), and :func:`validate` checks
+the result once, naming each bad key and the fix.
+
+Keys shared by all three:
+
+- ``protocol``: ``finetune`` | ``fewshot`` | ``gue`` (``--mode=evaluate`` dispatches on it);
+- ``init``: the encoder (:mod:`gemsjax.eval.init`: ``runs/x[:best|:latest|:step=N]``,
+  ``random``, ``random:runs/x``); ``baseline``: also fine-tune the random-init model of the
+  same size, reported beside it; ``model.name``: the size for ``init=random`` (a run brings
+  its own);
+- ``finetune.*``: :class:`gemsjax.eval.finetune.Hyper` (``learning_rate=0`` and friends mean
+  "the protocol's reference value");
+- ``max_len``: tokens per row, 0 = from the data (longest row, capped at the model's positions;
+  longer rows are truncated and counted in the report);
+- ``seed``, ``mesh_data``, ``mesh_fsdp``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import ml_collections
+
+from gemsjax.config import set_key
+from gemsjax.data import samples
+from gemsjax.errors import UserError
+from gemsjax.models import registry
+
+PROTOCOLS = ("finetune", "fewshot", "gue")
+FORMATS = ("gue", "genemask")
+
+
+def _common(protocol: str) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        protocol=protocol,
+        init="random",
+        baseline=True,
+        model=dict(name="logo"),
+        finetune=dict(learning_rate=0.0, epochs=0, batch_size=0, warmup=0.1, weight_decay=0.01,
+                      dropout=0.1, pooling="auto", clip_norm=1.0, eval_batch_size=64, seed=0),
+        max_len=0,
+        seed=0,
+        mesh_data=-1,
+        mesh_fsdp=1,
+    ))
+
+
+def finetune_base() -> ml_collections.ConfigDict:
+    """One labelled task: ``task.train`` / ``task.dev`` (optional) / ``task.test`` files."""
+    c = _common("finetune")
+    c.task = dict(train=str(samples.sample_path(samples.PROM_CORE_TRAIN)), dev="",
+                  test=str(samples.sample_path(samples.PROM_CORE_TEST)), format="genemask",
+                  name="prom_core_sample", num_labels=0)
+    c.finetune.learning_rate, c.finetune.epochs, c.finetune.batch_size = 1e-4, 20, 5
+    c.checkpoint_every, c.log_every = 500, 10
+    return c
+
+
+def fewshot_base() -> ml_collections.ConfigDict:
+    """GeneMask few-shot: ``task.dir`` (a GeneMask task folder) or ``task.pool`` + ``task.test``
+    files; ``shots`` per class, ``draws`` per setting, ``test_subsample`` rows (0 = all)."""
+    c = _common("fewshot")
+    c.task = dict(dir="", pool=str(samples.sample_path(samples.PROM_CORE_TRAIN)),
+                  test=str(samples.sample_path(samples.PROM_CORE_TEST)), name="prom_core_sample",
+                  num_labels=0)
+    c.shots = (10,)
+    c.draws = 10
+    c.test_subsample = 0
+    return c
+
+
+def gue_base() -> ml_collections.ConfigDict:
+    """GUE: every task folder (holding ``dev.csv`` / ``test.csv``) under ``gue_dir``."""
+    c = _common("gue")
+    c.gue_dir = ""
+    c.tasks = ()                  # task names (``prom/prom_core_tata``); empty: every task found
+    c.train_on_dev_split = 0.0    # > 0: a task without train.csv trains on this share of dev
+    c.max_train_rows = 0          # > 0: a fixed stratified subsample of train (CPU runs)
+    c.max_eval_rows = 0           # > 0: the same for dev and test
+    c.checkpoint_every, c.log_every = 500, 50
+    return c
+
+
+Preset = Callable[[ml_collections.ConfigDict], None]
+
+
+def apply_presets(c: ml_collections.ConfigDict, arg: str | None,
+                  presets: Mapping[str, Preset]) -> ml_collections.ConfigDict:
+    """Apply the comma-separated presets of ``arg`` in order: a name in ``presets``, a model size
+    or ``key=value``; then :func:`validate`. Returns ``c``."""
+    for item in (p.strip() for p in (arg or "").split(",")):
+        if not item:
+            continue
+        if "=" in item:
+            key, value = item.split("=", 1)
+            set_key(c, key.strip(), _literal(value.strip()))
+        elif item in presets:
+            presets[item](c)
+        elif item in registry.SIZES:
+            c.model.name = item
+        else:
+            raise UserError(f"unknown preset {item!r}; valid: {', '.join(presets)}, a model size"
+                            f" ({', '.join(registry.SIZES)}), or key=value")
+    return c
+
+
+def _literal(text: str):
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Range checks of a downstream config; one UserError naming each bad key and the fix."""
+    problems = []
+    if c.protocol not in PROTOCOLS:
+        problems.append(f"protocol={c.protocol!r} must be one of {PROTOCOLS}")
+    if c.model.name and c.model.name not in registry.SIZES:
+        problems.append(f"model.name={c.model.name!r} must be a size: {sorted(registry.SIZES)}")
+    f = c.finetune
+    for key in ("learning_rate", "weight_decay", "clip_norm", "warmup"):
+        if f[key] < 0:
+            problems.append(f"finetune.{key}={f[key]} must be >= 0")
+    for key in ("epochs", "batch_size"):
+        if f[key] < 0:
+            problems.append(f"finetune.{key}={f[key]} must be >= 0 (0: the protocol's value)")
+    if not 0 <= f.dropout < 1:
+        problems.append(f"finetune.dropout={f.dropout} must be in [0, 1)")
+    if f.pooling not in ("auto", "cls", "mean"):
+        problems.append(f"finetune.pooling={f.pooling!r} must be auto, cls or mean")
+    if f.eval_batch_size < 1:
+        problems.append(f"finetune.eval_batch_size={f.eval_batch_size} must be >= 1")
+    if c.max_len < 0:
+        problems.append(f"max_len={c.max_len} must be 0 (from the data) or a length")
+    if c.protocol == "fewshot":
+        if not c.shots or min(c.shots) < 1:
+            problems.append(f"shots={c.shots} must be positive numbers of examples per class")
+        if c.draws < 1:
+            problems.append(f"draws={c.draws} must be >= 1")
+        if c.test_subsample < 0:
+            problems.append(f"test_subsample={c.test_subsample} must be >= 0 (0: every row)")
+    if c.protocol == "gue":
+        if not c.gue_dir:
+            problems.append("gue_dir is empty: point it at a GUE folder (EMP/, prom/, ...)")
+        if not 0 <= c.train_on_dev_split < 1:
+            problems.append(f"train_on_dev_split={c.train_on_dev_split} must be in [0, 1)")
+    if c.protocol == "finetune" and c.task.format not in FORMATS:
+        problems.append(f"task.format={c.task.format!r} must be one of {FORMATS}")
+    if problems:
+        raise UserError("config: " + "; ".join(problems))
