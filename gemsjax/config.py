@@ -91,6 +91,10 @@ def pretraining_config(recipe: str, arg: str | None = None) -> ml_collections.Co
         prefetch=4,
     ))
     c.masking = _masking(curriculum, strategy)
+    c.downstream = ml_collections.ConfigDict(dict(
+        eval=True,                      # end with the downstream table (gemsjax.eval.downstream)
+        draws=3,                        # few-shot draws per arm in that table (protocol: 10)
+    ))
     if recipe == "global_pmi":
         c.masking.global_pmi_prob = 0.0176      # the Global-PMI baseline used mlm_probability
     if barcode:
@@ -147,6 +151,7 @@ def _apply_preset(c: ml_collections.ConfigDict, preset: str) -> None:
             c.train.steps = 100
         c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 1, 3, 3
         c.train.eval_batches = 1
+        c.downstream.eval = False
         if not barcode:
             c.optimizer.warmup_steps, c.data.max_len = 2, 128
     elif preset in registry.SIZES:

@@ -92,8 +92,7 @@ def run_evaluate(config, workdir: pathlib.Path) -> dict:
         raise UserError(f"config.protocol={config.get('protocol')!r}: --mode=evaluate runs one of "
                         f"{sorted(PROTOCOLS)} (configs/fewshot.py, configs/gue.py, ...)")
     module, _, function = PROTOCOLS[config.protocol].partition(":")
-    summary = getattr(importlib.import_module(module), function)(config, workdir)
-    return {k: v for k, v in summary.items() if k not in ("markdown", "rows")}
+    return getattr(importlib.import_module(module), function)(config, workdir)
 
 
 def _load_config_file(spec: str):
@@ -152,6 +151,12 @@ def main(argv):
 
         summary = train_and_evaluate(config, workdir)
         summary["workdir"] = str(workdir)
+        if config.downstream.eval and not summary["stopped"]:
+            from gemsjax.eval.downstream import after_pretraining
+
+            summary["downstream"] = after_pretraining(config, workdir)
+    if _MODE.value in ("finetune", "evaluate"):  # the table was printed; keep the line short
+        summary = {k: v for k, v in summary.items() if k not in ("markdown", "rows")}
     if _process_index() == 0:
         print("gemsjax summary: " + json.dumps(summary, sort_keys=True, default=str), flush=True)
 

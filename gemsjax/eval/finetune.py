@@ -151,12 +151,13 @@ class Finetuner:
             params = nnx.split(model, nnx.Param)[1]
             return ClassifierState(jnp.int32(0), jnp.int32(seed), params, tx.init(params))
 
-        abstract = nnx.eval_shape(lambda: build(jax.random.key(0)))
+        with jax.set_mesh(mesh):  # annotated parameters shard eagerly under a mesh (bert.py)
+            abstract = nnx.eval_shape(lambda: build(jax.random.key(0)))
+            abstract_state = nnx.eval_shape(lambda: init(None, 0))
         abstract.eval()
         eval_graphdef = nnx.split(abstract, nnx.Param)[0]
         abstract.train()
         train_graphdef = nnx.split(abstract, nnx.Param)[0]
-        abstract_state = nnx.eval_shape(lambda: init(None, 0))
         self.state_sharding = sharding.state_shardings(abstract_state, mesh)
         self.abstract_state = sharding.with_shardings(abstract_state, self.state_sharding)
         batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
@@ -194,7 +195,8 @@ class Finetuner:
         ``encoder_params`` when given (None: a random encoder; same shapes, so the random-init
         baseline reuses this Finetuner's compiled steps)."""
         params = self.encoder.params if encoder_params is _OWN else encoder_params
-        return self._init(params, jnp.int32(seed))
+        with jax.set_mesh(self.mesh):
+            return self._init(params, jnp.int32(seed))
 
     def train_batches(self, table: tables.LabelledTable, seed: int,
                       num_epochs: int | None = None):
@@ -268,8 +270,11 @@ def train_run(tuner: Finetuner, state: ClassifierState, train_iter, steps: int
 
 def finetune(tuner: Finetuner, train: tables.LabelledTable, dev: tables.LabelledTable | None,
              test: tables.LabelledTable, workdir: str | pathlib.Path, *,
-             checkpoint_every: int = 500, log_every: int = 50, sigterm=None) -> dict:
+             encoder_params: Any = _OWN, checkpoint_every: int = 500, log_every: int = 50,
+             sigterm=None) -> dict:
     """Fine-tune with checkpoints in ``workdir`` (resumed when present); returns a summary.
+
+    ``encoder_params`` as in :meth:`Finetuner.init` (another arm of the same shapes).
 
     The dev split (when given) is evaluated after every epoch and its loss ranks the
     checkpoints; the test split is scored with the best-dev-loss state (the last state without
@@ -296,7 +301,8 @@ def finetune(tuner: Finetuner, train: tables.LabelledTable, dev: tables.Labelled
     stopped, losses = None, []
     try:
         restored = checkpoint.restore_latest(manager, tuner.abstract_state, train_iter)
-        state = tuner.init(tuner.hyper.seed) if restored is None else restored.state
+        state = (tuner.init(tuner.hyper.seed, encoder_params) if restored is None
+                 else restored.state)
         step = int(state.step)
         buffer = metrics.MetricsBuffer()
         while step < total:

@@ -52,8 +52,9 @@ def arms(encoder: init_lib.Encoder, baseline: bool) -> list[tuple[str, init_lib.
 def run_task(splits: Splits, encoders: list[tuple[str, init_lib.Encoder]], hyper: ft.Hyper,
              max_len: int, workdir: pathlib.Path, mesh, *, checkpoint_every: int,
              log_every: int, sigterm) -> list[dict]:
-    """Fine-tune and score ``splits`` once per arm; returns one result dict per arm (test
-    scores, dev history, truncation counts, the plots written)."""
+    """Fine-tune and score ``splits`` once per arm (one :class:`~gemsjax.eval.finetune.Finetuner`:
+    the arms share its compiled steps); returns one result dict per arm (test scores, dev
+    history, truncation counts)."""
     check_splits(splits)
     present = [t for t in (splits.train, splits.dev, splits.test) if t is not None]
     needed = labelled.tokens_needed([s for t in present for s in t.sequences],
@@ -66,12 +67,12 @@ def run_task(splits: Splits, encoders: list[tuple[str, init_lib.Encoder]], hyper
             offset += len(table)
     steps = ft.steps_per_epoch(len(splits.train), hyper.batch_size) * hyper.epochs
     results = []
+    tuner = ft.Finetuner(encoders[0][1], splits.num_labels, hyper, max_len, steps, mesh,
+                         compute_dtype("auto"))
     for arm, encoder in encoders:
-        tuner = ft.Finetuner(encoder, splits.num_labels, hyper, max_len, steps, mesh,
-                             compute_dtype("auto"))
         out = ft.finetune(tuner, splits.train, splits.dev, splits.test, workdir / arm,
-                          checkpoint_every=checkpoint_every, log_every=log_every,
-                          sigterm=sigterm)
+                          encoder_params=encoder.params, checkpoint_every=checkpoint_every,
+                          log_every=log_every, sigterm=sigterm)
         results.append(dict(task=splits.name, arm=arm, source=encoder.source, max_len=max_len,
                             truncated=cut, note=splits.note, **out))
         if jax.process_index() == 0 and out["test"] is not None:
