@@ -13,7 +13,7 @@ Scores per representation (:func:`score_representation`):
 
 - closed-world species accuracy on the seen test set: linear probe on frozen vectors
   (:mod:`gemsjax.eval.probe`), and full fine-tuning of the encoder (:mod:`gemsjax.eval.finetune`,
-  when ``config.finetune.epochs > 0``);
+  when ``config.full_finetune``);
 - open-world genus: cosine 1-NN from the unseen queries to the keys (:mod:`gemsjax.eval.knn`),
   accuracy and balanced accuracy;
 - BIN reconstruction on seen test + unseen rows that have a BIN: UMAP, Ward, AMI
@@ -76,7 +76,8 @@ class BarcodeSet:
 
 @dataclasses.dataclass(frozen=True)
 class BarcodeSets:
-    """``train`` (keys), ``test`` (seen species), ``unseen``; label names; how unseen was made."""
+    """``train`` (keys), ``test`` (seen species), ``unseen``; label names; how unseen was made;
+    ``unscored_test``: test rows left out because deduplication took all their species' keys."""
 
     train: BarcodeSet
     test: BarcodeSet
@@ -85,6 +86,7 @@ class BarcodeSets:
     genus_names: tuple[str, ...]
     source: str
     unseen_from: str
+    unscored_test: int = 0
 
 
 def load_barcode_sets(tsv: str | os.PathLike) -> BarcodeSets:
@@ -132,9 +134,6 @@ def load_barcode_sets(tsv: str | os.PathLike) -> BarcodeSets:
     keys = labelled & ~held & (split == "train")
     test = labelled & ~held & (split == "test")
     closed = test & np.isin(species, species[keys])  # closed world: species with keys only
-    if (test & ~closed).any():
-        unseen_from += (f"; {int((test & ~closed).sum())} seen-test rows of species left "
-                        "without train rows by deduplication are not scored")
     roles = {"train": keys, "test": closed, "unseen": unseen_rows}
     for role, rows in roles.items():
         if not rows.any():
@@ -144,7 +143,7 @@ def load_barcode_sets(tsv: str | os.PathLike) -> BarcodeSets:
     sets = {role: everything.take(np.flatnonzero(rows)) for role, rows in roles.items()}
     return BarcodeSets(**sets, species_names=read["species_name"].label_names,
                        genus_names=read["genus_name"].label_names, source=path,
-                       unseen_from=unseen_from)
+                       unseen_from=unseen_from, unscored_test=int((test & ~closed).sum()))
 
 
 def reader_has(header: list[str], column: str) -> bool:
@@ -242,13 +241,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     score for the encoder ``config.init``, its random-init twin, 6-mer frequencies and exact
     lookup; writes ``results.json``, ``results.md`` and ``umap.png`` into ``workdir``."""
     from gemsjax.eval import init
+    from gemsjax.eval.config import validate
 
+    validate(config)
     workdir = pathlib.Path(workdir)
     started = time.perf_counter()
     sets = load_barcode_sets(_table_path(config.tsv))
-    pretrained = init.load_encoder(config.init, model_name=config.model, vocab="barcodebert")
+    pretrained = init.load_encoder(config.init, model_name=_random_size(config),
+                                   vocab="barcodebert")
     encoders = [pretrained] + ([pretrained.random_baseline()]
-                               if config.random_baseline and pretrained.params is not None else [])
+                               if config.baseline and pretrained.params is not None else [])
     kw = dict(probe=config.probe, cluster_bins=config.cluster, probe_max_iter=config.probe_max_iter,
               umap_components=config.umap_components)
     rows, picture = [], None
@@ -256,7 +258,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
         model = init.build_encoder(encoder, nnx.Rngs(config.seed))
         vectors = embed_sets(model, sets, config)
         row = score_representation(encoder.source, vectors, sets, **kw)
-        if config.finetune.epochs > 0:
+        if config.full_finetune:
             row["species acc (fine-tuned)"] = _finetuned_accuracy(
                 encoder, sets, config, workdir / f"finetune_{i}")
         rows.append(row)
@@ -268,11 +270,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     rows.append(exact_lookup_row(sets))
     counts = {role: len(getattr(sets, role)) for role in ("train", "test", "unseen")}
     notes = (*NOTES, f"{sets.source}: keys {counts['train']}, seen test {counts['test']}, "
-             f"unseen {counts['unseen']} barcodes; unseen from {sets.unseen_from}")
+             f"unseen {counts['unseen']} barcodes; unseen from {sets.unseen_from}; "
+             f"{sets.unscored_test} seen-test rows not scored (deduplication left their species "
+             "no train rows)")
     report.write_report(workdir, "Barcodes: closed- and open-world evaluation", rows, COLUMNS,
                         notes=notes, extra=dict(sets=counts, picture=picture))
     return dict(results=str(workdir / "results.json"), rows=rows,
                 seconds=round(time.perf_counter() - started, 1))
+
+
+def _random_size(config) -> str:
+    """``model.name`` for ``init=random``; a run folder brings its own size."""
+    return config.model.name if config.init.startswith("random") and ":" not in config.init \
+        else ""
 
 
 def _table_path(tsv: str) -> pathlib.Path:
@@ -321,4 +331,5 @@ def after_pretraining(config: ml_collections.ConfigDict, workdir: str | os.PathL
             f"{len(sets.train)} seen-species keys, cosine 1-NN")
     report.write_report(workdir / "downstream", "Downstream: genus of unseen species (1-NN)",
                         rows, ("method", "genus 1-NN acc", "genus 1-NN bal. acc"), notes=(note,))
-    return {"downstream": {row["method"]: row["genus 1-NN acc"] for row in rows}}
+    return {"genus_1nn_unseen": {row["method"]: row["genus 1-NN acc"] for row in rows},
+            "results": str(workdir / "downstream" / "results.json")}

@@ -30,7 +30,7 @@ from gemsjax.data import samples
 from gemsjax.errors import UserError
 from gemsjax.models import registry
 
-PROTOCOLS = ("finetune", "fewshot", "gue")
+PROTOCOLS = ("finetune", "fewshot", "gue", "barcodes", "embed")
 FORMATS = ("gue", "genemask")
 
 
@@ -85,6 +85,35 @@ def gue_base() -> ml_collections.ConfigDict:
     return c
 
 
+def barcodes_base() -> ml_collections.ConfigDict:
+    """Barcodes (:mod:`gemsjax.eval.barcodes`): ``tsv`` (a table with a ``split`` column; empty:
+    the shipped sample), the embedding ``layer`` / ``pooling`` / ``batch_size``, the linear
+    probe (``probe``, ``probe_max_iter``), BIN clustering (``cluster``, ``umap_components``) and
+    full fine-tuning of the encoder on the species (``full_finetune`` with ``finetune.*``)."""
+    c = _common("barcodes")
+    c.model.name = "barcode_mae_small"
+    c.tsv = ""
+    c.max_len = 110
+    c.batch_size, c.layer, c.pooling = 64, -1, "mean"
+    c.probe, c.probe_max_iter = True, 300
+    c.cluster, c.umap_components = True, 64
+    c.full_finetune = False
+    c.finetune.learning_rate, c.finetune.epochs, c.finetune.batch_size = 1e-4, 3, 32
+    c.finetune.weight_decay = 1e-5
+    return c
+
+
+def embed_base() -> ml_collections.ConfigDict:
+    """Embeddings (``--mode=embed``, :mod:`gemsjax.eval.embed`): ``input`` (FASTA / CSV / TSV),
+    ``format``, ``layer``, ``pooling``, ``batch_size``, ``max_len`` (0: 110 barcodes, 512
+    DNABERT) and ``vocab`` (for ``init=random``; a run knows its own)."""
+    c = ml_collections.ConfigDict(dict(
+        protocol="embed", init="random", model=dict(name="logo"), vocab="", input="",
+        format="auto", layer=-1, pooling="mean", batch_size=64, max_len=0, seed=0,
+        mesh_data=-1, mesh_fsdp=1))
+    return c
+
+
 Preset = Callable[[ml_collections.ConfigDict], None]
 
 
@@ -124,6 +153,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
         problems.append(f"protocol={c.protocol!r} must be one of {PROTOCOLS}")
     if c.model.name and c.model.name not in registry.SIZES:
         problems.append(f"model.name={c.model.name!r} must be a size: {sorted(registry.SIZES)}")
+    if c.protocol in ("barcodes", "embed"):
+        problems += _embedding_problems(c)
+    if c.protocol == "embed":
+        if problems:
+            raise UserError("config: " + "; ".join(problems))
+        return
     f = c.finetune
     for key in ("learning_rate", "weight_decay", "clip_norm", "warmup"):
         if f[key] < 0:
@@ -155,3 +190,28 @@ def validate(c: ml_collections.ConfigDict) -> None:
         problems.append(f"task.format={c.task.format!r} must be one of {FORMATS}")
     if problems:
         raise UserError("config: " + "; ".join(problems))
+
+
+def _embedding_problems(c: ml_collections.ConfigDict) -> list[str]:
+    """Range checks of the embedding keys (``embed`` and ``barcodes``)."""
+    problems = []
+    if c.batch_size < 1:
+        problems.append(f"batch_size={c.batch_size} must be >= 1")
+    if c.layer < -1:
+        problems.append(f"layer={c.layer} must be -1 (last), 0 (embedding layer) or a block")
+    if c.pooling not in ("mean", "cls"):
+        problems.append(f"pooling={c.pooling!r} must be mean or cls")
+    if c.protocol == "embed":
+        if not c.input:
+            problems.append("input is empty: name a FASTA, CSV or TSV file to embed")
+        if c.vocab not in ("", "dnabert", "barcodebert"):
+            problems.append(f"vocab={c.vocab!r} must be dnabert or barcodebert (or empty for a "
+                            "run folder)")
+        if c.format not in ("auto", "fasta", "csv", "tsv"):
+            problems.append(f"format={c.format!r} must be auto, fasta, csv or tsv")
+    else:
+        if c.probe_max_iter < 1:
+            problems.append(f"probe_max_iter={c.probe_max_iter} must be >= 1")
+        if c.umap_components < 2:
+            problems.append(f"umap_components={c.umap_components} must be >= 2")
+    return problems

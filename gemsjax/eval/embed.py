@@ -240,8 +240,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     pretraining run folder, ``random``, ...: :func:`gemsjax.eval.init.load_encoder`) and write
     ``embeddings.npy`` + ``index.tsv`` into ``workdir``; returns a summary."""
     from gemsjax.eval import init
+    from gemsjax.eval.config import validate
 
-    spec = init.load_encoder(config.init, model_name=config.model, vocab=config.vocab)
+    validate(config)
+    random = config.init == "random"
+    spec = init.load_encoder(config.init, model_name=config.model.name if random else "",
+                             vocab=config.vocab)
     model = init.build_encoder(spec, nnx.Rngs(config.seed))
     sequences, index = read_sequences(config.input, config.format)
     max_len = config.max_len or (110 if spec.vocab == "barcodebert" else 512)
