@@ -200,7 +200,7 @@ def _restore_encoder(state_dir: pathlib.Path, cfg, source: str) -> dict:
             raise UserError(f"{source}: encoder array {jax.tree_util.keystr(path)} has shape "
                             f"{np.shape(got)}, the size in its metadata needs {want.shape}; the "
                             "run folder is damaged or mixes runs")
-    return restored.to_pure_dict()
+    return nnx.to_pure_dict(restored)
 
 
 def build_encoder(encoder: Encoder, rngs: nnx.Rngs, *, dtype: Any = jnp.float32) -> BertModel:
