@@ -108,6 +108,18 @@ def test_exact_lookup_matches_contained_sequences_only():
     assert got.tolist() == [3, 5, -1, -1, -1]
 
 
+def test_exact_lookup_index_equals_plain_search_on_real_barcodes():
+    sets = barcodes.load_barcode_sets(samples.sample_path(samples.BARCODES))
+    keys = sets.train.sequences
+    queries = (sets.test.sequences[:150] + [k[17:400] for k in keys[:40:3]]
+               + [k[:25] for k in keys[:5]] + ["N".join(k[i : i + 30] for i in (0, 31, 62))
+                                               for k in keys[:3]])
+    labels = np.arange(len(keys))
+    want = [next((j for j, key in enumerate(keys) if q in key), -1) for q in queries]
+    got = knn.exact_lookup(keys, labels, queries)
+    assert got.tolist() == want and (got >= 0).sum() > 20
+
+
 def test_kmer_frequencies_count_real_barcodes():
     seqs = tables.read_barcode_tsv(samples.sample_path(samples.BARCODES))["species_name"]
     seqs = seqs.sequences[:30] + ["ACGTNACGTACGTT", "AC", "ACGTAC-GTACGT"]
