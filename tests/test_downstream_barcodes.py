@@ -53,7 +53,7 @@ def test_embed_command_reads_a_run_folder_and_refuses_the_wrong_tokenizer(barcod
     workdir, _ = barcode_run
     out = tmp_path / "emb"
     sample = ROOT / "gemsjax" / "data" / "samples" / "bold_coi_sample.tsv.gz"
-    done = _main("--mode=embed", "--config=configs/embed.py", f"--config.init={workdir}",
+    done = _main("--mode=embed", "--config=configs/eval/embed.py", f"--config.init={workdir}",
                  f"--config.input={sample}", f"--workdir={out}")
     assert done.returncode == 0, done.stderr[-3000:]
     summary = _summary(done.stdout)
@@ -62,14 +62,14 @@ def test_embed_command_reads_a_run_folder_and_refuses_the_wrong_tokenizer(barcod
     assert vectors.shape == (4000, 64) and np.isfinite(vectors).all()
     index = (out / "index.tsv").read_text().splitlines()
     assert len(index) == 4001 and index[0].startswith("row\tid\tline\t")
-    wrong = _main("--mode=embed", "--config=configs/embed.py", f"--config.init={workdir}",
+    wrong = _main("--mode=embed", "--config=configs/eval/embed.py", f"--config.init={workdir}",
                   f"--config.input={sample}", "--config.vocab=dnabert", f"--workdir={out}")
     assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
     assert "is a barcodebert model, but this task is tokenized for dnabert" in wrong.stderr
 
 
 def test_embed_command_smoke(tmp_path):
-    done = _main("--mode=embed", "--config=configs/embed.py:smoke", f"--workdir={tmp_path}")
+    done = _main("--mode=embed", "--config=configs/eval/embed.py:smoke", f"--workdir={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
     summary = _summary(done.stdout)
     assert summary["shape"] == [4000, 64] and summary["encoder"] == "random (test_mae)"

@@ -8,8 +8,8 @@ from flax import nnx
 from gemsjax.data import samples, tables
 from gemsjax.errors import UserError
 from gemsjax.eval import embed
-from gemsjax.models.registry import build_model, get_model_config
 from gemsjax.models.bert import masked_mean
+from gemsjax.models.registry import build_model, get_model_config
 from gemsjax.train import sharding
 
 

@@ -68,7 +68,7 @@ def test_pretraining_run_ends_with_the_downstream_table(pretrained):
 
 def test_evaluate_fewshot_from_the_run_folder(pretrained, env, tmp_path):
     run, _ = pretrained
-    out = _run(env, "--mode=evaluate", "--config=configs/fewshot.py:smoke,max_len=40",
+    out = _run(env, "--mode=evaluate", "--config=configs/eval/fewshot.py:smoke,max_len=40",
                f"--config.init={run}:best", f"--workdir={tmp_path}")
     summary = _summary(out.stdout)
     assert summary["truncated"] == {"pool": 20, "test": 500}   # 67 tokens needed, 40 kept
@@ -78,7 +78,7 @@ def test_evaluate_fewshot_from_the_run_folder(pretrained, env, tmp_path):
     assert "truncated rows: 20 of the pool, 500 of the test file" in out.stdout
     for name in ("results.md", "curves_prom_core_sample_10shot.png", "mcc_prom_core_sample.png"):
         assert (tmp_path / name).is_file()
-    again = _run(env, "--mode=evaluate", "--config=configs/fewshot.py:smoke,max_len=40",
+    again = _run(env, "--mode=evaluate", "--config=configs/eval/fewshot.py:smoke,max_len=40",
                  f"--config.init={run}:best", f"--workdir={tmp_path}")
     assert "draw 0" not in again.stdout                      # every draw read back (resume)
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == record["rows"]
@@ -87,7 +87,7 @@ def test_evaluate_fewshot_from_the_run_folder(pretrained, env, tmp_path):
 def test_finetune_command_with_dev_split(pretrained, env, tmp_path):
     run, _ = pretrained
     dev = ROOT / "gemsjax/data/samples/prom_core_10shot_train.tsv.gz"
-    args = ("--mode=finetune", "--config=configs/finetune.py:smoke,baseline=False",
+    args = ("--mode=finetune", "--config=configs/eval/finetune.py:smoke,baseline=False",
             f"--config.init={run}:step=3", f"--config.task.dev={dev}", f"--workdir={tmp_path}")
     out = _run(env, *args)
     record = json.loads((tmp_path / "results.json").read_text())
@@ -115,7 +115,7 @@ def test_wrong_checkpoints_are_refused(pretrained):
 
 def test_gue_scores_a_task_and_skips_one_without_train(shared_data, tmp_path):
     config = main._load_config_file(
-        f"configs/gue.py:smoke,baseline=False,gue_dir={shared_data / 'gue'}")
+        f"configs/eval/gue.py:smoke,baseline=False,gue_dir={shared_data / 'gue'}")
     config.tasks = ("prom/prom_core_tata", "EMP/H3")
     summary = gue.evaluate(config, tmp_path)
     rows = {r["task"]: r for r in summary["rows"]}

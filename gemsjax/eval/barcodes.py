@@ -237,7 +237,7 @@ def _finetuned_accuracy(encoder, sets: BarcodeSets, config, workdir: pathlib.Pat
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-    """``--mode=evaluate`` with ``config.protocol="barcodes"`` (``configs/barcodes.py``): every
+    """``--mode=evaluate`` with ``config.protocol="barcodes"`` (``configs/eval/barcodes.py``): every
     score for the encoder ``config.init``, its random-init twin, 6-mer frequencies and exact
     lookup; writes ``results.json``, ``results.md`` and ``umap.png`` into ``workdir``."""
     from gemsjax.eval import init

@@ -1,11 +1,13 @@
-"""Configs of the downstream commands (``--mode=finetune`` / ``--mode=evaluate``).
+"""Configs of the downstream commands (``--mode=finetune`` / ``evaluate`` / ``embed``).
 
-One base per protocol, with every key the protocol reads; the config files in ``configs/``
-(``finetune.py``, ``fewshot.py``, ``gue.py``) set values on it and apply presets with
-:func:`apply_presets` (``name``, a model size, or ``key=value``), and :func:`validate` checks
-the result once, naming each bad key and the fix.
+One base per protocol, with every key the protocol reads; the config files in ``configs/eval/``
+(``finetune.py``, ``fewshot.py``, ``gue.py``, ``barcodes.py``, ``embed.py``; the pretraining
+recipes are ``configs/*.py``) set values on it and apply presets with
+:func:`gemsjax.config.apply_presets` (a preset name, a model size, or ``key=value``);
+:func:`load` sets the ``--config.<key>=`` overrides and :func:`validate` checks the result once
+(each key's type against the base, then its range), naming each bad key and the fix.
 
-Keys shared by all three:
+Keys shared by the fine-tuning protocols:
 
 - ``protocol``: ``finetune`` | ``fewshot`` | ``gue`` (``--mode=evaluate`` dispatches on it);
 - ``init``: the encoder (:mod:`gemsjax.eval.init`: ``runs/x[:best|:latest|:step=N]``,
@@ -21,14 +23,14 @@ Keys shared by all three:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import ml_collections
 
-from gemsjax.config import set_key
+from gemsjax import config as config_lib
 from gemsjax.data import samples
 from gemsjax.errors import UserError
-from gemsjax.models import registry
+from gemsjax.models.sizes import SIZES
 
 PROTOCOLS = ("finetune", "fewshot", "gue", "barcodes", "embed")
 FORMATS = ("gue", "genemask")
@@ -114,50 +116,68 @@ def embed_base() -> ml_collections.ConfigDict:
     return c
 
 
-Preset = Callable[[ml_collections.ConfigDict], None]
+MODE_PROTOCOLS = {"finetune": ("finetune",), "evaluate": ("fewshot", "gue", "barcodes"),
+                  "embed": ("embed",)}
+"""The protocols each downstream ``--mode`` runs."""
+_BASES = {"finetune": finetune_base, "fewshot": fewshot_base, "gue": gue_base,
+          "barcodes": barcodes_base, "embed": embed_base}
 
 
-def apply_presets(c: ml_collections.ConfigDict, arg: str | None,
-                  presets: Mapping[str, Preset]) -> ml_collections.ConfigDict:
-    """Apply the comma-separated presets of ``arg`` in order: a name in ``presets``, a model size
-    or ``key=value``; then :func:`validate`. Returns ``c``."""
-    for item in (p.strip() for p in (arg or "").split(",")):
-        if not item:
-            continue
-        if "=" in item:
-            key, value = item.split("=", 1)
-            set_key(c, key.strip(), _literal(value.strip()))
-        elif item in presets:
-            presets[item](c)
-        elif item in registry.SIZES:
-            c.model.name = item
-        else:
-            raise UserError(f"unknown preset {item!r}; valid: {', '.join(presets)}, a model size"
-                            f" ({', '.join(registry.SIZES)}), or key=value")
+def load(spec: str, overrides: Mapping[str, str], mode: str) -> ml_collections.ConfigDict:
+    """``path[:presets]`` (or a bare name in ``configs/eval/``) -> its config with the
+    ``--config.<key>=<value>`` ``overrides`` set, validated and locked; a pretraining recipe, or
+    a protocol ``mode`` does not run, raises :class:`UserError` naming the right command."""
+    path, _, arg = spec.partition(":")
+    if not path.endswith(".py") and "/" not in path:
+        path = str(config_lib.CONFIGS_DIR / "eval" / f"{path}.py")
+    try:
+        c = config_lib.load_module(path).get_config(arg or None)
+        if "protocol" in c:
+            for key, text in dict(overrides).items():
+                config_lib.set_key(c, key, text)
+    except UserError as err:
+        raise type(err)(f"{spec}: {err}") from None
+    wanted = MODE_PROTOCOLS[mode]
+    if "protocol" not in c:
+        raise UserError(f"{spec} is a pretraining recipe (--mode=train); --mode={mode} needs "
+                        + " or ".join(f"configs/eval/{p}.py" for p in wanted))
+    if c.protocol not in wanted:
+        right = next(m for m, protocols in MODE_PROTOCOLS.items() if c.protocol in protocols)
+        raise UserError(f"{spec} runs the {c.protocol!r} protocol: use --mode={right}")
+    validate(c, spec)
+    c.lock()
     return c
 
 
-def _literal(text: str):
-    import ast
-
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def validate(c: ml_collections.ConfigDict) -> None:
-    """Range checks of a downstream config; one UserError naming each bad key and the fix."""
+def _type_problems(c: ml_collections.ConfigDict) -> list[str]:
+    """Keys whose value has another type than the protocol base's (a float key takes an int)."""
+    base = _BASES[c.protocol]()
     problems = []
-    if c.protocol not in PROTOCOLS:
-        problems.append(f"protocol={c.protocol!r} must be one of {PROTOCOLS}")
-    if c.model.name and c.model.name not in registry.SIZES:
-        problems.append(f"model.name={c.model.name!r} must be a size: {sorted(registry.SIZES)}")
+    for key in config_lib.valid_keys(base):
+        want, value = base, c
+        for part in key.split("."):
+            want, value = want[part], value.get(part) if hasattr(value, "get") else None
+        kind = (int, float) if isinstance(want, float) else type(want)
+        if isinstance(value, bool) != isinstance(want, bool) or not isinstance(value, kind):
+            problems.append(f"{key}={value!r} must be of type {type(want).__name__}")
+    return problems
+
+
+def validate(c: ml_collections.ConfigDict, source: str = "config") -> None:
+    """Type and range checks of a downstream config; one UserError naming ``source``, each bad
+    key and the fix."""
+    if c.get("protocol") not in PROTOCOLS:
+        raise UserError(f"{source}: protocol={c.get('protocol')!r} must be one of {PROTOCOLS}")
+    problems = _type_problems(c)
+    if problems:
+        raise UserError(f"{source}: " + "; ".join(problems))
+    if c.model.name and c.model.name not in SIZES:
+        problems.append(f"model.name={c.model.name!r} must be a size: {', '.join(SIZES)}")
     if c.protocol in ("barcodes", "embed"):
         problems += _embedding_problems(c)
     if c.protocol == "embed":
         if problems:
-            raise UserError("config: " + "; ".join(problems))
+            raise UserError(f"{source}: " + "; ".join(problems))
         return
     f = c.finetune
     for key in ("learning_rate", "weight_decay", "clip_norm", "warmup"):
@@ -189,7 +209,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.protocol == "finetune" and c.task.format not in FORMATS:
         problems.append(f"task.format={c.task.format!r} must be one of {FORMATS}")
     if problems:
-        raise UserError("config: " + "; ".join(problems))
+        raise UserError(f"{source}: " + "; ".join(problems))
 
 
 def _embedding_problems(c: ml_collections.ConfigDict) -> list[str]:

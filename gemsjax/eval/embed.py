@@ -10,7 +10,7 @@ dropped), so the step compiles once; batches are split over the ``("data", "fsdp
 parameters follow their FSDP annotations, as in training.
 
 :func:`embed_file` reads FASTA / CSV / TSV and writes ``embeddings.npy`` and ``index.tsv``;
-:func:`run` is ``python -m gemsjax.main --mode=embed --config=configs/embed.py``.
+:func:`run` is ``python -m gemsjax.main --mode=embed --config=configs/eval/embed.py``.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from flax import nnx
 from gemsjax.errors import UserError
 from gemsjax.models import registry
 from gemsjax.models.bert import BertModel
+from gemsjax.models.sizes import SIZES
 
 VOCABS = ("dnabert", "barcodebert")
 
@@ -96,7 +97,7 @@ def load_encoder(spec: str, *, model_name: str = "", vocab: str = "") -> Encoder
     if kind == "random" and not target:
         if not model_name or vocab not in VOCABS:
             raise UserError(f"config.init='random' needs config.model.name (a size: "
-                            f"{sorted(registry.SIZES)}) and a vocab {VOCABS}")
+                            f"{', '.join(SIZES)}) and a vocab {VOCABS}")
         cfg = registry.get_model_config(model_name)
         return Encoder(cfg, vocab, None, f"random ({model_name})")
     run = _load_run(target, which if kind == "run" else "latest", params=kind == "run")

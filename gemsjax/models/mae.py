@@ -19,14 +19,13 @@ After pretraining only the encoder is kept; :meth:`BarcodeMAE.encode` runs it al
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from gemsjax.models.bert import (
     FSDP_AXIS,
+    BertConfig,
     BertModel,
     Dtype,
     Embeddings,
@@ -35,9 +34,6 @@ from gemsjax.models.bert import (
     dropout_layer,
 )
 from gemsjax.vocab import get_vocab
-
-if TYPE_CHECKING:
-    from gemsjax.models.registry import BertConfig
 
 _VOCAB = get_vocab("barcodebert", 6)
 UNK_ID = _VOCAB.unk_id
@@ -94,9 +90,9 @@ class MaeDecoder(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embeddings = Embeddings(config, **kw)
         self.stack = TransformerStack(config, **kw)
-        self.dropout = dropout_layer(config.dropout)
+        self.dropout = dropout_layer(config.dropout, config.platform)
         self.classifier = dense(config.hidden, num_classes, (None, FSDP_AXIS),
-                                out_dtype=jnp.float32, **kw)
+                                platform=config.platform, out_dtype=jnp.float32, **kw)
 
     def __call__(self, x: jax.Array, attention: jax.Array,
                  rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -120,7 +116,8 @@ class BarcodeMAE(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.variant = variant
         self.encoder = BertModel(config, **kw)
-        self.projection = dense(config.hidden, config.hidden, (FSDP_AXIS, None), **kw)
+        self.projection = dense(config.hidden, config.hidden, (FSDP_AXIS, None),
+                                platform=config.platform, **kw)
         if variant == "dropped":
             self.mask_vector = nnx.Param(jnp.zeros((config.hidden,), param_dtype))
         self.decoder = MaeDecoder(config.decoder(), config.num_classes, **kw)

@@ -1,6 +1,6 @@
 """GUE (DNABERT-2 benchmark) protocol: ``--mode=evaluate``; MCC per task and averaged.
 
-    python -m gemsjax.main --mode=evaluate --config=configs/gue.py \
+    python -m gemsjax.main --mode=evaluate --config=configs/eval/gue.py \
         --config.gue_dir=GUE --config.init=runs/cm_gems-...
 
 Every task folder under ``gue_dir`` runs (``tasks`` picks some: ``'("prom/prom_core_tata",)'``)
@@ -12,6 +12,7 @@ Presets: "" (the reference protocol), "smoke" (tiny model, 1 epoch, 64 training 
 evaluation rows per task), a model size, key=value; keys in gemsjax/eval/config.py.
 """
 
+from gemsjax import config as config_lib
 from gemsjax.eval import config as base
 
 
@@ -25,4 +26,4 @@ PRESETS = {"smoke": smoke}
 
 
 def get_config(arg=None):
-    return base.apply_presets(base.gue_base(), arg, PRESETS)
+    return config_lib.apply_presets(base.gue_base(), arg, PRESETS)

@@ -4,7 +4,7 @@ Default: the shipped GeneMask Prom-core 10-shot sample (train) and 500 of its te
 random-init LOGO-size model; point ``init`` at a pretraining run to fine-tune it (the random
 baseline of the same size runs beside it unless ``baseline=False``)::
 
-    python -m gemsjax.main --mode=finetune --config=configs/finetune.py \
+    python -m gemsjax.main --mode=finetune --config=configs/eval/finetune.py \
         --config.init=runs/cm_gems-... --config.task.train=train.csv \
         --config.task.dev=dev.csv --config.task.test=test.csv --config.task.format=gue
 
@@ -12,6 +12,7 @@ Presets: "" (the sample), "smoke" (tiny model, 2 epochs), a model size, key=valu
 gemsjax/eval/config.py.
 """
 
+from gemsjax import config as config_lib
 from gemsjax.eval import config as base
 
 
@@ -24,4 +25,4 @@ PRESETS = {"smoke": smoke}
 
 
 def get_config(arg=None):
-    return base.apply_presets(base.finetune_base(), arg, PRESETS)
+    return config_lib.apply_presets(base.finetune_base(), arg, PRESETS)

@@ -10,6 +10,7 @@ Presets: "" (the sample), "smoke" (tiny model, 2 draws, 2 epochs), "genemask" (t
 grid's settings for ``task.dir``), a model size, key=value; keys in gemsjax/eval/config.py.
 """
 
+from gemsjax import config as config_lib
 from gemsjax.eval import config as base
 
 
@@ -27,4 +28,4 @@ PRESETS = {"smoke": smoke, "genemask": genemask}
 
 
 def get_config(arg=None):
-    return base.apply_presets(base.fewshot_base(), arg, PRESETS)
+    return config_lib.apply_presets(base.fewshot_base(), arg, PRESETS)

@@ -5,7 +5,7 @@ with ``full_finetune``), open-world genus (cosine 1-NN of unseen species), BIN r
 
     python -m gemsjax.eval.barcode_split insect_coi_barcodes.tsv.gz runs/bold_split
     python -m gemsjax.main --mode=evaluate --workdir=runs/eval_barcodes \\
-        --config=configs/barcodes.py --config.init=runs/barcode_mae-<date>-<time> \\
+        --config=configs/eval/barcodes.py --config.init=runs/barcode_mae-<date>-<time> \\
         --config.tsv=runs/bold_split/insect_coi_barcodes.split.tsv.gz
 
 Presets: "" (the shipped sample), "smoke" (a random tiny encoder, small probe and UMAP),
@@ -13,6 +13,7 @@ Presets: "" (the shipped sample), "smoke" (a random tiny encoder, small probe an
 gemsjax/eval/config.py (``barcodes_base``).
 """
 
+from gemsjax import config as config_lib
 from gemsjax.eval import config as base
 
 
@@ -31,4 +32,4 @@ PRESETS = {"smoke": smoke, "finetune": finetune}
 
 
 def get_config(arg=None):
-    return base.apply_presets(base.barcodes_base(), arg, PRESETS)
+    return config_lib.apply_presets(base.barcodes_base(), arg, PRESETS)

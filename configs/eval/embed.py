@@ -1,13 +1,14 @@
 """Embeddings (``--mode=embed``): pooled hidden states of an encoder for every sequence of a
 FASTA / CSV / TSV, written as ``embeddings.npy`` (float32[N, H]) + ``index.tsv`` into --workdir.
 
-    python -m gemsjax.main --mode=embed --workdir=emb --config=configs/embed.py \\
+    python -m gemsjax.main --mode=embed --workdir=emb --config=configs/eval/embed.py \\
         --config.init=runs/barcode_mae-<date>-<time> --config.input=barcodes.tsv
 
 Presets: "smoke" (a random tiny barcode encoder on the shipped BOLD sample), a model size,
 key=value; keys in gemsjax/eval/config.py (``embed_base``).
 """
 
+from gemsjax import config as config_lib
 from gemsjax.data import samples
 from gemsjax.eval import config as base
 
@@ -22,4 +23,4 @@ PRESETS = {"smoke": smoke}
 
 
 def get_config(arg=None):
-    return base.apply_presets(base.embed_base(), arg, PRESETS)
+    return config_lib.apply_presets(base.embed_base(), arg, PRESETS)
