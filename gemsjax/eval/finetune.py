@@ -42,6 +42,7 @@ from gemsjax.data import pipelines, tables
 from gemsjax.errors import UserError
 from gemsjax.eval import scores
 from gemsjax.eval.init import Encoder
+from gemsjax.models import flops
 from gemsjax.models.bert import BertClassifier
 from gemsjax.train import checkpoint, metrics, optim, sharding
 
@@ -292,7 +293,7 @@ def finetune(tuner: Finetuner, train: tables.LabelledTable, dev: tables.Labelled
                                       save_every=checkpoint_every, keep_last=1, keep_best=1)
     writer = metrics.MetricsWriter(
         workdir, total_steps=total, tokens_per_step=tuner.hyper.batch_size * tuner.max_len,
-        flops_per_step=tuner.hyper.batch_size * 3 * metrics.transformer_forward_flops(
+        flops_per_step=tuner.hyper.batch_size * 3 * flops.transformer_forward_flops(
             tuner.encoder.model_cfg.layers, tuner.encoder.model_cfg.hidden,
             tuner.encoder.model_cfg.ffn, tuner.max_len, tuner.max_len),
         peak_flops=metrics.peak_flops_per_device(), console_every=log_every)
