@@ -199,14 +199,10 @@ def _without_split(tmp_path):
 
 @pytest.mark.slow  # UMAP compile + a linear probe on 4096-dim k-mer vectors
 def test_evaluate_smoke_writes_the_table_and_picture(tmp_path):
-    import importlib.util
-    import pathlib
+    from gemsjax.eval import config as eval_config
 
-    spec = importlib.util.spec_from_file_location(
-        "barcodes_config", pathlib.Path(__file__).parents[1] / "configs" / "barcodes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    summary = barcodes.evaluate(module.get_config("smoke"), tmp_path)
+    config = eval_config.load("barcodes:smoke", {}, "evaluate")
+    summary = barcodes.evaluate(config, tmp_path)
     record = json.loads((tmp_path / "results.json").read_text())
     methods = [row["method"] for row in record["rows"]]
     assert methods == ["random (test_mae)", "6-mer frequencies", "exact-sequence lookup"]
