@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from gemsjax import main
 from gemsjax.errors import UserError
+from gemsjax.eval import config as eval_config
 from gemsjax.eval import gue, init
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -114,9 +114,8 @@ def test_wrong_checkpoints_are_refused(pretrained):
 
 
 def test_gue_scores_a_task_and_skips_one_without_train(shared_data, tmp_path):
-    config = main._load_config_file(
-        f"configs/eval/gue.py:smoke,baseline=False,gue_dir={shared_data / 'gue'}")
-    config.tasks = ("prom/prom_core_tata", "EMP/H3")
+    config = eval_config.load(f"gue:smoke,baseline=False,gue_dir={shared_data / 'gue'}",
+                              {"tasks": "('prom/prom_core_tata', 'EMP/H3')"}, "evaluate")
     summary = gue.evaluate(config, tmp_path)
     rows = {r["task"]: r for r in summary["rows"]}
     assert rows["EMP/H3"]["note"].startswith("skipped: no train.csv")
