@@ -77,7 +77,7 @@ def _common(recipe: str, kind: str) -> ml_collections.ConfigDict:
     ))
     c.downstream = ml_collections.ConfigDict(dict(
         eval=True,                      # end with the downstream table (gemsjax.eval.downstream)
-        draws=3,                        # genome: few-shot draws per arm there (protocol: 10)
+        draws=2,                        # genome: few-shot draws per arm there (protocol: 10)
     ))
     c.train = ml_collections.ConfigDict(dict(
         steps=300,                      # optimizer updates
