@@ -197,11 +197,11 @@ def _without_split(tmp_path):
     return path
 
 
-@pytest.mark.slow  # UMAP compile + a linear probe on 4096-dim k-mer vectors
+@pytest.mark.slow  # UMAP compile, a probe on 4096-dim k-mer vectors, one fine-tuning epoch
 def test_evaluate_smoke_writes_the_table_and_picture(tmp_path):
     from gemsjax.eval import config as eval_config
 
-    config = eval_config.load("barcodes:smoke", {}, "evaluate")
+    config = eval_config.load("barcodes:smoke,finetune", {"finetune.epochs": "1"}, "evaluate")
     summary = barcodes.evaluate(config, tmp_path)
     record = json.loads((tmp_path / "results.json").read_text())
     methods = [row["method"] for row in record["rows"]]
@@ -210,6 +210,8 @@ def test_evaluate_smoke_writes_the_table_and_picture(tmp_path):
     assert kmer["genus 1-NN acc"] > 0.5 and kmer["BIN AMI"] > 0.6
     assert kmer["harmonic mean"] == pytest.approx(barcodes.harmonic_mean(
         [kmer["species acc (probe)"], kmer["genus 1-NN acc"], kmer["BIN AMI"]]))
+    assert 0.0 <= record["rows"][0]["species acc (fine-tuned)"] <= 1.0  # 1 epoch of full FT
+    assert (tmp_path / "finetune_0" / "metrics.jsonl").is_file()
     assert (tmp_path / "umap.png").stat().st_size > 10_000
     assert "| 6-mer frequencies |" in (tmp_path / "results.md").read_text()
     assert summary["rows"] == record["rows"]
