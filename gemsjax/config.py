@@ -75,6 +75,10 @@ def _common(recipe: str, kind: str) -> ml_collections.ConfigDict:
         num_threads=2,                  # grain read threads
         prefetch=4,                     # batches read ahead
     ))
+    c.downstream = ml_collections.ConfigDict(dict(
+        eval=True,                      # end with the downstream table (gemsjax.eval.downstream)
+        draws=2,                        # genome: few-shot draws per arm there (protocol: 10)
+    ))
     c.train = ml_collections.ConfigDict(dict(
         steps=300,                      # optimizer updates
         grad_accum=1,                   # micro-batches per step (data.batch_size = accum * micro)
@@ -164,6 +168,7 @@ def genome_smoke(c: ml_collections.ConfigDict) -> None:
     c.optimizer.warmup_steps = 2
     c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 1, 3, 3
     c.train.eval_batches = 1
+    c.downstream.eval = False
 
 
 def barcode_smoke(c: ml_collections.ConfigDict, size: str) -> None:
@@ -172,6 +177,7 @@ def barcode_smoke(c: ml_collections.ConfigDict, size: str) -> None:
     c.data.batch_size, c.train.steps = 8, 6
     c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 1, 3, 3
     c.train.eval_batches = 1
+    c.downstream.eval = False
 
 
 # ---------------------------------------------------------------------------------- presets
@@ -379,6 +385,8 @@ RULES: dict[str, Callable] = {
     "optimizer.b1": _real(0.0, 1.0, open_hi=True), "optimizer.b2": _real(0.0, 1.0, open_hi=True),
     "optimizer.eps": _real(0.0, open_lo=True), "optimizer.weight_decay": _real(0.0),
     "optimizer.decay_mask": _one_of(*DECAY_MASKS), "optimizer.clip_norm": _real(0.0),
+    "downstream.eval": lambda x: None if isinstance(x, bool) else "must be True or False",
+    "downstream.draws": _POSITIVE,
 }
 """Each key's range: ``check(value) -> None`` when fine, else what the value must be."""
 

@@ -26,8 +26,13 @@ MODES = {
     "export": "write a trained run as a Hugging Face transformers folder: --config.init=<run "
               "folder or checkpoint> [--config.step=N] (no --config; --workdir default: "
               "<run folder>/hf)",
+    "finetune": "fine-tune a classifier on one labelled task (configs/eval/finetune.py)",
+    "evaluate": "run a downstream protocol, write its report (configs/eval/fewshot.py, gue.py, "
+                "barcodes.py)",
+    "embed": "write embeddings of a FASTA / CSV / TSV file (configs/eval/embed.py)",
 }
 EXPORT_KEYS = ("init", "step")
+DOWNSTREAM_MODES = ("finetune", "evaluate", "embed")
 USAGE_ERROR = 2
 _CONFIG = flags.DEFINE_string(
     "config", None, "Config file and presets, path[:preset,key=value,...]; single keys also "
@@ -105,6 +110,13 @@ def load_config(spec: str | None, mode: str, overrides: dict[str, str]):
     if not spec:
         raise UserError(f"--config is required, e.g. --config=configs/cm_gems.py; recipes: "
                         f"{recipes}")
+    if mode in DOWNSTREAM_MODES:
+        from gemsjax.eval import config as eval_config
+
+        return eval_config.load(spec, overrides, mode)
+    if spec.partition(":")[0].startswith("configs/eval/"):
+        raise UserError(f"{spec} is a downstream config: run it with --mode=finetune, evaluate or "
+                        "embed (as its docstring says)")
     config = config_lib.load(spec, overrides)
     is_pmi = config.recipe == config_lib.PMI_RECIPE
     if mode == "pmi" and not is_pmi:
@@ -119,11 +131,13 @@ def load_config(spec: str | None, mode: str, overrides: dict[str, str]):
 
 
 def default_workdir(config) -> pathlib.Path:
-    """``runs/<recipe>-<date>-<time>``; multi-process runs must name one shared ``--workdir``."""
+    """``runs/<recipe or protocol>-<date>-<time>``; multi-process runs must name one shared
+    ``--workdir``."""
     if os.environ.get("GEMSJAX_DISTRIBUTED") == "1":
         raise UserError("a multi-process run needs --workdir (the same folder for every "
                         "process)")
-    return pathlib.Path("runs") / f"{config.recipe}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    name = config.get("recipe") or config.protocol
+    return pathlib.Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
 def run_pmi(config, workdir: pathlib.Path) -> dict:
@@ -199,8 +213,28 @@ def run_train(config, workdir: pathlib.Path) -> dict:
         summary["workdir"] = str(workdir)
         if lead:
             summary["curves"] = str(run_files.plot_curves(workdir, summary["switch_step"]))
+        if config.downstream.eval and not summary["stopped"]:
+            from gemsjax.eval.downstream import after_pretraining
+
+            summary["downstream"] = after_pretraining(config, workdir)
         _print_summary(summary)
     return summary
+
+
+def run_downstream(mode: str, config, workdir: pathlib.Path) -> dict:
+    """``finetune`` / ``evaluate`` (the protocol in ``gemsjax.eval.PROTOCOLS``) / ``embed``; the
+    summary leaves out the table, which the run printed."""
+    import importlib
+
+    from gemsjax.eval import PROTOCOLS
+
+    if mode == "embed":
+        from gemsjax.eval import embed
+
+        return embed.run(config, workdir)
+    module, _, function = PROTOCOLS[config.protocol].partition(":")
+    summary = getattr(importlib.import_module(module), function)(config, workdir)
+    return {k: v for k, v in summary.items() if k not in ("markdown", "rows")}
 
 
 def _print_summary(summary: dict) -> None:
@@ -226,6 +260,8 @@ def main(argv):
     workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(config)
     if _MODE.value == "train":
         run_train(config, workdir)
+    elif _MODE.value in DOWNSTREAM_MODES:
+        _print_summary(run_downstream(_MODE.value, config, workdir))
     else:
         _print_summary(run_pmi(config, workdir) if _MODE.value == "pmi" else run_data(config))
 

@@ -522,3 +522,22 @@ def test_export_mode_writes_a_trained_run_that_transformers_loads(tmp_path, chr2
     ids, attention = _dnabert_batch(chr22)
     theirs = _loaded(transformers.AutoModelForMaskedLM, run / "hf")
     _same_logits(ours, theirs, ids, attention)
+
+
+def test_init_spec_hf_resolves_to_the_exported_encoder(tmp_path):
+    """``config.init=hf:<folder>`` (fine-tuning, embedding) gives the folder's encoder exactly,
+    with its vocab; ``random:hf:<folder>`` its randomly initialized twin."""
+    from gemsjax.eval import init
+
+    model = _perturbed(BertForMaskedLM(SMALL, rngs=nnx.Rngs(0)), 3)
+    folder = hf.export_model(model, SMALL, DNABERT, tmp_path / "mlm")
+    encoder = init.load_encoder(f"hf:{folder}", vocab="dnabert")
+    assert encoder.vocab == "dnabert" and encoder.source == f"hf:{folder}"
+    built = init.build_encoder(encoder, nnx.Rngs(1))
+    want = nnx.to_pure_dict(nnx.state(model.encoder, nnx.Param))
+    got = nnx.to_pure_dict(nnx.state(built, nnx.Param))
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert init.load_encoder(f"random:hf:{folder}").params is None
+    with pytest.raises(UserError, match="barcodebert"):
+        init.load_encoder(f"hf:{folder}", vocab="barcodebert")

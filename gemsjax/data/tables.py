@@ -285,7 +285,8 @@ def _aliases(column: str) -> tuple[str, ...]:
 
 def _read_integer_labelled(path: str | os.PathLike, delimiter: str,
                            to_sequence: Callable[[str], str]) -> LabelledTable:
-    """Rows ``sequence, label`` with integer labels; ``to_sequence`` maps the sequence field."""
+    """Rows ``sequence, label`` with integer labels; ``to_sequence`` maps the sequence field.
+    ``extra["line"]`` holds each row's 1-based line number in the file."""
     lines, sequences, labels = [], [], []
     with DelimitedReader(path, delimiter) as reader:
         seq_col, label_col = reader.column("sequence"), reader.column("label")
@@ -307,7 +308,7 @@ def _read_integer_labelled(path: str | os.PathLike, delimiter: str,
     n_classes = int(labels_array.max()) + 1 if len(labels) else 0
     return LabelledTable(sequences=sequences, labels=labels_array,
                          label_names=tuple(str(i) for i in range(n_classes)),
-                         source=os.fspath(path))
+                         source=os.fspath(path), extra={"line": np.asarray(lines, np.int64)})
 
 
 def _check_sequences(path: str, sequences: list[str], lines: list[int]) -> None:
