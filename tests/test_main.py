@@ -121,8 +121,8 @@ def test_pmi_mode_writes_a_rank_table(tmp_path):
     assert meta["sources"] == [str(fasta)] and meta["min_count"] == 5
     expected = pmi.rank_table(pmi.count_kmers([fasta], 6), 6, 5, vocab)
     np.testing.assert_array_equal(table, expected)
-    scored = int((table[vocab.num_specials:] < 4**6).sum())
-    assert summary["scored_kmers"] == scored and 1000 < scored <= 4096
+    # Rank 4096 is the worst scored rank and the "unscored" rank: count scored k-mers from meta.
+    assert summary["scored_kmers"] == meta["n_scored"] == 4096 and "note" not in summary
 
 
 def test_run_log_copies_stdout_and_the_traceback(tmp_path, capsys):
