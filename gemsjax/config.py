@@ -111,6 +111,9 @@ def pretraining_config(recipe: str, arg: str | None = None) -> ml_collections.Co
         mesh_fsdp=1,
         head_fraction=0.0 if barcode else 0.375,  # head + last layer on masked tokens (0: off)
     ))
+    c.compile = ml_collections.ConfigDict(dict(
+        topology="",                    # --mode=compile target, e.g. v5p:4x4x2; "": local devices
+    ))
     if not barcode:
         c.optimizer.warmup_steps = 15
         c.train.eval_every = 25         # several validations so the CM-GEMS switch can fire

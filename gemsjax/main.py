@@ -6,6 +6,10 @@ Modes:
   folder ``runs/<recipe>-<date>-<time>``); running the same command again resumes it.
 - ``pmi``: write a PMI rank table for FASTA files (``--config=configs/pmi.py``).
 - ``data``: build the input pipeline and print a summary of one batch.
+- ``compile``: compile the train step for ``--config.compile.topology`` (a TPU slice such as
+  ``v5p:4x4x2``, from any machine with libtpu; default the local devices) and print what one chip
+  needs: memory against HBM, FLOPs, the compiler's step-time estimate
+  (:mod:`gemsjax.train.compile_ahead`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "pmi", "data")
+MODES = ("train", "pmi", "data", "compile")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with :presets).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<recipe>-<time>.")
@@ -118,6 +122,10 @@ def main(argv):
         summary = run_pmi(config, workdir)
     elif _MODE.value == "data":
         summary = run_data(config)
+    elif _MODE.value == "compile":
+        from gemsjax.train import compile_ahead
+
+        summary = compile_ahead.run(config)
     else:
         from gemsjax.train.loop import train_and_evaluate
 

@@ -45,7 +45,8 @@ def dry_run(*args: str) -> list[str]:
     (("run", "n1", "us-east5-a", "--", "--config=configs/cm_gems.py:paper,dnabert6",
       "--workdir=gs://bkt/runs/a b"),
      [f"{SSH} 'GEMSJAX_DISTRIBUTED=1 JAX_COMPILATION_CACHE_DIR=$HOME/.cache/gemsjax-xla "
-      f"{WORKER} start --config=configs/cm_gems.py:paper\\,dnabert6 --workdir=gs://bkt/runs/a\\ b'"]),
+      f"{WORKER} start --config=configs/cm_gems.py:paper\\,dnabert6 "
+      "--workdir=gs://bkt/runs/a\\ b'"]),
     (("status", "n1", "us-east5-a"), [f"{SSH} '{WORKER} status'"]),
     (("logs", "n1", "us-east5-a", "20"), [f"{SSH} '{WORKER} logs 20'"]),
     (("kill", "n1", "us-east5-a"), [f"{SSH} '{WORKER} stop 120'"]),

@@ -39,10 +39,11 @@ def say(message: str) -> None:
         print(message, flush=True)
 
 
-def compute_dtype(name: str) -> Any:
-    """``auto``: bfloat16 on GPU/TPU, float32 on CPU (where bf16 matmuls are slow)."""
+def compute_dtype(name: str, platform: str | None = None) -> Any:
+    """``auto``: bfloat16 on GPU/TPU, float32 on CPU (where bf16 matmuls are slow); ``platform``
+    is the one the step is compiled for (default: ``jax.default_backend()``)."""
     if name == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        return jnp.float32 if (platform or jax.default_backend()) == "cpu" else jnp.bfloat16
     return jnp.dtype(name)
 
 
