@@ -24,6 +24,9 @@ Rules and caveats it enforces:
   FLOPs and time come from the same step compiled for one micro-batch (``grad_accum=1``), times
   ``grad_accum`` (the optimizer update, then counted ``grad_accum`` times, is < 0.1 % of the
   step); memory comes from the real step. Any other loop left in the program is reported.
+- **Conditionals.** XLA costs a ``lax.cond`` at its dearest branch: with the MLM head on masked
+  tokens (``train.head_fraction``) the compiler's FLOPs and time are those of the full-head
+  fallback, while the model FLOPs (and so the MFU) count the masked-token head that runs.
 - **Target platform.** The compute dtype (``auto``: bf16) and the attention path follow the
   platform compiled for, not the host's ``jax.default_backend()``.
 """
