@@ -5,8 +5,8 @@ A batch of 250 real sequences x 512 tokens (chr22 segment, N deleted, 510-bp chu
 
 - ``jax mask``: the jitted gemsjax mask function (intended algorithm) on the default JAX device,
   after a warm-up, each call with a new key and ``block_until_ready``; against
-- ``numpy rows``: the per-sequence NumPy implementation of ``masking_reference.py`` (vectorized
-  per-row lookups ``ranks[ids_row]``, Python loops over the centres; masks only);
+- ``numpy rows``: the per-sequence NumPy implementation of ``tests/masking_reference.py``
+  (vectorized per-row lookups ``ranks[ids_row]``, Python loops over the centres; masks only);
 - ``jax mask+corrupt``: the jitted mask (``reference_code_compat="cmgems"``: the released code's
   position-indexed ranks, B1/B3) plus the 80/10/10 corruption, returning inputs and labels;
   against
@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
-import masking_reference as ref
 import numpy as np
 import released_collators as released
 import torch
@@ -36,6 +36,9 @@ from benchutil import machine_info, median_seconds
 
 from gemsjax import masking
 from gemsjax.pmi import load_genemask_ranks
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+import masking_reference as ref  # noqa: E402  (the test oracle, tests/masking_reference.py)
 
 DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 STRATEGIES = {  # name: (probability, released collator)

@@ -1,17 +1,19 @@
 """Benchmark: the jitted gemsjax MLM train step vs Hugging Face ``BertForMaskedLM`` in PyTorch.
 
-Both sides train the same model (``logo`` and ``dnabert6`` from ``gemsjax.models.registry``:
+Both sides train the same model (``logo`` and ``dnabert6`` from ``gemsjax.models.sizes``:
 vocabulary 4101, the size's hidden / layers / heads / FFN / 512 positions / dropout, exact GELU,
 LayerNorm eps 1e-12) on the same batch of real tokens (consecutive 510-bp chunks of the shipped
 chr22 sample, N deleted, DNABERT 6-mers: CLS + 505 tokens + SEP + padding to 512) on the CPU,
 with AdamW (lr 8e-4 warm-up/linear schedule, betas 0.9/0.98, eps 1e-6, weight decay 0.01 off
 biases and LayerNorm, gradient clipping 1.0: the CM-GEMS recipe) in float32.
 
-- ``jax``: the real ``gemsjax.train.step.make_train_step`` under ``jax.jit`` (state donated):
-  CM-GEMS masking (GeneMask phase) and 80/10/10 corruption made inside the step from the raw
-  batch, forward, backward and the optax update; timed twice, with the output head on every
-  position (``Task.head_fraction=None``, what torch does) and on the masked positions only
-  (``--head-fraction``, same results).
+- ``jax``: the real ``gemsjax.train.step.make_train_step`` under ``jax.jit`` (state donated),
+  built from ``configs/cm_gems.py:paper`` (one micro-batch of ``--logo-batch`` /
+  ``--dnabert-batch`` rows) by the loop's builder (``gemsjax.train.spec.step_spec``): CM-GEMS
+  masking (GeneMask phase) and 80/10/10 corruption made inside the step from the raw batch,
+  forward, backward and the optax update; timed twice, with the output head on every position
+  (``StepSpec.mlm_head_share=None``, what torch does) and on the masked positions only
+  (``--mlm-head-share``, same results).
 - ``torch``: ``model(input_ids, attention_mask, labels)`` (labels -100 off the mask), backward,
   ``clip_grad_norm_``, ``torch.optim.AdamW.step``, scheduler step, ``zero_grad``. Its masked
   batches are precomputed (with gemsjax's GeneMask + corruption, so the masking statistics
@@ -36,6 +38,7 @@ Run: ``python benchmarks/bench_train_step.py`` (``--sizes``, ``--logo-batch``, `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Callable
 
@@ -47,38 +50,41 @@ import transformers
 from benchutil import genome_batch, interleaved_medians, machine_info, median_seconds
 from flax import nnx
 
-from gemsjax import curriculum, masking, pmi
-from gemsjax.data import samples
+from gemsjax import config as config_lib
+from gemsjax import masking
 from gemsjax.models import registry
 from gemsjax.train import optim
-from gemsjax.train.step import Task, TrainState, make_train_step, masked_batch
+from gemsjax.train import spec as spec_lib
+from gemsjax.train.step import init_train_state, make_train_step, masked_batch, step_graphdefs
 from gemsjax.vocab import get_vocab
 
 VOCAB = get_vocab("dnabert", 6)
-MAX_STEPS = 10_000  # schedule length (CM-GEMS 10K); the timed steps sit in the warm-up
 
 
-def jax_train_step(size: str, head_fraction: float | None = None):
-    """``(jitted step, initial TrainState, Task)`` for model ``size``, as the train loop builds
-    them on one device (CM-GEMS curriculum, the GeneMask rank table)."""
-    model_cfg = registry.get_model_config(size)
-    cur = curriculum.cm_gems(1.0)
-    task = Task(kind="mlm", vocab=VOCAB, curriculum=cur, head_fraction=head_fraction)
-    tx, lr_schedule = optim.make_optimizer(optim.cm_gems_config(), MAX_STEPS)
-    model = registry.build_model(model_cfg, nnx.Rngs(0))
-    model.train()
-    graphdef, params = nnx.split(model, nnx.Param)
-    state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                       curriculum=cur.init())
-    step = jax.jit(make_train_step(task, graphdef, tx, lr_schedule), donate_argnums=0)
-    return step, state, task
+def recipe(size: str, batch_size: int):
+    """CM-GEMS as the paper trains it (10K steps, warm-up 500: the timed steps sit in the
+    warm-up) for model ``size``, one micro-batch of ``batch_size`` rows per step."""
+    return config_lib.load(f"cm_gems:paper,{size}",
+                           {"data.batch_size": str(batch_size), "train.grad_accum": "1"})
 
 
-def jax_runner(size: str, batch: dict, rank_table, switched: bool = False,
-               head_fraction: float | None = None) -> tuple[Callable[[int], None], dict]:
+def jax_train_step(config, mlm_head_share: float | None = None):
+    """``(jitted step, initial TrainState, StepSpec)`` for ``config``, as the train loop builds
+    them on one device."""
+    spec = dataclasses.replace(spec_lib.step_spec(config), mlm_head_share=mlm_head_share)
+    tx, lr_schedule = optim.make_optimizer(config.optimizer, config.train.steps)
+    model = registry.build_model(spec_lib.model_config(config), nnx.Rngs(config.seed))
+    state = init_train_state(model, tx, spec)
+    graphdef, _ = step_graphdefs(model)
+    step = jax.jit(make_train_step(spec, graphdef, tx, lr_schedule), donate_argnums=0)
+    return step, state, spec
+
+
+def jax_runner(config, batch: dict, rank_table, switched: bool = False,
+               mlm_head_share: float | None = None) -> tuple[Callable[[int], None], dict]:
     """``(run, box)``: ``run(i)`` does one jax train step and waits for it (CM-GEMS phase:
     Global-PMI when ``switched``); ``box["metrics"]`` holds the last step's metrics."""
-    step, state, _ = jax_train_step(size, head_fraction)
+    step, state, _ = jax_train_step(config, mlm_head_share)
     state = state._replace(curriculum=state.curriculum._replace(switched=jnp.bool_(switched)))
     box = {"state": state}
 
@@ -90,9 +96,9 @@ def jax_runner(size: str, batch: dict, rank_table, switched: bool = False,
     return run, box
 
 
-def torch_model(size: str) -> transformers.BertForMaskedLM:
-    """Hugging Face ``BertForMaskedLM`` with the registry size's configuration."""
-    c = registry.get_model_config(size)
+def torch_model(config) -> transformers.BertForMaskedLM:
+    """Hugging Face ``BertForMaskedLM`` with the model configuration of ``config``."""
+    c = spec_lib.model_config(config)
     config = transformers.BertConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden, num_hidden_layers=c.layers,
         num_attention_heads=c.heads, intermediate_size=c.ffn, hidden_act="gelu",
@@ -118,20 +124,21 @@ def torch_batches(batch: dict, rank_table, count: int) -> list[tuple[torch.Tenso
     return out
 
 
-def torch_runner(size: str, batch: dict, rank_table, count: int) -> Callable[[int], None]:
+def torch_runner(config, batch: dict, rank_table, count: int) -> Callable[[int], None]:
     """``run(i)``: one PyTorch train step (forward with labels, backward, clip, AdamW) on
     precomputed masked batch ``i`` (``0 <= i < count``)."""
     torch.manual_seed(0)
-    model = torch_model(size)
+    model = torch_model(config)
     no_decay = ("bias", "LayerNorm.weight")
     named = list(model.named_parameters())
-    cfg = optim.cm_gems_config()
+    cfg = config.optimizer
     groups = [{"params": [p for n, p in named if not any(k in n for k in no_decay)],
                "weight_decay": cfg.weight_decay},
               {"params": [p for n, p in named if any(k in n for k in no_decay)],
                "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.b1, cfg.b2), eps=cfg.eps)
-    schedule = transformers.get_linear_schedule_with_warmup(opt, cfg.warmup_steps, MAX_STEPS)
+    schedule = transformers.get_linear_schedule_with_warmup(opt, cfg.warmup_steps,
+                                                            config.train.steps)
     batches = torch_batches(batch, rank_table, count)
 
     def run(i):
@@ -146,12 +153,12 @@ def torch_runner(size: str, batch: dict, rank_table, count: int) -> Callable[[in
     return run
 
 
-def time_masking(size: str, batch: dict, rank_table, switched: bool, repeats: int) -> float:
+def time_masking(config, batch: dict, rank_table, switched: bool, repeats: int) -> float:
     """Median seconds of the step's masking and corruption (``masked_batch``) jitted alone."""
-    _, state, task = jax_train_step(size)
+    _, state, spec = jax_train_step(config)
     cur_state = state.curriculum._replace(switched=jnp.bool_(switched))
     fn = jax.jit(lambda key, step, ids, attention: masked_batch(
-        task, key, step, cur_state, ids, attention, rank_table))
+        spec, key, step, cur_state, ids, attention, rank_table))
     keys = jax.random.split(jax.random.key(1), repeats + 1)
     return median_seconds(lambda i: jax.block_until_ready(
         fn(keys[i], jnp.int32(i), batch["ids"], batch["attention"])), repeats)
@@ -164,13 +171,12 @@ def main() -> None:
     parser.add_argument("--dnabert-batch", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per turn")
-    parser.add_argument("--head-fraction", type=float, default=0.375)
+    parser.add_argument("--mlm-head-share", type=float, default=0.375)
     parser.add_argument("--share-repeats", type=int, default=30)
     parser.add_argument("--no-share", dest="share", action="store_false")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
-    rank_table = jnp.asarray(pmi.load_genemask_ranks(samples.sample_path(samples.GENEMASK_RANKS),
-                                                     VOCAB))
+    rank_table = jnp.asarray(spec_lib.rank_table(recipe("logo", 1), VOCAB))
     print(machine_info())
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
           f"{transformers.__version__}; medians of {args.rounds} x {args.steps} steps, "
@@ -178,19 +184,21 @@ def main() -> None:
           "counts padded tokens (B x L)")
     for size in args.sizes:
         batch_size = args.logo_batch if size == "logo" else args.dnabert_batch
+        config = recipe(size, batch_size)
         host = genome_batch(batch_size)
         batch = {k: jnp.asarray(v) for k, v in host.items()}
         tokens = host["ids"].size
-        head = f"head_fraction={args.head_fraction}"
-        runners = {"torch": torch_runner(size, batch, rank_table, args.rounds * (1 + args.steps))}
+        head = f"mlm_head_share={args.mlm_head_share}"
+        runners = {"torch": torch_runner(config, batch, rank_table,
+                                         args.rounds * (1 + args.steps))}
         boxes = {}
-        for label, fraction in (("head on all positions", None), (head, args.head_fraction)):
-            runners[label], boxes[label] = jax_runner(size, batch, rank_table,
-                                                      head_fraction=fraction)
+        for label, head_share in (("head on all positions", None), (head, args.mlm_head_share)):
+            runners[label], boxes[label] = jax_runner(config, batch, rank_table,
+                                                      mlm_head_share=head_share)
         share = size == "logo" and args.share
         if share:
-            runners["Global-PMI phase"], _ = jax_runner(size, batch, rank_table, switched=True,
-                                                        head_fraction=args.head_fraction)
+            runners["Global-PMI phase"], _ = jax_runner(config, batch, rank_table, switched=True,
+                                                        mlm_head_share=args.mlm_head_share)
         seconds = interleaved_medians(runners, args.rounds, args.steps)
         t_torch = seconds["torch"]
         print(f"{size}: batch {batch_size} x {host['ids'].shape[1]} | torch {t_torch:.3f} s/step "
@@ -203,7 +211,7 @@ def main() -> None:
             for phase, step_label, switched in (("GeneMask", head, False),
                                                 ("Global-PMI", "Global-PMI phase", True)):
                 t_step = seconds[step_label]
-                t_mask = time_masking(size, batch, rank_table, switched, args.share_repeats)
+                t_mask = time_masking(config, batch, rank_table, switched, args.share_repeats)
                 print(f"  masking share ({phase} phase): masking + corruption {t_mask * 1e3:.2f} "
                       f"ms of a {t_step:.3f} s step = {t_mask / t_step:.2%}")
 

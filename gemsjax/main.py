@@ -1,48 +1,128 @@
 """Command-line entry: ``python -m gemsjax.main --config=configs/<recipe>.py[:presets]``.
 
-Modes:
-
-- ``train`` (default): pretrain with the config's masking recipe in ``--workdir`` (default: a new
-  folder ``runs/<recipe>-<date>-<time>``); running the same command again resumes it.
-- ``pmi``: write a PMI rank table for FASTA files (``--config=configs/pmi.py``).
-- ``data``: build the input pipeline and print a summary of one batch.
-- ``compile``: compile the train step for ``--config.compile.topology`` (a TPU slice such as
-  ``v5p:4x4x2``, from any machine with libtpu; default the local devices) and print what one chip
-  needs: memory against HBM, FLOPs, the compiler's step-time estimate
-  (:mod:`gemsjax.train.compile_ahead`).
+``--help`` lists the modes, the recipes in ``configs/`` with their presets, and how to resume.
+Mistakes in the command or the config print one line, ``gemsjax: <what and how to fix it>``, and
+exit with status 2 (``--traceback`` shows where).
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import pathlib
 import sys
+import textwrap
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-MODES = ("train", "pmi", "data", "compile")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (with :presets).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; default runs/<recipe>-<time>.")
-_MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+from gemsjax import config as config_lib
+from gemsjax.errors import UserError
+
+MODES = {
+    "train": "pretrain the recipe in --workdir (default: a new runs/<recipe>-<date>-<time>/)",
+    "data": "build the recipe's training pipeline and summarize its first batch",
+    "pmi": "write a PMI rank table for FASTA files (with --config=configs/pmi.py)",
+    "compile": "compile the train step for --config.compile.topology (a TPU slice, e.g. "
+               "v5p:4x4x2; default the local devices) and print per-chip memory, FLOPs and "
+               "the compiler's step-time estimate",
+}
+USAGE_ERROR = 2
+_CONFIG = flags.DEFINE_string(
+    "config", None, "Config file and presets, path[:preset,key=value,...]; single keys also "
+    "as --config.<key>=<value>.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; give an existing one to resume "
+                               "it. Default: a new runs/<recipe>-<date>-<time>.")
+_MODE = flags.DEFINE_string("mode", "train", f"What to run: {', '.join(MODES)}.")
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the traceback of a usage error.")
+_OVERRIDES: dict[str, str] = {}  # --config.<key>=<value>, in command-line order
 
 
-def _process_index() -> int:
-    import jax
+def help_text() -> str:
+    """The ``--help`` page: usage, modes, recipes with presets, resuming, flags."""
+    lines = ["Pretrain DNA language models with smart masking (CM-GEMS / GeneMask, BarcodeMAE).",
+             "",
+             "usage: python -m gemsjax.main --config=configs/<recipe>.py[:preset,...] "
+             "[--mode=MODE] [--workdir=DIR] [--config.<key>=<value> ...]", "", "modes:"]
+    lines += [f"  {name:<7} {what}" for name, what in MODES.items()]
+    lines += ["", f"recipes ({config_lib.CONFIGS_DIR.name}/<recipe>.py) and their presets:"]
+    for name in config_lib.recipes():
+        module = config_lib.load_module(config_lib.CONFIGS_DIR / f"{name}.py")
+        summary = " ".join(module.__doc__.split("\n\n")[0].replace("``", "").split())
+        lines += textwrap.wrap(summary, 96, initial_indent=f"  {name:<15}",
+                               subsequent_indent=" " * 17)
+        lines.append(" " * 17 + "presets: " + ", ".join(module.PRESETS))
+    lines += ["",
+              "--config also takes a bare recipe name: --config=cm_gems:smoke.",
+              "Presets combine with commas, in order: a preset above, a model size of a training",
+              "recipe (:dnabert6, :logo, ...) or key=value (:train.steps=200). Every run checks",
+              "all keys and ranges before it starts.",
+              "",
+              "resume: a training run resumes from the newest checkpoint in its workdir. The",
+              "default workdir is new each time, so resume with the folder the run printed:",
+              "  python -m gemsjax.main --config=configs/cm_gems.py "
+              "--workdir=runs/cm_gems-<date>-<time>",
+              "",
+              "flags:",
+              flags.FLAGS.module_help(sys.modules[__name__].__name__) or ""]
+    return "\n".join(lines)
 
-    return jax.process_index()
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing; ``--config.<key>=<value>`` items are set aside for the config and
+    ``--help`` prints :func:`help_text`. A bad flag is a one-line usage error."""
+    rest = []
+    for arg in argv:
+        if arg in ("--help", "-h", "--helpshort", "-?"):
+            print(help_text())
+            sys.exit(0)
+        if arg.startswith("--config."):
+            key, eq, value = arg[len("--config."):].partition("=")
+            if not eq:
+                _usage_error(f"{arg}: write config overrides as --config.<key>=<value>")
+            _OVERRIDES[key] = value
+        else:
+            rest.append(arg)
+    try:
+        return flags.FLAGS(rest)
+    except flags.Error as err:
+        _usage_error(f"{err}; see --help")
+
+
+def _usage_error(message: str) -> None:
+    print(f"gemsjax: {message}", file=sys.stderr, flush=True)
+    sys.exit(USAGE_ERROR)
+
+
+def load_config(spec: str | None, mode: str, overrides: dict[str, str]):
+    """The validated config for ``mode``; a missing ``--config``, an unknown mode or a config of
+    the other kind (the PMI config for training, a training config for ``pmi``) raise
+    :class:`UserError` naming the choices."""
+    if mode not in MODES:
+        raise UserError(f"unknown --mode={mode}; valid: {', '.join(MODES)}")
+    recipes = ", ".join(f"configs/{name}.py" for name in config_lib.recipes())
+    if not spec:
+        raise UserError(f"--config is required, e.g. --config=configs/cm_gems.py; recipes: "
+                        f"{recipes}")
+    config = config_lib.load(spec, overrides)
+    is_pmi = config.recipe == config_lib.PMI_RECIPE
+    if mode == "pmi" and not is_pmi:
+        raise UserError(f"--mode=pmi needs the PMI config (--config=configs/pmi.py); {spec} "
+                        "is a training recipe: run it with --mode=train or --mode=data")
+    if mode != "pmi" and is_pmi:
+        raise UserError(f"{spec} is the PMI config: run it with --mode=pmi; --mode={mode} "
+                        f"needs a training recipe: "
+                        + ", ".join(f"configs/{name}.py" for name in config_lib.recipes()
+                                    if name != config_lib.PMI_RECIPE))
+    return config
 
 
 def default_workdir(config) -> pathlib.Path:
     """``runs/<recipe>-<date>-<time>``; multi-process runs must name one shared ``--workdir``."""
-    import os
-
     if os.environ.get("GEMSJAX_DISTRIBUTED") == "1":
-        sys.exit("gemsjax: a multi-process run needs --workdir (the same folder for every process)")
-    name = config.get("recipe", "pmi")
-    return pathlib.Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        raise UserError("a multi-process run needs --workdir (the same folder for every "
+                        "process)")
+    return pathlib.Path("runs") / f"{config.recipe}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
 def run_pmi(config, workdir: pathlib.Path) -> dict:
@@ -65,7 +145,9 @@ def run_pmi(config, workdir: pathlib.Path) -> dict:
 
 
 def run_data(config) -> dict:
-    """Build the training pipeline and summarize its first batch."""
+    """Build the training pipeline and summarize its first batch; ``unk_fraction`` is the share
+    of ``[UNK]`` among the real (attended) tokens, padding excluded (barcodes pad with
+    ``[UNK]``)."""
     import numpy as np
 
     from gemsjax.data import pipelines
@@ -73,68 +155,68 @@ def run_data(config) -> dict:
 
     batch = next(pipelines.make_pretraining_iterator(config, "train"))
     ids, attention = batch["ids"], batch["attention"]
-    vocab = "barcodebert" if config.data.kind == "barcode" else "dnabert"
-    first = KmerTokenizer(6, vocab=vocab).decode(ids[:1])[0]
+    tokenizer = KmerTokenizer(6, vocab="barcodebert" if config.data.kind == "barcode"
+                              else "dnabert")
+    first = tokenizer.decode(ids[:1])[0]
+    unk = (ids == tokenizer.vocab.unk_id) & (attention > 0)
     return dict(shape=list(ids.shape), dtype=str(ids.dtype),
                 tokens_per_row=float(attention.sum(axis=1).mean()),
-                unk_fraction=float((ids == 1).sum() / max(attention.sum(), 1)),
+                unk_fraction=float(unk.sum() / max(attention.sum(), 1)),
                 distinct_ids=int(np.unique(ids).size), first_sequence=first[:60] + "...")
 
 
-def _load_config_file(spec: str):
-    """``path[:arg]`` -> the config its ``get_config(arg)`` returns."""
-    import importlib.util
+def run_train(config, workdir: pathlib.Path) -> dict:
+    """Train in ``workdir`` with its run files (config.json, train.log, the curve picture)."""
+    import jax
 
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("gemsjax_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    from gemsjax.train import run_files
+    from gemsjax.train.loop import train_and_evaluate
 
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with wrong ``--config.<key>`` overrides and ``key=value`` presets
-    reported by name together with the valid keys instead of a traceback."""
-    from gemsjax.config import ConfigKeyError, valid_keys
-
-    try:
-        return flags.FLAGS(argv)
-    except ConfigKeyError as err:  # a wrong key in --config=<file>:<presets>
-        sys.exit(f"gemsjax: {err}")
-    except (AttributeError, KeyError) as err:
-        spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-        if spec is None:
-            raise
-        valid = valid_keys(_load_config_file(spec))
-        bad = [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
-        bad = [key for key in bad if key not in valid]
-        sys.exit(f"gemsjax: unknown config key(s) {bad or err}; valid keys for {spec}: "
-                 f"{', '.join(valid)}")
-
-
-def main(argv):
-    del argv
-    if not flags.FLAGS["verbosity"].present:  # Orbax / XLA info lines drown the progress line
-        logging.set_verbosity(logging.WARNING)
-    config = _CONFIG.value
-    workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(config)
-    if _MODE.value == "pmi":
-        summary = run_pmi(config, workdir)
-    elif _MODE.value == "data":
-        summary = run_data(config)
-    elif _MODE.value == "compile":
-        from gemsjax.train import compile_ahead
-
-        summary = compile_ahead.run(config)
-    else:
-        from gemsjax.train.loop import train_and_evaluate
-
+    lead = jax.process_index() == 0
+    if lead:
+        run_files.write_config(workdir, config)
+    with run_files.tee_log(workdir, enabled=lead):
         summary = train_and_evaluate(config, workdir)
         summary["workdir"] = str(workdir)
-    if _process_index() == 0:
+        if lead:
+            summary["curves"] = str(run_files.plot_curves(workdir, summary["switch_step"]))
+        _print_summary(summary)
+    return summary
+
+
+def _print_summary(summary: dict) -> None:
+    import jax
+
+    if jax.process_index() == 0:
         print("gemsjax summary: " + json.dumps(summary, sort_keys=True, default=str), flush=True)
 
 
+def main(argv):
+    if len(argv) > 1:
+        raise UserError(f"unexpected argument(s) {argv[1:]}; flags are --name=value, see --help")
+    if not flags.FLAGS["verbosity"].present:  # Orbax / XLA info lines drown the progress line
+        logging.set_verbosity(logging.WARNING)
+    config = load_config(_CONFIG.value, _MODE.value, _OVERRIDES)
+    workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(config)
+    if _MODE.value == "train":
+        run_train(config, workdir)
+    elif _MODE.value == "compile":
+        from gemsjax.train import compile_ahead
+
+        _print_summary(compile_ahead.run(config))
+    else:
+        _print_summary(run_pmi(config, workdir) if _MODE.value == "pmi" else run_data(config))
+
+
+def run(argv):
+    """``main`` with user errors as one line and exit status 2 (``--traceback``: re-raised)."""
+    try:
+        main(argv)
+    except UserError as err:
+        if _TRACEBACK.value:
+            raise
+        _usage_error(str(err))
+
+
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
-    app.run(main, flags_parser=parse_flags)
+    app.run(run, flags_parser=parse_flags)

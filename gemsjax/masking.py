@@ -23,15 +23,16 @@ Spans are clipped to the region between the first and last maskable position (th
 ``[1, end]``) and special positions inside it (``[UNK]`` k-mers) are never masked; the reference
 masks an interior ``[UNK]`` that a span covers, this module does not.
 
-PMI ranks come from a *rank table* ``ranks: int32[V]`` indexed by token id (1 = best, specials and
-unscored k-mers ``4**k``), e.g. :func:`gemsjax.pmi.load_genemask_ranks`.
+PMI ranks come from a *rank table* ``rank_table: int32[V]`` indexed by token id (1 = best, specials
+and unscored k-mers ``4**k``), e.g. :func:`gemsjax.pmi.load_genemask_ranks`.
 
 ``reference_code_compat`` reproduces the released GeneMask / CM-GEMS code (``reference/cmgems.md``
 section 2) instead of the intended algorithm:
 
-- ``False`` (default; also ``""``): the intended algorithm, rank of the *token* at each position.
-- ``True`` or ``"genemask"`` (GeneMask Code-B): B1, the rank is looked up by *position*
-  (``rank(position i) = ranks[i]``, i.e. the rank of ``vocab[i]``, the same for every sequence);
+- ``""`` (default): the intended algorithm, rank of the *token* at each position.
+- ``"genemask"`` (GeneMask Code-B): B1, the rank is looked up by *position*
+  (``rank(position i) = rank_table[i]``, i.e. the rank of ``vocab[i]``, the same for every
+  sequence);
   B2, the DNABERT special ids' ranks are 0 (best; a ``defaultdict(int)``), so positions 1-4 are
   the best; B3, GeneMask's high set is the first ``ceil(m/2)`` centres rather than the best.
 - ``"cmgems"`` (``CM-GEMS_pretraining_code.py``, ``CM-STEP_...``, ``Global-...``): B1 and B3, with
@@ -83,10 +84,7 @@ class MaskParams(NamedTuple):
     genemask_prob: float = 0.0176
     global_pmi_prob: float = 0.0136
     mae_ratio: float = 0.5
-    reference_code_compat: bool | str = False
-
-
-DEFAULT_PARAMS = MaskParams()
+    reference_code_compat: str = ""
 
 
 def strategy_index(name: str) -> int:
@@ -119,15 +117,14 @@ def _check(ids: jax.Array, special: jax.Array) -> jax.Array:
     return ~special.astype(bool)
 
 
-def _compat_mode(reference_code_compat: bool | str) -> bool | str:
-    """``False`` (intended; also ``""`` / None), ``"genemask"`` (also True) or ``"cmgems"``."""
+def _compat_mode(reference_code_compat: str) -> str:
+    """``""`` (intended; also False / None), ``"genemask"`` or ``"cmgems"``."""
     if not reference_code_compat:
-        return False
-    mode = "genemask" if reference_code_compat is True else reference_code_compat
-    if mode not in COMPAT_MODES:
-        raise ValueError(f"reference_code_compat must be False, True, 'genemask' or 'cmgems', "
+        return ""
+    if reference_code_compat not in COMPAT_MODES:
+        raise ValueError(f"reference_code_compat must be '', 'genemask' or 'cmgems', "
                          f"got {reference_code_compat!r}")
-    return mode
+    return reference_code_compat
 
 
 def _neighbours(x: jax.Array, lo: int, hi: int, fill) -> list[jax.Array]:
@@ -155,15 +152,15 @@ def _inside(valid: jax.Array) -> jax.Array:
     return (pos >= first) & (pos <= last)
 
 
-def _position_ranks(ids: jax.Array, ranks: jax.Array, mode: bool | str) -> jax.Array:
+def _position_ranks(ids: jax.Array, rank_table: jax.Array, mode: str) -> jax.Array:
     """``int32[B, L]`` PMI rank of each position: of its token, or of ``vocab[position]`` (B1)."""
-    ranks = jnp.asarray(ranks, dtype=jnp.int32)
-    if ranks.ndim != 1:
-        raise ValueError(f"ranks must be a rank table int32[vocab_size], got shape {ranks.shape}")
+    rank_table = jnp.asarray(rank_table, dtype=jnp.int32)
+    if rank_table.ndim != 1:
+        raise ValueError(f"rank_table must be int32[vocab_size], got shape {rank_table.shape}")
     if not mode:
-        return jnp.take(ranks, ids, mode="clip")
+        return jnp.take(rank_table, ids, mode="clip")
     pos = jnp.arange(ids.shape[1])
-    by_position = jnp.take(ranks, pos, mode="clip")
+    by_position = jnp.take(rank_table, pos, mode="clip")
     if mode == "genemask":
         by_position = jnp.where(pos < get_vocab("dnabert").num_specials, 0, by_position)
     return jnp.broadcast_to(by_position, ids.shape)
@@ -267,7 +264,7 @@ def random_span(key: jax.Array, ids: jax.Array, special: jax.Array, prob=0.025,
 
 
 def genemask_from_centres(centres: jax.Array, ids: jax.Array, special: jax.Array,
-                          ranks: jax.Array, reference_code_compat: bool | str = False
+                          rank_table: jax.Array, reference_code_compat: str = ""
                           ) -> jax.Array:
     """GeneMask spans around given centres (the deterministic part of :func:`genemask`).
 
@@ -282,7 +279,7 @@ def genemask_from_centres(centres: jax.Array, ids: jax.Array, special: jax.Array
       centres: ``bool[B, L]`` mask centres (must not be special).
       ids: ``int32[B, L]`` token ids.
       special: ``bool[B, L]``.
-      ranks: ``int32[V]`` rank table indexed by token id.
+      rank_table: ``int32[V]`` indexed by token id.
       reference_code_compat: see the module docstring (static).
 
     Returns:
@@ -291,8 +288,8 @@ def genemask_from_centres(centres: jax.Array, ids: jax.Array, special: jax.Array
     valid = _check(ids, special)
     mode = _compat_mode(reference_code_compat)
     centres = centres & valid
-    worst = jnp.shape(ranks)[0] + 1  # beyond every clipped rank: never a modified centre
-    rank = jnp.clip(_position_ranks(ids, ranks, mode), 0, worst - 1)
+    worst = jnp.shape(rank_table)[0] + 1  # beyond every clipped rank: never a modified centre
+    rank = jnp.clip(_position_ranks(ids, rank_table, mode), 0, worst - 1)
     rank = jnp.where(_inside(valid), rank, worst).astype(_narrow_dtype(worst))
     near = _neighbours(rank, GENEMASK_SPAN[0], GENEMASK_SPAN[1], worst)
     best_rank = rank
@@ -310,7 +307,7 @@ def genemask_from_centres(centres: jax.Array, ids: jax.Array, special: jax.Array
         position = jnp.arange(length, dtype=_narrow_dtype(length))
         in_front = _smallest(jnp.where(centres, position, length), num_high, length.bit_length())
     else:
-        in_front = _best_ranked(best_rank, centres, num_high, jnp.shape(ranks)[0])
+        in_front = _best_ranked(best_rank, centres, num_high, jnp.shape(rank_table)[0])
     high = centres & (in_front | (num_high < 5)[:, None])
 
     # one code per position, one pass over its neighbours (no scatter, no intermediate masks):
@@ -337,27 +334,27 @@ def _covers(code: jax.Array, s: int) -> jax.Array:
     return (code >= first) & (code <= last)
 
 
-def genemask(key: jax.Array, ids: jax.Array, special: jax.Array, ranks: jax.Array,
-             prob=0.0176, reference_code_compat: bool | str = False) -> jax.Array:
+def genemask(key: jax.Array, ids: jax.Array, special: jax.Array, rank_table: jax.Array,
+             prob=0.0176, reference_code_compat: str = "") -> jax.Array:
     """GeneMask masking: random centres, PMI-guided 6- and 11-token spans.
 
     Args:
       key: PRNG key.
       ids: ``int32[B, L]`` token ids.
       special: ``bool[B, L]`` positions never masked.
-      ranks: ``int32[V]`` rank table indexed by token id (1 = best).
+      rank_table: ``int32[V]`` indexed by token id (1 = best).
       prob: centre probability (0.0176 masks ~15.4% at L ~ 506, ~17% on short sequences).
       reference_code_compat: see the module docstring (static).
 
     Returns:
       ``bool[B, L]`` mask; see :func:`genemask_from_centres` for the span rules.
     """
-    return genemask_from_centres(draw_centres(key, special, prob), ids, special, ranks,
+    return genemask_from_centres(draw_centres(key, special, prob), ids, special, rank_table,
                                  reference_code_compat)
 
 
 def global_pmi_from_counts(counts: jax.Array, ids: jax.Array, special: jax.Array,
-                           ranks: jax.Array, reference_code_compat: bool | str = False
+                           rank_table: jax.Array, reference_code_compat: str = ""
                            ) -> jax.Array:
     """Global-PMI windows for given per-sequence counts (the deterministic part of
     :func:`global_pmi`).
@@ -366,7 +363,7 @@ def global_pmi_from_counts(counts: jax.Array, ids: jax.Array, special: jax.Array
       counts: ``int32[B]`` number of windows per sequence.
       ids: ``int32[B, L]`` token ids.
       special: ``bool[B, L]``.
-      ranks: ``int32[V]`` rank table indexed by token id.
+      rank_table: ``int32[V]`` indexed by token id.
       reference_code_compat: see the module docstring (static).
 
     Returns:
@@ -376,19 +373,20 @@ def global_pmi_from_counts(counts: jax.Array, ids: jax.Array, special: jax.Array
     valid = _check(ids, special)
     mode = _compat_mode(reference_code_compat)
     inside = _inside(valid)
-    top = _best_ranked(_position_ranks(ids, ranks, mode), inside, counts, jnp.shape(ranks)[0])
+    top = _best_ranked(_position_ranks(ids, rank_table, mode), inside, counts,
+                      jnp.shape(rank_table)[0])
     return _spread(top, -WIDE_RADIUS, WIDE_RADIUS) & valid
 
 
-def global_pmi(key: jax.Array, ids: jax.Array, special: jax.Array, ranks: jax.Array, prob,
-               reference_code_compat: bool | str = False) -> jax.Array:
+def global_pmi(key: jax.Array, ids: jax.Array, special: jax.Array, rank_table: jax.Array, prob,
+               reference_code_compat: str = "") -> jax.Array:
     """Global-PMI masking: ``k ~ Binomial(n_valid, prob)`` windows on the best-ranked positions.
 
     Args:
       key: PRNG key.
       ids: ``int32[B, L]`` token ids.
       special: ``bool[B, L]`` positions never masked.
-      ranks: ``int32[V]`` rank table indexed by token id.
+      rank_table: ``int32[V]`` indexed by token id.
       prob: per-position probability whose success count is ``k`` (0.0136 masks ~14%).
       reference_code_compat: see the module docstring (static).
 
@@ -396,7 +394,7 @@ def global_pmi(key: jax.Array, ids: jax.Array, special: jax.Array, ranks: jax.Ar
       ``bool[B, L]`` mask; see :func:`global_pmi_from_counts`.
     """
     counts = draw_centres(key, special, prob).sum(axis=1, dtype=jnp.int32)
-    return global_pmi_from_counts(counts, ids, special, ranks, reference_code_compat)
+    return global_pmi_from_counts(counts, ids, special, rank_table, reference_code_compat)
 
 
 def mae_drop(key: jax.Array, ids: jax.Array, special: jax.Array, ratio=0.5) -> jax.Array:
@@ -527,23 +525,22 @@ def corrupt(key: jax.Array, ids: jax.Array, mask: jax.Array, vocab_size: int, ma
     return inputs, ids, mask.astype(jnp.float32)
 
 
-def strategy_functions(params: MaskParams = DEFAULT_PARAMS
-                       ) -> tuple[Callable[..., jax.Array], ...]:
-    """One ``fn(key, ids, special, ranks) -> bool[B, L]`` per entry of :data:`STRATEGIES`."""
+def strategy_functions(params: MaskParams) -> tuple[Callable[..., jax.Array], ...]:
+    """One ``fn(key, ids, special, rank_table) -> bool[B, L]`` per entry of :data:`STRATEGIES`."""
     compat = params.reference_code_compat
     return (
-        lambda key, ids, special, ranks: random_span(key, ids, special, params.random_span_prob,
-                                                     params.span),
-        lambda key, ids, special, ranks: genemask(key, ids, special, ranks, params.genemask_prob,
-                                                  compat),
-        lambda key, ids, special, ranks: global_pmi(key, ids, special, ranks,
-                                                    params.global_pmi_prob, compat),
-        lambda key, ids, special, ranks: mae_drop(key, ids, special, params.mae_ratio),
+        lambda key, ids, special, rank_table: random_span(
+            key, ids, special, params.random_span_prob, params.span),
+        lambda key, ids, special, rank_table: genemask(
+            key, ids, special, rank_table, params.genemask_prob, compat),
+        lambda key, ids, special, rank_table: global_pmi(
+            key, ids, special, rank_table, params.global_pmi_prob, compat),
+        lambda key, ids, special, rank_table: mae_drop(key, ids, special, params.mae_ratio),
     )
 
 
 def make_mask(key: jax.Array, strategy: jax.Array, ids: jax.Array, special: jax.Array,
-              ranks: jax.Array, params: MaskParams = DEFAULT_PARAMS,
+              rank_table: jax.Array, params: MaskParams,
               active: Sequence[int] | None = None) -> jax.Array:
     """The mask of a strategy chosen at run time (no recompilation when it changes).
 
@@ -554,7 +551,7 @@ def make_mask(key: jax.Array, strategy: jax.Array, ids: jax.Array, special: jax.
         sequence (each strategy in ``active`` is computed for the batch and selected per row).
       ids: ``int32[B, L]`` token ids.
       special: ``bool[B, L]``.
-      ranks: ``int32[V]`` rank table (ignored by random_span and mae_drop).
+      rank_table: ``int32[V]`` (ignored by random_span and mae_drop).
       params: static hyper-parameters.
       active: static strategy indices that per-sequence selection may pick (default all);
         sequences whose index is not in ``active`` get an empty mask.
@@ -566,7 +563,7 @@ def make_mask(key: jax.Array, strategy: jax.Array, ids: jax.Array, special: jax.
     functions = strategy_functions(params)
     strategy = jnp.asarray(strategy, jnp.int32)
     if strategy.ndim == 0:
-        return jax.lax.switch(strategy, functions, key, ids, special, ranks)
+        return jax.lax.switch(strategy, functions, key, ids, special, rank_table)
     if strategy.shape != ids.shape[:1]:
         raise ValueError(f"per-sequence strategy must be int32[B] with B = {ids.shape[0]}, got "
                          f"shape {strategy.shape}")
@@ -574,6 +571,6 @@ def make_mask(key: jax.Array, strategy: jax.Array, ids: jax.Array, special: jax.
     out = jnp.zeros(ids.shape, bool)
     for index in active:
         chosen = (strategy == index)[:, None]
-        out = jnp.where(chosen, functions[index](key, ids, special, ranks), out)
+        out = jnp.where(chosen, functions[index](key, ids, special, rank_table), out)
     return out
 

@@ -533,20 +533,22 @@ def load_rank_table(path: str | pathlib.Path) -> tuple[np.ndarray, Vocab, dict]:
     return table, vocab, meta
 
 
-def rank_table_from_fasta(paths, out_path: str | pathlib.Path, k: int = 6, max_n: int = 6,
-                          min_count: int = GENEMASK_MIN_COUNT, *, denominator: str = "genemask",
-                          vocab: Vocab | None = None, chunk_bases: int = 1 << 22) -> np.ndarray:
-    """Count n-grams over FASTA files, rank the k-mers and save the rank table (``--mode=pmi``).
+def rank_table_from_fasta(paths, out_path: str | pathlib.Path | None = None, k: int = 6,
+                          max_n: int = 6, min_count: int = GENEMASK_MIN_COUNT, *,
+                          denominator: str = "genemask", vocab: Vocab | None = None,
+                          chunk_bases: int = 1 << 22) -> np.ndarray:
+    """Count n-grams over FASTA files and rank the k-mers: the one route from FASTA to a rank
+    table (``--mode=pmi`` saves it; a training run with ``masking.rank_table=fasta`` uses it).
 
     Args:
       paths: one FASTA path or a list of them (str or Path; gzip allowed).
-      out_path: where :func:`save_rank_table` writes the table.
+      out_path: where :func:`save_rank_table` writes the table (None: not saved).
       k, min_count, denominator, vocab: as for :func:`rank_table`.
       max_n: longest n-gram counted, k..10.
       chunk_bases: as for :func:`count_kmers`.
 
     Returns:
-      the ``int32[vocab.size]`` rank table that was saved.
+      the ``int32[vocab.size]`` rank table.
     """
     paths = resolve_paths(paths)
     _check_int("max_n", max_n, k, MAX_N)
@@ -556,5 +558,6 @@ def rank_table_from_fasta(paths, out_path: str | pathlib.Path, k: int = 6, max_n
     meta = {"sources": [str(p) for p in paths], "n_bases": counts.n_bases, "k": k,
             "max_n": max_n, "min_count": min_count, "denominator": denominator,
             "n_scored": int(np.count_nonzero(counts.counts[k] >= min_count))}
-    save_rank_table(out_path, table, vocab, meta)
+    if out_path is not None:
+        save_rank_table(out_path, table, vocab, meta)
     return table

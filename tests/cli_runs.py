@@ -24,7 +24,9 @@ TIMEOUT = 300
 
 
 def config(recipe: str, *presets: str):
-    return config_lib.pretraining_config(recipe, ",".join(("smoke",) + presets))
+    """``configs/<recipe>.py`` with the smoke preset and ``presets``, validated."""
+    return config_lib.load(f"{recipe}:" + ",".join(("smoke",) + presets))
+
 
 def env(jax_cache: pathlib.Path) -> dict[str, str]:
     """The subprocess environment: 1 CPU device, the module's compilation cache."""
@@ -73,9 +75,11 @@ def flat(tree) -> dict[str, np.ndarray]:
 
 
 def metrics(workdir: pathlib.Path) -> tuple[list[dict], list[dict]]:
-    """``metrics.jsonl`` as (train lines, validation lines), throughput keys dropped."""
+    """``metrics.jsonl`` as (train lines, validation lines), throughput and wall-clock keys
+    dropped."""
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    lines = [{k: v for k, v in line.items() if not k.startswith("perf/")} for line in lines]
+    lines = [{k: v for k, v in line.items() if not k.startswith("perf/") and k != "time"}
+             for line in lines]
     return [x for x in lines if "loss" in x], [x for x in lines if "val_loss" in x]
 
 

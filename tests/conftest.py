@@ -21,10 +21,11 @@ def shared_data() -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def genome(shared_data, tmp_path_factory) -> tuple[str, ...]:
-    """Presets that train on the shared human chr22 segment, prepared once for the module."""
+def genome(tmp_path_factory) -> tuple[str, ...]:
+    """Presets that train on the 1 Mb human chr22 sample shipped in the package (``data.fasta``
+    empty), prepared once for the module."""
     prepared = tmp_path_factory.mktemp("genome") / "chr22"
-    return (f"data.fasta={shared_data / cli_runs.CHR22}", f"data.prepared_dir={prepared}")
+    return (f"data.prepared_dir={prepared}",)
 
 
 @pytest.fixture(scope="module")

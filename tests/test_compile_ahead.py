@@ -50,9 +50,8 @@ def test_paper_dnabert6_step_compiles_for_a_v5p_slice_and_fits(capsys):
     v5p chips, 4 sequences per chip, head on every position (no lax.cond): it fits in HBM, the
     compiler's FLOPs are the formula's plus a little elementwise work, and the time estimate
     implies a plausible MFU."""
-    config = config_lib.pretraining_config(
-        "cm_gems", "paper,dnabert6,data.batch_size=16,train.grad_accum=1,train.head_fraction=0")
-    config.compile.topology = "v5p:2x2x1"
+    config = config_lib.load("cm_gems:paper,dnabert6,data.batch_size=16,train.grad_accum=1,"
+                             "train.mlm_head_share=0", {"compile.topology": "v5p:2x2x1"})
     report = compile_ahead.run(config)
     assert report["devices"] == 4 and report["compute_dtype"] == "bfloat16"
     params = 89_000_000  # DNABERT-6's parameters, float32, replicated
@@ -70,9 +69,8 @@ def test_paper_dnabert6_step_compiles_for_a_v5p_slice_and_fits(capsys):
 
 @pytest.mark.slow
 def test_a_step_too_big_for_its_chips_fails_naming_the_fix():
-    config = config_lib.pretraining_config("cm_gems", "smoke,data.batch_size=65536,"
-                                           "data.max_len=512")
-    config.compile.topology = "v5e:2x2"
+    config = config_lib.load("cm_gems:smoke,data.batch_size=65536,data.max_len=512",
+                             {"compile.topology": "v5e:2x2"})
     with pytest.raises(UserError) as err:
         compile_ahead.run(config)
     message = str(err.value)

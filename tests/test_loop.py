@@ -51,12 +51,12 @@ def test_resume_after_sigkill_is_exact(tmp_path, genome, jax_cache, background):
 
     train_a, val_a = cli_runs.metrics(run_a)
     train_b, val_b = cli_runs.metrics(run_b)
-    assert [x["step"] for x in train_a] == list(range(RESUME_STEPS))
+    assert [x["step"] for x in train_a] == list(range(1, RESUME_STEPS + 1))  # updates done
     by_step = {x["step"]: x for x in train_a}
     assert [x["mix/global_pmi"] for x in train_a] == [0.0] * 4 + [1.0] * (RESUME_STEPS - 4)
-    rerun = [x for x in train_b if x["step"] >= start]
-    assert [x["step"] for x in rerun[-(RESUME_STEPS - start):]] == list(range(start,
-                                                                               RESUME_STEPS))
+    rerun = [x for x in train_b if x["step"] > start]
+    assert [x["step"] for x in rerun[-(RESUME_STEPS - start):]] == list(range(start + 1,
+                                                                               RESUME_STEPS + 1))
     assert {x["step"] for x in train_b} == set(by_step)
     for line in train_b:  # the killed run's lines, and the resumed run's re-runs of the same steps
         assert line == by_step[line["step"]]
@@ -103,7 +103,7 @@ def test_sigterm_saves_the_step_and_the_rerun_resumes_it(tmp_path, genome, jax_c
     second = _stop_with_sigterm(rerun, after=first + 1)
     assert cli_runs.committed_steps(tmp_path) == [first, second]
     train, _ = cli_runs.metrics(tmp_path)  # each stop flushed its last step's metrics before saving
-    assert [x["step"] for x in train] == list(range(second))
+    assert [x["step"] for x in train] == list(range(1, second + 1))  # numbered as checkpoints
 
 
 @pytest.mark.slow
@@ -130,7 +130,7 @@ def test_nan_loss_stops_with_an_error_and_keeps_a_finite_checkpoint(tmp_path, ge
     weights = {k: v for k, v in last.items() if k.startswith(("['params']", "['opt_state']"))}
     assert len(weights) > 50 and all(np.isfinite(v).all() for v in weights.values())
     train, _ = cli_runs.metrics(tmp_path)
-    assert [x["step"] for x in train] == list(range(bad))
+    assert [x["step"] for x in train] == list(range(1, bad + 1))
     assert all(math.isfinite(x["loss"]) and math.isfinite(x["grad_norm"]) for x in train)
 
 
@@ -150,7 +150,7 @@ def test_short_run_on_a_real_genome_lowers_the_masked_lm_loss(tmp_path, shared_d
     assert done.returncode == 0, done.stderr[-3000:]
     _, val = cli_runs.metrics(tmp_path)
     losses = [x["val_loss"] for x in val]
-    assert [x["step"] for x in val] == list(range(9, 60, 10))
+    assert [x["step"] for x in val] == list(range(10, 61, 10))
     assert losses[-1] < losses[0] - 0.4, losses
     assert losses[-1] < math.log(4101) - 0.8, losses
     assert cli_runs.summary(done.stdout)["val_loss"] == losses[-1]

@@ -1,41 +1,96 @@
-"""The command line: config errors and the ``data`` / ``pmi`` modes."""
+"""The front door: usage errors as one line, ``--help``, the ``data`` and ``pmi`` modes, and the
+files a training run leaves in its folder. Only the shipped samples are read."""
 
+import json
 import re
+import struct
 import subprocess
 import sys
 
 import cli_runs
 import numpy as np
+import pytest
 
-from gemsjax import pmi
-from gemsjax.data import pipelines
+from gemsjax import config as config_lib
+from gemsjax import main, pmi
+from gemsjax.data import pipelines, samples
+from gemsjax.train import run_files
 from gemsjax.vocab import get_vocab
 
 
-def test_unknown_config_key_exits_naming_it_and_the_valid_keys(tmp_path):
-    for args in (["--config=configs/cm_gems.py:smoke", "--config.train.stepz=5"],
-                 ["--config=configs/cm_gems.py:smoke,train.stepz=5"]):
-        done = subprocess.run([sys.executable, "-m", "gemsjax.main", *args,
-                               f"--workdir={tmp_path}"], cwd=cli_runs.ROOT, capture_output=True,
-                              text=True, timeout=cli_runs.TIMEOUT)
-        assert done.returncode != 0
-        assert "Traceback" not in done.stderr, done.stderr
-        assert "train.stepz" in done.stderr and "valid keys" in done.stderr
-        assert "train.steps" in done.stderr and "optimizer.learning_rate" in done.stderr
-    assert not (tmp_path / "checkpoints").exists()
+def _gemsjax(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gemsjax.main", *args], cwd=cli_runs.ROOT,
+                          capture_output=True, text=True, timeout=cli_runs.TIMEOUT, env=env)
 
 
-def test_data_mode_prints_the_first_batch(tmp_path, shared_data, jax_cache):
+USAGE_ERRORS = [  # (arguments, what the one line must say)
+    ((), "--config is required, e.g. --config=configs/cm_gems.py; recipes: "
+         "configs/barcode_bert.py, configs/barcode_mae.py"),
+    (("--config=configs/cm_gems.py", "--mode=trian"), "unknown --mode=trian; valid: train, data, "
+                                                      "pmi"),
+    (("--config=configs/cm_gems.py:papr",), "unknown preset 'papr'; valid: paper, smoke, a model "
+                                            "size (dnabert6"),
+    (("--config=configs/cm_gemz.py",), "config file 'configs/cm_gemz.py' not found; recipes in "
+                                       "configs/: barcode_bert"),
+    (("--config=configs/pmi.py",), "configs/pmi.py is the PMI config: run it with --mode=pmi; "
+                                   "--mode=train needs a training recipe: configs/barcode_bert.py"),
+    (("--config=configs/genemask.py", "--mode=pmi"), "--mode=pmi needs the PMI config "
+                                                     "(--config=configs/pmi.py); configs/genemask"),
+    (("--config=configs/cm_gems.py:train.steps=abc",),
+     "configs/cm_gems.py:train.steps=abc: train.steps='abc' must be an integer >= 1"),
+    (("--config=configs/cm_gems.py", "--config.train.eval_every=0"),
+     "train.eval_every=0 must be an integer >= 1"),
+    (("--config=configs/cm_gems.py", "--config.masking.genemask_prob=1.5"),
+     "masking.genemask_prob=1.5 must be a number in [0.0, 1.0]"),
+    (("--config=configs/cm_gems.py:smoke", "--config.train.stepz=5"),
+     "unknown config key 'train.stepz'; valid keys: compile.topology, data.batch_size"),
+    (("--config=configs/cm_gems.py:smoke,train.stepz=5",),
+     "unknown config key 'train.stepz'; valid keys: compile.topology, data.batch_size"),
+    (("--config=configs/cm_gems.py", "--config.train.steps"),
+     "--config.train.steps: write config overrides as --config.<key>=<value>"),
+    (("--config=configs/cm_gems.py", "--stepz=5"), "Unknown command line flag 'stepz'"),
+    (("--config=configs/cm_gems.py", "train"), "unexpected argument(s) ['train']"),
+]
+
+
+@pytest.mark.parametrize("args, message", USAGE_ERRORS, ids=[" ".join(a) for a, _ in USAGE_ERRORS])
+def test_usage_errors_are_one_line_with_the_choices(tmp_path, args, message):
+    done = _gemsjax(*args, f"--workdir={tmp_path / 'run'}")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("gemsjax: "), done.stderr
+    assert message in done.stderr, done.stderr
+    assert done.stdout == "" and not (tmp_path / "run").exists()
+
+
+def test_traceback_flag_shows_where_a_usage_error_came_from():
+    done = _gemsjax("--config=configs/cm_gems.py:train.steps=0", "--traceback")
+    assert done.returncode != 0
+    assert "Traceback" in done.stderr and "gemsjax.errors.UserError: " in done.stderr
+    assert "train.steps=0 must be an integer >= 1" in done.stderr
+
+
+def test_help_lists_modes_recipes_presets_and_how_to_resume():
+    done = _gemsjax("--help")
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    for mode in main.MODES:
+        assert re.search(rf"^  {mode} ", text, re.M), mode
+    for name in config_lib.recipes():
+        assert re.search(rf"^  {name} ", text, re.M), name
+    assert text.count("presets: paper, smoke") == len(config_lib.recipes()) - 1
+    assert "presets: smoke, chrX" in text
+    assert "--workdir=runs/cm_gems-<date>-<time>" in text and "resume" in text
+    assert "--[no]traceback" in text and "--config.<key>=<value>" in text and "``" not in text
+
+
+def test_data_mode_prints_the_first_batch(tmp_path):
     prepared = tmp_path / "genome"
-    done = cli_runs.run([sys.executable, "-m", "gemsjax.main", "--mode=data",
-                         "--config=configs/genemask.py:smoke", "--config.data.max_len=64",
-                         f"--config.data.fasta={shared_data / cli_runs.CHR22}",
-                         f"--config.data.prepared_dir={prepared}"], cli_runs.env(jax_cache))
+    done = _gemsjax("--mode=data", "--config=configs/genemask.py:smoke",
+                    "--config.data.max_len=64", f"--config.data.prepared_dir={prepared}",
+                    env=cli_runs.env(tmp_path / "jax_cache"))
     assert done.returncode == 0, done.stderr[-3000:]
     summary = cli_runs.summary(done.stdout)
-    config = cli_runs.config("genemask", "data.max_len=64",
-                             f"data.fasta={shared_data / cli_runs.CHR22}",
-                             f"data.prepared_dir={prepared}")
+    config = cli_runs.config("genemask", "data.max_len=64", f"data.prepared_dir={prepared}")
     batch = next(pipelines.make_pretraining_iterator(config, "train", 0, 1))
     assert summary["shape"] == [8, 64] and summary["dtype"] == "int32"
     assert summary["tokens_per_row"] == float(batch["attention"].sum(axis=1).mean())
@@ -44,18 +99,82 @@ def test_data_mode_prints_the_first_batch(tmp_path, shared_data, jax_cache):
     assert re.fullmatch(r"[ACGT]{60}\.\.\.", summary["first_sequence"])
 
 
-def test_pmi_mode_writes_a_rank_table(tmp_path, shared_data, jax_cache):
-    fasta = shared_data / cli_runs.LAMBDA
-    done = cli_runs.run([sys.executable, "-m", "gemsjax.main", "--mode=pmi",
-                         "--config=configs/pmi.py", f"--config.fasta_paths={fasta}",
-                         "--config.min_count=5", f"--workdir={tmp_path}"], cli_runs.env(jax_cache))
+def test_data_mode_counts_barcode_unk_without_padding():
+    """Barcodes pad with [UNK]: the share counts [UNK] among the real tokens only."""
+    config = config_lib.load("barcode_mae")
+    summary = main.run_data(config)
+    batch = next(pipelines.make_pretraining_iterator(config, "train"))
+    ids, real = batch["ids"], batch["attention"] > 0
+    assert (~real).sum() > 200 and (ids[~real] == 1).all()  # padding is [UNK]
+    unk = int(((ids == 1) & real).sum())
+    assert summary["unk_fraction"] == unk / real.sum() < (ids == 1).sum() / real.sum()
+
+
+def test_pmi_mode_writes_a_rank_table(tmp_path):
+    done = _gemsjax("--mode=pmi", "--config=configs/pmi.py:smoke", f"--workdir={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
     summary = cli_runs.summary(done.stdout)
     table, vocab, meta = pmi.load_rank_table(tmp_path / "pmi_rank_table.tsv")
+    fasta = samples.sample_path(samples.GENOME)
     assert summary["rank_table"] == str(tmp_path / "pmi_rank_table.tsv")
     assert vocab == get_vocab("dnabert", 6)
     assert meta["sources"] == [str(fasta)] and meta["min_count"] == 5
     expected = pmi.rank_table(pmi.count_kmers([fasta], 6), 6, 5, vocab)
     np.testing.assert_array_equal(table, expected)
     scored = int((table[vocab.num_specials:] < 4**6).sum())
-    assert summary["scored_kmers"] == scored and 1000 < scored < 4096
+    assert summary["scored_kmers"] == scored and 1000 < scored <= 4096
+
+
+def test_run_log_copies_stdout_and_the_traceback(tmp_path, capsys):
+    with pytest.raises(ZeroDivisionError), run_files.tee_log(tmp_path):
+        print("step 1/2 | loss 8.0")
+        1 / 0  # noqa: B018
+    log = (tmp_path / run_files.LOG_FILE).read_text()
+    assert log.startswith("step 1/2 | loss 8.0\n") and "ZeroDivisionError" in log
+    assert capsys.readouterr().out == "step 1/2 | loss 8.0\n"
+    with run_files.tee_log(tmp_path, enabled=False):
+        print("not logged")
+    assert "not logged" not in (tmp_path / run_files.LOG_FILE).read_text()
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.slow
+def test_a_run_folder_describes_itself(tmp_path, genome):
+    """A CM-GEMS smoke run that switches (absolute threshold 1e9: at the 2nd validation, step 6)
+    leaves config.json, train.log, metrics.jsonl numbered like its checkpoints and time-stamped,
+    TensorBoard config text, and curves.png; console and summary name the switch step."""
+    presets = ("train.steps=9", "masking.threshold_mode=absolute", "masking.threshold=1e9",
+               *genome)
+    done = cli_runs.run(cli_runs.cli("cm_gems", tmp_path, *presets),
+                        cli_runs.env(tmp_path / "jax_cache"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = cli_runs.summary(done.stdout)
+    assert (summary["switched"], summary["switch_step"]) == (True, 6)
+    assert ("gemsjax: curriculum switched after the validation at step 6 (perplexity plateau); "
+            "Global-PMI masking from step 7") in done.stdout
+    config = json.loads((tmp_path / "config.json").read_text())
+    want = cli_runs.config("cm_gems", *presets)
+    assert config["train"]["steps"] == 9 and config["masking"]["threshold"] == 1e9
+    assert config == json.loads(want.to_json())
+    log = (tmp_path / run_files.LOG_FILE).read_text()
+    assert log == done.stdout  # everything the run printed, summary included
+
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 10))
+    assert [r["step"] for r in val] == cli_runs.committed_steps(tmp_path) == [3, 6, 9]
+    assert [r["mix/global_pmi"] for r in train] == [0.0] * 6 + [1.0] * 3
+    times = [r["time"] for r in records]
+    assert times == sorted(times) and times[-1] - times[0] < cli_runs.TIMEOUT
+
+    events = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    recorded = b"".join(path.read_bytes() for path in events)
+    assert b'"threshold_mode": "absolute"' in recorded and b"masking.threshold_mode" in recorded
+    assert summary["curves"] == str(tmp_path / run_files.CURVES_FILE)
+    assert _png_size(tmp_path / run_files.CURVES_FILE) == (960, 840)

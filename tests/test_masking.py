@@ -2,11 +2,10 @@
 reference-code quirks, corruption statistics, MAE masks and the run-time strategy switch."""
 
 import gzip
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
+import masking_reference as ref
 import numpy as np
 import pytest
 
@@ -15,9 +14,6 @@ from gemsjax.models.mae import compact_visible
 from gemsjax.pmi import load_genemask_ranks
 from gemsjax.tokenizers import KmerTokenizer
 from gemsjax.vocab import get_vocab
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-import masking_reference as ref  # noqa: E402
 
 VOCAB = get_vocab("dnabert", 6)
 KEY = jax.random.key(20240807)
@@ -325,11 +321,11 @@ def test_make_mask_switch_and_per_example(chr22, ranks):
     direct = [np.asarray(f(KEY, ids, special, ranks))
               for f in masking.strategy_functions(params)]
     for index, expected in enumerate(direct):
-        np.testing.assert_array_equal(np.asarray(make(KEY, index, ids, special, ranks)),
-                                      expected)
+        np.testing.assert_array_equal(
+            np.asarray(make(KEY, index, ids, special, ranks, params)), expected)
     assert make._cache_size() == 1  # the strategy index is traced: no recompilation
     per_row = np.arange(64) % len(masking.STRATEGIES)
-    got = np.asarray(make(KEY, per_row, ids, special, ranks))
+    got = np.asarray(make(KEY, per_row, ids, special, ranks, params))
     for row, index in enumerate(per_row):
         np.testing.assert_array_equal(got[row], direct[index][row])
     only = np.asarray(make(KEY, per_row, ids, special, ranks, params, (1, 2)))

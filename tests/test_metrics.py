@@ -3,12 +3,14 @@
 import io
 import json
 import math
+import time
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from gemsjax.models import flops
 from gemsjax.models.registry import get_model_config
 from gemsjax.train import metrics
 
@@ -19,19 +21,15 @@ def test_bert_flops_match_hand_calculation():
     # 2dV = 6,299,136 -> forward 196,222,464 per token, x3 = 588,667,392.
     cfg = get_model_config("dnabert6")
     args = (cfg.layers, cfg.hidden, cfg.ffn, cfg.vocab_size, 512)
-    assert metrics.bert_train_flops_per_token(*args) == 588_667_392
-    assert metrics.bert_train_flops(*args) == 588_667_392 * 512
+    assert flops.bert_train_flops(*args) == 588_667_392 * 512
     # LOGO size (2 x 256, FFN 3072): per layer 524,288 + 3,145,728 + 524,288 = 4,194,304, x2;
     # head 131,072 + 2,099,712 -> forward 10,619,392, x3 = 31,858,176.
     logo = get_model_config("logo")
-    assert (
-        metrics.bert_train_flops_per_token(logo.layers, logo.hidden, logo.ffn, logo.vocab_size, 512)
-        == 31_858_176
-    )
+    assert flops.train_flops(logo, 512) == 31_858_176 * 512
     # The MLM head and the last layer's queries on 80 of 512 positions save 3 x 432 x
     # (2d^2 + 2dV) in the head and 3 x 432 x (4d^2 + 4df + 4Sd) in the last layer (Q, output
     # projection, FFN, attention; K and V still cover all 512 positions).
-    saved = metrics.bert_train_flops(*args) - metrics.bert_train_flops(*args, head_len=80)
+    saved = flops.bert_train_flops(*args) - flops.bert_train_flops(*args, head_len=80)
     assert saved == 3 * 432 * (2 * 768**2 + 2 * 768 * 4101
                                + 4 * 768**2 + 4 * 768 * 3072 + 4 * 512 * 768)
 
@@ -41,15 +39,14 @@ def test_mae_flops_match_reference_estimate():
     # 4,727,162,880; projection 55 x 2 x 768^2 = 64,880,640; decoder 6 x (110 x 14,155,776 +
     # 4 x 110^2 x 768) = 9,565,839,360; head 110 x 2 x 768 x 4096 = 692,060,160.
     cfg = get_model_config("barcode_mae")
-    flops = metrics.mae_train_flops(
-        cfg.layers, cfg.hidden, cfg.ffn, cfg.decoder_layers, cfg.num_classes, 110, 55
-    )
-    assert flops == 3 * (4_727_162_880 + 64_880_640 + 9_565_839_360 + 692_060_160)
-    assert flops / 1e9 == pytest.approx(45.0, rel=0.01)  # jax_practice.md: "≈ 45 GFLOP / seq"
-    baseline = metrics.mae_train_flops(6, 768, 3072, 6, 4096, 110, 110)
-    assert baseline - flops == 3 * (
-        metrics.transformer_forward_flops(6, 768, 3072, 110, 110)
-        - metrics.transformer_forward_flops(6, 768, 3072, 55, 55)
+    mae = flops.train_flops(cfg, 110, visible_len=55)
+    assert mae == 3 * (4_727_162_880 + 64_880_640 + 9_565_839_360 + 692_060_160)
+    assert mae / 1e9 == pytest.approx(45.0, rel=0.01)  # jax_practice.md: "≈ 45 GFLOP / seq"
+    baseline = flops.mae_train_flops(6, 768, 3072, 6, 4096, 110, 110)
+    assert baseline == flops.train_flops(get_model_config("barcode_mae_baseline"), 110)
+    assert baseline - mae == 3 * (
+        flops.transformer_forward_flops(6, 768, 3072, 110, 110)
+        - flops.transformer_forward_flops(6, 768, 3072, 55, 55)
         + 55 * 2 * 768 * 768
     )
 
@@ -175,7 +172,9 @@ def test_writer_jsonl_tensorboard_console(tmp_path):
         stream=console,
         enabled=True,
     )
+    writer.write_config({"recipe": "cm_gems", "train": {"steps": 4, "fasta": ("a.fa",)}})
     buffer = metrics.MetricsBuffer()
+    started = time.time()
     for step in range(4):
         writer.write(buffer.push(step, {"loss": jnp.float32(4.0 - step), "lr": jnp.float32(1e-3)}))
         if step == 0:  # a validation off the console cadence is still shown
@@ -183,8 +182,10 @@ def test_writer_jsonl_tensorboard_console(tmp_path):
     writer.write(buffer.flush())
     writer.close()
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines.pop(0) == {"step": 0, "val_loss": 5.0}
-    assert [r["step"] for r in lines] == [0, 1, 2, 3]
+    times = [r.pop("time") for r in lines]  # wall clock, in order
+    assert started - 1 < times[0] and times == sorted(times) and times[-1] < time.time() + 1
+    assert lines.pop(0) == {"step": 1, "val_loss": 5.0}  # updates done: checkpoint numbering
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
     assert [r["loss"] for r in lines] == [4.0, 3.0, 2.0, 1.0]
     assert "perf/step_time_seconds" not in lines[0]  # first step's duration is unknown
     for r in lines[1:]:
@@ -192,7 +193,9 @@ def test_writer_jsonl_tensorboard_console(tmp_path):
         assert r["perf/tokens_per_sec_per_device"] == pytest.approx(1000 / t / 8)
         assert r["perf/mfu"] == pytest.approx(8e12 / t / 8 / 989e12)
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    assert len(events) == 1 and b"perf/mfu" in events[0].read_bytes()
+    recorded = events[0].read_bytes()
+    assert len(events) == 1 and b"perf/mfu" in recorded
+    assert b'"recipe": "cm_gems"' in recorded and b"train.steps" in recorded  # text, hparams
     shown = console.getvalue().splitlines()
     assert [s.split(" | ")[0] for s in shown] == ["step 1/4", "step 2/4", "step 4/4"]
     assert shown[0] == "step 1/4 | val loss 5.0000"

@@ -13,7 +13,8 @@ from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from gemsjax.models.bert import BertClassifier, Dropout, attend, dropout_layer, masked_mean
+from gemsjax.models import backend
+from gemsjax.models.bert import BertClassifier, Dropout, dropout_layer, masked_mean
 from gemsjax.models.mae import compact_visible, expand_visible
 from gemsjax.models.registry import build_model, get_model_config, param_count
 from gemsjax.vocab import get_vocab
@@ -378,23 +379,49 @@ def test_dropout_drops_the_rate_and_rescales_the_rest():
     other = np.asarray(layer(x, rngs=nnx.Rngs(dropout=1)))
     assert 0.1 < ((other != 0) != kept).mean() < 0.25
     np.testing.assert_array_equal(layer(x, deterministic=True), x)
-    np.testing.assert_array_equal(dropout_layer(0.1)(x), x)  # built deterministic (eval)
+    np.testing.assert_array_equal(dropout_layer(0.1, None)(x), x)  # built deterministic (eval)
 
 
-def test_attention_equals_jax_dot_product_attention(monkeypatch):
-    """Every path of ``attend`` computes the same: per-head (CPU), einsums (GPU/TPU backends,
-    and attention dropout anywhere)."""
+def test_attention_equals_jax_dot_product_attention():
+    """Every platform's attention computes the same: per-head (CPU), einsums (GPU/TPU, and
+    attention dropout on CPU)."""
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(key, (2, 7, 3, 8)) for key in keys)
     key_mask = jnp.arange(7)[None, :] < jnp.array([[7], [4]])
     fused = jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :])
-    np.testing.assert_allclose(attend(q, k, v, key_mask, Dropout(0.0), None), fused, atol=1e-5)
+    assert backend.layers("cpu").attention is backend.attend_cpu
+    assert backend.layers("tpu").attention is backend.layers("gpu").attention is backend.attend
+    for platform in ("cpu", "tpu"):
+        attend = backend.layers(platform).attention
+        got = jax.jit(lambda *a, f=attend: f(*a, Dropout(0.0), None))(q, k, v, key_mask)
+        np.testing.assert_allclose(got, fused, atol=1e-5, err_msg=platform)
     dropout = Dropout(1e-9, deterministic=False)
-    einsum = nnx.jit(lambda d, *a: attend(*a, d, nnx.Rngs(dropout=1)))(dropout, q, k, v, key_mask)
+    einsum = nnx.jit(lambda d, *a: backend.attend_cpu(*a, d, nnx.Rngs(dropout=1)))(
+        dropout, q, k, v, key_mask)
     np.testing.assert_allclose(einsum, fused, atol=1e-5)
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    accelerator = jax.jit(lambda *a: attend(*a, Dropout(0.0), None))(q, k, v, key_mask)
-    np.testing.assert_allclose(accelerator, fused, atol=1e-5)
+
+
+def test_a_model_built_for_another_platform_computes_the_same(lambda_batch):
+    """``platform="tpu"`` on this CPU host builds the accelerator layers (stock dense, GELU,
+    einsum attention, tied decoder); same parameters, same logits and gradients as the CPU
+    model, dropout off."""
+    models = {p: build_model(get_model_config("test", platform=p), nnx.Rngs(0))
+              for p in ("cpu", "tpu")}
+    assert type(models["cpu"].head.dense) is backend.Dense2D
+    assert type(models["tpu"].head.dense) is nnx.Linear
+    cpu_params, tpu_params = (nnx.state(m, nnx.Param) for m in models.values())
+    for a, b in zip(jax.tree.leaves(cpu_params), jax.tree.leaves(tpu_params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    def loss(params, model):
+        graphdef, _ = nnx.split(model, nnx.Param)
+        return jnp.mean(nnx.merge(graphdef, params)(*lambda_batch) ** 2)
+
+    (cpu_loss, cpu_grads), (tpu_loss, tpu_grads) = (
+        jax.value_and_grad(loss)(nnx.state(m, nnx.Param), m) for m in models.values())
+    np.testing.assert_allclose(tpu_loss, cpu_loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(cpu_grads), jax.tree.leaves(tpu_grads), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
 def test_jitted_pure_function_over_split_state(lambda_batch):
@@ -469,8 +496,6 @@ def test_explicit_axis_mesh_is_refused_with_a_clear_error(mlm, lambda_batch):
 def test_per_head_attention_values_and_gradients_match_the_plain_formula():
     """The custom-VJP per-head path equals softmax(QK^T/sqrt(d) masked) V, gradients included,
     also for a row whose keys are all padding."""
-    from gemsjax.models.bert import attend_per_head
-
     keys = jax.random.split(jax.random.key(1), 4)
     q, k, v = (jax.random.normal(key, (3, 9, 2, 8)) for key in keys[:3])
     weights = jax.random.normal(keys[3], (3, 9, 2, 8))
@@ -484,7 +509,7 @@ def test_per_head_attention_values_and_gradients_match_the_plain_formula():
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
 
-    per_head = lambda q, k, v: attend_per_head(q, k, v, key_mask)
+    per_head = lambda q, k, v: backend.attend_per_head(q, k, v, key_mask)
     np.testing.assert_allclose(per_head(q, k, v), plain(q, k, v), atol=1e-6)
     got = jax.jit(jax.grad(loss(per_head), argnums=(0, 1, 2)))(q, k, v)
     want = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
@@ -495,8 +520,7 @@ def test_per_head_attention_values_and_gradients_match_the_plain_formula():
 def test_gelu_is_exact_erf_gelu_with_its_exact_derivative():
     """The custom-VJP GELU equals jax.nn.gelu(approximate=False), value and gradient, also far
     in the tails (x = -12 .. 12) and under jit/vmap."""
-    from gemsjax.models.bert import gelu
-
+    gelu = backend.gelu
     x = jnp.linspace(-12.0, 12.0, 4001)
     reference = lambda t: jax.nn.gelu(t, approximate=False)
     np.testing.assert_allclose(gelu(x), reference(x), atol=2e-6, rtol=1e-6)

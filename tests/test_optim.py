@@ -9,6 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
+from gemsjax import config as config_lib
 from gemsjax.models.registry import build_model, get_model_config
 from gemsjax.train import optim
 
@@ -18,7 +19,7 @@ def _mu(opt_state):
 
 
 def test_cm_gems_schedule_values():
-    cfg = optim.cm_gems_config()
+    cfg = config_lib.load("cm_gems:paper").optimizer
     _, lr = optim.make_optimizer(cfg, max_steps=10_000)
     # Warmup 0 -> 8e-4 over 500 updates, then linear to 0 at update 10,000.
     expected = {
@@ -35,21 +36,20 @@ def test_cm_gems_schedule_values():
 
 
 def test_schedule_config_errors():
-    cfg = optim.cm_gems_config()
+    cfg = config_lib.load("cm_gems:paper").optimizer
     with pytest.raises(ValueError, match="warmup_steps=500 must be in"):
         optim.make_optimizer(cfg, max_steps=500)
     cfg.schedule = "cosine"
     with pytest.raises(ValueError, match="'schedule' = 'cosine'"):
         optim.make_optimizer(cfg, max_steps=1000)
-    cfg = optim.cm_gems_config()
+    cfg = config_lib.load("cm_gems:paper").optimizer
     cfg.decay_mask = "no_bias"
     with pytest.raises(ValueError, match="'decay_mask'"):
         optim.make_optimizer(cfg, max_steps=1000)
 
 
 def test_onecycle_lr_and_b1():
-    cfg = optim.barcode_mae_config(total_batch=256)
-    assert cfg.learning_rate == pytest.approx(4e-4)  # 1e-4 x 256 / 64
+    cfg = config_lib.load("barcode_mae:optimizer.learning_rate=4e-4").optimizer
     _, lr = optim.make_optimizer(cfg, max_steps=1000)
     b1 = optim.b1_schedule(cfg, 1000)
     peak, start, end = 4e-4, 4e-4 / 25, 4e-4 / 25 / 1e4
@@ -65,7 +65,7 @@ def test_onecycle_lr_and_b1():
 
 
 def test_cycled_b1_reaches_adam():
-    cfg = optim.barcode_mae_config()
+    cfg = config_lib.load("barcode_mae").optimizer
     tx, _ = optim.make_optimizer(cfg, max_steps=100)
     params = {"w": jnp.ones((3, 2))}
     grads = {"w": jnp.full((3, 2), 2.0)}
@@ -94,10 +94,10 @@ def test_decay_mask_on_real_model_tree(real_params):
     assert optim.decay_mask(plain)["encoder"]["word_embeddings"]["embedding"] is True
 
 
-@pytest.mark.parametrize("preset,all_decayed", [("cm_gems", False), ("barcode_mae", True)])
-def test_weight_decay_applies_where_masked(preset, all_decayed, real_params):
-    cfg = getattr(optim, f"{preset}_config")()
-    if preset == "cm_gems":
+@pytest.mark.parametrize("recipe,all_decayed", [("cm_gems", False), ("barcode_mae", True)])
+def test_weight_decay_applies_where_masked(recipe, all_decayed, real_params):
+    cfg = config_lib.load(recipe).optimizer
+    if recipe == "cm_gems":
         cfg.warmup_steps = 0
     tx, lr = optim.make_optimizer(cfg, max_steps=100)
     params = real_params
@@ -115,7 +115,7 @@ def test_weight_decay_applies_where_masked(preset, all_decayed, real_params):
 
 @pytest.mark.parametrize("clip,want_norm", [(1.0, 0.1 * 1.0), (0.0, 0.1 * 100.0)])
 def test_clipping_bounds_the_gradient_adam_sees(clip, want_norm):
-    cfg = optim.cm_gems_config()
+    cfg = config_lib.load("cm_gems").optimizer
     cfg.clip_norm = clip
     tx, _ = optim.make_optimizer(cfg, max_steps=1000)
     params = {"w": jnp.zeros((10, 10)), "b": jnp.zeros(10)}

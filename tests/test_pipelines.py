@@ -5,11 +5,11 @@ import pickle
 
 import grain
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from gemsjax import config as config_lib
 from gemsjax.data import genome, pipelines, samples, tables
 from gemsjax.train import sharding
 
@@ -264,32 +264,27 @@ def test_errors_name_the_problem(chr22_dir, barcodes):
         pipelines.read_labelled("x.csv", "fasta")
 
 
-def test_make_pretraining_iterator_from_config(shared_data, tmp_path, monkeypatch):
+def test_make_pretraining_iterator_from_config(tmp_path, monkeypatch):
     monkeypatch.setenv("GEMSJAX_CACHE", str(tmp_path / "cache"))
-    config = ml_collections.ConfigDict({"data": {
-        "kind": "genome", "fasta": str(shared_data / CHR22), "prepared_dir": "",
-        "batch_size": 16, "max_len": 512, "seed": 0, "corpus_seed": 0}})
+    config = config_lib.load("genemask:data.batch_size=16")  # the shipped chr22 sample
     it = pipelines.make_pretraining_iterator(config, "train", process_index=1, process_count=2)
     batch = next(it)
     assert batch["ids"].shape == (8, 512)
     prepared = list((tmp_path / "cache").iterdir())
-    assert len(prepared) == 1 and prepared[0].name.startswith("genome-22_20-21M-")
+    assert len(prepared) == 1 and prepared[0].name.startswith("genome-chr22_20-21Mb-")
     val = pipelines.make_pretraining_iterator(config, "validation", 0, 1)
     n_val = len(genome.GenomeChunkSource(prepared[0], "validation"))
     assert len(list(val)) == n_val // 16
-    barcode = {"data": {"kind": "barcode", "batch_size": 64, "max_len": 110}}
+    barcode = config_lib.load("barcode_mae:data.batch_size=64")
     batch = next(pipelines.make_pretraining_iterator(barcode, "train", 0, 1))
     assert batch["ids"].shape == (64, 110)
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
         pipelines.make_pretraining_iterator(barcode, "train", 0, 3)
-    with pytest.raises(ValueError, match="kind='text'"):
-        pipelines.make_pretraining_iterator({"data": {"kind": "text", "batch_size": 4}}, "train",
-                                            0, 1)
 
 
 def test_embedded_defaults_need_no_shared_data(tmp_path, monkeypatch):
     monkeypatch.setenv("GEMSJAX_CACHE", str(tmp_path))
-    it = pipelines.make_pretraining_iterator({"data": {"kind": "genome", "batch_size": 4}},
+    it = pipelines.make_pretraining_iterator(config_lib.load("genemask:data.batch_size=4"),
                                              "train", 0, 1)
     assert next(it)["ids"].shape == (4, 512)
     assert genome.load_manifest(next(tmp_path.iterdir()))["total_length"] == 900_000

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gemsjax import config as config_lib
 from gemsjax.models.registry import build_model, get_model_config
 from gemsjax.train import optim, sharding
 
@@ -176,7 +177,7 @@ def test_sharded_jit_matches_unsharded():
 def test_real_model_and_optimizer_state_born_sharded():
     mesh = sharding.make_mesh(2, 4)
     config = get_model_config("test")
-    tx, _ = optim.make_optimizer(optim.cm_gems_config(), max_steps=1000)  # clip + AdamW
+    tx, _ = optim.make_optimizer(config_lib.load("cm_gems").optimizer, 1000)  # clip + AdamW
 
     def init():
         _, params = nnx.split(build_model(config, nnx.Rngs(0)))

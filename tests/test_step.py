@@ -12,41 +12,11 @@ import optax
 import pytest
 from flax import nnx
 
-from gemsjax import masking
 from gemsjax.data import pipelines
 from gemsjax.models import registry
-from gemsjax.train import loop, optim, sharding
+from gemsjax.train import optim, sharding
+from gemsjax.train import spec as spec_lib
 from gemsjax.train import step as step_lib
-from gemsjax.train.step import Task, TrainState
-from gemsjax.vocab import get_vocab
-
-
-def _task(config) -> tuple[Task, registry.BertConfig]:
-    """The step's static description, as the loop builds it from ``config``."""
-    model_cfg = registry.get_model_config(config.model.name)
-    mae = model_cfg.arch != "mlm"
-    m = config.masking
-    task = Task(kind="mae" if mae else "mlm",
-                vocab=get_vocab("barcodebert" if config.data.kind == "barcode" else "dnabert", 6),
-                curriculum=loop.make_curriculum(config), seed=config.seed,
-                grad_accum=config.train.grad_accum, mask_frac=m.mask_frac,
-                random_frac=m.random_frac, random_low=m.random_low, loss_on=m.loss_on,
-                num_visible=masking.visible_len(config.data.max_len, m.mae_ratio) if mae else None)
-    return task, model_cfg
-
-
-def _fresh_state(config, task, model_cfg, tx):
-    """The model's graphdef (train mode) and its initial train state, on the default device."""
-    build = lambda: registry.build_model(model_cfg, nnx.Rngs(config.seed))
-    graphdef, _ = nnx.split(nnx.eval_shape(build), nnx.Param)
-
-    def init():
-        _, params = nnx.split(build(), nnx.Param)
-        return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                          curriculum=task.curriculum.init())
-
-    return graphdef, jax.jit(init)()
-
 
 STEP_CASES = {  # recipe -> presets; barcode_mae also accumulates 2 micro-batches per step
     "cm_gems": ("data.max_len=64", "optimizer.warmup_steps=0"),
@@ -55,14 +25,16 @@ STEP_CASES = {  # recipe -> presets; barcode_mae also accumulates 2 micro-batche
 
 
 class StepCase:
-    """A recipe's task, optimizer, initial state, rank table and first two real batches."""
+    """A recipe's step spec, optimizer, initial state, rank table and first two real batches."""
 
     def __init__(self, config):
         self.config = config
-        self.task, model_cfg = _task(config)
+        self.spec = spec_lib.step_spec(config)
         self.tx, self.schedule = optim.make_optimizer(config.optimizer, config.train.steps)
-        self.graphdef, self.state = _fresh_state(config, self.task, model_cfg, self.tx)
-        self.rank_table = jnp.asarray(loop.load_rank_table(config, self.task.vocab))
+        build = lambda: registry.build_model(spec_lib.model_config(config), nnx.Rngs(config.seed))
+        self.graphdef, _ = step_lib.step_graphdefs(nnx.eval_shape(build))
+        self.state = jax.jit(lambda: step_lib.init_train_state(build(), self.tx, self.spec))()
+        self.rank_table = jnp.asarray(spec_lib.rank_table(config, self.spec.vocab))
         self.batches = list(itertools.islice(
             pipelines.make_pretraining_iterator(config, "train", 0, 1), 2))
 
@@ -71,7 +43,7 @@ class StepCase:
         state_sh = sharding.state_shardings(self.state, mesh)
         repl = sharding.replicated(mesh)
         train_step = jax.jit(
-            step_lib.make_train_step(self.task, self.graphdef, self.tx, self.schedule),
+            step_lib.make_train_step(self.spec, self.graphdef, self.tx, self.schedule),
             in_shardings=(state_sh, sharding.batch_sharding(mesh), repl),
             out_shardings=(state_sh, repl))
         state = jax.device_put(self.state, state_sh)
@@ -129,20 +101,19 @@ def test_grad_accum_is_the_mean_of_micro_batch_gradients(genome):
     micro-batches (rows j::2, masks from fold_in(step key, j)), each computed on its own."""
     case = StepCase(cli_runs.config("cm_gems", "data.max_len=64", "train.grad_accum=2",
                             "optimizer.warmup_steps=0", *genome))
-    task, graphdef, tx, state = case.task, case.graphdef, case.tx, case.state
+    spec, graphdef, tx, state = case.spec, case.graphdef, case.tx, case.state
     batch = jax.tree.map(jnp.asarray, case.batches[0])
-    new_state, metrics = jax.jit(step_lib.make_train_step(task, graphdef, tx, case.schedule))(
+    new_state, metrics = jax.jit(step_lib.make_train_step(spec, graphdef, tx, case.schedule))(
         state, batch, case.rank_table)
 
     def micro_loss(params, j):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(task.seed), state.step), j)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(spec.seed), state.step), j)
         mask_key, dropout_key = jax.random.split(key)
         ids, attention = batch["ids"][j::2], batch["attention"][j::2]
-        masked = step_lib.masked_batch(task, mask_key, state.step, state.curriculum, ids,
+        masked = step_lib.masked_batch(spec, mask_key, state.step, state.curriculum, ids,
                                        attention, case.rank_table)
-        logits = step_lib.forward(task, nnx.merge(graphdef, params), masked, attention,
+        sums = step_lib.loss_sums(spec, nnx.merge(graphdef, params), masked, attention,
                                   dropout_key)
-        sums = step_lib.loss_sums(logits, masked["targets"], masked["weights"])
         return sums["loss_sum"] / sums["count"]
 
     @jax.jit
@@ -165,3 +136,24 @@ def test_grad_accum_is_the_mean_of_micro_batch_gradients(genome):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert max(float(jnp.abs(a - b).max()) for a, b in zip(
         jax.tree.leaves(first_only), jax.tree.leaves(new_state.params), strict=True)) > 1e-5
+
+
+def test_step_spec_is_built_from_the_keys_each_recipe_offers():
+    """One builder for every recipe: the genome MLM recipes carry their curriculum and masking
+    probabilities, BarcodeBERT masks by mae_drop without a curriculum, BarcodeMAE reads only
+    mae_ratio; the vocabulary follows the data kind."""
+    cm_gems = spec_lib.step_spec(cli_runs.config("cm_gems", "masking.genemask_prob=0.02"))
+    assert (cm_gems.kind, cm_gems.vocab.name, cm_gems.curriculum.name) == (
+        "mlm", "dnabert", "cm_gems")
+    assert cm_gems.masking.genemask_prob == 0.02 and cm_gems.mlm_head_share == 0.375
+    assert cm_gems.head_slots(512) == 192
+    cm_step = spec_lib.step_spec(cli_runs.config("cm_step", "train.mlm_head_share=0"))
+    assert cm_step.curriculum.name == "cm_step" and cm_step.head_slots(512) is None
+    bert = spec_lib.step_spec(cli_runs.config("barcode_bert", "masking.mae_ratio=0.3"))
+    assert (bert.kind, bert.vocab.name, bert.curriculum.name) == ("mlm", "barcodebert", "mae_drop")
+    assert bert.masking.mae_ratio == 0.3 and bert.loss_on == "all"
+    mae = spec_lib.step_spec(cli_runs.config("barcode_mae", "masking.mae_ratio=0.25"))
+    assert (mae.kind, mae.vocab.name, mae.mlm_head_share) == ("mae", "barcodebert", None)
+    assert mae.num_visible(110) == 82  # at most 110 - floor(0.25 * 110 + 0.5) visible
+    table = spec_lib.rank_table(cli_runs.config("barcode_mae"), mae.vocab)
+    assert table.shape == (mae.vocab.size,) and (table == 4**6).all()

@@ -1,6 +1,9 @@
-"""The MLM head on masked positions only (``Task.head_fraction``): same loss, metrics and
+"""The MLM head on masked positions only (``StepSpec.mlm_head_share``): same loss, metrics and
 updates as the head on every position, on real chr22 tokens, including the fallback path."""
 
+import dataclasses
+
+import cli_runs
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +15,15 @@ from gemsjax import curriculum, pmi
 from gemsjax.data import fasta, pipelines, samples
 from gemsjax.models import registry
 from gemsjax.train import optim
-from gemsjax.train.step import Task, TrainState, make_eval_step, make_train_step
+from gemsjax.train import spec as spec_lib
+from gemsjax.train.spec import StepSpec
+from gemsjax.train.step import (
+    cross_entropy_sums,
+    init_train_state,
+    make_eval_step,
+    make_train_step,
+    step_graphdefs,
+)
 from gemsjax.vocab import get_vocab
 
 VOCAB = get_vocab("dnabert", 6)
@@ -33,31 +44,28 @@ def rank_table():
     return jnp.asarray(pmi.load_genemask_ranks(samples.sample_path(samples.GENEMASK_RANKS), VOCAB))
 
 
-def _two_steps(batch, rank_table, head_fraction, grad_accum=1):
-    cur = curriculum.cm_gems(1.0)
-    task = Task(kind="mlm", vocab=VOCAB, curriculum=cur, head_fraction=head_fraction,
-                grad_accum=grad_accum)
-    tx, lr = optim.make_optimizer(optim.cm_gems_config(), 1000)
-    model = registry.build_model(registry.get_model_config("test"), nnx.Rngs(0))
-    model.train()
-    graphdef, params = nnx.split(model, nnx.Param)
-    state = TrainState(jnp.int32(0), params, tx.init(params), cur.init())
-    step = jax.jit(make_train_step(task, graphdef, tx, lr))
+def _two_steps(batch, rank_table, mlm_head_share, grad_accum=1):
+    config = cli_runs.config("cm_gems")
+    spec = dataclasses.replace(spec_lib.step_spec(config), mlm_head_share=mlm_head_share,
+                               grad_accum=grad_accum)
+    tx, lr = optim.make_optimizer(config.optimizer, 1000)
+    model = registry.build_model(spec_lib.model_config(config), nnx.Rngs(0))
+    state = init_train_state(model, tx, spec)
+    train_graphdef, eval_graphdef = step_graphdefs(model)
+    step = jax.jit(make_train_step(spec, train_graphdef, tx, lr))
     state, first = step(state, batch, rank_table)
     state, second = step(state, batch, rank_table)
-    model.eval()
-    eval_graphdef, _ = nnx.split(model, nnx.Param)
-    sums = jax.jit(make_eval_step(task, eval_graphdef))(state, batch, rank_table, jnp.int32(0))
+    sums = jax.jit(make_eval_step(spec, eval_graphdef))(state, batch, rank_table, jnp.int32(0))
     return state, [first, second], sums
 
 
-@pytest.mark.parametrize("head_fraction, grad_accum", [(0.5, 1), (0.5, 2), (0.01, 1)])
+@pytest.mark.parametrize("mlm_head_share, grad_accum", [(0.5, 1), (0.5, 2), (0.01, 1)])
 def test_head_on_masked_positions_matches_head_everywhere(genome_batch, rank_table,
-                                                          head_fraction, grad_accum):
+                                                          mlm_head_share, grad_accum):
     """0.5: the masked tokens (~15%) fit the slots; 0.01: they do not, the head falls back to
     every position. Either way the step computes the same numbers."""
     expected = _two_steps(genome_batch, rank_table, None, grad_accum)
-    got = _two_steps(genome_batch, rank_table, head_fraction, grad_accum)
+    got = _two_steps(genome_batch, rank_table, mlm_head_share, grad_accum)
     for want, have in zip(expected[1], got[1], strict=True):
         assert 0.10 < float(want["mask_rate"]) < 0.25
         for key in ("loss", "masked_accuracy", "grad_norm", "mask_rate"):
@@ -69,35 +77,33 @@ def test_head_on_masked_positions_matches_head_everywhere(genome_batch, rank_tab
         np.testing.assert_allclose(got[2][key], expected[2][key], rtol=1e-5, err_msg=key)
 
 
-@pytest.mark.parametrize("kwargs", [dict(head_fraction=0.0), dict(head_fraction=1.5),
-                                    dict(head_fraction=0.25, loss_on="all"),
-                                    dict(head_fraction=0.25, kind="mae")])
-def test_head_fraction_needs_masked_mlm_and_a_fraction(kwargs):
+@pytest.mark.parametrize("kwargs", [dict(mlm_head_share=0.0), dict(mlm_head_share=1.5),
+                                    dict(mlm_head_share=0.25, loss_on="all"),
+                                    dict(mlm_head_share=0.25, kind="mae")])
+def test_mlm_head_share_needs_masked_mlm_and_a_share(kwargs):
     kwargs = {"kind": "mlm", **kwargs}
-    with pytest.raises(ValueError, match="head_fraction"):
-        Task(vocab=VOCAB, curriculum=curriculum.cm_gems(1.0), **kwargs)
+    with pytest.raises(ValueError, match="mlm_head_share"):
+        StepSpec(vocab=VOCAB, curriculum=curriculum.cm_gems(1.0), **kwargs)
 
 
-def test_loss_sums_are_weighted_cross_entropy_and_argmax_accuracy():
-    """``loss_sums`` = optax's integer-label cross-entropy and argmax accuracy, weighted, with
-    the gradient of the cross-entropy; an exact tie for the maximum counts as correct."""
-    from gemsjax.train.step import loss_sums
-
+def test_cross_entropy_sums_are_weighted_cross_entropy_and_argmax_accuracy():
+    """``cross_entropy_sums`` = optax's integer-label cross-entropy and argmax accuracy, weighted,
+    with the gradient of the cross-entropy; an exact tie for the maximum counts as correct."""
     keys = jax.random.split(jax.random.key(3), 3)
     logits = 4.0 * jax.random.normal(keys[0], (4, 16, 37))
     targets = jax.random.randint(keys[1], (4, 16), 0, 37)
     weights = (jax.random.uniform(keys[2], (4, 16)) < 0.4).astype(jnp.float32)
-    sums = loss_sums(logits, targets, weights)
+    sums = cross_entropy_sums(logits, targets, weights)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     hit = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     np.testing.assert_allclose(sums["loss_sum"], (ce * weights).sum(), rtol=1e-6)
     assert float(sums["correct"]) == float((hit * weights).sum()) > 0
     assert float(sums["count"]) == float(weights.sum())
-    got = jax.grad(lambda z: loss_sums(z, targets, weights)["loss_sum"])(logits)
+    got = jax.grad(lambda z: cross_entropy_sums(z, targets, weights)["loss_sum"])(logits)
     want = jax.grad(lambda z: (optax.softmax_cross_entropy_with_integer_labels(z, targets)
                                * weights).sum())(logits)
     np.testing.assert_allclose(got, want, atol=1e-6)
-    tie = loss_sums(jnp.array([[1.0, 3.0, 3.0]]), jnp.array([2]), jnp.array([1.0]))
+    tie = cross_entropy_sums(jnp.array([[1.0, 3.0, 3.0]]), jnp.array([2]), jnp.array([1.0]))
     assert float(tie["correct"]) == 1.0
     np.testing.assert_allclose(tie["loss_sum"], -jax.nn.log_softmax(jnp.array([1.0, 3, 3]))[2],
                                rtol=1e-6)

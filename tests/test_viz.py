@@ -1,18 +1,15 @@
 """gemsjax.viz: mask and curriculum figures on a real chr22 window, written as PNGs."""
 
 import pathlib
-import sys
 
 import jax
+import masking_reference as ref
 import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
 from gemsjax import curriculum, masking, viz
 from gemsjax.pmi import load_genemask_ranks
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-import masking_reference as ref  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

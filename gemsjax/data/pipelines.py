@@ -343,11 +343,6 @@ def read_labelled(path: str | os.PathLike, fmt: str, *, label_column: str = "spe
     raise ValueError(f"unknown labelled format {fmt!r}; valid: {LABELLED_FORMATS}")
 
 
-def _cfg(config: Mapping, key: str, default: Any = None) -> Any:
-    value = config.get(key, default)
-    return default if value is None or value == "" else value
-
-
 def fasta_paths(value: Any) -> list[pathlib.Path]:
     """``config.data.fasta`` as paths: one path, a list of paths, or empty for the shipped
     chr22 sample."""
@@ -369,18 +364,14 @@ def make_pretraining_iterator(config: Mapping, split: str = "train",
                               process_count: int | None = None) -> grain.DatasetIterator:
     """The pretraining data iterator for the train loop (checkpoint it with the train state).
 
-    Reads ``config["data"]`` (a dict or ``ml_collections.ConfigDict``); keys, with defaults:
-
-    - ``kind``: ``"genome"`` (CM-GEMS / GeneMask) or ``"barcode"`` (BarcodeMAE).
-    - ``batch_size``: global batch size; must divide by ``process_count``.
-    - ``max_len``: tokens per row (512 genome, 110 barcode).
-    - ``seed`` (0): order / augmentation seed; ``corpus_seed`` (0): genome chunking and split.
-    - genome: ``fasta`` (path or list; empty = the shipped chr22 sample), ``prepared_dir``
-      (empty = :func:`default_prepared_dir`); the genome is prepared on first use.
-    - barcode: ``tsv`` (empty = the shipped BOLD sample), ``train_splits`` (``("pretrain",)``) and
-      ``validation_splits`` (``("val",)``): values of the file's ``split`` column; duplicate
-      sequences are dropped over the whole file, as in BarcodeMAE.
-    - ``num_threads`` (2), ``prefetch`` (4): grain read threads and prefetched batches.
+    Reads the ``config.data`` keys of a validated config (:func:`gemsjax.config.validate`
+    documents their ranges, the config files their meaning): ``kind``, ``batch_size`` (global; must
+    divide by ``process_count``), ``max_len``, ``seed``, ``num_threads``, ``prefetch``; for
+    genomes ``fasta`` (empty: the shipped chr22 sample), ``prepared_dir`` (empty:
+    :func:`default_prepared_dir`; prepared on first use) and ``corpus_seed``; for barcodes
+    ``tsv`` (empty: the shipped BOLD sample) and ``train_splits`` / ``validation_splits`` (values
+    of the file's ``split`` column; duplicate sequences are dropped over the whole file, as in
+    BarcodeMAE).
 
     Args:
       split: ``"train"`` (shuffled, endless) or ``"validation"`` (one ordered pass).
@@ -394,34 +385,26 @@ def make_pretraining_iterator(config: Mapping, split: str = "train",
 
         process_index, process_count = jax.process_index(), jax.process_count()
     data = config["data"]
-    kind = _cfg(data, "kind", "genome")
-    global_batch = int(data["batch_size"])
-    if global_batch % process_count:
-        raise ValueError(f"config.data.batch_size={global_batch} is not divisible by the "
+    if data["batch_size"] % process_count:
+        raise ValueError(f"config.data.batch_size={data['batch_size']} is not divisible by the "
                          f"{process_count} processes")
     if split not in genome.SPLITS:
         raise ValueError(f"split must be one of {genome.SPLITS}, got {split!r}")
-    common = dict(batch_size=global_batch // process_count, seed=int(_cfg(data, "seed", 0)),
-                  process_index=process_index, process_count=process_count,
-                  read_options=grain.ReadOptions(num_threads=int(_cfg(data, "num_threads", 2)),
-                                                 prefetch_buffer_size=int(_cfg(data, "prefetch",
-                                                                               4))))
-    if kind == "genome":
-        fasta = fasta_paths(data.get("fasta"))
-        prepared = genome.prepare_genome(
-            fasta, _cfg(data, "prepared_dir", None) or default_prepared_dir(fasta))
-        ds = genome_pipeline(prepared, split=split, max_len=int(_cfg(data, "max_len",
-                                                                     GENOME_MAX_LEN)),
-                             corpus_seed=int(_cfg(data, "corpus_seed", 0)), **common)
-    elif kind == "barcode":
-        tsv = _cfg(data, "tsv", None) or samples.sample_path(samples.BARCODES)
-        default_splits = ("pretrain",) if split == "train" else ("val",)
-        splits = tuple(_cfg(data, f"{split}_splits", default_splits))
-        table = tables.read_barcode_tsv(tsv, ("species_name",), splits=splits,
-                                        deduplicate=True)["species_name"]
-        ds = barcode_pipeline(table.sequences, training=split == "train",
-                              max_len=int(_cfg(data, "max_len", BARCODE_MAX_LEN)), **common)
+    common = dict(batch_size=data["batch_size"] // process_count, seed=data["seed"],
+                  max_len=data["max_len"], process_index=process_index,
+                  process_count=process_count,
+                  read_options=grain.ReadOptions(num_threads=data["num_threads"],
+                                                 prefetch_buffer_size=data["prefetch"]))
+    if data["kind"] == "genome":
+        fasta = fasta_paths(data["fasta"])
+        prepared = genome.prepare_genome(fasta, data["prepared_dir"] or default_prepared_dir(fasta))
+        ds = genome_pipeline(prepared, split=split, corpus_seed=data["corpus_seed"], **common)
+    elif data["kind"] == "barcode":
+        table = tables.read_barcode_tsv(
+            data["tsv"] or samples.sample_path(samples.BARCODES), ("species_name",),
+            splits=tuple(data[f"{split}_splits"]), deduplicate=True)["species_name"]
+        ds = barcode_pipeline(table.sequences, training=split == "train", **common)
     else:
-        raise ValueError(f"config.data.kind={kind!r}: expected 'genome' or 'barcode'")
+        raise ValueError(f"config.data.kind={data['kind']!r}: expected 'genome' or 'barcode'")
     return iter(ds)
 

@@ -15,19 +15,20 @@ Conventions shared by every module here:
   them on (``model.train()`` or ``nnx.view(model, deterministic=False)``) and pass
   ``rngs=nnx.Rngs(dropout=key)`` to ``__call__``; that keeps a jitted step a pure function of
   its key. Layers with rate 0 never need a key.
+- Platform-specific implementations (dense layer class, GELU, attention, dropout bits, the tied
+  decoder's matmul) come from :func:`gemsjax.models.backend.layers` for ``config.platform``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gemsjax import random_bits
+from gemsjax.models import backend
 
 ARCHS = ("mlm", "mae", "mae_baseline")
 """``mlm``: BERT encoder + tied MLM head. ``mae``: BarcodeMAE (encoder on visible tokens only).
@@ -53,6 +54,8 @@ class BertConfig:
       decoder_layers: MAE decoder blocks (MAE archs only; width and FFN as the encoder).
       decoder_heads: MAE decoder attention heads (MAE archs only).
       num_classes: MAE output classes (the 4^k k-mers; target = token id - number of specials).
+      platform: whose layer implementations to build (:func:`gemsjax.models.backend.layers`);
+        None: ``jax.default_backend()``.
     """
 
     vocab_size: int
@@ -69,6 +72,7 @@ class BertConfig:
     decoder_layers: int = 0
     decoder_heads: int = 0
     num_classes: int = 0
+    platform: str | None = None
 
     def __post_init__(self):
         for key in ("vocab_size", "hidden", "layers", "heads", "ffn", "max_positions",
@@ -118,29 +122,16 @@ def sharded_init(init: nnx.Initializer, names: Names) -> nnx.Initializer:
     return nnx.with_partitioning(init, names, eager_sharding=eager)
 
 
-class Dense(nnx.Linear):
-    """``nnx.Linear`` that multiplies its inputs as a 2-D ``[tokens, din]`` matrix.
-
-    Same parameters and results. XLA's CPU backend computes the kernel gradient of a 2-D matmul
-    directly; with ``[B, L, din]`` inputs it first transposes the whole output gradient, which
-    made the backward pass of each layer about 3x slower.
-    """
-
-    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-        """``inputs: float[..., din]`` -> ``float[..., dout]``."""
-        flat = inputs.reshape(-1, inputs.shape[-1])
-        return super().__call__(flat, out_sharding).reshape(*inputs.shape[:-1], -1)
-
-
-def dense(din: int, dout: int, names: Names | None, *, dtype: Dtype, param_dtype: Dtype,
-          rngs: nnx.Rngs, out_dtype: Dtype | None = None) -> Dense:
-    """Linear ``din -> dout`` with BERT init; ``names`` shards the kernel (None = replicated);
-    ``out_dtype`` (e.g. float32 for logits) sets the matmul's output dtype."""
+def dense(din: int, dout: int, names: Names | None, *, platform: str | None, dtype: Dtype,
+          param_dtype: Dtype, rngs: nnx.Rngs, out_dtype: Dtype | None = None) -> nnx.Linear:
+    """Linear ``din -> dout`` with BERT init (the ``platform``'s dense class); ``names`` shards
+    the kernel (None = replicated); ``out_dtype`` (e.g. float32 for logits) sets the matmul's
+    output dtype."""
     init = nnx.initializers.normal(INIT_STD)
-    return Dense(din, dout, dtype=dtype, param_dtype=param_dtype,
-                 kernel_init=sharded_init(init, names) if names else init,
-                 bias_init=nnx.initializers.zeros_init(),
-                 preferred_element_type=out_dtype, rngs=rngs)
+    return backend.layers(platform).dense(
+        din, dout, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=sharded_init(init, names) if names else init,
+        bias_init=nnx.initializers.zeros_init(), preferred_element_type=out_dtype, rngs=rngs)
 
 
 class Rows(NamedTuple):
@@ -159,10 +150,13 @@ class Rows(NamedTuple):
 
 
 class Dropout(nnx.Dropout):
-    """``nnx.Dropout`` whose keep mask comes from 16-bit random numbers
-    (:func:`gemsjax.random_bits.bernoulli16`, a quarter of a Threefry block per element instead of
-    a whole one; the keep probability is rounded to a multiple of ``2**-16``). Drawing the masks
-    took about a sixth of a dropout-0.1 DNABERT-6 train step on CPU."""
+    """``nnx.Dropout`` that can drop rows of a larger tensor exactly as the whole (``rows``),
+    drawing its keep masks with the ``platform``'s ``keep_mask``."""
+
+    def __init__(self, rate: float, *, deterministic: bool = False,
+                 platform: str | None = None):
+        super().__init__(rate, deterministic=deterministic)
+        self.keep_mask = backend.layers(platform).keep_mask
 
     def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
                  rngs: nnx.Rngs | None = None, rows: Rows | None = None) -> jax.Array:
@@ -185,16 +179,16 @@ class Dropout(nnx.Dropout):
         key = rngs[self.rng_collection]() if isinstance(rngs, nnx.Rngs) else (
             rngs() if isinstance(rngs, nnx.RngStream) else rngs)
         if rows is None:
-            keep = random_bits.bernoulli16(key, 1.0 - self.rate, inputs.shape)
+            keep = self.keep_mask(key, 1.0 - self.rate, inputs.shape)
         else:
             full = inputs.shape[:rows.axis] + (rows.length,) + inputs.shape[rows.axis + 1:]
-            keep = rows.take(random_bits.bernoulli16(key, 1.0 - self.rate, full))
+            keep = rows.take(self.keep_mask(key, 1.0 - self.rate, full))
         return jnp.where(keep, inputs / (1.0 - self.rate), jnp.zeros((), inputs.dtype))
 
 
-def dropout_layer(rate: float) -> Dropout:
+def dropout_layer(rate: float, platform: str | None) -> Dropout:
     """A :class:`Dropout` that starts deterministic (see the module docstring)."""
-    return Dropout(rate, deterministic=True)
+    return Dropout(rate, deterministic=True, platform=platform)
 
 
 def embed(num: int, features: int, names: Names | None, *, dtype: Dtype, param_dtype: Dtype,
@@ -221,34 +215,6 @@ def check_mesh() -> None:
                          "axis_types=(jax.sharding.AxisType.Auto,) * len(names))")
 
 
-@jax.custom_vjp
-def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, as BERT uses, in PyTorch's form ``x * (1 + erf(x / sqrt(2))) / 2``.
-
-    ``jax.nn.gelu(approximate=False)`` computes the same function through ``erfc``; in a BERT
-    feed-forward layer on XLA's CPU backend that made the forward pass 2.5x and the backward pass
-    4x slower. The derivative ``Phi(x) + x phi(x)`` is a custom VJP computed in the backward pass
-    from the saved input: autodiff would compute it in the forward pass and store it, one more
-    ``[tokens, ffn]`` pass and array per layer.
-    """
-    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
-
-
-def _gelu_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return gelu(x), x
-
-
-def _gelu_bwd(x: jax.Array, d_out: jax.Array) -> tuple[jax.Array]:
-    # Phi(x) as 1 - Phi(-x): written like the forward's erf(x / sqrt 2), XLA shares that erf
-    # between the passes and stores it, one more [tokens, ffn] pass and array in the forward.
-    cdf = 0.5 - 0.5 * jax.lax.erf(x * (-1.0 / math.sqrt(2.0)))
-    pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
-    return (d_out * (cdf + x * pdf).astype(d_out.dtype),)
-
-
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
-
-
 def masked_mean(hidden: jax.Array, attention: jax.Array) -> jax.Array:
     """Mean of ``hidden: float[B, L, H]`` over positions where ``attention: int[B, L]`` is
     nonzero -> ``float32[B, H]`` (BarcodeMAE's embedding pooling). All-padding rows give 0."""
@@ -257,133 +223,19 @@ def masked_mean(hidden: jax.Array, attention: jax.Array) -> jax.Array:
     return total / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, dropout: Dropout,
-           rngs: nnx.Rngs | None, query_rows: Rows | None = None) -> jax.Array:
-    """Bidirectional scaled dot-product attention over heads.
-
-    Two einsums around a float32 softmax: ``jax.nn.dot_product_attention`` (its XLA path) computes
-    the same, with a backward pass about 1.7x slower on CPU. On the CPU backend, without attention
-    dropout, the heads go through :func:`attend_per_head` instead (same function, faster there;
-    its loop over heads is a CPU cache optimisation that would only serialise work on a GPU or
-    TPU, where the einsums run).
-
-    Args:
-      q, k, v: ``float[B, L, N, D]`` (L may differ between q and k/v).
-      key_mask: ``bool[B, L]``, True where a position may be attended to (as a key).
-      dropout: dropout on the attention probabilities (a no-op when deterministic or rate 0).
-      rngs: dropout key source (only read when dropout is on).
-      query_rows: the queries are these rows (axis 1) of the full sequence; the probability
-        dropout then drops what it would drop at those rows of the full computation.
-    Returns:
-      ``float[B, Lq, N, D]`` in ``v``'s dtype.
-    """
-    no_dropout = dropout.rate == 0.0 or dropout.deterministic
-    if no_dropout and jax.default_backend() == "cpu":
-        return attend_per_head(q, k, v, key_mask)
-    scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(q.shape[-1])
-    scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-    rows = None if query_rows is None else query_rows._replace(axis=2)
-    probs = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), rngs=rngs, rows=rows)
-    return jnp.einsum("bnqk,bknd->bqnd", probs, v)
-
-
-def attend_per_head(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> jax.Array:
-    """:func:`attend` without dropout, one head at a time, with a recomputing backward pass.
-
-    XLA's CPU backend writes every ``[B, N, Lq, Lk]`` intermediate (scores, exponentials, their
-    gradients) to memory. Here a ``jax.lax.map`` over heads keeps each intermediate to one head's
-    ``[B, Lq, Lk]`` tile, the forward pass saves only the softmax's row maxima and sums
-    (``float32[N, B, Lq, 1]`` each) and the backward pass recomputes the probabilities; the
-    scale is folded into ``q`` and the normalisation divides the ``[B, Lq, D]`` output rather
-    than the probabilities. On logo's attention (B 8, L 512, 8 heads of 32) that made the forward
-    and backward pass about 1.9x faster (170 -> 90 ms).
-
-    Args and result as in :func:`attend` (``q, k, v: float[B, L, N, D]``, ``key_mask: bool[B, L]``
-    -> ``float[B, L, N, D]`` in ``v``'s dtype).
-    """
-    q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-    heads_first = lambda t: jnp.moveaxis(t, 2, 0)
-    out = _attend_heads(heads_first(q), heads_first(k), heads_first(v), key_mask[:, None, :])
-    return jnp.moveaxis(out, 0, 2)
-
-
-def _head_scores(q: jax.Array, k: jax.Array, keep: jax.Array) -> jax.Array:
-    """One head's masked scores: ``q: float[B, Lq, D]``, ``k: float[B, Lk, D]``,
-    ``keep: bool[B, 1, Lk]`` -> ``float32[B, Lq, Lk]`` (the float32 minimum off ``keep``)."""
-    scores = jnp.einsum("bqd,bkd->bqk", q, k, preferred_element_type=jnp.float32)
-    return jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
-
-
-def _head_forward(q: jax.Array, k: jax.Array, v: jax.Array,
-                  keep: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """One head's ``softmax(scores) v: float[B, Lq, D]`` in v's dtype and the scores' row maxima
-    and ``sum(exp(scores - max))``, ``float32[B, Lq, 1]`` each (a log-sum-exp would lose the
-    sum of an all-masked row to rounding); arguments as in :func:`_head_scores`."""
-    scores = _head_scores(q, k, keep)
-    peak = jnp.max(scores, axis=-1, keepdims=True)
-    exp = jnp.exp(scores - peak)
-    total = jnp.sum(exp, axis=-1, keepdims=True)
-    out = jnp.einsum("bqk,bkd->bqd", exp.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return (out / total).astype(v.dtype), (peak, total)
-
-
-@jax.custom_vjp
-def _attend_heads(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array) -> jax.Array:
-    """Heads-first attention: ``q, k, v: float[N, B, L, D]``, ``keep: bool[B, 1, Lk]``
-    -> ``float[N, B, Lq, D]``."""
-    return _attend_heads_fwd(q, k, v, keep)[0]
-
-
-def _attend_heads_fwd(q, k, v, keep):
-    """Output and residuals: the inputs, the output and the per-head row statistics."""
-    out, stats = jax.lax.map(lambda qkv: _head_forward(*qkv, keep), (q, k, v))
-    return out, (q, k, v, keep, out, stats)
-
-
-def _attend_heads_bwd(residuals, d_out):
-    """Cotangents of q, k, v (none for ``keep``), per head from recomputed probabilities.
-
-    The tiles are built transposed (``[B, Lk, Lq]``) so that two of the three gradient matmuls
-    contract over the tile's last axis, the layout XLA's CPU matmul takes without a copy.
-    """
-    q, k, v, keep, out, stats = residuals
-
-    def head(args):
-        hq, hk, hv, h_out, (h_peak, h_total), h_d = args
-        keep_t = jnp.swapaxes(keep, 1, 2)
-        scores_t = jnp.einsum("bkd,bqd->bkq", hk, hq, preferred_element_type=jnp.float32)
-        scores_t = jnp.where(keep_t, scores_t, jnp.finfo(jnp.float32).min)
-        probs_t = (jnp.exp(scores_t - jnp.swapaxes(h_peak, 1, 2))
-                   * jnp.swapaxes(1.0 / h_total, 1, 2))
-        d_v = jnp.einsum("bkq,bqd->bkd", probs_t.astype(h_d.dtype), h_d,
-                         preferred_element_type=jnp.float32)
-        d_probs_t = jnp.einsum("bkd,bqd->bkq", hv, h_d, preferred_element_type=jnp.float32)
-        delta = jnp.sum(h_d.astype(jnp.float32) * h_out.astype(jnp.float32), axis=-1)
-        d_scores_t = jnp.where(keep_t, probs_t * (d_probs_t - delta[:, None, :]),
-                               0.0).astype(hq.dtype)
-        d_q = jnp.einsum("bkq,bkd->bqd", d_scores_t, hk, preferred_element_type=jnp.float32)
-        d_k = jnp.einsum("bkq,bqd->bkd", d_scores_t, hq, preferred_element_type=jnp.float32)
-        return d_q.astype(hq.dtype), d_k.astype(hk.dtype), d_v.astype(hv.dtype)
-
-    d_q, d_k, d_v = jax.lax.map(head, (q, k, v, out, stats, d_out))
-    return d_q, d_k, d_v, None
-
-
-_attend_heads.defvjp(_attend_heads_fwd, _attend_heads_bwd)
-
-
 class SelfAttention(nnx.Module):
     """Multi-head self-attention with separate query/key/value/output projections (BERT layout)."""
 
     def __init__(self, config: BertConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
-        h, kw = config.hidden, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        h, platform = config.hidden, config.platform
+        kw = dict(platform=platform, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.heads = config.heads
         self.query = dense(h, h, (FSDP_AXIS, None), **kw)
         self.key = dense(h, h, (FSDP_AXIS, None), **kw)
         self.value = dense(h, h, (FSDP_AXIS, None), **kw)
         self.out = dense(h, h, (FSDP_AXIS, None), **kw)
-        self.prob_dropout = dropout_layer(config.attn_dropout)
+        self.prob_dropout = dropout_layer(config.attn_dropout, platform)
+        self.attend = backend.layers(platform).attention
 
     def __call__(self, x: jax.Array, key_mask: jax.Array, rngs: nnx.Rngs | None = None,
                  query_rows: Rows | None = None):
@@ -391,8 +243,8 @@ class SelfAttention(nnx.Module):
         ``float[B, P, H]`` for the query rows ``query_rows`` only (keys and values: all of x)."""
         split = lambda t: t.reshape(*t.shape[:-1], self.heads, -1)
         xq = x if query_rows is None else query_rows.take(x)
-        ctx = attend(split(self.query(xq)), split(self.key(x)), split(self.value(x)), key_mask,
-                     self.prob_dropout, rngs, query_rows)
+        ctx = self.attend(split(self.query(xq)), split(self.key(x)), split(self.value(x)),
+                          key_mask, self.prob_dropout, rngs, query_rows)
         return self.out(ctx.reshape(xq.shape[:-1] + (-1,)))
 
 
@@ -400,13 +252,15 @@ class TransformerBlock(nnx.Module):
     """Post-LN block: ``LN(x + drop(attn(x)))`` then ``LN(h + drop(W2 gelu(W1 h)))``."""
 
     def __init__(self, config: BertConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
-        h, kw = config.hidden, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        h, platform = config.hidden, config.platform
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attention = SelfAttention(config, **kw)
-        self.attention_dropout = dropout_layer(config.dropout)
+        self.attention_dropout = dropout_layer(config.dropout, platform)
         self.attention_norm = layer_norm(h, config.ln_eps, **kw)
-        self.ffn_in = dense(h, config.ffn, (None, FSDP_AXIS), **kw)
-        self.ffn_out = dense(config.ffn, h, (FSDP_AXIS, None), **kw)
-        self.ffn_dropout = dropout_layer(config.dropout)
+        self.ffn_in = dense(h, config.ffn, (None, FSDP_AXIS), platform=platform, **kw)
+        self.ffn_out = dense(config.ffn, h, (FSDP_AXIS, None), platform=platform, **kw)
+        self.gelu = backend.layers(platform).gelu
+        self.ffn_dropout = dropout_layer(config.dropout, platform)
         self.ffn_norm = layer_norm(h, config.ln_eps, **kw)
 
     def __call__(self, x: jax.Array, key_mask: jax.Array, rngs: nnx.Rngs | None = None,
@@ -419,7 +273,7 @@ class TransformerBlock(nnx.Module):
         xq = x if query_rows is None else query_rows.take(x)
         attn = self.attention(x, key_mask, rngs, query_rows)
         h = self.attention_norm(xq + self.attention_dropout(attn, rngs=rngs, rows=query_rows))
-        ffn = self.ffn_out(gelu(self.ffn_in(h)))
+        ffn = self.ffn_out(self.gelu(self.ffn_in(h)))
         return self.ffn_norm(h + self.ffn_dropout(ffn, rngs=rngs, rows=query_rows))
 
 
@@ -455,7 +309,7 @@ class Embeddings(nnx.Module):
         self.position = embed(config.max_positions, config.hidden, (None, FSDP_AXIS), **kw)
         self.token_type = embed(config.type_vocab, config.hidden, None, **kw)
         self.norm = layer_norm(config.hidden, config.ln_eps, **kw)
-        self.dropout = dropout_layer(config.dropout)
+        self.dropout = dropout_layer(config.dropout, config.platform)
 
     def __call__(self, x: jax.Array, position_ids: jax.Array, token_type_ids: jax.Array,
                  rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -501,17 +355,17 @@ class MlmHead(nnx.Module):
 
     def __init__(self, config: BertConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.dense = dense(config.hidden, config.hidden, (FSDP_AXIS, None), **kw)
+        ops = backend.layers(config.platform)
+        self.dense = dense(config.hidden, config.hidden, (FSDP_AXIS, None),
+                           platform=config.platform, **kw)
+        self.gelu, self.unembed = ops.gelu, ops.unembed
         self.norm = layer_norm(config.hidden, config.ln_eps, **kw)
         self.bias = nnx.Param(jnp.zeros((config.vocab_size,), param_dtype))
 
     def __call__(self, hidden: jax.Array, word_embeddings: jax.Array) -> jax.Array:
         """``hidden: float[..., H]``, ``word_embeddings: float[V, H]`` -> ``float32[..., V]``."""
-        t = self.norm(gelu(self.dense(hidden)))
-        tokens = t.reshape(-1, t.shape[-1])  # a 2-D matmul, as in Dense
-        logits = jnp.einsum("th,vh->tv", tokens, word_embeddings.astype(t.dtype),
-                            preferred_element_type=jnp.float32)
-        return logits.reshape(*t.shape[:-1], -1) + self.bias[...].astype(jnp.float32)
+        t = self.norm(self.gelu(self.dense(hidden)))
+        return self.unembed(t, word_embeddings) + self.bias[...].astype(jnp.float32)
 
 
 class BertForMaskedLM(nnx.Module):
@@ -543,10 +397,12 @@ class ClassifierHead(nnx.Module):
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; valid: {POOLINGS}")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        h = config.hidden
-        self.pooler = dense(h, h, (FSDP_AXIS, None), **kw) if pooling == "cls" else None
-        self.dropout = dropout_layer(config.dropout)
-        self.out = dense(h, num_labels, (FSDP_AXIS, None), out_dtype=jnp.float32, **kw)
+        h, platform = config.hidden, config.platform
+        self.pooler = (dense(h, h, (FSDP_AXIS, None), platform=platform, **kw)
+                       if pooling == "cls" else None)
+        self.dropout = dropout_layer(config.dropout, platform)
+        self.out = dense(h, num_labels, (FSDP_AXIS, None), platform=platform,
+                         out_dtype=jnp.float32, **kw)
 
     def __call__(self, hidden: jax.Array, attention: jax.Array,
                  rngs: nnx.Rngs | None = None) -> jax.Array:

@@ -90,9 +90,9 @@ class MaeDecoder(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embeddings = Embeddings(config, **kw)
         self.stack = TransformerStack(config, **kw)
-        self.dropout = dropout_layer(config.dropout)
+        self.dropout = dropout_layer(config.dropout, config.platform)
         self.classifier = dense(config.hidden, num_classes, (None, FSDP_AXIS),
-                                out_dtype=jnp.float32, **kw)
+                                platform=config.platform, out_dtype=jnp.float32, **kw)
 
     def __call__(self, x: jax.Array, attention: jax.Array,
                  rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -116,7 +116,8 @@ class BarcodeMAE(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.variant = variant
         self.encoder = BertModel(config, **kw)
-        self.projection = dense(config.hidden, config.hidden, (FSDP_AXIS, None), **kw)
+        self.projection = dense(config.hidden, config.hidden, (FSDP_AXIS, None),
+                                platform=config.platform, **kw)
         if variant == "dropped":
             self.mask_vector = nnx.Param(jnp.zeros((config.hidden,), param_dtype))
         self.decoder = MaeDecoder(config.decoder(), config.num_classes, **kw)

@@ -47,12 +47,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gemsjax import masking
 from gemsjax.errors import UserError
 from gemsjax.models import registry
 from gemsjax.train import loop, metrics, optim, sharding
-from gemsjax.train.step import Task, TrainState, make_train_step
-from gemsjax.vocab import get_vocab
+from gemsjax.train import spec as spec_lib
+from gemsjax.train.step import init_train_state, make_train_step, step_graphdefs
 
 GIB = 2**30
 # HBM per chip, matched in order against device_kind like metrics.PEAK_BF16_FLOPS (bf16 peaks).
@@ -145,17 +144,6 @@ def check_batch(batch_size: int, grad_accum: int, num_devices: int, where: str) 
         f"data.batch_size={no_accum},train.grad_accum=1")
 
 
-def _task(config: ml_collections.ConfigDict, model_cfg, vocab, curriculum) -> Task:
-    m = config.masking
-    mae = model_cfg.arch != "mlm"
-    return Task(kind="mae" if mae else "mlm", vocab=vocab, curriculum=curriculum,
-                seed=config.seed, grad_accum=config.train.grad_accum, mask_frac=m.mask_frac,
-                random_frac=m.random_frac, random_low=m.random_low, loss_on=m.loss_on,
-                num_visible=masking.visible_len(config.data.max_len, m.mae_ratio)
-                if mae else None,
-                head_fraction=config.train.head_fraction or None)
-
-
 def _shard_bytes(tree: Any) -> int:
     """Bytes one device holds of a pytree of sharded ``ShapeDtypeStruct``s."""
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
@@ -163,55 +151,55 @@ def _shard_bytes(tree: Any) -> int:
 
 
 @dataclasses.dataclass
-class Compiled:
-    """One compiled step: ``compiled`` (``jax.stages.Compiled``), the per-device argument bytes
-    by part, and its compile time."""
+class AbstractStep:
+    """The jitted train step with abstract, sharded arguments, ready to lower and compile.
 
-    compiled: Any
+    Attributes:
+      step: ``jax.jit(train_step, in_shardings, out_shardings, donate_argnums=0)``.
+      args: ``(state, batch, rank_table)`` as sharded ``jax.ShapeDtypeStruct`` pytrees.
+      arg_bytes: bytes one device holds of ``params``, ``optimizer`` (its state, the step and
+        the curriculum state) and ``batch`` (with the rank table).
+    """
+
+    step: Any
+    args: tuple
     arg_bytes: dict[str, int]
-    seconds: float
+
+    def compile(self) -> tuple[Any, float]:
+        """``(jax.stages.Compiled, seconds it took)``."""
+        started = time.perf_counter()
+        compiled = self.step.lower(*self.args).compile()
+        return compiled, time.perf_counter() - started
 
 
-def compile_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, platform: str,
-                 batch_size: int, grad_accum: int) -> Compiled:
-    """Lower and compile the train step of ``config`` (with ``batch_size`` rows in
-    ``grad_accum`` micro-batches) over ``mesh`` for ``platform``, all abstractly."""
-    vocab = get_vocab("barcodebert" if config.data.kind == "barcode" else "dnabert", 6)
-    model_cfg = loop._model_config(config)
+def abstract_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, platform: str,
+                  batch_size: int, grad_accum: int) -> AbstractStep:
+    """The train step of ``config`` over ``mesh`` with ``platform``'s layers and compute dtype,
+    for ``batch_size`` rows in ``grad_accum`` micro-batches; nothing is initialised."""
+    spec = dataclasses.replace(spec_lib.step_spec(config), grad_accum=grad_accum)
+    model_cfg = dataclasses.replace(spec_lib.model_config(config), platform=platform)
     dtype = loop.compute_dtype(config.model.compute_dtype, platform)
     tx, lr_schedule = optim.make_optimizer(config.optimizer, config.train.steps)
-    curriculum = loop.make_curriculum(config)
-    task = dataclasses.replace(_task(config, model_cfg, vocab, curriculum), grad_accum=grad_accum)
 
     def build():
         return registry.build_model(model_cfg, nnx.Rngs(config.seed), dtype=dtype)
 
-    def init() -> TrainState:
-        _, params = nnx.split(build(), nnx.Param)
-        return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                          curriculum=curriculum.init())
-
     with jax.set_mesh(mesh):
-        model = nnx.eval_shape(build)
-        model.train()
-        graphdef, _ = nnx.split(model, nnx.Param)
-        abstract = nnx.eval_shape(init)
-        state_sh = sharding.state_shardings(abstract, mesh)
-        state = sharding.with_shardings(abstract, state_sh)
-        batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-        rows = jax.ShapeDtypeStruct((batch_size, config.data.max_len), jnp.int32,
-                                    sharding=batch_sh)
-        batch = {"ids": rows, "attention": rows}
-        ranks = jax.ShapeDtypeStruct((vocab.size,), jnp.int32, sharding=repl)
-        step = jax.jit(make_train_step(task, graphdef, tx, lr_schedule),
-                       in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
-                       donate_argnums=0)
-        started = time.perf_counter()
-        compiled = step.lower(state, batch, ranks).compile()
+        train_graphdef, _ = step_graphdefs(nnx.eval_shape(build))
+        abstract = nnx.eval_shape(lambda: init_train_state(build(), tx, spec))
+    state_sh = sharding.state_shardings(abstract, mesh)
+    state = sharding.with_shardings(abstract, state_sh)
+    batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    rows = jax.ShapeDtypeStruct((batch_size, config.data.max_len), jnp.int32, sharding=batch_sh)
+    batch = {"ids": rows, "attention": rows}
+    ranks = jax.ShapeDtypeStruct((spec.vocab.size,), jnp.int32, sharding=repl)
+    step = jax.jit(make_train_step(spec, train_graphdef, tx, lr_schedule),
+                   in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
+                   donate_argnums=0)
     arg_bytes = dict(params=_shard_bytes(state.params),
                      optimizer=_shard_bytes((state.opt_state, state.step, state.curriculum)),
                      batch=_shard_bytes((batch, ranks)))
-    return Compiled(compiled, arg_bytes, time.perf_counter() - started)
+    return AbstractStep(step, (state, batch, ranks), arg_bytes)
 
 
 def _cost(compiled: Any) -> dict[str, float]:
@@ -248,27 +236,27 @@ def run(config: ml_collections.ConfigDict) -> dict:
     micro = check_batch(batch_size, accum, n, f"{tgt.name} (mesh {dict(mesh.shape)})")
     advice = lambda arg_bytes: _advice(arg_bytes, tgt.hbm_bytes, mesh.shape["fsdp"], n,
                                        micro // n, accum)
+    full = abstract_step(config, mesh, tgt.platform, batch_size, accum)
+    one = full if accum == 1 else abstract_step(config, mesh, tgt.platform, micro, 1)
     try:
-        full = compile_step(config, mesh, tgt.platform, batch_size, accum)
-        one = full if accum == 1 else compile_step(config, mesh, tgt.platform, micro, 1)
+        with jax.set_mesh(mesh):
+            full_compiled, seconds_full = full.compile()
+            one_compiled, seconds_one = (full_compiled, 0.0) if one is full else one.compile()
     except Exception as err:  # the TPU compiler stops when the program exceeds HBM
         if not _OOM.search(str(err)):
             raise
         raise UserError(f"the train step does not fit in the {_gib(tgt.hbm_bytes)} of a "
                         f"{tgt.kind} device ({str(err).strip().splitlines()[0][:200]}); "
-                        + advice(_estimated_args(config, mesh, tgt.platform))) from err
-    mem = full.compiled.memory_analysis()
+                        + advice(full.arg_bytes)) from err
+    mem = full_compiled.memory_analysis()
     args = mem.argument_size_in_bytes
     total = args + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes \
         + mem.generated_code_size_in_bytes
-    cost = _cost(one.compiled)
+    cost = _cost(one_compiled)
     compiler_flops = accum * cost["flops"]              # per device
     seconds = accum * cost.get("optimal_seconds", -1.0)
-    model_cfg = loop._model_config(config)
-    vocab = get_vocab("barcodebert" if config.data.kind == "barcode" else "dnabert", 6)
-    task = _task(config, model_cfg, vocab, loop.make_curriculum(config))
-    model_flops = loop._flops_per_step(model_cfg, task, batch_size, seq_len)  # all devices
-    loops = len(re.findall(r"\bwhile\(", one.compiled.as_text()))
+    model_flops = loop.flops_per_step(config, batch_size)  # all devices
+    loops = len(re.findall(r"\bwhile\(", one_compiled.as_text()))
     report = dict(
         target=tgt.name, device_kind=tgt.kind, devices=n, devices_per_chip=tgt.devices_per_chip,
         mesh=dict(mesh.shape), batch_size=batch_size, grad_accum=accum, seq_len=seq_len,
@@ -279,7 +267,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         temp_bytes=mem.temp_size_in_bytes, total_bytes=total, hbm_bytes=tgt.hbm_bytes,
         model_flops=model_flops, compiler_flops=compiler_flops * n,
         estimated_seconds=seconds, loops_in_step=loops,
-        compile_seconds=full.seconds + (one.seconds if one is not full else 0.0),
+        compile_seconds=seconds_full + seconds_one,
     )
     if seconds <= 0:  # libtpu's cost model has no estimate for this chip (v5e in 0.0.42.1)
         report["estimated_seconds"] = None
@@ -293,23 +281,6 @@ def run(config: ml_collections.ConfigDict) -> dict:
                         f"{_gib(tgt.hbm_bytes)} of a {tgt.kind} device; "
                         + advice(full.arg_bytes))
     return report
-
-
-def _estimated_args(config, mesh, platform) -> dict[str, int]:
-    """Per-device parameter and optimizer bytes without compiling (for advice after an OOM)."""
-    tx, _ = optim.make_optimizer(config.optimizer, config.train.steps)
-    model_cfg = loop._model_config(config)
-    dtype = loop.compute_dtype(config.model.compute_dtype, platform)
-
-    def init():
-        model = registry.build_model(model_cfg, nnx.Rngs(0), dtype=dtype)
-        _, params = nnx.split(model, nnx.Param)
-        return params, tx.init(params)
-
-    with jax.set_mesh(mesh):
-        abstract = nnx.eval_shape(init)
-        params, opt = sharding.with_shardings(abstract, sharding.state_shardings(abstract, mesh))
-    return dict(params=_shard_bytes(params), optimizer=_shard_bytes(opt), batch=0)
 
 
 def _gib(n: int | None) -> str:
@@ -340,6 +311,7 @@ def format_report(r: dict, tgt: Target) -> str:
                      f"compiler's roofline estimate, not a measurement): "
                      f"{r['tflops_per_device']:.1f} TFLOP/s per device{mfu}")
     if r["loops_in_step"]:
-        lines.append(f"  note: {r['loops_in_step']} loop(s) left in the step (e.g. per-head "
-                     "attention); XLA counts a loop body once, so FLOPs and time are too low")
+        lines.append(f"  note: {r['loops_in_step']} loop(s) in the step (the masking kernels' "
+                     "bisections; on CPU also per-head attention): XLA counts a loop body once, "
+                     "so their share of the FLOPs and time is undercounted")
     return "\n".join(lines)

@@ -22,13 +22,18 @@ import numpy as np
 from flax import nnx
 
 from gemsjax import config as config_lib
-from gemsjax import curriculum as curriculum_lib
-from gemsjax import masking, pmi
-from gemsjax.data import pipelines, samples
-from gemsjax.models import registry
+from gemsjax import masking
+from gemsjax.data import pipelines
+from gemsjax.models import flops, registry
 from gemsjax.train import checkpoint, metrics, optim, sharding
-from gemsjax.train.step import Task, TrainState, head_slots, make_eval_step, make_train_step
-from gemsjax.vocab import get_vocab
+from gemsjax.train import spec as spec_lib
+from gemsjax.train.step import (
+    TrainState,
+    init_train_state,
+    make_eval_step,
+    make_train_step,
+    step_graphdefs,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -47,57 +52,14 @@ def compute_dtype(name: str, platform: str | None = None) -> Any:
     return jnp.dtype(name)
 
 
-def make_curriculum(config: ml_collections.ConfigDict) -> curriculum_lib.Curriculum:
-    """The masking curriculum named by ``config.masking``."""
-    m = config.masking
-    mask_kwargs = dict(random_span_prob=m.random_span_prob, genemask_prob=m.genemask_prob,
-                       global_pmi_prob=m.global_pmi_prob, mae_ratio=m.mae_ratio,
-                       reference_code_compat=m.reference_code_compat or False)
-    kwargs = dict(per_example=m.per_example, **mask_kwargs)
-    if m.curriculum == "cm_gems":
-        return curriculum_lib.cm_gems(m.threshold, **kwargs)
-    if m.curriculum == "cm_step":
-        return curriculum_lib.cm_step(config.train.steps, **kwargs)
-    if m.curriculum == "constant":
-        return curriculum_lib.constant(m.strategy, **kwargs)
-    raise ValueError(f"config.masking.curriculum={m.curriculum!r}; expected cm_gems, cm_step or "
-                     "constant")
-
-
-def load_rank_table(config: ml_collections.ConfigDict, vocab) -> np.ndarray:
-    """``int32[vocab.size]`` PMI ranks: the published GeneMask table (``genemask``), counted from
-    the training genome (``fasta``), or a rank-table file written by ``--mode=pmi``."""
-    source = config.masking.rank_table
-    if vocab.name != "dnabert":  # barcode runs never use PMI ranks
-        return np.full(vocab.size, 4**vocab.k, np.int32)
-    if source == "genemask":
-        return pmi.load_genemask_ranks(samples.sample_path(samples.GENEMASK_RANKS), vocab)
-    if source == "fasta":
-        counts = pmi.count_kmers(pipelines.fasta_paths(config.data.fasta), max_n=vocab.k)
-        return pmi.rank_table(counts, k=vocab.k, vocab=vocab)
-    table, table_vocab, _ = pmi.load_rank_table(source)
-    if table_vocab != vocab:
-        raise ValueError(f"config.masking.rank_table={source!r} is for the {table_vocab.name} "
-                         f"k={table_vocab.k} vocab; this run uses {vocab.name} k={vocab.k}")
-    return table
-
-
-def _model_config(config: ml_collections.ConfigDict) -> registry.BertConfig:
-    overrides = {}
-    if config.model.dropout >= 0:
-        overrides = dict(dropout=config.model.dropout, attn_dropout=config.model.dropout)
-    return registry.get_model_config(config.model.name, **overrides)
-
-
-def _flops_per_step(model_cfg, task: Task, batch: int, seq_len: int) -> float:
-    """Model FLOPs of one optimizer step (see gemsjax.train.metrics for the formulas)."""
-    if task.kind == "mae":
-        return batch * metrics.mae_train_flops(
-            model_cfg.layers, model_cfg.hidden, model_cfg.ffn, model_cfg.decoder_layers,
-            model_cfg.num_classes, seq_len, task.num_visible)
-    head_len = None if task.head_fraction is None else head_slots(task, seq_len)
-    return batch * metrics.bert_train_flops(model_cfg.layers, model_cfg.hidden, model_cfg.ffn,
-                                            model_cfg.vocab_size, seq_len, head_len)
+def flops_per_step(config: ml_collections.ConfigDict, batch_size: int) -> float:
+    """Model FLOPs of one optimizer step over ``batch_size`` rows (:mod:`gemsjax.models.flops`),
+    counting what the step computes: the MLM head on its slots, the MAE encoder on its visible
+    slots."""
+    spec, seq_len = spec_lib.step_spec(config), config.data.max_len
+    return batch_size * flops.train_flops(
+        spec_lib.model_config(config), seq_len, head_len=spec.head_slots(seq_len),
+        visible_len=spec.num_visible(seq_len))
 
 
 def _scalar_metrics(device_metrics: dict) -> dict:
@@ -121,7 +83,7 @@ def evaluate(eval_step, state: TrainState, val_batches: list, rank_table) -> dic
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns a summary."""
-    config_lib.check_config(config)
+    config_lib.validate(config)
     sharding.maybe_initialize_distributed()
     mesh = sharding.make_mesh(config.train.mesh_data, config.train.mesh_fsdp)
     with jax.set_mesh(mesh), checkpoint.sigterm_watch() as sigterm:
@@ -131,7 +93,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
            sigterm: threading.Event) -> dict:
     # Data: raw token batches; masks are made in the step.
-    vocab = get_vocab("barcodebert" if config.data.kind == "barcode" else "dnabert", 6)
     train_iter = pipelines.make_pretraining_iterator(config, "train")
     val_batches = [sharding.shard_batch(b, mesh) for b in itertools.islice(
         pipelines.make_pretraining_iterator(config, "validation"), config.train.eval_batches)]
@@ -140,34 +101,19 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
                          "config.data.batch_size")
 
     # Model, optimizer and the static description of the step.
-    model_cfg = _model_config(config)
-    if model_cfg.vocab_size < vocab.size:
-        raise ValueError(f"model {config.model.name!r} has vocab_size {model_cfg.vocab_size} < "
-                         f"{vocab.size} ids of the {vocab.name} vocab")
+    spec = spec_lib.step_spec(config)
+    model_cfg = spec_lib.model_config(config)
     dtype = compute_dtype(config.model.compute_dtype)
     tx, lr_schedule = optim.make_optimizer(config.optimizer, config.train.steps)
-    cur = make_curriculum(config)
-    m = config.masking
-    mae = model_cfg.arch != "mlm"
-    task = Task(kind="mae" if mae else "mlm", vocab=vocab, curriculum=cur, seed=config.seed,
-                grad_accum=config.train.grad_accum, mask_frac=m.mask_frac,
-                random_frac=m.random_frac, random_low=m.random_low, loss_on=m.loss_on,
-                num_visible=masking.visible_len(config.data.max_len, m.mae_ratio) if mae else None,
-                head_fraction=config.train.head_fraction or None)
 
     def build():
         return registry.build_model(model_cfg, nnx.Rngs(config.seed), dtype=dtype)
 
     def init() -> TrainState:
-        _, params = nnx.split(build(), nnx.Param)
-        return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                          curriculum=cur.init())
+        return init_train_state(build(), tx, spec)
 
     abstract_model = nnx.eval_shape(build)
-    abstract_model.eval()
-    eval_graphdef, _ = nnx.split(abstract_model, nnx.Param)
-    abstract_model.train()
-    train_graphdef, _ = nnx.split(abstract_model, nnx.Param)
+    train_graphdef, eval_graphdef = step_graphdefs(abstract_model)
     abstract_state = nnx.eval_shape(init)
     state_sh = sharding.state_shardings(abstract_state, mesh)
     repl = sharding.replicated(mesh)
@@ -180,8 +126,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
                                          train_iter)
     if restored is None:
         state = jax.jit(init, out_shardings=state_sh)()
-        rank_table = load_rank_table(config, vocab)
-        say(f"gemsjax: new run in {workdir}")
+        rank_table = spec_lib.rank_table(config, spec.vocab)
+        say(f"gemsjax: new run in {workdir}: {config.model.name}, "
+            f"{registry.param_count(abstract_model) / 1e6:.2f}M parameters")
     else:
         state, rank_table = restored.state, restored.rank_table
         say(f"gemsjax: resumed {workdir} at step {restored.step}")
@@ -189,23 +136,25 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
     meta = checkpoint.run_metadata(config)
 
     batch_sh = sharding.batch_sharding(mesh)
-    train_step = jax.jit(make_train_step(task, train_graphdef, tx, lr_schedule),
+    train_step = jax.jit(make_train_step(spec, train_graphdef, tx, lr_schedule),
                          in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
                          donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(task, eval_graphdef),
+    eval_step = jax.jit(make_eval_step(spec, eval_graphdef),
                         in_shardings=(state_sh, batch_sh, repl, repl), out_shardings=repl)
-    update_curriculum = jax.jit(cur.update, out_shardings=repl)
+    update_curriculum = jax.jit(spec.curriculum.update, out_shardings=repl)
 
     batch_size, seq_len = config.data.batch_size, config.data.max_len
     writer = metrics.MetricsWriter(
         workdir, total_steps=config.train.steps, tokens_per_step=batch_size * seq_len,
-        flops_per_step=_flops_per_step(model_cfg, task, batch_size, seq_len),
+        flops_per_step=flops_per_step(config, batch_size),
         peak_flops=metrics.peak_flops_per_device(), console_every=config.train.log_every)
+    writer.write_config(config.to_dict())
     buffer = metrics.MetricsBuffer()
     step = int(state.step)
     val: dict[str, float] = {}
     started, first_step = time.perf_counter(), step
     stopped = None
+    switched = bool(state.curriculum.switched)
     try:
         while step < config.train.steps:
             batch = sharding.shard_batch(next(train_iter), mesh)
@@ -220,9 +169,12 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
                 writer.write(buffer.flush())  # a NaN step raises here, before it is saved
             if evaluated:
                 val = evaluate(eval_step, state, val_batches, rank_table_dev)
-                state = state._replace(curriculum=update_curriculum(state.curriculum,
-                                                                    val["val_perplexity"]))
+                state = state._replace(curriculum=update_curriculum(
+                    state.curriculum, val["val_perplexity"], step))
                 writer.write(metrics.StepMetrics(step - 1, val, None))
+                if not switched and (switched := bool(state.curriculum.switched)):
+                    say(f"gemsjax: curriculum switched after the validation at step {step} "
+                        f"(perplexity plateau); Global-PMI masking from step {step + 1}")
             checkpoint.save(manager, step, state, data_iter=train_iter, rank_table=rank_table,
                             meta=meta, metrics={"val_loss": val["val_loss"]} if evaluated else None,
                             force=force)
@@ -238,5 +190,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
         writer.close()
     summary = dict(step=step, steps=config.train.steps, stopped=stopped,
                    seconds=time.perf_counter() - started, steps_this_run=step - first_step,
-                   switched=bool(state.curriculum.switched), **val)
+                   switched=bool(state.curriculum.switched),
+                   switch_step=int(state.curriculum.switch_step)
+                   if state.curriculum.switched else None, **val)
     return summary

@@ -1,10 +1,10 @@
-"""Training metrics: one-step buffering, JSONL + TensorBoard + console, FLOPs and MFU.
+"""Training metrics: one-step buffering, JSONL + TensorBoard + console, throughput and MFU.
 
 Loop usage::
 
     buffer = MetricsBuffer()
     writer = MetricsWriter(workdir, total_steps=max_steps, tokens_per_step=B * L,
-                           flops_per_step=B * bert_train_flops(...),
+                           flops_per_step=B * flops.train_flops(model_config, L),
                            peak_flops=peak_flops_per_device())
     for step in ...:
         state, device_metrics = train_step(state, batch, step)   # dispatched, not waited for
@@ -12,22 +12,7 @@ Loop usage::
             writer.write(done)
     writer.write(buffer.flush()); writer.close()
 
-**FLOPs** count matmuls only (multiply-add = 2 FLOPs), training = 3 x forward (backward = 2 x
-forward), on the padded static shapes the step computes; bidirectional attention is *not* halved.
-A transformer block over ``T`` query tokens attending to ``K`` keys, width ``d``, FFN ``f``::
-
-    forward = T * (8 d^2 + 4 d f)      # Q, K, V, output projections; FFN in and out
-            + 4 T K d                  # scores Q K^T and context A V
-
-BERT MLM per sequence (``S`` tokens; head on ``P`` positions, default ``P = S``)::
-
-    train = 3 * [ layers * (S (8 d^2 + 4 d f) + 4 S^2 d) + P (2 d^2 + 2 d V) ]
-
-(head = dense ``d x d`` + the tied unembedding ``d x V``; embedding lookups cost nothing). This
-equals MaxText's count and the ``6 N + 12 L d S`` per-token rule with N = matmul weights. When
-the step runs the head on ``P < S`` masked slots (``Task.head_fraction``) the last layer runs its
-queries there too, and the count is what the step computes: that layer costs
-``P (4 d^2 + 4 d f) + S 4 d^2 + 4 P S d`` (Q, output projection and FFN on P; K, V on S).
+Model FLOPs come from :mod:`gemsjax.models.flops`.
 """
 
 from __future__ import annotations
@@ -69,63 +54,6 @@ def peak_flops_per_device(device_kind: str | None = None) -> float | None:
         if all(n in kind for n in needles):
             return flops
     return None
-
-
-def transformer_forward_flops(layers: int, hidden: int, ffn: int, tokens: int, keys: int) -> float:
-    """Forward matmul FLOPs of ``layers`` blocks over one sequence of ``tokens`` queries attending
-    to ``keys`` keys: ``layers * (tokens * (8 d^2 + 4 d f) + 4 * tokens * keys * d)``."""
-    d = hidden
-    return float(layers * (tokens * (8 * d * d + 4 * d * ffn) + 4 * tokens * keys * d))
-
-
-def bert_train_flops(
-    layers: int, hidden: int, ffn: int, vocab: int, seq_len: int, head_len: int | None = None
-) -> float:
-    """Training FLOPs per sequence of a BERT MLM (module docstring); the MLM head and the last
-    layer's queries run on ``head_len`` positions (default all ``seq_len``)."""
-    d, s = hidden, seq_len
-    head = s if head_len is None else head_len
-    encoder = transformer_forward_flops(layers - 1, d, ffn, s, s)
-    last = head * (4 * d * d + 4 * d * ffn) + s * 4 * d * d + 4 * head * s * d
-    return 3.0 * (encoder + last + head * (2 * d * d + 2 * d * vocab))
-
-
-def bert_train_flops_per_token(
-    layers: int, hidden: int, ffn: int, vocab: int, seq_len: int
-) -> float:
-    """:func:`bert_train_flops` (head on every position) divided by ``seq_len``."""
-    return bert_train_flops(layers, hidden, ffn, vocab, seq_len) / seq_len
-
-
-def mae_train_flops(
-    layers: int,
-    hidden: int,
-    ffn: int,
-    decoder_layers: int,
-    num_classes: int,
-    seq_len: int,
-    visible_len: int,
-    decoder_hidden: int | None = None,
-    decoder_ffn: int | None = None,
-) -> float:
-    """Training FLOPs per sequence of BarcodeMAE::
-
-        3 * [ encoder over visible_len tokens (attention over visible_len)
-              + projection visible_len * 2 d_enc d_dec
-              + decoder over seq_len tokens (attention over seq_len)
-              + head seq_len * 2 d_dec num_classes ]
-
-    ``visible_len`` is the static encoder length (``seq_len`` for the baseline variant).
-    """
-    dec_d = hidden if decoder_hidden is None else decoder_hidden
-    dec_f = ffn if decoder_ffn is None else decoder_ffn
-    forward = (
-        transformer_forward_flops(layers, hidden, ffn, visible_len, visible_len)
-        + visible_len * 2 * hidden * dec_d
-        + transformer_forward_flops(decoder_layers, dec_d, dec_f, seq_len, seq_len)
-        + seq_len * 2 * dec_d * num_classes
-    )
-    return 3.0 * forward
 
 
 def throughput(
@@ -266,6 +194,10 @@ class MetricsWriter:
     written step, appended across restarts), TensorBoard events under ``<workdir>/tensorboard``,
     and a console progress line every ``console_every`` steps. Other processes write nothing.
 
+    Files and console number a step by the updates done after it (``StepMetrics.step + 1``),
+    the number its checkpoint gets; each ``metrics.jsonl`` record also has ``time``, the wall
+    clock (Unix seconds) when it was written.
+
     Throughput (:func:`throughput`) is added to a step's values when its duration is known;
     ``tokens_per_step`` / ``flops_per_step`` are global per optimizer step; ``num_devices``
     defaults to ``jax.device_count()``. The ETA uses the mean of the last 50 step durations.
@@ -312,10 +244,12 @@ class MetricsWriter:
         if metrics.seconds:
             values.update(throughput(metrics.seconds, *self._rates))
             self._durations.append(metrics.seconds)
-        self._jsonl.write(json.dumps({"step": metrics.step, **values}) + "\n")
+        done = metrics.step + 1  # updates done: the number the step's checkpoint gets
+        record = {"step": done, "time": round(time.time(), 3), **values}
+        self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         for key, value in values.items():
-            self._tb.add_scalar(key, value, metrics.step)
+            self._tb.add_scalar(key, value, done)
         last = metrics.step + 1 >= self.total_steps
         validation = any(key.startswith("val_") for key in values)
         if (metrics.step + 1) % self._console_every == 0 or last or validation:
@@ -327,6 +261,28 @@ class MetricsWriter:
                 file=self._stream,
                 flush=True,
             )
+
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        """Record the run's config in TensorBoard: as text (JSON) and as hparams (its leaves)."""
+        if not self.enabled:
+            return
+        from tensorboardX.summary import hparams
+
+        self._tb.add_text("config", "```\n" + json.dumps(config, indent=2, default=str)
+                          + "\n```", 0)
+        flat = {}
+
+        def walk(node: Mapping[str, Any], prefix: str) -> None:
+            for key, value in node.items():
+                if isinstance(value, Mapping):
+                    walk(value, f"{prefix}{key}.")
+                else:
+                    flat[prefix + key] = (value if isinstance(value, bool | int | float | str)
+                                          else str(value))
+
+        walk(config, "")
+        for summary in hparams(flat, {"val_loss": float("nan")}):  # declares the metric's tag
+            self._tb.file_writer.add_summary(summary)
 
     def close(self) -> None:
         """Flush and close the files."""

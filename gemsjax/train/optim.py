@@ -1,8 +1,8 @@
 """Optimizers from config: AdamW with the CM-GEMS and BarcodeMAE schedules.
 
 ``make_optimizer(opt_config, max_steps) -> (tx, lr_schedule)`` reads an ``ml_collections``
-``ConfigDict`` with these keys (:func:`cm_gems_config` and :func:`barcode_mae_config` give the two
-reference settings):
+``ConfigDict`` with these keys (a recipe's ``config.optimizer``: ``configs/cm_gems.py`` states
+GeneMask's AdamW, ``configs/barcode_mae.py`` BarcodeMAE's one-cycle):
 
 ==================  ==========================================================================
 key                 meaning
@@ -48,48 +48,6 @@ import optax
 SCHEDULES = ("warmup_linear", "onecycle")
 DECAY_MASKS = ("matrices", "all")
 NO_DECAY_NAMES = ("bias", "scale")
-
-
-def cm_gems_config() -> ml_collections.ConfigDict:
-    """GeneMask / CM-GEMS pretraining: AdamW 8e-4, betas (0.9, 0.98), eps 1e-6, wd 0.01 without
-    bias/LayerNorm, warmup 500 then linear decay, clip 1.0."""
-    return ml_collections.ConfigDict(
-        dict(
-            schedule="warmup_linear",
-            learning_rate=8e-4,
-            warmup_steps=500,
-            b1=0.9,
-            b2=0.98,
-            eps=1e-6,
-            weight_decay=0.01,
-            decay_mask="matrices",
-            clip_norm=1.0,
-        )
-    )
-
-
-def barcode_mae_config(
-    total_batch: int = 16, lr_relative: float = 1e-4
-) -> ml_collections.ConfigDict:
-    """BarcodeMAE code defaults: AdamW (torch defaults b2 0.999, eps 1e-8), wd 1e-5 on all
-    parameters, OneCycle (pct 0.3, div 25, final div 1e4, b1 0.95 -> 0.85 -> 0.95), no clipping,
-    peak ``lr = lr_relative * total_batch / 64``."""
-    return ml_collections.ConfigDict(
-        dict(
-            schedule="onecycle",
-            learning_rate=lr_relative * total_batch / 64,
-            pct_start=0.3,
-            div_factor=25.0,
-            final_div_factor=1e4,
-            b1_cycle=(0.95, 0.85),
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=1e-5,
-            decay_mask="all",
-            clip_norm=0.0,
-        )
-    )
 
 
 def _choice(cfg: ml_collections.ConfigDict, key: str, allowed: tuple[str, ...]) -> str:

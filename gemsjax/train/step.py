@@ -1,10 +1,10 @@
 """The jitted train and eval steps: masks are made on device, inside the step.
 
-One optimizer update per call::
+One optimizer update per call, as :class:`gemsjax.train.spec.StepSpec` describes it::
 
     key      = fold_in(key(seed), step)
     strategy = curriculum.sample(key_strategy, step, curriculum_state)      (per micro-batch)
-    mask     = masking.make_mask(key_mask, strategy, ids, special, rank_table)
+    mask     = masking.make_mask(key_mask, strategy, ids, special, rank_table, spec.masking)
     inputs   = masking.corrupt(key_corrupt, ids, mask)                      (MLM)
     loss     = cross-entropy of model(inputs) at the masked positions
     grads    = mean over ``grad_accum`` micro-batches (a ``lax.scan``) → optax → new params
@@ -17,9 +17,7 @@ device's contiguous block of the sharded batch feeds every micro-batch without r
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -28,14 +26,13 @@ import optax
 from flax import nnx
 
 from gemsjax import masking
-from gemsjax.curriculum import Curriculum, CurriculumState
-from gemsjax.vocab import Vocab
-
-TASKS = ("mlm", "mae")
+from gemsjax.curriculum import CurriculumState
+from gemsjax.train.spec import StepSpec
 
 
 class TrainState(NamedTuple):
-    """Everything a run checkpoints, as arrays (Orbax-saveable).
+    """Everything a run checkpoints, as arrays (Orbax-saveable); built by
+    :func:`init_train_state`.
 
     Attributes:
       step: ``int32[]`` optimizer updates done.
@@ -50,66 +47,32 @@ class TrainState(NamedTuple):
     curriculum: CurriculumState
 
 
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """Static description of what a step computes (hashable; closed over by the jitted step).
-
-    Attributes:
-      kind: ``"mlm"`` (BERT masked-LM: mask, corrupt, predict token ids) or ``"mae"``
-        (BarcodeMAE: drop a fixed number of tokens, predict the k-mer class ``id - specials``).
-      vocab: the token layout (specials are never masked).
-      curriculum: strategy schedule and masking probabilities.
-      seed: base of every step key, ``fold_in(key(seed), step)``.
-      grad_accum: micro-batches per optimizer update.
-      mask_frac, random_frac, random_low: BERT corruption (see :func:`masking.corrupt`).
-      loss_on: ``"masked"`` or ``"all"`` (every non-special token, BarcodeBERT).
-      num_visible: MAE encoder length, :func:`masking.visible_len`: a static bound on the
-        visible maskable tokens per row. The encoder is given those only; ``[UNK]`` k-mers and
-        padding are dropped with the masked tokens (they are never targets), which keeps the
-        bound exact, and the decoder sees them as mask-vector slots.
-      head_fraction: MLM with ``loss_on="masked"`` only: run the output head (dense, LayerNorm,
-        the ``V``-way tied decoder, softmax) and the encoder's last layer (its queries, residual
-        stream and feed-forward; keys and values still cover every position) on the masked
-        tokens only, gathered per row into ``ceil(head_fraction * L)`` slots; when a row has
-        more masked tokens everything runs on every position instead, so the loss, accuracy and
-        gradients are the same either way, dropout included. 0.375 suits the ~15% masking of
-        the MLM recipes: over 9,500 rows of chr22 at L = 512 the most masked tokens in a row
-        were 162 (GeneMask), 149 (random spans) and 145 (Global-PMI), against 192 slots.
-        ``None``: every position.
-    """
-
-    kind: str
-    vocab: Vocab
-    curriculum: Curriculum
-    seed: int = 0
-    grad_accum: int = 1
-    mask_frac: float = 0.8
-    random_frac: float = 0.1
-    random_low: int = 0
-    loss_on: str = "masked"
-    num_visible: int | None = None
-    head_fraction: float | None = None
-
-    def __post_init__(self):
-        if self.kind not in TASKS:
-            raise ValueError(f"task kind must be one of {TASKS}, got {self.kind!r}")
-        if self.loss_on not in ("masked", "all"):
-            raise ValueError(f"loss_on must be 'masked' or 'all', got {self.loss_on!r}")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
-        if self.head_fraction is not None and not (
-                self.kind == "mlm" and self.loss_on == "masked" and 0 < self.head_fraction <= 1):
-            raise ValueError(f"head_fraction={self.head_fraction} needs kind='mlm', "
-                             "loss_on='masked' and a value in (0, 1]; use None otherwise")
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation,
+                     spec: StepSpec) -> TrainState:
+    """Step 0: ``model``'s parameters, the optimizer's initial state, a fresh curriculum."""
+    params = nnx.state(model, nnx.Param)
+    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                      curriculum=spec.curriculum.init())
 
 
-def special_positions(ids: jax.Array, attention: jax.Array, vocab: Vocab) -> jax.Array:
+def step_graphdefs(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.GraphDef]:
+    """``(train, eval)`` graph definitions of ``model`` (dropout on / off) for the steps; works on
+    an ``nnx.eval_shape`` model. Leaves ``model`` in eval mode."""
+    model.train()
+    train_graphdef, _ = nnx.split(model, nnx.Param)
+    model.eval()
+    eval_graphdef, _ = nnx.split(model, nnx.Param)
+    return train_graphdef, eval_graphdef
+
+
+def special_positions(ids: jax.Array, attention: jax.Array, spec: StepSpec) -> jax.Array:
     """``bool[B, L]``: special tokens and padding (attention 0), never masked."""
-    return masking.special_mask(ids, range(vocab.num_specials)) | (attention == 0)
+    return masking.special_mask(ids, range(spec.vocab.num_specials)) | (attention == 0)
 
 
-def masked_batch(task: Task, key: jax.Array, step: jax.Array, curriculum_state: CurriculumState,
-                 ids: jax.Array, attention: jax.Array, rank_table: jax.Array) -> dict:
+def masked_batch(spec: StepSpec, key: jax.Array, step: jax.Array,
+                 curriculum_state: CurriculumState, ids: jax.Array, attention: jax.Array,
+                 rank_table: jax.Array) -> dict:
     """Mask and corrupt one (micro-)batch.
 
     Args:
@@ -124,40 +87,27 @@ def masked_batch(task: Task, key: jax.Array, step: jax.Array, curriculum_state: 
       ``strategy int32[]`` or ``int32[B]``.
     """
     k_strategy, k_mask, k_corrupt = jax.random.split(key, 3)
-    special = special_positions(ids, attention, task.vocab)
-    cur = task.curriculum
-    if task.kind == "mae":
+    special = special_positions(ids, attention, spec)
+    if spec.kind == "mae":
         strategy = jnp.int32(masking.strategy_index("mae_drop"))
-        mask = masking.mae_drop_fixed(k_mask, ids, special, cur.mask_params.mae_ratio)
-        targets = jnp.maximum(ids - task.vocab.num_specials, 0)
+        mask = masking.mae_drop_fixed(k_mask, ids, special, spec.masking.mae_ratio)
+        targets = jnp.maximum(ids - spec.vocab.num_specials, 0)
         return dict(inputs=ids, targets=targets, weights=mask.astype(jnp.float32), mask=mask,
                     special=special, strategy=strategy)
+    cur = spec.curriculum
     strategy = cur.sample(k_strategy, step, curriculum_state, ids.shape[0])
-    mask = masking.make_mask(k_mask, strategy, ids, special, rank_table, cur.mask_params,
+    mask = masking.make_mask(k_mask, strategy, ids, special, rank_table, spec.masking,
                              cur.active)
     inputs, targets, weights = masking.corrupt(
-        k_corrupt, ids, mask, task.vocab.size, task.vocab.mask_id, mask_frac=task.mask_frac,
-        random_frac=task.random_frac, random_low=task.random_low)
-    if task.loss_on == "all":
+        k_corrupt, ids, mask, spec.vocab.size, spec.vocab.mask_id, mask_frac=spec.mask_frac,
+        random_frac=spec.random_frac, random_low=spec.random_low)
+    if spec.loss_on == "all":
         weights = (~special).astype(jnp.float32)
     return dict(inputs=inputs, targets=targets, weights=weights, mask=mask, special=special,
                 strategy=strategy)
 
 
-def forward(task: Task, model: nnx.Module, batch: dict, attention: jax.Array,
-            dropout_key: jax.Array | None) -> jax.Array:
-    """Logits ``float32[B, L, C]`` of the model on a masked batch."""
-    rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
-    if task.kind == "mae":
-        # The dropped-token encoder sees the visible k-mers only (no [UNK], no padding); the
-        # BERT-style baseline feeds [MASK] at the masked positions and keeps everything else.
-        dropped = batch["mask"] | batch["special"] if model.variant == "dropped" else batch["mask"]
-        return model(batch["inputs"], attention, dropped, num_visible=task.num_visible,
-                     rngs=rngs)
-    return model(batch["inputs"], attention, rngs=rngs)
-
-
-def loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict:
+def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict:
     """Weighted cross-entropy and accuracy sums (fp32): ``loss_sum, correct, count``.
 
     ``logits: float[..., C]``, ``targets: int32[...]``, ``weights: float32[...]``. A prediction
@@ -174,59 +124,37 @@ def loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict
                 correct=(hit * weights).sum(), count=weights.sum())
 
 
-def head_slots(task: Task, length: int) -> int:
-    """Head slots per row when the MLM head runs on masked tokens only: ``ceil(f * L)``."""
-    return math.ceil(task.head_fraction * length)
+def loss_sums(spec: StepSpec, model: nnx.Module, batch: dict, attention: jax.Array,
+              dropout_key: jax.Array | None, head_slots: int | None = None) -> dict:
+    """:func:`cross_entropy_sums` of ``model`` on a masked ``batch``.
+
+    ``head_slots`` (MLM): the head and the encoder's last layer run on each row's loss positions
+    only, gathered in position order into that many slots (unused slots weigh 0); the rest of the
+    encoder runs on the whole batch (rows stay where they are, so this shards like the batch).
+    Exact only where :func:`head_fits`. None: the model's output at every position.
+    """
+    rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
+    targets, weights = batch["targets"], batch["weights"]
+    if spec.kind == "mae":
+        # The dropped-token encoder sees the visible k-mers only (no [UNK], no padding); the
+        # BERT-style baseline feeds [MASK] at the masked positions and keeps everything else.
+        dropped = batch["mask"] | batch["special"] if model.variant == "dropped" else batch["mask"]
+        logits = model(batch["inputs"], attention, dropped,
+                       num_visible=spec.num_visible(attention.shape[1]), rngs=rngs)
+        return cross_entropy_sums(logits, targets, weights)
+    if head_slots is None:
+        return cross_entropy_sums(model(batch["inputs"], attention, rngs=rngs), targets, weights)
+    on_loss = weights != 0
+    positions = jax.vmap(lambda row: jnp.nonzero(row, size=head_slots, fill_value=0)[0])(on_loss)
+    used = jnp.arange(head_slots) < on_loss.sum(axis=1, keepdims=True)
+    logits = model(batch["inputs"], attention, positions=positions, rngs=rngs)
+    pick = functools.partial(jnp.take_along_axis, indices=positions, axis=1)
+    return cross_entropy_sums(logits, pick(targets), jnp.where(used, pick(weights), 0.0))
 
 
 def head_fits(batch: dict, slots: int) -> jax.Array:
     """``bool[]``: no row of the masked ``batch`` has more than ``slots`` loss positions."""
     return jnp.all((batch["weights"] != 0).sum(axis=1) <= slots)
-
-
-def masked_head_loss_sums(model: nnx.Module, batch: dict, attention: jax.Array,
-                          dropout_key: jax.Array | None, slots: int) -> dict:
-    """:func:`loss_sums` of a ``BertForMaskedLM`` whose head runs on the masked tokens only.
-
-    Each row's masked positions fill its ``slots`` (in position order; unused slots weigh 0);
-    the head and the encoder's last layer (queries, residual stream, feed-forward) run on those,
-    the rest of the encoder on the whole batch (rows stay where they are, so this shards like
-    the batch). Exact only where :func:`head_fits`; callers choose
-    between this and the full head with a ``lax.cond`` on it.
-    """
-    rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
-    masked = batch["weights"] != 0
-    positions = jax.vmap(lambda row: jnp.nonzero(row, size=slots, fill_value=0)[0])(masked)
-    used = jnp.arange(slots) < masked.sum(axis=1, keepdims=True)
-    logits = model(batch["inputs"], attention, positions=positions, rngs=rngs)
-    pick = functools.partial(jnp.take_along_axis, indices=positions, axis=1)
-    return loss_sums(logits, pick(batch["targets"]),
-                     jnp.where(used, pick(batch["weights"]), 0.0))
-
-
-def full_loss_sums(task: Task, model: nnx.Module, batch: dict, attention: jax.Array,
-                   dropout_key: jax.Array | None) -> dict:
-    """:func:`loss_sums` of the model's output at every position."""
-    logits = forward(task, model, batch, attention, dropout_key)
-    return loss_sums(logits, batch["targets"], batch["weights"])
-
-
-def with_head_placement(task: Task, batch: dict, compute):
-    """``compute(loss_sums_fn)`` with the head placement ``task`` asks for.
-
-    ``loss_sums_fn(model, batch, attention, dropout_key) -> sums``. With ``head_fraction`` set,
-    a ``lax.cond`` on :func:`head_fits` picks the masked-only head or the full head; the cond
-    wraps all of ``compute`` (the gradient computation, in the train step) so that no residual
-    of the full-head branch, e.g. its ``[B, L, V]`` softmax, is materialized when the other
-    branch runs.
-    """
-    full = functools.partial(full_loss_sums, task)
-    if task.head_fraction is None:
-        return compute(full)
-    slots = head_slots(task, batch["weights"].shape[1])
-    at_masked = lambda *args: masked_head_loss_sums(*args, slots)
-    return jax.lax.cond(head_fits(batch, slots), lambda: compute(at_masked),
-                        lambda: compute(full))
 
 
 def _strategy_counts(strategy: jax.Array, batch_size: int) -> jax.Array:
@@ -243,7 +171,7 @@ def _micro_batches(x: jax.Array, accum: int) -> jax.Array:
     return jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
 
 
-def make_train_step(task: Task, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+def make_train_step(spec: StepSpec, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     lr_schedule: optax.Schedule):
     """``train_step(state, batch, rank_table) -> (state, metrics)``, pure (jit it with shardings).
 
@@ -258,26 +186,34 @@ def make_train_step(task: Task, graphdef: nnx.GraphDef, tx: optax.GradientTransf
     ``strategy_mix float32[S]`` (share of sequences per strategy).
     """
 
+    def mean_loss(params, batch, attention, dropout_key, head_slots):
+        sums = loss_sums(spec, nnx.merge(graphdef, params), batch, attention, dropout_key,
+                         head_slots)
+        return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
+
+    loss_and_grads = jax.value_and_grad(mean_loss, has_aux=True)
+
     def micro_grads(params, micro, key, step, curriculum_state, rank_table):
         ids, attention = micro["ids"], micro["attention"]
-        mkey, dkey = jax.random.split(key)
-        batch = masked_batch(task, mkey, step, curriculum_state, ids, attention, rank_table)
-
-        def value_and_grad(loss_sums_fn):
-            def loss_fn(params):
-                sums = loss_sums_fn(nnx.merge(graphdef, params), batch, attention, dkey)
-                return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
-            return jax.value_and_grad(loss_fn, has_aux=True)(params)
-
-        (loss, sums), grads = with_head_placement(task, batch, value_and_grad)
+        mask_key, dropout_key = jax.random.split(key)
+        batch = masked_batch(spec, mask_key, step, curriculum_state, ids, attention, rank_table)
+        slots = spec.head_slots(ids.shape[1])
+        everywhere = lambda: loss_and_grads(params, batch, attention, dropout_key, None)
+        if slots is None:
+            (loss, sums), grads = everywhere()
+        else:
+            # The cond wraps the gradient computation, so the full head's [B, L, V] residuals
+            # are never materialized while the masked-only head runs.
+            at_masked = lambda: loss_and_grads(params, batch, attention, dropout_key, slots)
+            (loss, sums), grads = jax.lax.cond(head_fits(batch, slots), at_masked, everywhere)
         aux = dict(sums, masked=batch["mask"].sum(), maskable=(~batch["special"]).sum(),
                    tokens=(attention != 0).sum(),
                    strategy=_strategy_counts(batch["strategy"], ids.shape[0]))
         return (loss, aux), grads
 
     def train_step(state: TrainState, batch: dict, rank_table: jax.Array):
-        key = jax.random.fold_in(jax.random.key(task.seed), state.step)
-        micro = jax.tree.map(lambda x: _micro_batches(x, task.grad_accum), batch)
+        key = jax.random.fold_in(jax.random.key(spec.seed), state.step)
+        micro = jax.tree.map(lambda x: _micro_batches(x, spec.grad_accum), batch)
 
         def accumulate(carry, inputs):
             index, micro_batch = inputs
@@ -293,12 +229,12 @@ def make_train_step(task: Task, graphdef: nnx.GraphDef, tx: optax.GradientTransf
         (_, aux0), grads0 = zeros
         (grads, loss, aux), _ = jax.lax.scan(
             accumulate, (grads0, jnp.float32(0), aux0),
-            (jnp.arange(task.grad_accum), micro))
-        grads = jax.tree.map(lambda g: g / task.grad_accum, grads)
+            (jnp.arange(spec.grad_accum), micro))
+        grads = jax.tree.map(lambda g: g / spec.grad_accum, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(
-            loss=loss / task.grad_accum,
+            loss=loss / spec.grad_accum,
             masked_accuracy=aux["correct"] / jnp.maximum(aux["count"], 1.0),
             mask_rate=aux["masked"] / jnp.maximum(aux["maskable"], 1),
             grad_norm=optax.tree.norm(grads),
@@ -313,7 +249,7 @@ def make_train_step(task: Task, graphdef: nnx.GraphDef, tx: optax.GradientTransf
     return train_step
 
 
-def make_eval_step(task: Task, graphdef: nnx.GraphDef):
+def make_eval_step(spec: StepSpec, graphdef: nnx.GraphDef):
     """``eval_step(state, batch, rank_table, batch_index) -> sums`` under the current masking.
 
     Masks come from ``fold_in(fold_in(key(seed + 1), step), batch_index)``: fixed for a given
@@ -322,13 +258,18 @@ def make_eval_step(task: Task, graphdef: nnx.GraphDef):
     """
 
     def eval_step(state: TrainState, batch: dict, rank_table: jax.Array, batch_index: jax.Array):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(task.seed + 1), state.step),
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(spec.seed + 1), state.step),
                                  batch_index)
         ids, attention = batch["ids"], batch["attention"]
-        masked = masked_batch(task, key, state.step, state.curriculum, ids, attention,
+        masked = masked_batch(spec, key, state.step, state.curriculum, ids, attention,
                               rank_table)
         model = nnx.merge(graphdef, state.params)
-        return with_head_placement(task, masked, lambda loss_sums_fn: loss_sums_fn(
-            model, masked, attention, None))
+        slots = spec.head_slots(ids.shape[1])
+        everywhere = lambda: loss_sums(spec, model, masked, attention, None)
+        if slots is None:
+            return everywhere()
+        return jax.lax.cond(head_fits(masked, slots),
+                            lambda: loss_sums(spec, model, masked, attention, None, slots),
+                            everywhere)
 
     return eval_step

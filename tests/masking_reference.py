@@ -1,6 +1,6 @@
 """Per-sequence masking in Python / NumPy, the way a PyTorch data collator does it, plus real data.
 
-This is the oracle of ``tests/test_masking.py`` and the baseline of ``bench_masking.py``: one
+This is the oracle of ``test_masking.py`` and the baseline of ``benchmarks/bench_masking.py``: one
 sequence at a time, Python loops over the mask centres and their span offsets, sets of positions,
 as in DNABERT / GeneMask / CM-GEMS ``mask_tokens`` (``reference/cmgems.md`` sections 2-3), with
 the intended semantics (rank of the token at each position) or the ``compat`` modes of

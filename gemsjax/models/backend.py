@@ -1,0 +1,241 @@
+"""Platform-specific layer implementations, behind one switch: :func:`layers`.
+
+The model (:mod:`gemsjax.models.bert`) asks ``layers(config.platform)`` for its dense layer class,
+GELU, attention, dropout keep-mask and tied-decoder matmul. Every platform's implementations
+compute the same functions with the same parameters, so checkpoints move between platforms.
+
+- ``"cpu"``: XLA's CPU backend is memory-bound on the shapes a BERT step makes; these versions
+  avoid its slow paths (timings in BENCHMARKS.md): 2-D matmuls, an ``erf`` GELU whose derivative
+  is computed in the backward pass, attention one head at a time with a recomputing backward
+  pass, and 16-bit dropout draws.
+- every other platform (``"gpu"``, ``"tpu"``): the stock formulations, left to XLA's fusion. A
+  fused attention kernel plugs in here.
+
+The platform defaults to ``jax.default_backend()``; naming it lets a CPU host build the model it
+would compile for a TPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gemsjax import random_bits
+
+
+class Layers(NamedTuple):
+    """One platform's implementations.
+
+    Attributes:
+      dense: the ``nnx.Linear`` class the model's dense layers use.
+      gelu: exact (erf) GELU, ``float[...] -> float[...]``.
+      attention: ``(q, k, v, key_mask, dropout, rngs, query_rows) -> float[B, Lq, N, D]``
+        (see :func:`attend`).
+      keep_mask: ``(key, keep_prob: float, shape) -> bool[shape]`` for dropout.
+      unembed: ``(hidden: float[..., H], table: float[V, H]) -> float32[..., V]``.
+    """
+
+    dense: type[nnx.Linear]
+    gelu: Callable[[jax.Array], jax.Array]
+    attention: Callable[..., jax.Array]
+    keep_mask: Callable[[jax.Array, float, tuple[int, ...]], jax.Array]
+    unembed: Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def layers(platform: str | None = None) -> Layers:
+    """The implementations for ``platform`` (default ``jax.default_backend()``)."""
+    return CPU if (platform or jax.default_backend()) == "cpu" else ACCELERATOR
+
+
+# --------------------------------------------------------------------- stock formulations
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, dropout: Any,
+           rngs: nnx.Rngs | None, query_rows: Any = None) -> jax.Array:
+    """Bidirectional scaled dot-product attention over heads: two einsums around a float32
+    softmax (``jax.nn.dot_product_attention``'s XLA path computes the same).
+
+    Args:
+      q, k, v: ``float[B, L, N, D]`` (L may differ between q and k/v).
+      key_mask: ``bool[B, L]``, True where a position may be attended to (as a key).
+      dropout: the model's ``Dropout`` on the attention probabilities (a no-op when
+        deterministic or rate 0).
+      rngs: dropout key source (only read when dropout is on).
+      query_rows: the queries are these ``Rows`` (axis 1) of the full sequence; the probability
+        dropout then drops what it would drop at those rows of the full computation.
+    Returns:
+      ``float[B, Lq, N, D]`` in ``v``'s dtype.
+    """
+    scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(q.shape[-1])
+    scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+    rows = None if query_rows is None else query_rows._replace(axis=2)
+    probs = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), rngs=rngs, rows=rows)
+    return jnp.einsum("bnqk,bknd->bqnd", probs, v)
+
+
+def _gelu(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _keep_mask(key: jax.Array, keep_prob: float, shape: tuple[int, ...]) -> jax.Array:
+    return jax.random.bernoulli(key, keep_prob, shape)
+
+
+def _unembed(hidden: jax.Array, table: jax.Array) -> jax.Array:
+    return jnp.einsum("...h,vh->...v", hidden, table.astype(hidden.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+ACCELERATOR = Layers(dense=nnx.Linear, gelu=_gelu, attention=attend, keep_mask=_keep_mask,
+                     unembed=_unembed)
+
+
+# ------------------------------------------------------------------------------------ CPU
+
+
+class Dense2D(nnx.Linear):
+    """``nnx.Linear`` that multiplies its inputs as a 2-D ``[tokens, din]`` matrix (same
+    parameters and results): with ``[B, L, din]`` inputs XLA's CPU backend first transposes the
+    whole output gradient to get the kernel gradient."""
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        """``inputs: float[..., din]`` -> ``float[..., dout]``."""
+        flat = inputs.reshape(-1, inputs.shape[-1])
+        return super().__call__(flat, out_sharding).reshape(*inputs.shape[:-1], -1)
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU in PyTorch's form ``x * (1 + erf(x / sqrt(2))) / 2``.
+
+    ``jax.nn.gelu(approximate=False)`` goes through ``erfc``, slow on CPU. The derivative
+    ``Phi(x) + x phi(x)`` is a custom VJP computed in the backward pass from the saved input:
+    autodiff would compute and store it in the forward pass, one more ``[tokens, ffn]`` pass and
+    array per layer.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def _gelu_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return gelu(x), x
+
+
+def _gelu_bwd(x: jax.Array, d_out: jax.Array) -> tuple[jax.Array]:
+    # Phi(x) as 1 - Phi(-x): written like the forward's erf(x / sqrt 2), XLA shares that erf
+    # between the passes and stores it, one more [tokens, ffn] pass and array in the forward.
+    cdf = 0.5 - 0.5 * jax.lax.erf(x * (-1.0 / math.sqrt(2.0)))
+    pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    return (d_out * (cdf + x * pdf).astype(d_out.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def attend_cpu(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, dropout: Any,
+               rngs: nnx.Rngs | None, query_rows: Any = None) -> jax.Array:
+    """:func:`attend`, through :func:`attend_per_head` when there is no probability dropout."""
+    if dropout.rate == 0.0 or dropout.deterministic:
+        return attend_per_head(q, k, v, key_mask)
+    return attend(q, k, v, key_mask, dropout, rngs, query_rows)
+
+
+def attend_per_head(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> jax.Array:
+    """:func:`attend` without dropout, one head at a time, with a recomputing backward pass.
+
+    XLA's CPU backend writes every ``[B, N, Lq, Lk]`` intermediate (scores, exponentials, their
+    gradients) to memory. A ``jax.lax.map`` over heads keeps each to one head's ``[B, Lq, Lk]``
+    tile (a cache optimisation that would only serialise work on a GPU or TPU); the forward pass
+    saves only the softmax's row maxima and sums (``float32[N, B, Lq, 1]`` each) and the backward
+    pass recomputes the probabilities; the scale is folded into ``q`` and the normalisation
+    divides the ``[B, Lq, D]`` output rather than the probabilities.
+
+    Args and result as in :func:`attend` (``q, k, v: float[B, L, N, D]``, ``key_mask: bool[B, L]``
+    -> ``float[B, Lq, N, D]`` in ``v``'s dtype).
+    """
+    q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+    heads_first = lambda t: jnp.moveaxis(t, 2, 0)
+    out = _attend_heads(heads_first(q), heads_first(k), heads_first(v), key_mask[:, None, :])
+    return jnp.moveaxis(out, 0, 2)
+
+
+def _head_scores(q: jax.Array, k: jax.Array, keep: jax.Array) -> jax.Array:
+    """One head's masked scores: ``q: float[B, Lq, D]``, ``k: float[B, Lk, D]``,
+    ``keep: bool[B, 1, Lk]`` -> ``float32[B, Lq, Lk]`` (the float32 minimum off ``keep``)."""
+    scores = jnp.einsum("bqd,bkd->bqk", q, k, preferred_element_type=jnp.float32)
+    return jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
+
+
+def _head_forward(q: jax.Array, k: jax.Array, v: jax.Array,
+                  keep: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """One head's ``softmax(scores) v: float[B, Lq, D]`` in v's dtype and the scores' row maxima
+    and ``sum(exp(scores - max))``, ``float32[B, Lq, 1]`` each (a log-sum-exp would lose the
+    sum of an all-masked row to rounding); arguments as in :func:`_head_scores`."""
+    scores = _head_scores(q, k, keep)
+    peak = jnp.max(scores, axis=-1, keepdims=True)
+    exp = jnp.exp(scores - peak)
+    total = jnp.sum(exp, axis=-1, keepdims=True)
+    out = jnp.einsum("bqk,bkd->bqd", exp.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / total).astype(v.dtype), (peak, total)
+
+
+@jax.custom_vjp
+def _attend_heads(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array) -> jax.Array:
+    """Heads-first attention: ``q, k, v: float[N, B, L, D]``, ``keep: bool[B, 1, Lk]``
+    -> ``float[N, B, Lq, D]``."""
+    return _attend_heads_fwd(q, k, v, keep)[0]
+
+
+def _attend_heads_fwd(q, k, v, keep):
+    """Output and residuals: the inputs, the output and the per-head row statistics."""
+    out, stats = jax.lax.map(lambda qkv: _head_forward(*qkv, keep), (q, k, v))
+    return out, (q, k, v, keep, out, stats)
+
+
+def _attend_heads_bwd(residuals, d_out):
+    """Cotangents of q, k, v (none for ``keep``), per head from recomputed probabilities.
+
+    The tiles are built transposed (``[B, Lk, Lq]``) so that two of the three gradient matmuls
+    contract over the tile's last axis, the layout XLA's CPU matmul takes without a copy.
+    """
+    q, k, v, keep, out, stats = residuals
+
+    def head(args):
+        hq, hk, hv, h_out, (h_peak, h_total), h_d = args
+        keep_t = jnp.swapaxes(keep, 1, 2)
+        scores_t = jnp.einsum("bkd,bqd->bkq", hk, hq, preferred_element_type=jnp.float32)
+        scores_t = jnp.where(keep_t, scores_t, jnp.finfo(jnp.float32).min)
+        probs_t = (jnp.exp(scores_t - jnp.swapaxes(h_peak, 1, 2))
+                   * jnp.swapaxes(1.0 / h_total, 1, 2))
+        d_v = jnp.einsum("bkq,bqd->bkd", probs_t.astype(h_d.dtype), h_d,
+                         preferred_element_type=jnp.float32)
+        d_probs_t = jnp.einsum("bkd,bqd->bkq", hv, h_d, preferred_element_type=jnp.float32)
+        delta = jnp.sum(h_d.astype(jnp.float32) * h_out.astype(jnp.float32), axis=-1)
+        d_scores_t = jnp.where(keep_t, probs_t * (d_probs_t - delta[:, None, :]),
+                               0.0).astype(hq.dtype)
+        d_q = jnp.einsum("bkq,bkd->bqd", d_scores_t, hk, preferred_element_type=jnp.float32)
+        d_k = jnp.einsum("bkq,bqd->bkd", d_scores_t, hq, preferred_element_type=jnp.float32)
+        return d_q.astype(hq.dtype), d_k.astype(hk.dtype), d_v.astype(hv.dtype)
+
+    d_q, d_k, d_v = jax.lax.map(head, (q, k, v, out, stats, d_out))
+    return d_q, d_k, d_v, None
+
+
+_attend_heads.defvjp(_attend_heads_fwd, _attend_heads_bwd)
+
+
+def _unembed_2d(hidden: jax.Array, table: jax.Array) -> jax.Array:
+    """:func:`_unembed` as one 2-D ``[tokens, H] x [H, V]`` matmul (see :class:`Dense2D`)."""
+    tokens = hidden.reshape(-1, hidden.shape[-1])
+    logits = jnp.einsum("th,vh->tv", tokens, table.astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)
+    return logits.reshape(*hidden.shape[:-1], -1)
+
+
+CPU = Layers(dense=Dense2D, gelu=gelu, attention=attend_cpu, keep_mask=random_bits.bernoulli16,
+             unembed=_unembed_2d)

@@ -1,0 +1,71 @@
+"""Model FLOPs of a training step, from the model's sizes (what MFU divides by).
+
+FLOPs count matmuls only (multiply-add = 2 FLOPs), training = 3 x forward (backward = 2 x
+forward), on the padded static shapes the step computes; bidirectional attention is *not* halved.
+A transformer block over ``T`` query tokens attending to ``K`` keys, width ``d``, FFN ``f``::
+
+    forward = T * (8 d^2 + 4 d f)      # Q, K, V, output projections; FFN in and out
+            + 4 T K d                  # scores Q K^T and context A V
+
+BERT MLM per sequence (``S`` tokens; head on ``P`` positions, default ``P = S``)::
+
+    train = 3 * [ layers * (S (8 d^2 + 4 d f) + 4 S^2 d) + P (2 d^2 + 2 d V) ]
+
+(head = dense ``d x d`` + the tied unembedding ``d x V``; embedding lookups cost nothing). This
+equals MaxText's count and the ``6 N + 12 L d S`` per-token rule with N = matmul weights. When
+the step runs the head on ``P < S`` masked slots (``StepSpec.mlm_head_share``) the last layer
+runs its queries there too, and the count is what the step computes: that layer costs
+``P (4 d^2 + 4 d f) + S 4 d^2 + 4 P S d`` (Q, output projection and FFN on P; K, V on S).
+"""
+
+from __future__ import annotations
+
+from gemsjax.models.bert import BertConfig
+
+
+def transformer_forward_flops(layers: int, hidden: int, ffn: int, tokens: int, keys: int) -> float:
+    """Forward matmul FLOPs of ``layers`` blocks over one sequence of ``tokens`` queries attending
+    to ``keys`` keys: ``layers * (tokens * (8 d^2 + 4 d f) + 4 * tokens * keys * d)``."""
+    d = hidden
+    return float(layers * (tokens * (8 * d * d + 4 * d * ffn) + 4 * tokens * keys * d))
+
+
+def bert_train_flops(layers: int, hidden: int, ffn: int, vocab: int, seq_len: int,
+                     head_len: int | None = None) -> float:
+    """Training FLOPs per sequence of a BERT MLM (module docstring); the MLM head and the last
+    layer's queries run on ``head_len`` positions (default all ``seq_len``)."""
+    d, s = hidden, seq_len
+    head = s if head_len is None else head_len
+    encoder = transformer_forward_flops(layers - 1, d, ffn, s, s)
+    last = head * (4 * d * d + 4 * d * ffn) + s * 4 * d * d + 4 * head * s * d
+    return 3.0 * (encoder + last + head * (2 * d * d + 2 * d * vocab))
+
+
+def mae_train_flops(layers: int, hidden: int, ffn: int, decoder_layers: int, num_classes: int,
+                    seq_len: int, visible_len: int) -> float:
+    """Training FLOPs per sequence of BarcodeMAE (the decoder has the encoder's width and FFN)::
+
+        3 * [ encoder over visible_len tokens (attention over visible_len)
+              + projection visible_len * 2 d^2
+              + decoder over seq_len tokens (attention over seq_len)
+              + head seq_len * 2 d num_classes ]
+
+    ``visible_len`` is the static encoder length (``seq_len`` for the baseline variant).
+    """
+    forward = (transformer_forward_flops(layers, hidden, ffn, visible_len, visible_len)
+               + visible_len * 2 * hidden * hidden
+               + transformer_forward_flops(decoder_layers, hidden, ffn, seq_len, seq_len)
+               + seq_len * 2 * hidden * num_classes)
+    return 3.0 * forward
+
+
+def train_flops(config: BertConfig, seq_len: int, *, head_len: int | None = None,
+                visible_len: int | None = None) -> float:
+    """Training FLOPs per sequence of the model ``config`` describes: :func:`bert_train_flops`
+    (MLM head on ``head_len`` positions) or, for the MAE archs, :func:`mae_train_flops`
+    (encoder on ``visible_len`` slots; default ``seq_len``, the baseline)."""
+    c = config
+    if c.arch == "mlm":
+        return bert_train_flops(c.layers, c.hidden, c.ffn, c.vocab_size, seq_len, head_len)
+    return mae_train_flops(c.layers, c.hidden, c.ffn, c.decoder_layers, c.num_classes, seq_len,
+                           seq_len if visible_len is None else visible_len)

@@ -1,0 +1,158 @@
+"""From a run's config to what its step needs: the step specification, vocabulary, model config and
+rank table, each decided here once.
+
+``step_spec(config)`` is the one builder of :class:`StepSpec`, which owns every masking and
+corruption setting; the curriculum it carries only schedules strategies. The loop, the tests and
+the benchmarks build their steps from it (``dataclasses.replace`` adjusts a built spec).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import ml_collections
+import numpy as np
+
+from gemsjax import curriculum as curriculum_lib
+from gemsjax import masking, pmi
+from gemsjax.data import pipelines, samples
+from gemsjax.models import registry
+from gemsjax.models.bert import BertConfig
+from gemsjax.vocab import Vocab, get_vocab
+
+KINDS = ("mlm", "mae")
+LOSS_ON = ("masked", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """What a train / eval step computes (static and hashable: the jitted step closes over it).
+
+    Attributes:
+      kind: ``"mlm"`` (BERT masked-LM: mask, corrupt, predict token ids) or ``"mae"``
+        (BarcodeMAE: drop ``masking.mae_ratio`` of the tokens, predict the k-mer class
+        ``id - specials`` of the dropped ones; no corruption).
+      vocab: the token layout (specials are never masked).
+      curriculum: which strategy masks each batch (MLM; the MAE step always drops tokens).
+      masking: the strategies' probabilities (:class:`gemsjax.masking.MaskParams`).
+      seed: base of every step key, ``fold_in(key(seed), step)``.
+      grad_accum: micro-batches per optimizer update.
+      mask_frac, random_frac, random_low: MLM corruption (see :func:`masking.corrupt`).
+      loss_on: MLM: ``"masked"`` or ``"all"`` (every non-special token, BarcodeBERT).
+      mlm_head_share: MLM with ``loss_on="masked"`` only: the share of a row's positions given to
+        the MLM head. The head (dense, LayerNorm, the ``V``-way tied decoder, softmax) and the
+        encoder's last layer (its queries, residual stream and feed-forward; keys and values
+        still cover every position) run on the masked tokens only, gathered per row into
+        ``ceil(mlm_head_share * L)`` slots; when a row has more masked tokens everything runs on
+        every position instead, so the loss, accuracy and gradients are the same either way,
+        dropout included. 0.375 suits the ~15% masking of the MLM recipes: over 9,500 rows of
+        chr22 at L = 512 the most masked tokens in a row were 162 (GeneMask), 149 (random
+        spans) and 145 (Global-PMI), against 192 slots. ``None``: every position.
+    """
+
+    kind: str
+    vocab: Vocab
+    curriculum: curriculum_lib.Curriculum
+    masking: masking.MaskParams = masking.MaskParams()
+    seed: int = 0
+    grad_accum: int = 1
+    mask_frac: float = 0.8
+    random_frac: float = 0.1
+    random_low: int = 0
+    loss_on: str = "masked"
+    mlm_head_share: float | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"step kind must be one of {KINDS}, got {self.kind!r}")
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.mlm_head_share is not None and not (
+                self.kind == "mlm" and self.loss_on == "masked" and 0 < self.mlm_head_share <= 1):
+            raise ValueError(f"mlm_head_share={self.mlm_head_share} needs kind='mlm', "
+                             "loss_on='masked' and a value in (0, 1]; use None otherwise")
+
+    def head_slots(self, length: int) -> int | None:
+        """MLM head slots per row of ``length`` tokens, ``ceil(mlm_head_share * L)``; None when
+        the head runs on every position."""
+        return None if self.mlm_head_share is None else math.ceil(self.mlm_head_share * length)
+
+    def num_visible(self, length: int) -> int:
+        """MAE encoder length for rows of ``length`` tokens: :func:`masking.visible_len`, a
+        static bound on the visible maskable tokens per row. The encoder is given those only;
+        ``[UNK]`` k-mers and padding are dropped with the masked tokens (they are never
+        targets), which keeps the bound exact, and the decoder sees them as mask-vector
+        slots."""
+        return masking.visible_len(length, self.masking.mae_ratio)
+
+
+def run_vocab(config: ml_collections.ConfigDict) -> Vocab:
+    """The run's vocabulary: BarcodeBERT's non-overlapping 6-mers for barcode data, DNABERT's
+    overlapping 6-mers for genomes."""
+    return get_vocab("barcodebert" if config.data.kind == "barcode" else "dnabert", 6)
+
+
+def model_config(config: ml_collections.ConfigDict) -> BertConfig:
+    """The size ``config.model.name`` with ``config.model.dropout`` (when >= 0) on both dropout
+    rates; its vocabulary must hold the run's."""
+    overrides = {}
+    if config.model.dropout >= 0:
+        overrides = dict(dropout=config.model.dropout, attn_dropout=config.model.dropout)
+    model_cfg = registry.get_model_config(config.model.name, **overrides)
+    vocab = run_vocab(config)
+    if model_cfg.vocab_size < vocab.size:
+        raise ValueError(f"config.model.name={config.model.name!r} has vocab_size "
+                         f"{model_cfg.vocab_size} < {vocab.size} ids of the {vocab.name} vocab; "
+                         "choose a size made for this data kind")
+    return model_cfg
+
+
+def step_spec(config: ml_collections.ConfigDict) -> StepSpec:
+    """The step's specification from ``config``, reading only the keys its recipe offers.
+
+    MAE models (``arch`` ``mae*``): ``masking.mae_ratio``. MLM models: the corruption
+    (``masking.mask_frac``, ``random_frac``, ``random_low``), ``masking.loss_on``,
+    ``train.mlm_head_share`` (0: off), and for genomes the curriculum
+    (:func:`gemsjax.curriculum.from_config`) and the strategies' probabilities; barcode configs
+    have no curriculum, their MLM masks every batch by ``mae_drop`` (Bernoulli ``mae_ratio``).
+    """
+    m, train = config.masking, config.train
+    common = dict(vocab=run_vocab(config), seed=config.seed, grad_accum=train.grad_accum)
+    if model_config(config).arch != "mlm":
+        return StepSpec(kind="mae", curriculum=curriculum_lib.constant("mae_drop"),
+                        masking=masking.MaskParams(mae_ratio=m.mae_ratio), **common)
+    if "curriculum" in m:
+        curriculum = curriculum_lib.from_config(m, train.steps)
+        params = masking.MaskParams(
+            random_span_prob=m.random_span_prob, genemask_prob=m.genemask_prob,
+            global_pmi_prob=m.global_pmi_prob, mae_ratio=m.mae_ratio,
+            reference_code_compat=m.reference_code_compat)
+    else:
+        curriculum = curriculum_lib.constant("mae_drop")
+        params = masking.MaskParams(mae_ratio=m.mae_ratio)
+    return StepSpec(kind="mlm", curriculum=curriculum, masking=params, mask_frac=m.mask_frac,
+                    random_frac=m.random_frac, random_low=m.random_low, loss_on=m.loss_on,
+                    mlm_head_share=train.get("mlm_head_share") or None, **common)
+
+
+def rank_table(config: ml_collections.ConfigDict, vocab: Vocab) -> np.ndarray:
+    """``int32[vocab.size]`` PMI ranks by ``config.masking.rank_table``: the published GeneMask
+    table (``genemask``), counted from the training genome (``fasta``, as ``--mode=pmi`` counts
+    it), or a rank-table file written by ``--mode=pmi``. Barcode runs use no PMI ranks: every
+    entry is the worst rank ``4**k``."""
+    if vocab.name != "dnabert":
+        return np.full(vocab.size, 4**vocab.k, np.int32)
+    source = config.masking.rank_table
+    if source == "genemask":
+        return pmi.load_genemask_ranks(samples.sample_path(samples.GENEMASK_RANKS), vocab)
+    if source == "fasta":
+        return pmi.rank_table_from_fasta(pipelines.fasta_paths(config.data.fasta), k=vocab.k,
+                                         vocab=vocab)
+    table, table_vocab, _ = pmi.load_rank_table(source)
+    if table_vocab != vocab:
+        raise ValueError(f"config.masking.rank_table={source!r} is for the {table_vocab.name} "
+                         f"k={table_vocab.k} vocab; this run uses {vocab.name} k={vocab.k}")
+    return table
