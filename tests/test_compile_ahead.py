@@ -5,6 +5,7 @@ formula, a time estimate), a step too big for its chips, and the local-devices p
 import math
 
 import cli_runs
+import jax
 import pytest
 from flax import nnx
 
@@ -12,7 +13,7 @@ from gemsjax import config as config_lib
 from gemsjax.errors import UserError
 from gemsjax.models import flops, registry
 from gemsjax.models.sizes import SIZES
-from gemsjax.train import compile_ahead
+from gemsjax.train import compile_ahead, sharding
 
 GIB = 2**30
 
@@ -45,6 +46,23 @@ def test_tpu_targets_from_a_cpu_host(topology, devices, per_chip, hbm, peak):
 def test_unknown_topology_is_a_user_error():
     with pytest.raises(UserError, match=r"config.compile.topology='v5p-64'.*such as v5e:2x2"):
         compile_ahead.target("v5p-64")
+
+
+def test_the_step_is_built_for_the_target_platform_not_the_host():
+    """Compiling on this CPU host for a TPU must not pick the CPU's layers: lowered for ``tpu``
+    the step has no per-head attention loops (a forward and a backward ``lax.map`` per layer on
+    ``cpu``, with attention dropout off) and computes in bf16."""
+    config = config_lib.load("cm_gems:smoke,model.dropout=0,train.mlm_head_share=0")
+    mesh = sharding.make_mesh(-1, 1, devices=compile_ahead.target("v5e:2x2").devices)
+    text = {}
+    for platform in ("cpu", "tpu"):
+        step = compile_ahead.abstract_step(config, mesh, platform, 8, 1)
+        with jax.set_mesh(mesh):
+            text[platform] = step.step.lower(*step.args).as_text()
+    layers = SIZES["test"]["layers"]
+    loops = {p: t.count("stablehlo.while") for p, t in text.items()}
+    assert loops["cpu"] - loops["tpu"] == 2 * layers, loops
+    assert "bf16" in text["tpu"] and "bf16" not in text["cpu"]
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ Everything is abstract: the model, optimizer state and batch are ``jax.ShapeDtyp
 their ``NamedSharding``s over a ``("data", "fsdp")`` mesh of the topology's devices, and the real
 train step is lowered and compiled. Reported per chip: memory (arguments = parameters + optimizer
 state + batch, temporaries, total) against the chip's HBM; the model's FLOPs per step (the formula
-of :mod:`gemsjax.train.metrics`) next to the compiler's count; the compiler's estimated step time
+of :mod:`gemsjax.models.flops`) next to the compiler's count; the compiler's estimated step time
 (its roofline ``optimal_seconds``: an estimate, not a measurement) and the MFU it implies.
 
 Rules and caveats it enforces:
@@ -18,17 +18,19 @@ Rules and caveats it enforces:
 - **Pod batch sizes.** Every device holds a distinct slice of every micro-batch, so the
   micro-batch ``data.batch_size / train.grad_accum`` must be a multiple of the number of devices
   (``mesh data x fsdp``). ``:paper``'s 250 = 10 x 25 (one GPU in the paper) does not split over
-  8 chips; on a pod keep the global batch near 250 with, e.g., 256 x 1 on up to 256 chips.
+  8 chips; on a pod keep the global batch near 250 with, e.g., 256 x 1 (any power-of-two slice
+  up to 256 chips).
 - **Loops.** XLA's cost analysis counts a while-loop body once, so the gradient-accumulation scan
   would report one micro-batch's FLOPs and time per step. With ``grad_accum > 1`` the report's
   FLOPs and time come from the same step compiled for one micro-batch (``grad_accum=1``), times
   ``grad_accum`` (the optimizer update, then counted ``grad_accum`` times, is < 0.1 % of the
   step); memory comes from the real step. Any other loop left in the program is reported.
 - **Conditionals.** XLA costs a ``lax.cond`` at its dearest branch: with the MLM head on masked
-  tokens (``train.head_fraction``) the compiler's FLOPs and time are those of the full-head
+  tokens (``train.mlm_head_share``) the compiler's FLOPs and time are those of the full-head
   fallback, while the model FLOPs (and so the MFU) count the masked-token head that runs.
-- **Target platform.** The compute dtype (``auto``: bf16) and the attention path follow the
-  platform compiled for, not the host's ``jax.default_backend()``.
+- **Target platform.** The compute dtype (``auto``: bf16) and the model's layer implementations
+  (:mod:`gemsjax.models.backend`: attention, dense, GELU, dropout draws) follow the platform
+  compiled for, not the host's ``jax.default_backend()``.
 """
 
 from __future__ import annotations
