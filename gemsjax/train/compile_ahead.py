@@ -56,9 +56,10 @@ from gemsjax.train import spec as spec_lib
 from gemsjax.train.step import init_train_state, make_train_step, step_graphdefs
 
 GIB = 2**30
-# HBM per chip, matched in order against device_kind like metrics.PEAK_BF16_FLOPS (bf16 peaks).
-# Source: Cloud TPU system architecture pages, cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}:
-# v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e 32 GiB.
+# HBM per chip, matched in order against device_kind like metrics.PEAK_BF16_FLOPS (the bf16
+# peaks). Source of both: the Cloud TPU system architecture pages,
+# cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}: HBM v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e 32 GiB;
+# bf16 peak v4 275, v5e 197, v5p 459, v6e 918 TFLOP/s per chip.
 HBM_BYTES: tuple[tuple[str, int], ...] = (
     ("tpu v4", 32 * GIB),
     ("tpu v5 lite", 16 * GIB),
