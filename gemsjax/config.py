@@ -91,6 +91,9 @@ def _common(recipe: str, kind: str) -> ml_collections.ConfigDict:
         mesh_fsdp=1,
         allow_config_change=(),         # keys (or sections) a resume may change on purpose
     ))
+    c.compile = ml_collections.ConfigDict(dict(
+        topology="",                    # --mode=compile target, e.g. v5p:4x4x2; "": local devices
+    ))
     return c
 
 
@@ -377,6 +380,7 @@ RULES: dict[str, Callable] = {
     "train.mesh_data": lambda x: None if x == -1 else _POSITIVE(x) and "must be -1 or >= 1",
     "train.mesh_fsdp": _POSITIVE, "train.mlm_head_share": _FRACTION,
     "train.allow_config_change": _key_names,
+    "compile.topology": _text,
     "optimizer.schedule": _one_of(*SCHEDULES),
     "optimizer.learning_rate": _real(0.0, open_lo=True), "optimizer.warmup_steps": _int(0),
     "optimizer.pct_start": _real(0.0, 1.0, open_lo=True, open_hi=True),

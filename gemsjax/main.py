@@ -23,6 +23,9 @@ MODES = {
     "train": "pretrain the recipe in --workdir (default: a new runs/<recipe>-<date>-<time>/)",
     "data": "build the recipe's training pipeline and summarize its first batch",
     "pmi": "write a PMI rank table for FASTA files (with --config=configs/pmi.py)",
+    "compile": "compile the train step for --config.compile.topology (a TPU slice, e.g. "
+               "v5p:4x4x2; default the local devices) and print per-chip memory, FLOPs and "
+               "the compiler's step-time estimate",
     "export": "write a trained run as a Hugging Face transformers folder: --config.init=<run "
               "folder or checkpoint> [--config.step=N] (no --config; --workdir default: "
               "<run folder>/hf)",
@@ -262,6 +265,10 @@ def main(argv):
         run_train(config, workdir)
     elif _MODE.value in DOWNSTREAM_MODES:
         _print_summary(run_downstream(_MODE.value, config, workdir))
+    elif _MODE.value == "compile":
+        from gemsjax.train import compile_ahead
+
+        _print_summary(compile_ahead.run(config))
     else:
         _print_summary(run_pmi(config, workdir) if _MODE.value == "pmi" else run_data(config))
 

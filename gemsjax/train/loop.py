@@ -46,11 +46,22 @@ def say(message: str) -> None:
         print(message, flush=True)
 
 
-def compute_dtype(name: str) -> Any:
-    """``auto``: bfloat16 on GPU/TPU, float32 on CPU (where bf16 matmuls are slow)."""
+def compute_dtype(name: str, platform: str | None = None) -> Any:
+    """``auto``: bfloat16 on GPU/TPU, float32 on CPU (where bf16 matmuls are slow); ``platform``
+    is the one the step is compiled for (default: ``jax.default_backend()``)."""
     if name == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        return jnp.float32 if (platform or jax.default_backend()) == "cpu" else jnp.bfloat16
     return jnp.dtype(name)
+
+
+def flops_per_step(config: ml_collections.ConfigDict, batch_size: int) -> float:
+    """Model FLOPs of one optimizer step over ``batch_size`` rows (:mod:`gemsjax.models.flops`),
+    counting what the step computes: the MLM head on its slots, the MAE encoder on its visible
+    slots."""
+    spec, seq_len = spec_lib.step_spec(config), config.data.max_len
+    return batch_size * flops.train_flops(
+        spec_lib.model_config(config), seq_len, head_len=spec.head_slots(seq_len),
+        visible_len=spec.num_visible(seq_len))
 
 
 def _scalar_metrics(device_metrics: dict) -> dict:
@@ -148,9 +159,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
     batch_size, seq_len = config.data.batch_size, config.data.max_len
     writer = metrics.MetricsWriter(
         workdir, total_steps=config.train.steps, tokens_per_step=batch_size * seq_len,
-        flops_per_step=batch_size * flops.train_flops(
-            model_cfg, seq_len, head_len=spec.head_slots(seq_len),
-            visible_len=spec.num_visible(seq_len)),
+        flops_per_step=flops_per_step(config, batch_size),
         peak_flops=metrics.peak_flops_per_device(), console_every=config.train.log_every,
         resume_step=int(state.step))
     writer.write_config(config.to_dict())
