@@ -96,8 +96,8 @@ def curriculum_weights(curriculum: Curriculum, steps: np.ndarray,
     state at a step has recorded every validation up to it.
     """
     states = [curriculum.init()]
-    for metric in val_metrics:
-        states.append(curriculum.update(states[-1], metric))
+    for index, metric in enumerate(val_metrics):
+        states.append(curriculum.update(states[-1], metric, (index + 1) * eval_every))
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
     steps = jnp.asarray(steps, jnp.int32)
     seen = jnp.minimum(steps // eval_every, len(val_metrics))
