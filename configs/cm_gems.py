@@ -23,7 +23,10 @@ def get_config(arg=None):
     c.masking.curriculum = "cm_gems"                    # GeneMask, then Global-PMI
     c.masking.strategy = "genemask"
     c.masking.genemask_prob = 0.0176                    # span centres, GeneMask phase
-    c.masking.global_pmi_prob = 0.0136                  # span centres, Global-PMI phase
+    # Global-PMI phase: the released CM-GEMS_pretraining_code.py takes args.mlm_probability,
+    # which GeneMask's Script-A (the run script CM-GEMS's README points to) sets to 0.0176
+    # (masks ~15% of chr22; CM-STEP hard-codes 0.0136, ~12%).
+    c.masking.global_pmi_prob = 0.0176
     c.masking.threshold_mode, c.masking.threshold = "relative", 0.01
     c.masking.rank_table = "genemask"                   # the published PMI ranking
     c.optimizer = ml_collections.ConfigDict(dict(       # GeneMask's AdamW

@@ -110,7 +110,7 @@ def genome_base(recipe: str) -> ml_collections.ConfigDict:
         genemask_prob=0.0176,           # GeneMask span centres
         global_pmi_prob=0.0136,         # Global-PMI span centres (CM-GEMS)
         mae_ratio=0.5,                  # mae_drop: share of tokens masked
-        reference_code_compat="",       # "" (intended algorithm) | genemask | cmgems
+        reference_code_compat="",       # "" (intended) | genemask | cmgems | genemask_2023
         rank_table="genemask",          # genemask (published) | fasta (count data.fasta) | a file
         mask_frac=0.8,                  # BERT corruption: [MASK] / random id / unchanged
         random_frac=0.1,
@@ -355,7 +355,7 @@ RULES: dict[str, Callable] = {
     "masking.random_span_prob": _FRACTION, "masking.genemask_prob": _FRACTION,
     "masking.global_pmi_prob": _FRACTION,
     "masking.mae_ratio": _real(0.0, 1.0, open_lo=True, open_hi=True),
-    "masking.reference_code_compat": _one_of("", "genemask", "cmgems"),
+    "masking.reference_code_compat": _one_of("", "genemask", "cmgems", "genemask_2023"),
     "masking.rank_table": _rank_table, "masking.mask_frac": _FRACTION,
     "masking.random_frac": _FRACTION, "masking.random_low": _int(0),
     "masking.loss_on": _one_of("masked", "all"),
