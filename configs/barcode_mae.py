@@ -37,6 +37,7 @@ def paper(c):
     c.data.train_splits = ("pretrain", "other_heldout")
     c.optimizer.learning_rate = 7e-5 * 128 / 64
     c.optimizer.clip_norm = 0.5
+    c.masking.mae_draw = "bernoulli"                    # the reference's per-token draw
     c.train.eval_every, c.train.checkpoint_every, c.train.log_every = 500, 1000, 50
     c.train.eval_batches = 20
 

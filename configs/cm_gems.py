@@ -8,6 +8,12 @@ validations, so an absolute 1.0 never fires there; the demo uses a relative rule
 |delta ppl| / previous ppl < 0.01, which on the default run fires at the validation of step 150
 (perplexity 2,010 -> 2,007, after changes of 3-25 %) and trains Global-PMI from there.
 
+Validation size: ``train.eval_batches`` fixed batches of the validation split (the same rows and
+masks at every validation of a step); 0 runs the whole split, as the reference does over its
+whole validation file (``:paper`` keeps 20 batches x 250 sequences, ~5,000 of them). The plateau
+statistic is a difference of two such estimates, so its noise adds to the 1.0 threshold: the
+spread of val perplexity between validations at a fixed model is not measured yet (issue 11).
+
 Presets: "" (the shipped 1 Mb chr22 sample, 300 steps, minutes on a CPU), "paper", "smoke", a
 model size, key=value (see gemsjax/config.py).
 """

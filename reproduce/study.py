@@ -25,7 +25,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "RESULTS.md"
 CMGEMS_ARMS = ("dnabert_random", "genemask", "global_pmi", "cm_gems", "cm_step", "untrained")
-BARCODE_ARMS = ("barcode_mae", "barcode_bert")
+BARCODE_ARMS = ("barcode_mae", "barcode_bert", "barcode_bert_5m")
 FEWSHOT_TASKS = ("Prom-core", "Splice-40")  # Prom-300 has no test file in the GeneMask release
 
 # Per scale: pretraining overrides (same for every arm of a family) and evaluation settings.
