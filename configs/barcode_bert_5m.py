@@ -30,8 +30,8 @@ def get_config(arg=None):
 
 def paper(c):
     """BIOSCAN-5M pretraining of the 4 x 768 model: batch 128, lr 1e-4 x 128 / 64, 35 epochs
-    (the BIOSCAN-5M branch's default) of ~2.3M barcodes (pretrain + other_heldout splits), weight decay 0; needs
-    data.tsv."""
+    (the BIOSCAN-5M branch's default) of ~2.3M barcodes (pretrain + other_heldout splits),
+    weight decay 0; needs data.tsv."""
     c.model.name = "barcode_bert_5m"                    # 4 layers x 768, 4 heads
     c.data.batch_size, c.train.steps = 128, 35 * 2_300_000 // 128
     c.data.train_splits = ("pretrain", "other_heldout")
