@@ -208,7 +208,9 @@ def test_mae_encoder_sees_unk_kmers_and_its_slots_are_exact(shared_data):
 def test_mae_bernoulli_and_fixed_draws_mask_the_same_share(shared_data):
     """Masked counts per row of 2,000 real barcodes (gaps stripped, 8 draws): the fixed draw
     masks exactly round(n / 2) (variance 0 given n), the reference's Bernoulli(0.5) draw the
-    same mean with variance n / 4; both fit the MAE encoder's 71 slots."""
+    same mean with variance n / 4 (measured: deviation from n / 2 mean 0.02, variance 24.96
+    against n / 4 = 25.27). Rows over the MAE encoder's 71 slots (their batch runs on all 110):
+    0.10 % (fixed) and 0.13 % (Bernoulli), rows rich in N."""
     tok = KmerTokenizer(k=6, vocab="barcodebert")
     ids, attention = tok.encode([s.replace("-", "") for s in _bold_barcodes(shared_data, 2000)],
                                 110)
@@ -221,8 +223,9 @@ def test_mae_bernoulli_and_fixed_draws_mask_the_same_share(shared_data):
         n = np.asarray((~batches[0]["special"]).sum(axis=1))
         masked = np.stack([np.asarray(b["mask"].sum(axis=1)) for b in batches])
         counts[draw] = masked - n / 2  # deviation from half the maskable tokens
-        assert all(bool(step_lib.visible_fits(b, attention, spec.num_visible(110)))
-                   for b in batches)
+        visible = np.stack([np.asarray((~b["mask"] & (attention != 0)).sum(axis=1))
+                            for b in batches])
+        assert (visible > spec.num_visible(110)).mean() < 0.003
     assert np.abs(counts["fixed"]).max() <= 0.5
     assert abs(counts["bernoulli"].mean()) < 0.1
     assert counts["bernoulli"].var() / (n / 4).mean() == pytest.approx(1.0, abs=0.05)
