@@ -135,6 +135,7 @@ def run_family(family: str, scale_name: str, data: pathlib.Path, out: pathlib.Pa
     scale = SCALES[scale_name]
     arms, build = ((CMGEMS_ARMS, cmgems_commands) if family == "cmgems"
                    else (BARCODE_ARMS, barcode_commands))
+    failed = []
     for arm in arms:
         for done, cmd in build(arm, scale, data, out / scale_name):
             if done.exists():
@@ -143,10 +144,17 @@ def run_family(family: str, scale_name: str, data: pathlib.Path, out: pathlib.Pa
             print(f"[study] {family}/{arm}: {' '.join(cmd)}", flush=True)
             if dry_run:
                 continue
-            subprocess.run(cmd, cwd=ROOT, check=True)
+            code = subprocess.run(cmd, cwd=ROOT).returncode
+            if code:  # the other arms still run; a rerun retries this one
+                print(f"[study] {family}/{arm}: exit code {code}; rest of the arm skipped",
+                      flush=True)
+                failed.append(arm)
+                break
             if done.name == "train.done":
                 done.write_text("finished\n")
             write_tables(out)
+    if failed:
+        sys.exit(f"[study] {family}: failed arms {failed}; rerun to retry them")
 
 
 def _rows(path: pathlib.Path) -> list[dict]:
