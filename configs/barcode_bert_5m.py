@@ -21,6 +21,7 @@ def get_config(arg=None):
     c.masking.mae_ratio = 0.5                           # share of tokens masked
     c.masking.mask_frac, c.masking.random_frac = 1.0, 0.0  # all of them become [MASK]
     c.masking.loss_on = "all"                           # loss on every non-special token
+    c.downstream.eval = False                           # the evaluation reads 6-mers only
     c.optimizer = ml_collections.ConfigDict(dict(       # BarcodeBERT's AdamW + one-cycle
         schedule="onecycle", learning_rate=1e-4 * c.data.batch_size / 64, pct_start=0.3,
         div_factor=25.0, final_div_factor=1e4, b1_cycle=(0.95, 0.85), b1=0.9, b2=0.999,

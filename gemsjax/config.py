@@ -75,6 +75,10 @@ def _common(recipe: str, kind: str) -> ml_collections.ConfigDict:
         num_threads=2,                  # grain read threads
         prefetch=4,                     # batches read ahead
     ))
+    c.downstream = ml_collections.ConfigDict(dict(
+        eval=True,                      # end with the downstream table (gemsjax.eval.downstream)
+        draws=2,                        # genome: few-shot draws per arm there (protocol: 10)
+    ))
     c.train = ml_collections.ConfigDict(dict(
         steps=300,                      # optimizer updates
         grad_accum=1,                   # micro-batches per step (data.batch_size = accum * micro)
@@ -85,6 +89,10 @@ def _common(recipe: str, kind: str) -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         mesh_data=-1,                   # -1: all devices not used by fsdp
         mesh_fsdp=1,
+        allow_config_change=(),         # keys (or sections) a resume may change on purpose
+    ))
+    c.compile = ml_collections.ConfigDict(dict(
+        topology="",                    # --mode=compile target, e.g. v5p:4x4x2; "": local devices
     ))
     return c
 
@@ -166,6 +174,7 @@ def genome_smoke(c: ml_collections.ConfigDict) -> None:
     c.optimizer.warmup_steps = 2
     c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 1, 3, 3
     c.train.eval_batches = 1
+    c.downstream.eval = False
 
 
 def barcode_smoke(c: ml_collections.ConfigDict, size: str) -> None:
@@ -174,6 +183,7 @@ def barcode_smoke(c: ml_collections.ConfigDict, size: str) -> None:
     c.data.batch_size, c.train.steps = 8, 6
     c.train.log_every, c.train.eval_every, c.train.checkpoint_every = 1, 3, 3
     c.train.eval_batches = 1
+    c.downstream.eval = False
 
 
 # ---------------------------------------------------------------------------------- presets
@@ -314,6 +324,11 @@ def _splits(x):
         return "must be a non-empty tuple of split names"
 
 
+def _key_names(x):
+    if not isinstance(x, tuple) or not all(isinstance(s, str) and s for s in x):
+        return "must be a tuple of config keys or sections, e.g. ('train.steps', 'optimizer')"
+
+
 def _per_example(x):
     if not isinstance(x, bool) and not (_is_int(x) and x >= 1):
         return ("must be False (one strategy per batch), True (per row) or an int g >= 1 "
@@ -369,6 +384,8 @@ RULES: dict[str, Callable] = {
     "train.checkpoint_every": _POSITIVE, "train.keep_checkpoints": _POSITIVE,
     "train.mesh_data": lambda x: None if x == -1 else _POSITIVE(x) and "must be -1 or >= 1",
     "train.mesh_fsdp": _POSITIVE, "train.mlm_head_share": _FRACTION,
+    "train.allow_config_change": _key_names,
+    "compile.topology": _text,
     "optimizer.schedule": _one_of(*SCHEDULES),
     "optimizer.learning_rate": _real(0.0, open_lo=True), "optimizer.warmup_steps": _int(0),
     "optimizer.pct_start": _real(0.0, 1.0, open_lo=True, open_hi=True),
@@ -377,13 +394,15 @@ RULES: dict[str, Callable] = {
     "optimizer.b1": _real(0.0, 1.0, open_hi=True), "optimizer.b2": _real(0.0, 1.0, open_hi=True),
     "optimizer.eps": _real(0.0, open_lo=True), "optimizer.weight_decay": _real(0.0),
     "optimizer.decay_mask": _one_of(*DECAY_MASKS), "optimizer.clip_norm": _real(0.0),
+    "downstream.eval": lambda x: None if isinstance(x, bool) else "must be True or False",
+    "downstream.draws": _POSITIVE,
 }
 """Each key's range: ``check(value) -> None`` when fine, else what the value must be."""
 
 PMI_RULES: dict[str, Callable] = {
     "recipe": _one_of(PMI_RECIPE), "fasta_paths": lambda x: _files(x) if x else None,
     "out": lambda x: None if isinstance(x, str) and x else "must be a file name",
-    "k": _int(1, 8), "max_n": _int(1, 10), "min_count": _int(1),
+    "k": _int(1, 8), "max_n": _int(1, 10), "min_count": _int(2),
     "denominator": _one_of("genemask", "per_length"),
 }
 
@@ -399,10 +418,23 @@ def _schema(c: ml_collections.ConfigDict) -> set[str]:
     return set(valid_keys(base(""))) | {f"optimizer.{k}" for k in optimizer}
 
 
+def allowed_changes(names: tuple[str, ...]) -> list[str]:
+    """``train.allow_config_change`` as a list of names (comma-separated items are split, so
+    ``--config.train.allow_config_change=train.steps,optimizer`` names two)."""
+    return [name.strip() for item in names for name in item.split(",") if name.strip()]
+
+
 def _cross_checks(c: ml_collections.ConfigDict) -> list[str]:
     """Problems between keys, as ``key=value: what to do`` lines."""
     d, t, m, o = c.data, c.train, c.masking, c.optimizer
     problems = []
+    keys = valid_keys(c)
+    unknown = [name for name in allowed_changes(t.allow_config_change)
+               if not any(k == name or k.startswith(f"{name}.") for k in keys)]
+    if unknown:
+        problems.append(f"train.allow_config_change names {unknown}, which are neither keys nor "
+                        "sections of this config: name keys such as 'train.steps' or sections "
+                        "such as 'optimizer'")
     if d.batch_size % t.grad_accum:
         problems.append(f"data.batch_size={d.batch_size} is not divisible by train.grad_accum="
                         f"{t.grad_accum}: make the batch a multiple of the accumulation")

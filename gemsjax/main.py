@@ -23,7 +23,19 @@ MODES = {
     "train": "pretrain the recipe in --workdir (default: a new runs/<recipe>-<date>-<time>/)",
     "data": "build the recipe's training pipeline and summarize its first batch",
     "pmi": "write a PMI rank table for FASTA files (with --config=configs/pmi.py)",
+    "compile": "compile the train step for --config.compile.topology (a TPU slice, e.g. "
+               "v5p:4x4x2; default the local devices) and print per-chip memory, FLOPs and "
+               "the compiler's step-time estimate",
+    "export": "write a trained run as a Hugging Face transformers folder: --config.init=<run "
+              "folder or checkpoint> [--config.step=N] (no --config; --workdir default: "
+              "<run folder>/hf)",
+    "finetune": "fine-tune a classifier on one labelled task (configs/eval/finetune.py)",
+    "evaluate": "run a downstream protocol, write its report (configs/eval/fewshot.py, gue.py, "
+                "barcodes.py)",
+    "embed": "write embeddings of a FASTA / CSV / TSV file (configs/eval/embed.py)",
 }
+EXPORT_KEYS = ("init", "step")
+DOWNSTREAM_MODES = ("finetune", "evaluate", "embed")
 USAGE_ERROR = 2
 _CONFIG = flags.DEFINE_string(
     "config", None, "Config file and presets, path[:preset,key=value,...]; single keys also "
@@ -101,6 +113,13 @@ def load_config(spec: str | None, mode: str, overrides: dict[str, str]):
     if not spec:
         raise UserError(f"--config is required, e.g. --config=configs/cm_gems.py; recipes: "
                         f"{recipes}")
+    if mode in DOWNSTREAM_MODES:
+        from gemsjax.eval import config as eval_config
+
+        return eval_config.load(spec, overrides, mode)
+    if spec.partition(":")[0].startswith("configs/eval/"):
+        raise UserError(f"{spec} is a downstream config: run it with --mode=finetune, evaluate or "
+                        "embed (as its docstring says)")
     config = config_lib.load(spec, overrides)
     is_pmi = config.recipe == config_lib.PMI_RECIPE
     if mode == "pmi" and not is_pmi:
@@ -115,11 +134,13 @@ def load_config(spec: str | None, mode: str, overrides: dict[str, str]):
 
 
 def default_workdir(config) -> pathlib.Path:
-    """``runs/<recipe>-<date>-<time>``; multi-process runs must name one shared ``--workdir``."""
+    """``runs/<recipe or protocol>-<date>-<time>``; multi-process runs must name one shared
+    ``--workdir``."""
     if os.environ.get("GEMSJAX_DISTRIBUTED") == "1":
         raise UserError("a multi-process run needs --workdir (the same folder for every "
                         "process)")
-    return pathlib.Path("runs") / f"{config.recipe}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    name = config.get("recipe") or config.protocol
+    return pathlib.Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
 def run_pmi(config, workdir: pathlib.Path) -> dict:
@@ -130,9 +151,10 @@ def run_pmi(config, workdir: pathlib.Path) -> dict:
     paths = list(config.fasta_paths) or [str(samples.sample_path(samples.GENOME))]
     out = workdir / config.out
     workdir.mkdir(parents=True, exist_ok=True)
-    table = pmi.rank_table_from_fasta(paths, out, k=config.k, max_n=config.max_n,
-                                      min_count=config.min_count, denominator=config.denominator)
-    scored = int((table[5:] < 4**config.k).sum())
+    pmi.rank_table_from_fasta(paths, out, k=config.k, max_n=config.max_n,
+                              min_count=config.min_count, denominator=config.denominator)
+    # Rank 4**k is both "unscored" and the worst scored rank: the header counts the scored k-mers.
+    scored = pmi.load_rank_table(out)[2]["n_scored"]
     summary = dict(rank_table=str(out), fasta=paths, scored_kmers=scored)
     if scored < 4**config.k:
         summary["note"] = (f"{4**config.k - scored} k-mers were seen fewer than min_count="
@@ -162,23 +184,60 @@ def run_data(config) -> dict:
                 distinct_ids=int(np.unique(ids).size), first_sequence=first[:60] + "...")
 
 
+def run_export(overrides: dict[str, str], workdir: pathlib.Path | None) -> dict:
+    """Export the run or checkpoint ``--config.init`` (step ``--config.step``, default the
+    newest) with :func:`gemsjax.interop.hf.export_run`."""
+    from gemsjax.interop import hf
+
+    unknown = sorted(set(overrides) - set(EXPORT_KEYS))
+    if unknown or not overrides.get("init"):
+        raise UserError("--mode=export takes --config.init=<run folder or checkpoint> and "
+                        "optionally --config.step=<step>"
+                        + (f"; unknown key(s) {unknown}" if unknown else ""))
+    step = overrides.get("step")
+    if step is not None and not step.isdigit():
+        raise UserError(f"--config.step={step}: must be a checkpoint step (an integer >= 0)")
+    return hf.export_run(overrides["init"], workdir, step=None if step is None else int(step))
+
+
 def run_train(config, workdir: pathlib.Path) -> dict:
     """Train in ``workdir`` with its run files (config.json, train.log, the curve picture)."""
     import jax
 
     from gemsjax.train import run_files
+    from gemsjax.train import workdir as workdir_lib
     from gemsjax.train.loop import train_and_evaluate
 
     lead = jax.process_index() == 0
-    if lead:
-        run_files.write_config(workdir, config)
-    with run_files.tee_log(workdir, enabled=lead):
+    # Locked first: a refused second run writes nothing into the folder (config.json is written
+    # by the loop once the checkpoint's settings are accepted).
+    with workdir_lib.lock(workdir, enabled=lead), run_files.tee_log(workdir, enabled=lead):
         summary = train_and_evaluate(config, workdir)
         summary["workdir"] = str(workdir)
         if lead:
             summary["curves"] = str(run_files.plot_curves(workdir, summary["switch_step"]))
+        if config.downstream.eval and not summary["stopped"]:
+            from gemsjax.eval.downstream import after_pretraining
+
+            summary["downstream"] = after_pretraining(config, workdir)
         _print_summary(summary)
     return summary
+
+
+def run_downstream(mode: str, config, workdir: pathlib.Path) -> dict:
+    """``finetune`` / ``evaluate`` (the protocol in ``gemsjax.eval.PROTOCOLS``) / ``embed``; the
+    summary leaves out the table, which the run printed."""
+    import importlib
+
+    from gemsjax.eval import PROTOCOLS
+
+    if mode == "embed":
+        from gemsjax.eval import embed
+
+        return embed.run(config, workdir)
+    module, _, function = PROTOCOLS[config.protocol].partition(":")
+    summary = getattr(importlib.import_module(module), function)(config, workdir)
+    return {k: v for k, v in summary.items() if k not in ("markdown", "rows")}
 
 
 def _print_summary(summary: dict) -> None:
@@ -193,10 +252,23 @@ def main(argv):
         raise UserError(f"unexpected argument(s) {argv[1:]}; flags are --name=value, see --help")
     if not flags.FLAGS["verbosity"].present:  # Orbax / XLA info lines drown the progress line
         logging.set_verbosity(logging.WARNING)
+    if _MODE.value == "export":
+        if _CONFIG.value:
+            raise UserError("--mode=export reads the run's own config; drop --config and name "
+                            "the run with --config.init=<run folder or checkpoint>")
+        _print_summary(run_export(_OVERRIDES, pathlib.Path(_WORKDIR.value) if _WORKDIR.value
+                                  else None))
+        return
     config = load_config(_CONFIG.value, _MODE.value, _OVERRIDES)
     workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(config)
     if _MODE.value == "train":
         run_train(config, workdir)
+    elif _MODE.value in DOWNSTREAM_MODES:
+        _print_summary(run_downstream(_MODE.value, config, workdir))
+    elif _MODE.value == "compile":
+        from gemsjax.train import compile_ahead
+
+        _print_summary(compile_ahead.run(config))
     else:
         _print_summary(run_pmi(config, workdir) if _MODE.value == "pmi" else run_data(config))
 

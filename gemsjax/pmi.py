@@ -33,6 +33,7 @@ import numpy as np
 
 from gemsjax.data.fasta import iter_fasta, resolve_paths
 from gemsjax.data.rawio import open_text
+from gemsjax.errors import UserError
 from gemsjax.vocab import INVALID_BASE, Vocab, base_codes, get_vocab, rolling_kmer_codes
 
 MAX_N = 10
@@ -503,32 +504,48 @@ def load_rank_table(path: str | pathlib.Path) -> tuple[np.ndarray, Vocab, dict]:
 
     Returns:
       ``(rank_table int32[vocab.size], vocab, meta)``.
+
+    Raises:
+      UserError: the file is not such a table; the message names the file, the line and the fix.
     """
     path = pathlib.Path(path)
+    if not path.is_file():
+        raise UserError(f"rank table not found: {path}; check config.masking.rank_table")
     with open_text(path) as f:
         lines = f.read().splitlines()
-    header = {}
+    fix = "write rank tables with --mode=pmi (pmi.save_rank_table)"
+    header, where = {}, {}
     for line_no, line in enumerate(lines[:4], start=1):
         key, sep, value = line.removeprefix("# ").partition(": ")
         if not line.startswith("# ") or not sep:
-            raise ValueError(f"{path}:{line_no}: expected a '# key: value' header line, got "
-                             f"{line!r}; write rank tables with save_rank_table")
-        header[key] = value
+            raise UserError(f"{path}:{line_no}: expected a '# key: value' header line, got "
+                            f"{line[:80]!r}; {fix}")
+        header[key], where[key] = value, line_no
     if header.get("format") != RANK_TABLE_FORMAT:
-        raise ValueError(f"{path}:1: format {header.get('format')!r} is not "
-                         f"{RANK_TABLE_FORMAT!r}")
-    vocab = get_vocab(header["vocab"], int(header["k"]))
-    meta = json.loads(header["meta"])
+        raise UserError(f"{path}:1: format {header.get('format')!r} is not "
+                        f"{RANK_TABLE_FORMAT!r}; {fix}")
+    try:
+        vocab = get_vocab(header["vocab"], int(header["k"]))
+    except (KeyError, ValueError) as err:
+        raise UserError(f"{path}:{where.get('k', 3)}: vocab {header.get('vocab')!r} with k "
+                        f"{header.get('k')!r} is not a known layout ({err}); {fix}") from None
+    try:
+        meta = json.loads(header.get("meta", ""))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{where.get('meta', 4)}: the meta header is not JSON ({err}); "
+                        f"{fix}") from None
     rows = lines[5:]
     if lines[4:5] != ["token\tid\trank"] or len(rows) != vocab.size:
-        raise ValueError(f"{path}: expected the column header 'token<TAB>id<TAB>rank' on line 5 "
-                         f"and {vocab.size} rows, got {len(rows)} rows")
+        raise UserError(f"{path}: expected the column header 'token<TAB>id<TAB>rank' on line 5 "
+                        f"and {vocab.size} rows, got {len(rows)} rows; {fix}")
     table = np.empty(vocab.size, dtype=np.int32)
+    worst = 4**vocab.k
     for i, (token, row) in enumerate(zip(vocab.tokens(), rows, strict=True)):
         fields = row.split("\t")
-        if len(fields) != 3 or fields[:2] != [token, str(i)] or not fields[2].isdigit():
-            raise ValueError(f"{path}:{i + 6}: expected '{token}<TAB>{i}<TAB><rank>', "
-                             f"got {row!r}")
+        if (len(fields) != 3 or fields[:2] != [token, str(i)] or not fields[2].isdigit()
+                or not 1 <= int(fields[2]) <= worst):
+            raise UserError(f"{path}:{i + 6}: expected '{token}<TAB>{i}<TAB><rank 1..{worst}>', "
+                            f"got {row[:80]!r}; {fix}")
         table[i] = int(fields[2])
     return table, vocab, meta
 

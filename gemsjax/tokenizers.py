@@ -23,14 +23,16 @@ _GATHER_CHUNK = 1 << 22
 """Bases gathered per step when building the padded matrix (bounds the index array's memory)."""
 
 
-def sequence_to_kmer_text(seq: str, k: int = 6) -> str:
-    """A sequence as space-separated overlapping k-mers (DNABERT's ``seq2kmer``).
+def sequence_to_kmer_text(seq: str, k: int = 6, stride: int = 1) -> str:
+    """A sequence as space-separated k-mers starting every ``stride`` bases: overlapping with
+    ``stride=1`` (DNABERT's ``seq2kmer``), non-overlapping with ``stride=k`` (BarcodeBERT; a
+    trailing partial k-mer is left out).
 
     ``"ACGTACG", k=6`` -> ``"ACGTAC CGTACG"``. Raises ValueError if ``len(seq) < k``.
     """
     if len(seq) < k:
         raise ValueError(f"sequence of length {len(seq)} is shorter than k={k}")
-    return " ".join(seq[i : i + k] for i in range(len(seq) - k + 1))
+    return " ".join(seq[i : i + k] for i in range(0, len(seq) - k + 1, stride))
 
 
 def kmer_text_to_sequence(text: str) -> str:

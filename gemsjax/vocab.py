@@ -119,6 +119,8 @@ def _code_table(alphabet: str) -> np.ndarray:
     for code, base in enumerate(alphabet):
         table[ord(base)] = code
         table[ord(base.lower())] = code
+    if "T" in alphabet:  # RNA: U is read as T everywhere (genome preparation, PMI, tokenizers)
+        table[ord("U")] = table[ord("u")] = alphabet.index("T")
     table.setflags(write=False)
     return table
 
@@ -142,8 +144,8 @@ def base_codes(seq: str | bytes | np.ndarray, alphabet: str = "ACGT") -> np.ndar
       alphabet: the 4 bases whose codes are 0..3, in order.
 
     Returns:
-      ``uint8[N]``: the index of each base in ``alphabet``, :data:`INVALID_BASE` for anything
-      else (``N``, IUPAC ambiguity codes, gaps ``-``, ...).
+      ``uint8[N]``: the index of each base in ``alphabet`` (``U`` / ``u`` count as ``T``),
+      :data:`INVALID_BASE` for anything else (``N``, IUPAC ambiguity codes, gaps ``-``, ...).
     """
     return _code_table(alphabet)[as_bytes(seq)]
 

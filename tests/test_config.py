@@ -143,7 +143,7 @@ REFUSALS = [  # (presets, what the one-line message must contain)
     ("model.name=logo2", "model.name='logo2' must be one of"),
     ("model.dropout=1.0", "model.dropout=1.0 must be -1"),
     ("model.compute_dtype=int8", "model.compute_dtype='int8' must be auto"),
-    ("train.stepz=5", "unknown config key 'train.stepz'; valid keys: data.batch_size, data."),
+    ("train.stepz=5", "unknown config key 'train.stepz'; valid keys: compile.topology, data."),
     ("papr", "unknown preset 'papr'; valid: paper, smoke, a model size (dnabert6"),
 ]
 

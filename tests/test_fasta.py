@@ -161,6 +161,15 @@ def test_header_marker_in_the_middle_of_a_line(tmp_path, block_bytes):
     assert_error(path, 3, "invalid character '>'", "must start with '>'", block_bytes=block_bytes)
 
 
+def test_utf8_byte_order_mark_is_skipped(shared_data, tmp_path):
+    (_, lam), = read_fasta(shared_data / LAMBDA)
+    path = tmp_path / "bom.fa"
+    path.write_bytes(b"\xef\xbb\xbf>lambda\n" + lam.encode() + b"\n")
+    assert read_fasta(path) == [("lambda", lam)]
+    for block_bytes in (2, 3, 5):  # the mark split over blocks is still only skipped at the start
+        assert record_lengths(path, block_bytes=block_bytes) == {"lambda": len(lam)}
+
+
 def test_record_without_sequence(tmp_path):
     path = tmp_path / "emptyrec.fa"
     path.write_bytes(b">a\nACGT\n>b desc\n>c\nAC\n>d\n")

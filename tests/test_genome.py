@@ -105,7 +105,7 @@ def test_prepare_genome_removes_n_and_matches_the_fasta(shared_data, chr22_dir):
     assert manifest["total_length"] == len(expected)
     assert manifest["records"] == [{
         "name": "22:20000001-21000000", "source": str((shared_data / CHR22).resolve()),
-        "offset": 0, "length": 900_000, "removed": 100_000}]
+        "offset": 0, "length": 900_000, "removed": 100_000, "removed_n": 100_000, "u_as_t": 0}]
     source = manifest["sources"][0]
     assert source["bytes"] == (shared_data / CHR22).stat().st_size and len(source["sha256"]) == 64
     assert (chr22_dir / genome.BASES_FILE).read_bytes() == expected
@@ -146,15 +146,15 @@ def test_prepare_genome_rerun_is_a_noop_and_other_inputs_fail(shared_data, chr22
     before = bases.stat().st_mtime_ns
     assert genome.prepare_genome(shared_data / CHR22, chr22_dir) == chr22_dir
     assert bases.stat().st_mtime_ns == before
-    with pytest.raises(FileExistsError, match="other inputs.*overwrite=True"):
+    with pytest.raises(genome.PreparedGenomeError, match="other inputs.*overwrite=True"):
         genome.prepare_genome(shared_data / LAMBDA, chr22_dir)
     other = genome.prepare_genome(shared_data / CHR22, tmp_path / "o")
     genome.prepare_genome(shared_data / LAMBDA, other, overwrite=True)
     assert genome.load_manifest(other)["total_length"] == len(_acgt_only(shared_data / LAMBDA))
     (tmp_path / "junk").mkdir()
-    with pytest.raises(FileExistsError, match="not a prepared genome"):
+    with pytest.raises(genome.PreparedGenomeError, match="not a prepared genome"):
         genome.prepare_genome(shared_data / LAMBDA, tmp_path / "junk")
-    with pytest.raises(FileNotFoundError, match="prepare_genome"):
+    with pytest.raises(genome.PreparedGenomeError, match="prepare_genome"):
         genome.GenomeChunkSource(tmp_path / "junk")
     (tmp_path / "gaps.fa").write_text(">gap\nNNNNNNNN\nnnnn\n")
     with pytest.raises(ValueError, match="no A/C/G/T bases"):

@@ -12,6 +12,7 @@ import pytest
 
 from gemsjax import pmi
 from gemsjax.data.fasta import read_fasta
+from gemsjax.errors import UserError
 from gemsjax.vocab import get_vocab
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -347,8 +348,17 @@ def test_load_rank_table_errors(tmp_path, shared_data):
     with pytest.raises(ValueError, match=r"ranks.tsv:11: expected"):
         pmi.load_rank_table(path)
     path.write_text("token\tid\trank\n")
-    with pytest.raises(ValueError, match=r"ranks.tsv:1: expected a '# key: value'"):
+    with pytest.raises(UserError, match=r"ranks.tsv:1: expected a '# key: value'"):
         pmi.load_rank_table(path)
+    for line_no, bad, message in ((3, "# k: six", r"ranks.tsv:3: vocab 'dnabert' with k 'six'"),
+                                  (4, "# meta: {oops", r"ranks.tsv:4: the meta header is not JSON"),
+                                  (6, "[PAD]\t0\t99999999999", r"ranks.tsv:6: expected .*rank "
+                                   r"1..4096")):
+        edited = list(lines)
+        edited[line_no - 1] = bad
+        path.write_text("\n".join(edited) + "\n")
+        with pytest.raises(UserError, match=message):
+            pmi.load_rank_table(path)
     with pytest.raises(ValueError, match="must have shape"):
         pmi.save_rank_table(path, np.zeros(10, np.int32), vocab)
 
@@ -373,7 +383,7 @@ def test_rank_table_from_fasta_and_config(tmp_path, shared_data):
     np.testing.assert_array_equal(loaded, table)
     assert meta["sources"] == paths and meta["min_count"] == 101
     assert meta["n_bases"] == counts.n_bases == counts.counts[1].sum()
-    with pytest.raises(FileNotFoundError, match="FASTA file not found"):
+    with pytest.raises(UserError, match="FASTA file not found"):
         pmi.rank_table_from_fasta([tmp_path / "missing.fa"], out)
     with pytest.raises(ValueError, match="max_n must be an integer in 6..10"):
         pmi.rank_table_from_fasta(paths, out, k=6, max_n=5)

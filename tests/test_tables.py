@@ -241,3 +241,46 @@ def test_empty_and_truncated_files(tmp_path, shared_data):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(TableFormatError, match=r"truncated.csv.gz, line \d+: .*truncated"):
         read_gue_csv(path)
+
+
+def test_unbalanced_quote_and_long_field_are_reported_where_they_start(tmp_path, shared_data):
+    """Real BOLD rows with line 802 broken: an opening quote that is never closed swallows the
+    lines after it (until the field limit or the next quote); a 5 Mb barcode is a long field."""
+    with gzip.open(shared_data / BOLD, "rt", newline="") as fh:
+        lines = fh.read().split("\n")[:1200]
+    header = lines[0].split("\t")
+    col = header.index("species_name")
+    quoted = list(lines)
+    fields = quoted[801].split("\t")
+    fields[col] = '"' + fields[col]
+    quoted[801] = "\t".join(fields)
+    path = write(tmp_path, "quote.tsv", "\n".join(quoted) + "\n")
+    assert_error(read_barcode_tsv, path, 802, "the row runs on to line ",
+                 "an unbalanced '\"' on line 802")
+    short = write(tmp_path, "quote_short.tsv", "\n".join(quoted[:820]) + "\n")
+    assert_error(read_barcode_tsv, short, 802, "fields, but the header has",
+                 "the row runs on to line 820: an unbalanced '\"' on line 802")
+    long = list(lines)
+    fields = long[801].split("\t")
+    fields[header.index("nucleotides")] = "ACGT" * 1_250_000
+    long[801] = "\t".join(fields)
+    path = write(tmp_path, "long.tsv", "\n".join(long) + "\n")
+    assert_error(read_barcode_tsv, path, 802, "a field is longer than 131,072 characters",
+                 "remove the row")
+
+
+def test_split_emptied_by_deduplication_says_why(tmp_path, bold_raw):
+    """Every ``val`` barcode repeats a ``pretrain`` one: de-duplication (BarcodeMAE's rule) empties
+    the split, and the error says so instead of "no rows in split"."""
+    path = tmp_path / "dups.tsv"
+    seqs = bold_raw["species_name"].sequences[:40]
+    with open(path, "w") as fh:
+        fh.write("processid\tspecies\tsplit\tdna_barcode\n")
+        for i, seq in enumerate(seqs):
+            fh.write(f"P{i}\tA b\tpretrain\t{seq}\n")
+        for i, seq in enumerate(seqs[:10]):
+            fh.write(f"V{i}\tA b\tval\t{seq}\n")
+    assert len(read_barcode_tsv(path, splits=("val",))["species_name"]) == 10
+    with pytest.raises(TableFormatError, match=r"dups.tsv: every row of split\(s\) \['val'\] was "
+                       r"dropped \(10 as duplicates of earlier sequences \(deduplicate=True\)\)"):
+        read_barcode_tsv(path, splits=("val",), deduplicate=True)

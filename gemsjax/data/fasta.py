@@ -23,14 +23,16 @@ from typing import NamedTuple
 import numpy as np
 
 from gemsjax.data.rawio import SEQUENCE_CHARS, first_invalid, open_binary
+from gemsjax.errors import UserError
 
 _WHITESPACE = b" \t\r\n\v\f"
 _SEQUENCE_OR_NEWLINE = SEQUENCE_CHARS + b"\n"
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark some editors write at the start of a file
 _GT = ord(">")
 _NL = ord("\n")
 
 
-class FastaFormatError(ValueError):
+class FastaFormatError(UserError):
     """A FASTA file that cannot be read; the message names the file, the line and the fix."""
 
 
@@ -58,10 +60,10 @@ def resolve_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> lis
         paths = [paths]
     resolved = [pathlib.Path(p) for p in paths]
     if not resolved:
-        raise ValueError("no FASTA paths given; name at least one FASTA file (gzip allowed)")
+        raise UserError("no FASTA paths given; name at least one FASTA file (gzip allowed)")
     for path in resolved:
         if not path.is_file():
-            raise FileNotFoundError(f"FASTA file not found: {path}; check the path")
+            raise UserError(f"FASTA file not found: {path}; check the path")
     return resolved
 
 
@@ -91,16 +93,20 @@ def iter_fasta(path: str | os.PathLike, chunk_bases: int = 1 << 22, *, upper: bo
                          f"{block_bytes}")
     parser = _Parser(os.fspath(path), chunk_bases, upper, allow_empty_records)
     with open_binary(path) as fh:
+        at_start = True  # a UTF-8 byte-order mark at the start is not sequence data: skip it
         while True:
             try:
-                block = fh.read(block_bytes)
+                block = fh.read(len(_BOM) if at_start else block_bytes)
             except (EOFError, zlib.error, gzip.BadGzipFile) as err:
                 raise parser.error(parser.line_base + 1,
                                    f"the gzip stream is truncated or corrupt ({err})",
                                    "download the file again or re-compress it with gzip") from err
             if not block:
                 break
-            yield from parser.feed(block)
+            if at_start:
+                block, at_start = block.removeprefix(_BOM), False
+            if block:
+                yield from parser.feed(block)
     yield from parser.finish()
 
 

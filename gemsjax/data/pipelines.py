@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -45,7 +44,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from gemsjax.data import genome, samples, tables
+from gemsjax.data import genome, genome_cache, samples, tables
 from gemsjax.data.fasta import resolve_paths
 from gemsjax.tokenizers import KmerTokenizer
 
@@ -54,7 +53,6 @@ GENOME_MAX_LEN = 512
 BARCODE_MAX_LEN = 110
 """BarcodeMAE: 660 nt truncated / N-padded → 110 non-overlapping 6-mers."""
 LABELLED_FORMATS = ("gue", "genemask", "barcode")
-_CACHE_ENV = "GEMSJAX_CACHE"
 
 
 def dnabert_tokenizer() -> KmerTokenizer:
@@ -350,14 +348,15 @@ def fasta_paths(value: Any) -> list[pathlib.Path]:
     return resolve_paths(value or samples.sample_path(samples.GENOME))
 
 
-def default_prepared_dir(fasta_paths: Sequence[pathlib.Path]) -> pathlib.Path:
-    """Cache directory for a prepared genome: ``$GEMSJAX_CACHE`` (default ``~/.cache/gemsjax``)
-    ``/genome-<first file stem>-<hash of the resolved paths, sizes and mtimes>``."""
-    key = "\n".join(f"{p.resolve()}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}"
-                    for p in fasta_paths)
-    digest = hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
-    root = pathlib.Path(os.environ.get(_CACHE_ENV, pathlib.Path.home() / ".cache" / "gemsjax"))
-    return root / f"genome-{fasta_paths[0].name.split('.')[0]}-{digest}"
+def corpus_report(config: Mapping) -> dict[str, int] | None:
+    """Base counts of a genome run's prepared corpus (:func:`genome.report`: kept bases, ``U``
+    read as ``T``, ``N`` and other characters deleted; warnings logged), None for barcodes."""
+    data = config["data"]
+    if data["kind"] != "genome":
+        return None
+    fasta = fasta_paths(data["fasta"])
+    prepared = data["prepared_dir"] or genome_cache.cache_dir(fasta)
+    return genome.report(genome.load_manifest(prepared))
 
 
 def make_pretraining_iterator(config: Mapping, split: str = "train",
@@ -369,10 +368,10 @@ def make_pretraining_iterator(config: Mapping, split: str = "train",
     documents their ranges, the config files their meaning): ``kind``, ``batch_size`` (global; must
     divide by ``process_count``), ``max_len``, ``seed``, ``num_threads``, ``prefetch``; for
     genomes ``fasta`` (empty: the shipped chr22 sample), ``prepared_dir`` (empty:
-    :func:`default_prepared_dir`; prepared on first use) and ``corpus_seed``; for barcodes
-    ``tsv`` (empty: the shipped BOLD sample), ``k`` (k-mer length) and ``train_splits`` /
-    ``validation_splits`` (values of the file's ``split`` column; duplicate sequences are
-    dropped over the whole file, as in BarcodeMAE).
+    :func:`genome_cache.cache_dir`; prepared on first use, checked and rebuilt if damaged on every
+    use) and ``corpus_seed``; for barcodes ``tsv`` (empty: the shipped BOLD sample), ``k``
+    (k-mer length) and ``train_splits`` / ``validation_splits`` (values of the file's ``split``
+    column; duplicate sequences are dropped over the whole file, as in BarcodeMAE).
 
     Args:
       split: ``"train"`` (shuffled, endless) or ``"validation"`` (one ordered pass).
@@ -398,7 +397,7 @@ def make_pretraining_iterator(config: Mapping, split: str = "train",
                                                  prefetch_buffer_size=data["prefetch"]))
     if data["kind"] == "genome":
         fasta = fasta_paths(data["fasta"])
-        prepared = genome.prepare_genome(fasta, data["prepared_dir"] or default_prepared_dir(fasta))
+        prepared = genome_cache.prepared_genome(fasta, data["prepared_dir"])
         ds = genome_pipeline(prepared, split=split, corpus_seed=data["corpus_seed"], **common)
     elif data["kind"] == "barcode":
         table = tables.read_barcode_tsv(

@@ -8,6 +8,7 @@ alphabet in one vectorized pass per table.
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import gzip
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from gemsjax.data.rawio import first_invalid, open_text
+from gemsjax.errors import UserError
 from gemsjax.tokenizers import kmer_text_to_sequence
 
 BIOSCAN5M_SPLITS = ("pretrain", "train", "val", "test", "key_unseen", "val_unseen", "test_unseen",
@@ -39,7 +41,7 @@ _RENAMED = {"dna_bin": "bin_uri", "dna_barcode": "nucleotides"}
 _RENAMED.update({bold: bioscan for bioscan, bold in _RENAMED.items()})
 
 
-class TableFormatError(ValueError):
+class TableFormatError(UserError):
     """A table that cannot be read; the message names the file, the line and the fix."""
 
 
@@ -81,6 +83,7 @@ class DelimitedReader:
         self.path = os.fspath(path)
         self._file = open_text(path)
         self._reader = csv.reader(self._file, delimiter=delimiter)
+        self.row_start = 1  # the line the last row read began on
         try:
             header = self._next_row()
             if not header:
@@ -112,21 +115,35 @@ class DelimitedReader:
                          "check the header line and the delimiter (tab for .tsv, comma for .csv)")
 
     def rows(self) -> Iterator[tuple[int, list[str]]]:
-        """``(line, fields)`` for each data row, ``len(fields) == len(self.header)``."""
+        """``(line, fields)`` for each data row, ``len(fields) == len(self.header)``; ``line`` is
+        where the row begins."""
         while (fields := self._next_row()) is not None:
             if not fields:
                 continue
             if len(fields) != len(self.header):
-                raise self.error(self._reader.line_num,
-                                 f"{len(fields)} fields, but the header has {len(self.header)}",
-                                 "look for a stray delimiter or an unbalanced quote on this line")
-            yield self._reader.line_num, fields
+                raise self.error(self.row_start,
+                                 f"{len(fields)} fields, but the header has {len(self.header)}"
+                                 + self._run_on(), "look for a stray delimiter or an unbalanced "
+                                 "quote on this line")
+            yield self.row_start, fields
+
+    def _run_on(self) -> str:
+        """Words for a row that runs past its first line (a quote opened and never closed)."""
+        end = self._reader.line_num
+        return (f" (the row runs on to line {end}: an unbalanced '\"' on line {self.row_start} "
+                "joins the lines after it)") if end > self.row_start else ""
 
     def _next_row(self) -> list[str] | None:
+        self.row_start = self._reader.line_num + 1
         try:
             return next(self._reader, None)
         except csv.Error as err:
-            raise self.error(self._reader.line_num, f"unreadable row ({err})",
+            if "field larger than field limit" in str(err) and not self._run_on():
+                raise self.error(self.row_start, f"a field is longer than "
+                                 f"{csv.field_size_limit():,} characters", "no barcode or task "
+                                 "sequence is that long: remove the row or shorten the "
+                                 "field") from err
+            raise self.error(self.row_start, f"unreadable row ({err}){self._run_on()}",
                              "fix the quoting on this line") from err
         except (EOFError, zlib.error, gzip.BadGzipFile) as err:
             raise self.error(self._reader.line_num + 1,
@@ -196,6 +213,7 @@ def read_barcode_tsv(path: str | os.PathLike, label_columns: Sequence[str] = ("s
         split_col = reader.column("split", required=keep_splits is not None)
         names: list[set[str]] = [set() for _ in label_columns]
         split_values: set[str] = set()
+        dropped = collections.Counter()  # (split, reason) -> rows; explains an empty selection
         seen: set[bytes] = set()
         lines, sequences, labels, extras, row_splits = [], [], [], [], []
         for line, fields in reader.rows():
@@ -212,9 +230,11 @@ def read_barcode_tsv(path: str | os.PathLike, label_columns: Sequence[str] = ("s
             if deduplicate:
                 key = hashlib.blake2b(seq.encode(), digest_size=16).digest()
                 if key in seen:
+                    dropped[split, "duplicates of earlier sequences (deduplicate=True)"] += 1
                     continue
                 seen.add(key)
             if drop_empty_labels and not all(row_labels):
+                dropped[split, "empty labels (drop_empty_labels=True)"] += 1
                 continue
             if keep_splits is not None and split not in keep_splits:
                 continue
@@ -225,6 +245,15 @@ def read_barcode_tsv(path: str | os.PathLike, label_columns: Sequence[str] = ("s
             row_splits.append(split)
     if keep_splits is not None:
         unknown = keep_splits - split_values - set(BIOSCAN5M_SPLITS)
+        reasons = collections.Counter()
+        for (split, reason), count in dropped.items():
+            if split in keep_splits:
+                reasons[reason] += count
+        if not unknown and not sequences and reasons:
+            raise TableFormatError(
+                f"{os.fspath(path)}: every row of split(s) {sorted(keep_splits)} was dropped ("
+                + ", ".join(f"{n} as {why}" for why, n in reasons.items()) + "); select other "
+                "splits, or a file whose rows in them are distinct and labelled")
         if unknown or not sequences:
             raise TableFormatError(f"{os.fspath(path)}: no rows in split(s) "
                                    f"{sorted(unknown or keep_splits)}; the 'split' column holds "
@@ -256,7 +285,8 @@ def _aliases(column: str) -> tuple[str, ...]:
 
 def _read_integer_labelled(path: str | os.PathLike, delimiter: str,
                            to_sequence: Callable[[str], str]) -> LabelledTable:
-    """Rows ``sequence, label`` with integer labels; ``to_sequence`` maps the sequence field."""
+    """Rows ``sequence, label`` with integer labels; ``to_sequence`` maps the sequence field.
+    ``extra["line"]`` holds each row's 1-based line number in the file."""
     lines, sequences, labels = [], [], []
     with DelimitedReader(path, delimiter) as reader:
         seq_col, label_col = reader.column("sequence"), reader.column("label")
@@ -278,7 +308,7 @@ def _read_integer_labelled(path: str | os.PathLike, delimiter: str,
     n_classes = int(labels_array.max()) + 1 if len(labels) else 0
     return LabelledTable(sequences=sequences, labels=labels_array,
                          label_names=tuple(str(i) for i in range(n_classes)),
-                         source=os.fspath(path))
+                         source=os.fspath(path), extra={"line": np.asarray(lines, np.int64)})
 
 
 def _check_sequences(path: str, sequences: list[str], lines: list[int]) -> None:

@@ -24,9 +24,11 @@ from flax import nnx
 from gemsjax import config as config_lib
 from gemsjax import masking
 from gemsjax.data import pipelines
+from gemsjax.errors import UserError
 from gemsjax.models import flops, registry
-from gemsjax.train import checkpoint, metrics, optim, sharding
+from gemsjax.train import checkpoint, metrics, optim, run_files, sharding
 from gemsjax.train import spec as spec_lib
+from gemsjax.train import workdir as workdir_lib
 from gemsjax.train.step import (
     TrainState,
     init_train_state,
@@ -44,11 +46,22 @@ def say(message: str) -> None:
         print(message, flush=True)
 
 
-def compute_dtype(name: str) -> Any:
-    """``auto``: bfloat16 on GPU/TPU, float32 on CPU (where bf16 matmuls are slow)."""
+def compute_dtype(name: str, platform: str | None = None) -> Any:
+    """``auto``: bfloat16 on GPU/TPU, float32 on CPU (where bf16 matmuls are slow); ``platform``
+    is the one the step is compiled for (default: ``jax.default_backend()``)."""
     if name == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        return jnp.float32 if (platform or jax.default_backend()) == "cpu" else jnp.bfloat16
     return jnp.dtype(name)
+
+
+def flops_per_step(config: ml_collections.ConfigDict, batch_size: int) -> float:
+    """Model FLOPs of one optimizer step over ``batch_size`` rows (:mod:`gemsjax.models.flops`),
+    counting what the step computes: the MLM head on its slots, the MAE encoder on its visible
+    slots."""
+    spec, seq_len = spec_lib.step_spec(config), config.data.max_len
+    return batch_size * flops.train_flops(
+        spec_lib.model_config(config), seq_len, head_len=spec.head_slots(seq_len),
+        visible_len=spec.num_visible(seq_len))
 
 
 def _scalar_metrics(device_metrics: dict) -> dict:
@@ -65,9 +78,14 @@ def evaluate(eval_step, state: TrainState, val_batches: list, rank_table) -> dic
     totals = [eval_step(state, batch, rank_table, jnp.int32(i))
               for i, batch in enumerate(val_batches)]
     sums = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *totals))
-    loss = float(sums["loss_sum"] / max(sums["count"], 1.0))
+    if sums["count"] == 0:  # exp(0 / 0 -> 0) would read as a perfect perplexity of 1.00
+        raise UserError(f"the {len(val_batches)} validation batch(es) hold no masked token, so "
+                        "there is no validation loss; raise the masking probabilities "
+                        "(config.masking.*_prob), config.data.max_len or "
+                        "config.train.eval_batches")
+    loss = float(sums["loss_sum"] / sums["count"])
     return {"val_loss": loss, "val_perplexity": float(np.exp(loss)),
-            "val_masked_accuracy": float(sums["correct"] / max(sums["count"], 1.0))}
+            "val_masked_accuracy": float(sums["correct"] / sums["count"])}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -75,7 +93,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     config_lib.validate(config)
     sharding.maybe_initialize_distributed()
     mesh = sharding.make_mesh(config.train.mesh_data, config.train.mesh_fsdp)
-    with jax.set_mesh(mesh), checkpoint.sigterm_watch() as sigterm:
+    with (workdir_lib.lock(workdir, enabled=jax.process_index() == 0), jax.set_mesh(mesh),
+          checkpoint.sigterm_watch() as sigterm):
         return _train(config, pathlib.Path(workdir), mesh, sigterm)
 
 
@@ -89,6 +108,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
     if not val_batches:
         raise ValueError("the validation split is empty; use more data or a smaller "
                          "config.data.batch_size")
+    corpus = pipelines.corpus_report(config)  # base counts; warns about U and ambiguity codes
 
     # Model, optimizer and the static description of the step.
     spec = spec_lib.step_spec(config)
@@ -112,8 +132,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
     manager = checkpoint.make_manager(str((workdir / "checkpoints").resolve()),
                                       save_every=config.train.checkpoint_every,
                                       keep_last=config.train.keep_checkpoints)
-    restored = checkpoint.restore_latest(manager, sharding.with_shardings(abstract_state, state_sh),
-                                         train_iter)
+    meta = checkpoint.run_metadata(config)
+    restored = checkpoint.restore_latest(
+        manager, sharding.with_shardings(abstract_state, state_sh), train_iter,
+        check_meta=lambda saved: workdir_lib.check_resume(saved, meta["config"], workdir))
     if restored is None:
         state = jax.jit(init, out_shardings=state_sh)()
         rank_table = spec_lib.rank_table(config, spec.vocab)
@@ -121,9 +143,11 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
             f"{registry.param_count(abstract_model) / 1e6:.2f}M parameters")
     else:
         state, rank_table = restored.state, restored.rank_table
-        say(f"gemsjax: resumed {workdir} at step {restored.step}")
+        say(f"gemsjax: resumed {workdir} at step {restored.step}" + "".join(
+            f" (passed over unreadable {reason})" for reason in restored.skipped))
+    if jax.process_index() == 0:  # after the resume check: a refused run keeps the old one
+        run_files.write_config(workdir, config)
     rank_table_dev = jax.device_put(jnp.asarray(rank_table, jnp.int32), repl)
-    meta = checkpoint.run_metadata(config)
 
     batch_sh = sharding.batch_sharding(mesh)
     train_step = jax.jit(make_train_step(spec, train_graphdef, tx, lr_schedule),
@@ -136,10 +160,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
     batch_size, seq_len = config.data.batch_size, config.data.max_len
     writer = metrics.MetricsWriter(
         workdir, total_steps=config.train.steps, tokens_per_step=batch_size * seq_len,
-        flops_per_step=batch_size * flops.train_flops(
-            model_cfg, seq_len, head_len=spec.head_slots(seq_len),
-            visible_len=spec.num_visible(seq_len)),
-        peak_flops=metrics.peak_flops_per_device(), console_every=config.train.log_every)
+        flops_per_step=flops_per_step(config, batch_size),
+        peak_flops=metrics.peak_flops_per_device(), console_every=config.train.log_every,
+        resume_step=int(state.step))
     writer.write_config(config.to_dict())
     buffer = metrics.MetricsBuffer()
     step = int(state.step)
@@ -184,5 +207,5 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
                    seconds=time.perf_counter() - started, steps_this_run=step - first_step,
                    switched=bool(state.curriculum.switched),
                    switch_step=int(state.curriculum.switch_step)
-                   if state.curriculum.switched else None, **val)
+                   if state.curriculum.switched else None, corpus=corpus, **val)
     return summary

@@ -21,6 +21,7 @@ import collections
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -29,6 +30,8 @@ from typing import Any, TextIO
 
 import jax
 import numpy as np
+
+from gemsjax.train import workdir as workdir_lib
 
 # Dense bf16 peak FLOP/s per chip, matched in order against jax.devices()[0].device_kind.
 PEAK_BF16_FLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
@@ -189,6 +192,29 @@ def format_progress(
     return " | ".join(parts)
 
 
+def drop_records_after(path: pathlib.Path, step: int) -> int:
+    """Rewrite the JSON-lines file ``path`` without the records numbered above ``step`` (and
+    without a torn last line); returns how many lines were dropped. Atomic: a temporary copy
+    replaces the file."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record_step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            record_step = None  # a line cut short by a kill
+        if record_step is None or record_step > step:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
+
+
 class MetricsWriter:
     """Writes step metrics on process 0: ``<workdir>/metrics.jsonl`` (one JSON object per
     written step, appended across restarts), TensorBoard events under ``<workdir>/tensorboard``,
@@ -197,6 +223,10 @@ class MetricsWriter:
     Files and console number a step by the updates done after it (``StepMetrics.step + 1``),
     the number its checkpoint gets; each ``metrics.jsonl`` record also has ``time``, the wall
     clock (Unix seconds) when it was written.
+
+    ``resume_step``: the checkpoint step a resumed run restarts from; records numbered above it,
+    left in ``metrics.jsonl`` by the interrupted run, are dropped (the resumed run writes them
+    again), so each step has one record. A full disk raises ``workdir.DiskFullError``.
 
     Throughput (:func:`throughput`) is added to a step's values when its duration is known;
     ``tokens_per_step`` / ``flops_per_step`` are global per optimizer step; ``num_devices``
@@ -215,6 +245,7 @@ class MetricsWriter:
         console_every: int = 1,
         stream: TextIO | None = None,
         enabled: bool | None = None,
+        resume_step: int = 0,
     ):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.total_steps = total_steps
@@ -233,7 +264,9 @@ class MetricsWriter:
 
         workdir = pathlib.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
+        self._path = workdir / "metrics.jsonl"
+        drop_records_after(self._path, resume_step)
+        self._jsonl = open(self._path, "a", encoding="utf-8")
         self._tb = SummaryWriter(logdir=str(workdir / "tensorboard"), flush_secs=30)
 
     def write(self, metrics: StepMetrics | None) -> None:
@@ -246,8 +279,13 @@ class MetricsWriter:
             self._durations.append(metrics.seconds)
         done = metrics.step + 1  # updates done: the number the step's checkpoint gets
         record = {"step": done, "time": round(time.time(), 3), **values}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        try:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        except OSError as err:
+            if workdir_lib.is_disk_full(err):
+                raise workdir_lib.disk_full_error(self._path, None, "metrics") from err
+            raise
         for key, value in values.items():
             self._tb.add_scalar(key, value, done)
         last = metrics.step + 1 >= self.total_steps

@@ -35,6 +35,34 @@ def write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> pa
     return path
 
 
+class _Log:
+    """``train.log``, written best-effort: a failing write (a full disk) ends the copy, never the
+    run, which reports the full disk itself in one line."""
+
+    def __init__(self, path: pathlib.Path):
+        self._file = open(path, "a", encoding="utf-8")
+
+    def _attempt(self, action) -> None:
+        if self._file is None:
+            return
+        try:
+            action(self._file)
+        except OSError:
+            self.close()
+
+    def write(self, text: str) -> None:
+        self._attempt(lambda f: f.write(text))
+
+    def flush(self) -> None:
+        self._attempt(lambda f: f.flush())
+
+    def close(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            with contextlib.suppress(OSError):
+                file.close()
+
+
 class _Tee:
     """A text stream that writes to ``stream`` and to ``log``."""
 
@@ -61,16 +89,17 @@ def tee_log(workdir: pathlib.Path, enabled: bool = True) -> Iterator[None]:
         yield
         return
     workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / LOG_FILE, "a", encoding="utf-8") as log:
-        stdout, sys.stdout = sys.stdout, _Tee(sys.stdout, log)
-        try:
-            yield
-        except BaseException as err:
-            if not isinstance(err, SystemExit | KeyboardInterrupt):
-                log.write("".join(traceback.format_exception(err)))
-            raise
-        finally:
-            sys.stdout = stdout
+    log = _Log(workdir / LOG_FILE)
+    stdout, sys.stdout = sys.stdout, _Tee(sys.stdout, log)
+    try:
+        yield
+    except BaseException as err:
+        if not isinstance(err, SystemExit | KeyboardInterrupt):
+            log.write("".join(traceback.format_exception(err)))
+        raise
+    finally:
+        sys.stdout = stdout
+        log.close()
 
 
 def read_metrics(workdir: pathlib.Path) -> list[dict]:

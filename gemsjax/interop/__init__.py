@@ -1,0 +1,1 @@
+"""Bridges to other ecosystems: :mod:`gemsjax.interop.hf` (Hugging Face ``transformers``)."""
