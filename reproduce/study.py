@@ -4,6 +4,7 @@
     python reproduce/study.py barcode [--scale=cpu|paper] ...
     python reproduce/study.py tables  [--out=runs/study]      # RESULTS.md tables from what exists
     python reproduce/study.py cmgems --dry-run                 # print the commands only
+    python reproduce/study.py cmgems --arms=genemask,cm_gems   # some arms only
 
 Each arm runs its commands in order (pretrain, then each evaluation); a command whose output exists
 is skipped (``train.done`` after a finished pretraining, ``results.json`` after an evaluation), and
@@ -131,10 +132,14 @@ def barcode_commands(arm: str, scale: dict, data: pathlib.Path, out: pathlib.Pat
 
 
 def run_family(family: str, scale_name: str, data: pathlib.Path, out: pathlib.Path,
-               dry_run: bool) -> None:
+               dry_run: bool, only: tuple[str, ...] = ()) -> None:
     scale = SCALES[scale_name]
     arms, build = ((CMGEMS_ARMS, cmgems_commands) if family == "cmgems"
                    else (BARCODE_ARMS, barcode_commands))
+    unknown = set(only) - set(arms)
+    if unknown:
+        sys.exit(f"--arms: unknown {sorted(unknown)} for {family}; valid: {', '.join(arms)}")
+    arms = [a for a in arms if not only or a in only]
     failed = []
     for arm in arms:
         for done, cmd in build(arm, scale, data, out / scale_name):
@@ -211,12 +216,14 @@ def main() -> None:
     parser.add_argument("--scale", choices=tuple(SCALES), default="cpu")
     parser.add_argument("--data", type=pathlib.Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "runs" / "study")
+    parser.add_argument("--arms", default="", help="comma-separated arms (default: all)")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
     if args.family == "tables":
         write_tables(args.out)
     else:
-        run_family(args.family, args.scale, args.data.resolve(), args.out.resolve(), args.dry_run)
+        run_family(args.family, args.scale, args.data.resolve(), args.out.resolve(), args.dry_run,
+                   tuple(a for a in args.arms.split(",") if a))
 
 
 if __name__ == "__main__":
