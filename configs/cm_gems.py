@@ -8,6 +8,12 @@ validations, so an absolute 1.0 never fires there; the demo uses a relative rule
 |delta ppl| / previous ppl < 0.01, which on the default run fires at the validation of step 150
 (perplexity 2,010 -> 2,007, after changes of 3-25 %) and trains Global-PMI from there.
 
+Validation size: ``train.eval_batches`` fixed batches of the validation split (the same rows and
+masks at every validation of a step); 0 runs the whole split, as the reference does over its
+whole validation file (``:paper`` keeps 20 batches x 250 sequences, ~5,000 of them). The plateau
+statistic is a difference of two such estimates, so its noise adds to the 1.0 threshold: the
+spread of val perplexity between validations at a fixed model is not measured yet (issue 11).
+
 Presets: "" (the shipped 1 Mb chr22 sample, 300 steps, minutes on a CPU), "paper", "smoke", a
 model size, key=value (see gemsjax/config.py).
 """
@@ -23,7 +29,10 @@ def get_config(arg=None):
     c.masking.curriculum = "cm_gems"                    # GeneMask, then Global-PMI
     c.masking.strategy = "genemask"
     c.masking.genemask_prob = 0.0176                    # span centres, GeneMask phase
-    c.masking.global_pmi_prob = 0.0136                  # span centres, Global-PMI phase
+    # Global-PMI phase: the released CM-GEMS_pretraining_code.py takes args.mlm_probability,
+    # which GeneMask's Script-A (the run script CM-GEMS's README points to) sets to 0.0176
+    # (masks ~15% of chr22; CM-STEP hard-codes 0.0136, ~12%).
+    c.masking.global_pmi_prob = 0.0176
     c.masking.threshold_mode, c.masking.threshold = "relative", 0.01
     c.masking.rank_table = "genemask"                   # the published PMI ranking
     c.optimizer = ml_collections.ConfigDict(dict(       # GeneMask's AdamW

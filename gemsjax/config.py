@@ -84,7 +84,7 @@ def _common(recipe: str, kind: str) -> ml_collections.ConfigDict:
         grad_accum=1,                   # micro-batches per step (data.batch_size = accum * micro)
         log_every=10,                   # console line cadence (metrics.jsonl has every step)
         eval_every=50,
-        eval_batches=2,                 # fixed validation batches per evaluation
+        eval_batches=2,                 # fixed validation batches per evaluation; 0: all of them
         checkpoint_every=50,
         keep_checkpoints=3,
         mesh_data=-1,                   # -1: all devices not used by fsdp
@@ -118,7 +118,7 @@ def genome_base(recipe: str) -> ml_collections.ConfigDict:
         genemask_prob=0.0176,           # GeneMask span centres
         global_pmi_prob=0.0136,         # Global-PMI span centres (CM-GEMS)
         mae_ratio=0.5,                  # mae_drop: share of tokens masked
-        reference_code_compat="",       # "" (intended algorithm) | genemask | cmgems
+        reference_code_compat="",       # "" (intended) | genemask | cmgems | genemask_2023
         rank_table="genemask",          # genemask (published) | fasta (count data.fasta) | a file
         mask_frac=0.8,                  # BERT corruption: [MASK] / random id / unchanged
         random_frac=0.1,
@@ -139,6 +139,7 @@ def barcode_base(recipe: str) -> ml_collections.ConfigDict:
     c = _common(recipe, "barcode")
     c.data.update(dict(
         tsv="",                         # barcode TSV (BOLD or BIOSCAN-5M); empty: shipped sample
+        k=6,                            # k-mer length, stride k (8: BarcodeBERT-5M)
         train_splits=("pretrain",),     # values of the file's split column
         validation_splits=("val",),
         batch_size=32,
@@ -146,11 +147,13 @@ def barcode_base(recipe: str) -> ml_collections.ConfigDict:
     ))
     c.masking = ml_collections.ConfigDict(dict(
         mae_ratio=0.5,                  # share of tokens masked (dropped, for an MAE)
+        mae_draw="fixed",               # MAE: fixed (round(ratio * n)) | bernoulli (reference)
         mask_frac=1.0,                  # corruption of masked inputs: [MASK] / random id / kept
         random_frac=0.0,
         random_low=0,
         loss_on="masked",               # masked | all (every non-special token)
     ))
+    c.train.mae_visible_slack = 16      # MAE encoder slots beyond the fixed draw's bound
     return c
 
 
@@ -363,19 +366,21 @@ RULES: dict[str, Callable] = {
     "data.max_len": _int(1), "data.seed": _int(0), "data.corpus_seed": _int(0),
     "data.num_threads": _POSITIVE, "data.prefetch": _int(0),
     "data.fasta": lambda x: _files(x) if x else None, "data.prepared_dir": _text,
-    "data.tsv": _optional_file, "data.train_splits": _splits, "data.validation_splits": _splits,
+    "data.tsv": _optional_file, "data.k": _int(1, 12), "data.train_splits": _splits,
+    "data.validation_splits": _splits,
     "masking.curriculum": _one_of(*CURRICULA), "masking.strategy": _one_of(*STRATEGIES),
     "masking.per_example": _per_example, "masking.threshold": _real(0.0, open_lo=True),
     "masking.threshold_mode": _one_of(*THRESHOLD_MODES),
     "masking.random_span_prob": _FRACTION, "masking.genemask_prob": _FRACTION,
     "masking.global_pmi_prob": _FRACTION,
     "masking.mae_ratio": _real(0.0, 1.0, open_lo=True, open_hi=True),
-    "masking.reference_code_compat": _one_of("", "genemask", "cmgems"),
+    "masking.reference_code_compat": _one_of("", "genemask", "cmgems", "genemask_2023"),
     "masking.rank_table": _rank_table, "masking.mask_frac": _FRACTION,
     "masking.random_frac": _FRACTION, "masking.random_low": _int(0),
-    "masking.loss_on": _one_of("masked", "all"),
+    "masking.loss_on": _one_of("masked", "all"), "masking.mae_draw": _one_of("fixed", "bernoulli"),
+    "train.mae_visible_slack": _int(0),
     "train.steps": _POSITIVE, "train.grad_accum": _POSITIVE, "train.log_every": _POSITIVE,
-    "train.eval_every": _POSITIVE, "train.eval_batches": _POSITIVE,
+    "train.eval_every": _POSITIVE, "train.eval_batches": _int(0),
     "train.checkpoint_every": _POSITIVE, "train.keep_checkpoints": _POSITIVE,
     "train.mesh_data": lambda x: None if x == -1 else _POSITIVE(x) and "must be -1 or >= 1",
     "train.mesh_fsdp": _POSITIVE, "train.mlm_head_share": _FRACTION,

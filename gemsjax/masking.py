@@ -41,6 +41,16 @@ section 2) instead of the intended algorithm:
 
 Under B3 the released code takes the first half in CPython set-iteration order; here it is the
 first half in position order. Either way the high set does not depend on PMI.
+
+- ``"genemask_2023"`` (the paper-era upload of Code-B, github roysoumya/GeneMask ``fa0604f``,
+  2023-07-20, which produced the GeneMask paper's numbers): every centre masks its 6-span, and the
+  11-token widening is written around the stale loop variable ``center`` (fixed in ``5120456``,
+  2023-09-16) -- the centre the set iteration visited last -- so one 11-window around one
+  unmodified centre is added, whatever the PMI ranks (B1-B3 then change nothing). Masks ~11.2%
+  of chr22 at p = 0.0176 instead of ~15.4%. The last centre in CPython 3.6's set order is taken
+  as the one with the largest ``c mod T`` (ties: the larger ``c``), ``T`` the set's table size
+  after ``m`` insertions (8, 32, 128, 512 for m <= 4, 20, 84, more); probing collisions below the
+  top slot are not modelled, they never change the masked count.
 """
 
 from __future__ import annotations
@@ -60,7 +70,7 @@ from gemsjax.vocab import get_vocab
 STRATEGIES = ("random_span", "genemask", "global_pmi", "mae_drop")
 """Strategy names; a strategy index (:func:`make_mask`, the curricula) indexes this tuple."""
 
-COMPAT_MODES = ("genemask", "cmgems")
+COMPAT_MODES = ("genemask", "cmgems", "genemask_2023")
 GENEMASK_SPAN = (-2, 3)
 """Offsets of the 6-token span around a centre (DNABERT ``MASK_LIST`` for k = 6, plus 0)."""
 WIDE_RADIUS = 5
@@ -74,7 +84,8 @@ class MaskParams(NamedTuple):
       random_span_prob: DNABERT centre probability (0.025 = 0.15 / 6).
       span: DNABERT span length (k of the k-mers: 6 masks ``c-2 .. c+3``).
       genemask_prob: GeneMask centre probability (0.0176 = 0.15 / 8.5).
-      global_pmi_prob: Global-PMI centre probability (0.0136 = 0.15 / 11, as in CM-STEP).
+      global_pmi_prob: Global-PMI centre probability (CM-STEP 0.0136 = 0.15 / 11; CM-GEMS and
+        the Global-PMI baseline 0.0176, GeneMask Script-A's ``mlm_probability``).
       mae_ratio: BarcodeMAE drop probability.
       reference_code_compat: see the module docstring.
     """
@@ -118,11 +129,11 @@ def _check(ids: jax.Array, special: jax.Array) -> jax.Array:
 
 
 def _compat_mode(reference_code_compat: str) -> str:
-    """``""`` (intended; also False / None), ``"genemask"`` or ``"cmgems"``."""
+    """``""`` (intended; also False / None) or one of :data:`COMPAT_MODES`."""
     if not reference_code_compat:
         return ""
     if reference_code_compat not in COMPAT_MODES:
-        raise ValueError(f"reference_code_compat must be '', 'genemask' or 'cmgems', "
+        raise ValueError(f"reference_code_compat must be '' or one of {COMPAT_MODES}, "
                          f"got {reference_code_compat!r}")
     return reference_code_compat
 
@@ -288,6 +299,8 @@ def genemask_from_centres(centres: jax.Array, ids: jax.Array, special: jax.Array
     valid = _check(ids, special)
     mode = _compat_mode(reference_code_compat)
     centres = centres & valid
+    if mode == "genemask_2023":
+        return _stale_centre_spans(centres, valid)
     worst = jnp.shape(rank_table)[0] + 1  # beyond every clipped rank: never a modified centre
     rank = jnp.clip(_position_ranks(ids, rank_table, mode), 0, worst - 1)
     rank = jnp.where(_inside(valid), rank, worst).astype(_narrow_dtype(worst))
@@ -319,6 +332,19 @@ def genemask_from_centres(centres: jax.Array, ids: jax.Array, special: jax.Array
     back = _neighbours(code, -reach[1], -reach[0], 0)  # back[reach[1] - s][:, j] = code[:, j - s]
     return functools.reduce(operator.or_, (_covers(back[reach[1] - s], s)
                                            for s in range(reach[0], reach[1] + 1))) & valid
+
+
+def _stale_centre_spans(centres: jax.Array, valid: jax.Array) -> jax.Array:
+    """``reference_code_compat="genemask_2023"`` (module docstring): the 6-span of every centre
+    plus the 11 tokens around the centre CPython's set iteration visits last."""
+    length = centres.shape[1]
+    pos = jnp.arange(length, dtype=jnp.int32)
+    m = centres.sum(axis=1, dtype=jnp.int32)
+    table = jnp.where(m <= 4, 8, jnp.where(m <= 20, 32, jnp.where(m <= 84, 128, 512)))
+    order = jnp.where(centres, (pos % table[:, None]) * length + pos, -1)
+    last = jnp.argmax(order, axis=1)[:, None]
+    wide = (jnp.abs(pos - last) <= WIDE_RADIUS) & (m > 0)[:, None]
+    return (span_mask(centres, ~valid) | wide) & valid
 
 
 def _covers(code: jax.Array, s: int) -> jax.Array:

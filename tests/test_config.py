@@ -14,13 +14,13 @@ from gemsjax.models import registry
 from gemsjax.train import optim
 
 TRAINING = [name for name in config_lib.recipes() if name != "pmi"]
-BARCODE = ("barcode_bert", "barcode_mae")
+BARCODE = ("barcode_bert", "barcode_mae", "barcode_bert_5m")
 
 
 def test_the_recipes_are_the_config_files():
     assert config_lib.recipes() == sorted(p.stem for p in (cli_runs.ROOT / "configs").glob("*.py"))
     assert set(TRAINING) == {"cm_gems", "cm_step", "genemask", "global_pmi", "dnabert_random",
-                             "barcode_mae", "barcode_bert"}
+                             "barcode_mae", "barcode_bert", "barcode_bert_5m"}
 
 
 @pytest.mark.parametrize("name", TRAINING)
@@ -36,7 +36,7 @@ def test_every_training_config_and_preset_loads(name):
                                                               else "genome")
         optim.make_optimizer(config.optimizer, config.train.steps)
         registry.get_model_config(config.model.name)
-    assert config.train.steps == 7 and config.model.name in ("test", "test_mae")
+    assert config.train.steps == 7 and config.model.name in ("test", "test_mae", "test_k8")
     with pytest.raises(AttributeError):  # loaded configs are locked: no new keys
         config.train.stepz = 1
 
@@ -55,15 +55,18 @@ def test_recipes_state_their_setting():
     assert config_lib.load("cm_step:smoke").train.steps == 100
     mae = config_lib.load("barcode_mae")
     assert mae.optimizer.schedule == "onecycle" and mae.optimizer.learning_rate == 1e-4 * 32 / 64
-    assert config_lib.load("barcode_mae:paper").optimizer.learning_rate == 1e-4 * 128 / 64
+    # bioscan5m_final.sh (c6e9262): --lr 0.00007 per 64 sequences at batch 128, --max-norm 0.5
+    mae_paper = config_lib.load("barcode_mae:paper").optimizer
+    assert (mae_paper.learning_rate, mae_paper.clip_norm) == (7e-5 * 128 / 64, 0.5)
     assert config_lib.load("barcode_bert").masking.loss_on == "all"
 
 
 @pytest.mark.parametrize("name", BARCODE)
 def test_barcode_recipes_offer_only_the_keys_their_step_reads(name):
     config = config_lib.load(name)
-    assert sorted(config.masking) == ["loss_on", "mae_ratio", "mask_frac", "random_frac",
-                                      "random_low"]
+    # mae_draw (and train.mae_visible_slack) are read by the MAE step only
+    assert sorted(config.masking) == ["loss_on", "mae_draw", "mae_ratio", "mask_frac",
+                                      "random_frac", "random_low"]
     assert "mlm_head_share" not in config.train and "fasta" not in config.data
     with pytest.raises(config_lib.ConfigKeyError, match="unknown config key 'masking.strategy'"):
         config_lib.load(f"{name}:masking.strategy=genemask")
@@ -183,7 +186,7 @@ def test_a_config_file_with_a_typo_or_a_missing_key_is_refused(tmp_path):
                        match=r"missing config key\(s\) \['masking.loss_on'\]"):
         config_lib.load(str(dropped))
     with pytest.raises(UserError, match="config file 'configs/nope.py' not found; recipes in "
-                                        "configs/: barcode_bert, barcode_mae, cm_gems"):
+                                        "configs/: barcode_bert, barcode_bert_5m, barcode_mae"):
         config_lib.load("configs/nope.py")
 
 

@@ -25,7 +25,7 @@ def _gemsjax(*args: str, env=None) -> subprocess.CompletedProcess:
 
 USAGE_ERRORS = [  # (arguments, what the one line must say)
     ((), "--config is required, e.g. --config=configs/cm_gems.py; recipes: "
-         "configs/barcode_bert.py, configs/barcode_mae.py"),
+         "configs/barcode_bert.py, configs/barcode_bert_5m.py, configs/barcode_mae.py"),
     (("--config=configs/cm_gems.py", "--mode=trian"), "unknown --mode=trian; valid: train, data, "
                                                       "pmi"),
     (("--config=configs/cm_gems.py:papr",), "unknown preset 'papr'; valid: paper, smoke, a model "

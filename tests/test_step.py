@@ -2,6 +2,7 @@
 gradient accumulation == the mean of micro-batch gradients (8 fake CPU devices,
 tests/conftest.py)."""
 
+import gzip
 import itertools
 
 import cli_runs
@@ -12,8 +13,10 @@ import optax
 import pytest
 from flax import nnx
 
-from gemsjax.data import pipelines
+from gemsjax import config as config_lib
+from gemsjax.data import pipelines, samples, tables
 from gemsjax.models import registry
+from gemsjax.tokenizers import KmerTokenizer
 from gemsjax.train import optim, sharding
 from gemsjax.train import spec as spec_lib
 from gemsjax.train import step as step_lib
@@ -154,6 +157,95 @@ def test_step_spec_is_built_from_the_keys_each_recipe_offers():
     assert bert.masking.mae_ratio == 0.3 and bert.loss_on == "all"
     mae = spec_lib.step_spec(cli_runs.config("barcode_mae", "masking.mae_ratio=0.25"))
     assert (mae.kind, mae.vocab.name, mae.mlm_head_share) == ("mae", "barcodebert", None)
-    assert mae.num_visible(110) == 82  # at most 110 - floor(0.25 * 110 + 0.5) visible
+    # 110 - floor(0.25 * 110 + 0.5) = 82 visible under the fixed draw, + 16 slack slots
+    assert (mae.num_visible(110), mae.mae_draw) == (98, "fixed")
+    assert spec_lib.step_spec(cli_runs.config("barcode_mae", "paper")).mae_draw == "bernoulli"
     table = spec_lib.rank_table(cli_runs.config("barcode_mae"), mae.vocab)
     assert table.shape == (mae.vocab.size,) and (table == 4**6).all()
+
+
+def _bold_barcodes(shared_data, rows: int) -> list[str]:
+    """The first ``rows`` BOLD COI barcodes with their alignment gaps kept: a k-mer holding a
+    gap is [UNK], as in the reference's tokenizer when gaps are not stripped."""
+    path = shared_data / "bold_insect_coi_barcodes" / "insect_coi_barcodes.tsv.gz"
+    with gzip.open(path, "rt") as f:
+        lines = f.read(4_000_000).splitlines()[1 : rows + 1]
+    return [line.split("\t")[-1] for line in lines]
+
+
+def test_mae_encoder_sees_unk_kmers_and_its_slots_are_exact(shared_data):
+    """The MAE encoder is fed [UNK] k-mers (the reference drops only masked positions and
+    padding): rows holding one get other logits than with [UNK] dropped, rows without get the
+    same. Running on num_visible slots gives the loss of running on all L positions."""
+    config = cli_runs.config("barcode_mae")
+    spec = spec_lib.step_spec(config)
+    model = registry.build_model(spec_lib.model_config(config), nnx.Rngs(0))
+    model.eval()
+    tokens = KmerTokenizer(k=6, vocab="barcodebert").encode(_bold_barcodes(shared_data, 48), 110)
+    ids, attention = map(jnp.asarray, tokens)
+    mask_batch = lambda ids, attention: step_lib.masked_batch(
+        spec, jax.random.key(3), jnp.int32(0), None, ids, attention, None)
+    slots = spec.num_visible(110)
+    # gap-heavy rows (up to 79 [UNK] k-mers here) overflow the slots: such a batch runs on L
+    assert not bool(step_lib.visible_fits(mask_batch(ids, attention), attention, slots))
+    few = np.asarray(((ids == spec.vocab.unk_id) & (attention != 0)).sum(axis=1)) <= 20
+    ids, attention = ids[few], attention[few]
+    batch = mask_batch(ids, attention)
+    unk = np.asarray((ids == spec.vocab.unk_id) & (attention != 0) & ~batch["mask"]).any(axis=1)
+    assert 0 < unk.sum() < len(unk)  # real barcodes, some with an in-sequence [UNK] left visible
+    assert bool(step_lib.visible_fits(batch, attention, slots))
+    fed = model(batch["inputs"], attention, batch["mask"] | (attention == 0), num_visible=slots)
+    without = model(batch["inputs"], attention, batch["mask"] | batch["special"],
+                    num_visible=slots)
+    differs = np.asarray(jnp.abs(fed - without).max(axis=(1, 2)) > 1e-5)
+    np.testing.assert_array_equal(differs, unk)
+    at_slots = step_lib.loss_sums(spec, model, batch, attention, None, slots)
+    everywhere = step_lib.loss_sums(spec, model, batch, attention, None)
+    for key in ("loss_sum", "correct", "count"):
+        np.testing.assert_allclose(at_slots[key], everywhere[key], rtol=2e-5)
+
+
+def test_mae_bernoulli_and_fixed_draws_mask_the_same_share(shared_data):
+    """Masked counts per row of 2,000 real barcodes (gaps stripped, 8 draws): the fixed draw
+    masks exactly round(n / 2) (variance 0 given n), the reference's Bernoulli(0.5) draw the
+    same mean with variance n / 4 (measured: deviation from n / 2 mean 0.02, variance 24.96
+    against n / 4 = 25.27). Rows over the MAE encoder's 71 slots (their batch runs on all 110):
+    0.10 % (fixed) and 0.13 % (Bernoulli), rows rich in N."""
+    tok = KmerTokenizer(k=6, vocab="barcodebert")
+    ids, attention = tok.encode([s.replace("-", "") for s in _bold_barcodes(shared_data, 2000)],
+                                110)
+    ids, attention = jnp.asarray(ids), jnp.asarray(attention)
+    counts = {}
+    for draw in ("fixed", "bernoulli"):
+        spec = spec_lib.step_spec(cli_runs.config("barcode_mae", f"masking.mae_draw={draw}"))
+        batches = [step_lib.masked_batch(spec, jax.random.key(i), jnp.int32(0), None, ids,
+                                         attention, None) for i in range(8)]
+        n = np.asarray((~batches[0]["special"]).sum(axis=1))
+        masked = np.stack([np.asarray(b["mask"].sum(axis=1)) for b in batches])
+        counts[draw] = masked - n / 2  # deviation from half the maskable tokens
+        visible = np.stack([np.asarray((~b["mask"] & (attention != 0)).sum(axis=1))
+                            for b in batches])
+        assert (visible > spec.num_visible(110)).mean() < 0.003
+    assert np.abs(counts["fixed"]).max() <= 0.5
+    assert abs(counts["bernoulli"].mean()) < 0.1
+    assert counts["bernoulli"].var() / (n / 4).mean() == pytest.approx(1.0, abs=0.05)
+
+
+def test_barcode_bert_5m_reads_8mers_end_to_end():
+    """BarcodeBERT-5M: data.k = 8 reaches the tokenizer, the vocabulary (4**8 + 2 ids), the model
+    size and the batches (660 // 8 = 82 tokens of non-overlapping 8-mers)."""
+    config = cli_runs.config("barcode_bert_5m")
+    spec = spec_lib.step_spec(config)
+    assert (spec.kind, spec.vocab.k, spec.vocab.size, spec.loss_on) == ("mlm", 8, 65538, "all")
+    assert spec_lib.model_config(config).vocab_size == 65538
+    full = config_lib.load("barcode_bert_5m:paper").model.name
+    assert (full, spec_lib.model_config(config_lib.load("barcode_bert_5m")).layers) == (
+        "barcode_bert_5m", 4)
+    batch = next(pipelines.make_pretraining_iterator(config, "validation", 0, 1))
+    ids, attention = np.asarray(batch["ids"]), np.asarray(batch["attention"])
+    assert ids.shape == (8, 82) and ids.max() < 65538
+    assert (ids[attention != 0] >= 2).mean() > 0.95  # real 8-mers, few [UNK]
+    table = tables.read_barcode_tsv(samples.sample_path(samples.BARCODES), ("species_name",),
+                                    splits=("val",), deduplicate=True)["species_name"]
+    first = KmerTokenizer(k=8, stride=8, vocab="barcodebert").encode(table.sequences[:1], 82)[0]
+    np.testing.assert_array_equal(ids[0], first[0])

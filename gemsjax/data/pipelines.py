@@ -60,9 +60,10 @@ def dnabert_tokenizer() -> KmerTokenizer:
     return KmerTokenizer(k=6, stride=1, vocab="dnabert")
 
 
-def barcode_tokenizer(randomize_offset: bool = False) -> KmerTokenizer:
-    """Non-overlapping 6-mers, BarcodeBERT ids; ``randomize_offset`` for training only."""
-    return KmerTokenizer(k=6, stride=6, vocab="barcodebert", randomize_offset=randomize_offset)
+def barcode_tokenizer(randomize_offset: bool = False, k: int = 6) -> KmerTokenizer:
+    """Non-overlapping k-mers (6: BarcodeMAE, 8: BarcodeBERT-5M), BarcodeBERT ids;
+    ``randomize_offset`` (a frame offset 0..k-1) for training only."""
+    return KmerTokenizer(k=k, stride=k, vocab="barcodebert", randomize_offset=randomize_offset)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,14 +285,14 @@ def genome_pipeline(prepared_dir: str | os.PathLike, *, batch_size: int, split: 
 def barcode_pipeline(sequences: Sequence[str], *, batch_size: int, training: bool,
                      max_len: int = BARCODE_MAX_LEN, seed: int = 0,
                      num_epochs: int | None = None, process_index: int = 0,
-                     process_count: int = 1,
+                     process_count: int = 1, k: int = 6,
                      read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
-    """BarcodeMAE pretraining batches: non-overlapping 6-mers, 110 tokens (660 nt).
+    """BarcodeMAE pretraining batches: non-overlapping k-mers, 110 tokens (660 nt) for k = 6.
 
-    Training draws a reading-frame offset 0..5 per sequence (BarcodeMAE's ``randomize_offset``);
+    Training draws a reading-frame offset 0..k-1 per sequence (BarcodeMAE's ``randomize_offset``);
     evaluation does not. Yields ``{"ids", "attention"}: int32[batch_size, max_len]``.
     """
-    return make_batches(list(sequences), EncodeSequences(barcode_tokenizer(training), max_len),
+    return make_batches(list(sequences), EncodeSequences(barcode_tokenizer(training, k), max_len),
                         batch_size=batch_size, training=training, seed=seed,
                         num_epochs=num_epochs, process_index=process_index,
                         process_count=process_count, read_options=read_options)
@@ -368,10 +369,9 @@ def make_pretraining_iterator(config: Mapping, split: str = "train",
     divide by ``process_count``), ``max_len``, ``seed``, ``num_threads``, ``prefetch``; for
     genomes ``fasta`` (empty: the shipped chr22 sample), ``prepared_dir`` (empty:
     :func:`genome_cache.cache_dir`; prepared on first use, checked and rebuilt if damaged on every
-    use) and ``corpus_seed``; for barcodes
-    ``tsv`` (empty: the shipped BOLD sample) and ``train_splits`` / ``validation_splits`` (values
-    of the file's ``split`` column; duplicate sequences are dropped over the whole file, as in
-    BarcodeMAE).
+    use) and ``corpus_seed``; for barcodes ``tsv`` (empty: the shipped BOLD sample), ``k``
+    (k-mer length) and ``train_splits`` / ``validation_splits`` (values of the file's ``split``
+    column; duplicate sequences are dropped over the whole file, as in BarcodeMAE).
 
     Args:
       split: ``"train"`` (shuffled, endless) or ``"validation"`` (one ordered pass).
@@ -403,7 +403,7 @@ def make_pretraining_iterator(config: Mapping, split: str = "train",
         table = tables.read_barcode_tsv(
             data["tsv"] or samples.sample_path(samples.BARCODES), ("species_name",),
             splits=tuple(data[f"{split}_splits"]), deduplicate=True)["species_name"]
-        ds = barcode_pipeline(table.sequences, training=split == "train", **common)
+        ds = barcode_pipeline(table.sequences, training=split == "train", k=data["k"], **common)
     else:
         raise ValueError(f"config.data.kind={data['kind']!r}: expected 'genome' or 'barcode'")
     return iter(ds)

@@ -174,6 +174,10 @@ def _load_run(target: str, which: str, *, params: bool) -> Encoder:
         overrides = dict(dropout=model["dropout"], attn_dropout=model["dropout"])
     cfg = registry.get_model_config(model["name"], **overrides)
     vocab = "barcodebert" if config["data"]["kind"] == "barcode" else "dnabert"
+    if config["data"].get("k", 6) != 6:  # e.g. BarcodeBERT-5M's 8-mers
+        raise UserError(f"config.init={target!r} was trained on {config['data']['k']}-mers "
+                        "(data.k); the evaluation tokenizes 6-mers only, so it cannot score "
+                        "this model yet")
     source = f"{target}@step={step}"
     if not params:
         return Encoder(cfg, vocab, None, source, step)

@@ -103,7 +103,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
     # Data: raw token batches; masks are made in the step.
     train_iter = pipelines.make_pretraining_iterator(config, "train")
     val_batches = [sharding.shard_batch(b, mesh) for b in itertools.islice(
-        pipelines.make_pretraining_iterator(config, "validation"), config.train.eval_batches)]
+        pipelines.make_pretraining_iterator(config, "validation"),
+        config.train.eval_batches or None)]  # 0: the whole validation split
     if not val_batches:
         raise ValueError("the validation split is empty; use more data or a smaller "
                          "config.data.batch_size")

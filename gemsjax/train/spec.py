@@ -23,6 +23,7 @@ from gemsjax.vocab import Vocab, get_vocab
 
 KINDS = ("mlm", "mae")
 LOSS_ON = ("masked", "all")
+MAE_DRAWS = ("fixed", "bernoulli")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,11 @@ class StepSpec:
         dropout included. 0.375 suits the ~15% masking of the MLM recipes: over 9,500 rows of
         chr22 at L = 512 the most masked tokens in a row were 162 (GeneMask), 149 (random
         spans) and 145 (Global-PMI), against 192 slots. ``None``: every position.
+      mae_draw: MAE: ``"fixed"`` (exactly ``floor(ratio * n + 0.5)`` of a row's ``n`` maskable
+        tokens, :func:`masking.mae_drop_fixed`) or ``"bernoulli"`` (each one independently with
+        probability ``ratio``, :func:`masking.mae_drop`, the reference's draw).
+      mae_visible_slack: MAE: encoder slots beyond the fixed draw's bound, see
+        :meth:`num_visible`.
     """
 
     kind: str
@@ -62,12 +68,16 @@ class StepSpec:
     random_low: int = 0
     loss_on: str = "masked"
     mlm_head_share: float | None = None
+    mae_draw: str = "fixed"
+    mae_visible_slack: int = 16
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"step kind must be one of {KINDS}, got {self.kind!r}")
         if self.loss_on not in LOSS_ON:
             raise ValueError(f"loss_on must be one of {LOSS_ON}, got {self.loss_on!r}")
+        if self.mae_draw not in MAE_DRAWS:
+            raise ValueError(f"mae_draw must be one of {MAE_DRAWS}, got {self.mae_draw!r}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if self.mlm_head_share is not None and not (
@@ -81,18 +91,29 @@ class StepSpec:
         return None if self.mlm_head_share is None else math.ceil(self.mlm_head_share * length)
 
     def num_visible(self, length: int) -> int:
-        """MAE encoder length for rows of ``length`` tokens: :func:`masking.visible_len`, a
-        static bound on the visible maskable tokens per row. The encoder is given those only;
-        ``[UNK]`` k-mers and padding are dropped with the masked tokens (they are never
-        targets), which keeps the bound exact, and the decoder sees them as mask-vector
-        slots."""
-        return masking.visible_len(length, self.masking.mae_ratio)
+        """MAE encoder slots for rows of ``length`` tokens: ``min(L, visible_len(L, ratio) +
+        mae_visible_slack)``. The encoder is given every unmasked token that is not padding --
+        ``[UNK]`` k-mers included, as the reference feeds them (only masked positions and padding
+        are dropped there) -- so neither draw has an exact static bound: a row's visible count
+        is ``n - masked + u`` with ``u`` its in-sequence ``[UNK]`` k-mers. A batch whose rows all
+        fit runs the encoder on these slots; otherwise the whole batch runs on ``L`` slots
+        (:func:`gemsjax.train.step.visible_fits`), which gives the same loss and gradients.
+        At L = 110, ratio 0.5 and slack 16 (71 slots): the fixed draw fits while ``u <= 32``;
+        a Bernoulli(0.5) row of 110 maskable tokens overflows with probability ~3e-4. The
+        pipeline strips alignment gaps, so ``[UNK]`` comes from N / IUPAC codes only: 7.4 % of
+        2,000 BOLD barcodes hold one and 0.10 % (fixed) / 0.13 % (Bernoulli) of rows overflow
+        71 slots. With gaps kept, 41 % hold an ``[UNK]`` (99th percentile 58) and 4 % overflow
+        under the fixed draw."""
+        return min(length, masking.visible_len(length, self.masking.mae_ratio)
+                   + self.mae_visible_slack)
 
 
 def run_vocab(config: ml_collections.ConfigDict) -> Vocab:
-    """The run's vocabulary: BarcodeBERT's non-overlapping 6-mers for barcode data, DNABERT's
-    overlapping 6-mers for genomes."""
-    return get_vocab("barcodebert" if config.data.kind == "barcode" else "dnabert", 6)
+    """The run's vocabulary: BarcodeBERT's non-overlapping ``data.k``-mers for barcode data,
+    DNABERT's overlapping 6-mers for genomes."""
+    if config.data.kind == "barcode":
+        return get_vocab("barcodebert", config.data.k)
+    return get_vocab("dnabert", 6)
 
 
 def model_config(config: ml_collections.ConfigDict) -> BertConfig:
@@ -113,7 +134,8 @@ def model_config(config: ml_collections.ConfigDict) -> BertConfig:
 def step_spec(config: ml_collections.ConfigDict) -> StepSpec:
     """The step's specification from ``config``, reading only the keys its recipe offers.
 
-    MAE models (``arch`` ``mae*``): ``masking.mae_ratio``. MLM models: the corruption
+    MAE models (``arch`` ``mae*``): ``masking.mae_ratio``, ``masking.mae_draw`` and
+    ``train.mae_visible_slack``. MLM models: the corruption
     (``masking.mask_frac``, ``random_frac``, ``random_low``), ``masking.loss_on``,
     ``train.mlm_head_share`` (0: off), and for genomes the curriculum
     (:func:`gemsjax.curriculum.from_config`) and the strategies' probabilities; barcode configs
@@ -123,7 +145,8 @@ def step_spec(config: ml_collections.ConfigDict) -> StepSpec:
     common = dict(vocab=run_vocab(config), seed=config.seed, grad_accum=train.grad_accum)
     if model_config(config).arch != "mlm":
         return StepSpec(kind="mae", curriculum=curriculum_lib.constant("mae_drop"),
-                        masking=masking.MaskParams(mae_ratio=m.mae_ratio), **common)
+                        masking=masking.MaskParams(mae_ratio=m.mae_ratio), mae_draw=m.mae_draw,
+                        mae_visible_slack=train.mae_visible_slack, **common)
     if "curriculum" in m:
         curriculum = curriculum_lib.from_config(m, train.steps)
         params = masking.MaskParams(

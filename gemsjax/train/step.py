@@ -90,7 +90,9 @@ def masked_batch(spec: StepSpec, key: jax.Array, step: jax.Array,
     special = special_positions(ids, attention, spec)
     if spec.kind == "mae":
         strategy = jnp.int32(masking.strategy_index("mae_drop"))
-        mask = masking.mae_drop_fixed(k_mask, ids, special, spec.masking.mae_ratio)
+        ratio = spec.masking.mae_ratio
+        mask = (masking.mae_drop_fixed(k_mask, ids, special, ratio) if spec.mae_draw == "fixed"
+                else masking.mae_drop(k_mask, ids, special, ratio))
         targets = jnp.maximum(ids - spec.vocab.num_specials, 0)
         return dict(inputs=ids, targets=targets, weights=mask.astype(jnp.float32), mask=mask,
                     special=special, strategy=strategy)
@@ -128,6 +130,8 @@ def loss_sums(spec: StepSpec, model: nnx.Module, batch: dict, attention: jax.Arr
               dropout_key: jax.Array | None, head_slots: int | None = None) -> dict:
     """:func:`cross_entropy_sums` of ``model`` on a masked ``batch``.
 
+    ``head_slots`` (MAE): the encoder's slots (:meth:`StepSpec.num_visible`), exact where
+    :func:`visible_fits`; None: ``L``.
     ``head_slots`` (MLM): the head and the encoder's last layer run on each row's loss positions
     only, gathered in position order into that many slots (unused slots weigh 0); the rest of the
     encoder runs on the whole batch (rows stay where they are, so this shards like the batch).
@@ -136,11 +140,12 @@ def loss_sums(spec: StepSpec, model: nnx.Module, batch: dict, attention: jax.Arr
     rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
     targets, weights = batch["targets"], batch["weights"]
     if spec.kind == "mae":
-        # The dropped-token encoder sees the visible k-mers only (no [UNK], no padding); the
-        # BERT-style baseline feeds [MASK] at the masked positions and keeps everything else.
-        dropped = batch["mask"] | batch["special"] if model.variant == "dropped" else batch["mask"]
+        # The dropped-token encoder sees every unmasked token but padding ([UNK] k-mers too, as
+        # the reference), in ``head_slots`` slots (None: L); padding is never a key nor a target,
+        # so dropping it changes no output. The BERT-style baseline feeds [MASK] instead.
+        dropped = batch["mask"] | (attention == 0) if model.variant == "dropped" else batch["mask"]
         logits = model(batch["inputs"], attention, dropped,
-                       num_visible=spec.num_visible(attention.shape[1]), rngs=rngs)
+                       num_visible=head_slots or attention.shape[1], rngs=rngs)
         return cross_entropy_sums(logits, targets, weights)
     if head_slots is None:
         return cross_entropy_sums(model(batch["inputs"], attention, rngs=rngs), targets, weights)
@@ -155,6 +160,23 @@ def loss_sums(spec: StepSpec, model: nnx.Module, batch: dict, attention: jax.Arr
 def head_fits(batch: dict, slots: int) -> jax.Array:
     """``bool[]``: no row of the masked ``batch`` has more than ``slots`` loss positions."""
     return jnp.all((batch["weights"] != 0).sum(axis=1) <= slots)
+
+
+def visible_fits(batch: dict, attention: jax.Array, slots: int) -> jax.Array:
+    """``bool[]`` (MAE): no row of the masked ``batch`` has more than ``slots`` tokens that are
+    neither masked nor padding."""
+    return jnp.all((~batch["mask"] & (attention != 0)).sum(axis=1) <= slots)
+
+
+def _slots(spec: StepSpec, batch: dict, attention: jax.Array) -> tuple[int | None, jax.Array]:
+    """``(slots, fits)``: the MLM head's or the MAE encoder's slots (None: every position) and
+    whether this batch fits them."""
+    length = attention.shape[1]
+    if spec.kind == "mae":
+        slots = spec.num_visible(length)
+        return (None, None) if slots >= length else (slots, visible_fits(batch, attention, slots))
+    slots = spec.head_slots(length)
+    return (None, None) if slots is None else (slots, head_fits(batch, slots))
 
 
 def _strategy_counts(strategy: jax.Array, batch_size: int) -> jax.Array:
@@ -197,7 +219,7 @@ def make_train_step(spec: StepSpec, graphdef: nnx.GraphDef, tx: optax.GradientTr
         ids, attention = micro["ids"], micro["attention"]
         mask_key, dropout_key = jax.random.split(key)
         batch = masked_batch(spec, mask_key, step, curriculum_state, ids, attention, rank_table)
-        slots = spec.head_slots(ids.shape[1])
+        slots, fits = _slots(spec, batch, attention)
         everywhere = lambda: loss_and_grads(params, batch, attention, dropout_key, None)
         if slots is None:
             (loss, sums), grads = everywhere()
@@ -205,7 +227,7 @@ def make_train_step(spec: StepSpec, graphdef: nnx.GraphDef, tx: optax.GradientTr
             # The cond wraps the gradient computation, so the full head's [B, L, V] residuals
             # are never materialized while the masked-only head runs.
             at_masked = lambda: loss_and_grads(params, batch, attention, dropout_key, slots)
-            (loss, sums), grads = jax.lax.cond(head_fits(batch, slots), at_masked, everywhere)
+            (loss, sums), grads = jax.lax.cond(fits, at_masked, everywhere)
         aux = dict(sums, masked=batch["mask"].sum(), maskable=(~batch["special"]).sum(),
                    tokens=(attention != 0).sum(),
                    strategy=_strategy_counts(batch["strategy"], ids.shape[0]))
@@ -264,11 +286,11 @@ def make_eval_step(spec: StepSpec, graphdef: nnx.GraphDef):
         masked = masked_batch(spec, key, state.step, state.curriculum, ids, attention,
                               rank_table)
         model = nnx.merge(graphdef, state.params)
-        slots = spec.head_slots(ids.shape[1])
+        slots, fits = _slots(spec, masked, attention)
         everywhere = lambda: loss_sums(spec, model, masked, attention, None)
         if slots is None:
             return everywhere()
-        return jax.lax.cond(head_fits(masked, slots),
+        return jax.lax.cond(fits,
                             lambda: loss_sums(spec, model, masked, attention, None, slots),
                             everywhere)
 

@@ -1,0 +1,49 @@
+"""BarcodeBERT-5M (the BIOSCAN-5M paper's DNA model, BarcodeMAE's main baseline): encoder-only MLM
+on non-overlapping 8-mers (65,538 ids), 4 layers x 768, 4 heads; 50% of the 8-mers replaced by
+[MASK], loss on every non-special token (github bioscan-ml/BarcodeBERT, branch BIOSCAN-5M:
+README table "BarcodeBERT-5M (k8, 4 layers, 4 heads)"; reference/barcodemae.md sections 1.5, 3).
+660 nt give 660 // 8 = 82 tokens.
+
+Presets: "" (the shipped 4,000 BOLD barcodes, 300 steps, minutes on a CPU), "paper", "smoke", a
+model size, key=value (see gemsjax/config.py).
+"""
+
+import ml_collections
+
+from gemsjax import config as base
+
+
+def get_config(arg=None):
+    c = base.barcode_base("barcode_bert_5m")
+    c.data.k = 8                                        # non-overlapping 8-mers
+    c.data.batch_size, c.data.max_len = 32, 660 // 8    # the shipped BOLD sample (data.tsv="")
+    c.model.name = "barcode_bert_5m_small"              # 4 x 256, 4 heads (the CPU demo)
+    c.masking.mae_ratio = 0.5                           # share of tokens masked
+    c.masking.mask_frac, c.masking.random_frac = 1.0, 0.0  # all of them become [MASK]
+    c.masking.loss_on = "all"                           # loss on every non-special token
+    c.downstream.eval = False                           # the evaluation reads 6-mers only
+    c.optimizer = ml_collections.ConfigDict(dict(       # BarcodeBERT's AdamW + one-cycle
+        schedule="onecycle", learning_rate=1e-4 * c.data.batch_size / 64, pct_start=0.3,
+        div_factor=25.0, final_div_factor=1e4, b1_cycle=(0.95, 0.85), b1=0.9, b2=0.999,
+        eps=1e-8, weight_decay=0.0, decay_mask="all", clip_norm=0.0))
+    return base.apply_presets(c, arg, PRESETS)
+
+
+def paper(c):
+    """BIOSCAN-5M pretraining of the 4 x 768 model: batch 128, lr 1e-4 x 128 / 64, 35 epochs
+    (the BIOSCAN-5M branch's default) of ~2.3M barcodes (pretrain + other_heldout splits),
+    weight decay 0; needs data.tsv."""
+    c.model.name = "barcode_bert_5m"                    # 4 layers x 768, 4 heads
+    c.data.batch_size, c.train.steps = 128, 35 * 2_300_000 // 128
+    c.data.train_splits = ("pretrain", "other_heldout")
+    c.optimizer.learning_rate = 1e-4 * 128 / 64
+    c.train.eval_every, c.train.checkpoint_every, c.train.log_every = 500, 1000, 50
+    c.train.eval_batches = 20
+
+
+def smoke(c):
+    """Seconds: a tiny 8-mer model, 6 steps of 8 barcodes."""
+    base.barcode_smoke(c, "test_k8")
+
+
+PRESETS = {"paper": paper, "smoke": smoke}
