@@ -45,21 +45,37 @@ SEQ_LEN = {"barcode_mae": 110, "barcode_bert": 110, "logo": 512, "dnabert6": 512
 def torch_bert(model: BertModel, c) -> transformers.BertModel:
     """A ``transformers.BertModel`` (no pooler, eval mode) holding ``model``'s weights."""
     config = transformers.BertConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden, num_hidden_layers=c.layers,
-        num_attention_heads=c.heads, intermediate_size=c.ffn, hidden_act="gelu",
-        max_position_embeddings=c.max_positions, type_vocab_size=c.type_vocab,
-        layer_norm_eps=c.ln_eps, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden,
+        num_hidden_layers=c.layers,
+        num_attention_heads=c.heads,
+        intermediate_size=c.ffn,
+        hidden_act="gelu",
+        max_position_embeddings=c.max_positions,
+        type_vocab_size=c.type_vocab,
+        layer_norm_eps=c.ln_eps,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     hf = transformers.BertModel(config, add_pooling_layer=False).eval()
-    t = lambda x, transpose=False: torch.tensor(np.asarray(x[...]).T if transpose
-                                                else np.asarray(x[...]))
-    state = {"embeddings.word_embeddings.weight": t(model.word_embeddings.embedding),
-             "embeddings.position_embeddings.weight": t(model.embeddings.position.embedding),
-             "embeddings.token_type_embeddings.weight": t(model.embeddings.token_type.embedding),
-             "embeddings.LayerNorm.weight": t(model.embeddings.norm.scale),
-             "embeddings.LayerNorm.bias": t(model.embeddings.norm.bias)}
-    names = {"attention.self.query": "attention.query", "attention.self.key": "attention.key",
-             "attention.self.value": "attention.value", "attention.output.dense": "attention.out",
-             "intermediate.dense": "ffn_in", "output.dense": "ffn_out"}
+    t = lambda x, transpose=False: torch.tensor(
+        np.asarray(x[...]).T if transpose else np.asarray(x[...])
+    )
+    state = {
+        "embeddings.word_embeddings.weight": t(model.word_embeddings.embedding),
+        "embeddings.position_embeddings.weight": t(model.embeddings.position.embedding),
+        "embeddings.token_type_embeddings.weight": t(model.embeddings.token_type.embedding),
+        "embeddings.LayerNorm.weight": t(model.embeddings.norm.scale),
+        "embeddings.LayerNorm.bias": t(model.embeddings.norm.bias),
+    }
+    names = {
+        "attention.self.query": "attention.query",
+        "attention.self.key": "attention.key",
+        "attention.self.value": "attention.value",
+        "attention.output.dense": "attention.out",
+        "intermediate.dense": "ffn_in",
+        "output.dense": "ffn_out",
+    }
     norms = {"attention.output.LayerNorm": "attention_norm", "output.LayerNorm": "ffn_norm"}
     for i, block in enumerate(model.stack.blocks):
         for hf_name, ours in names.items():
@@ -134,20 +150,26 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     print(machine_info())
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
-          f"{transformers.__version__}")
+    print(
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+        f"{transformers.__version__}"
+    )
     for size in args.sizes.split(","):
         fns, check = runners(size, args.batch)
         diff = check()
         seconds = interleaved_medians(fns, args.rounds, args.steps)
         rows = args.batch
-        print(f"{size}: batch {rows} x {SEQ_LEN[size]} fp32 | max |jax - torch| {diff:.2e} | "
-              f"torch {seconds['torch']:.3f} s ({rows / seconds['torch']:.1f} seq/s) | jax "
-              f"{seconds['jax']:.3f} s ({rows / seconds['jax']:.1f} seq/s) | jax/torch "
-              f"{seconds['torch'] / seconds['jax']:.2f}x")
+        print(
+            f"{size}: batch {rows} x {SEQ_LEN[size]} fp32 | max |jax - torch| {diff:.2e} | "
+            f"torch {seconds['torch']:.3f} s ({rows / seconds['torch']:.1f} seq/s) | jax "
+            f"{seconds['jax']:.3f} s ({rows / seconds['jax']:.1f} seq/s) | jax/torch "
+            f"{seconds['torch'] / seconds['jax']:.2f}x"
+        )
     if not args.no_end_to_end:
-        print(f"end to end (embed_sequences, barcode_mae, 512 barcodes, batch 32): "
-              f"{end_to_end():.1f} seq/s")
+        print(
+            f"end to end (embed_sequences, barcode_mae, 512 barcodes, batch 32): "
+            f"{end_to_end():.1f} seq/s"
+        )
 
 
 if __name__ == "__main__":

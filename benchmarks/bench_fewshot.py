@@ -67,11 +67,20 @@ def measure(folder: str, batch: int, max_len: int, classes: int, mesh) -> dict:
         tuner.predict(state, predict_rows)
         predict_s = time.perf_counter() - t
         for seed in (1, 2, 3):
-            ft.train_run(tuner, tuner.init(seed, None if seed == 3 else encoder.params),
-                         tuner.train_batches(train, seed), 2)
+            ft.train_run(
+                tuner,
+                tuner.init(seed, None if seed == 3 else encoder.params),
+                tuner.train_batches(train, seed),
+                2,
+            )
     assert tuner.train_step._cache_size() == 1, tuner.train_step._cache_size()
-    return dict(compile=compile_s, step=float(np.median(times)), predict=predict_s,
-                test_rows=len(test), pool_rows=len(pool))
+    return dict(
+        compile=compile_s,
+        step=float(np.median(times)),
+        predict=predict_s,
+        test_rows=len(test),
+        pool_rows=len(pool),
+    )
 
 
 def _config(folder: str):
@@ -93,18 +102,24 @@ def main() -> None:
             if batch not in shapes:
                 shapes[batch] = measure(folder, batch, max_len, classes, mesh)
                 m = shapes[batch]
-                print(f"{folder} batch {batch}: compile {m['compile']:.1f} s, step "
-                      f"{1e3 * m['step']:.1f} ms, predict {PREDICT_ROWS} rows "
-                      f"{m['predict']:.2f} s; 3 more draws reused 1 compiled train step")
+                print(
+                    f"{folder} batch {batch}: compile {m['compile']:.1f} s, step "
+                    f"{1e3 * m['step']:.1f} ms, predict {PREDICT_ROWS} rows "
+                    f"{m['predict']:.2f} s; 3 more draws reused 1 compiled train step"
+                )
             m = shapes[batch]
             updates = shots * classes // batch * hyper["epochs"]
             draw = updates * m["step"] + m["test_rows"] / PREDICT_ROWS * m["predict"]
             setting = ARMS * DRAWS * draw + m["compile"]
             total += setting
-            print(f"  {shots:>4}-shot: {updates} updates/draw, {draw:.1f} s/draw, "
-                  f"{ARMS} arms x {DRAWS} draws = {setting / 60:.1f} min")
-    print(f"full GeneMask few-shot grid (tasks with a test file), LOGO, {ARMS} arms x {DRAWS} "
-          f"draws: {total / 3600:.2f} h")
+            print(
+                f"  {shots:>4}-shot: {updates} updates/draw, {draw:.1f} s/draw, "
+                f"{ARMS} arms x {DRAWS} draws = {setting / 60:.1f} min"
+            )
+    print(
+        f"full GeneMask few-shot grid (tasks with a test file), LOGO, {ARMS} arms x {DRAWS} "
+        f"draws: {total / 3600:.2f} h"
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ from gemsjax.train.step import init_train_state, make_train_step, step_graphdefs
 
 def recipe(size: str, batch_size: int):
     """The BarcodeMAE recipe for model ``size``: ``batch_size`` rows, a 10K-step one-cycle."""
-    return config_lib.load(f"barcode_mae:{size}", {"data.batch_size": str(batch_size),
-                                                   "train.steps": "10000"})
+    return config_lib.load(
+        f"barcode_mae:{size}", {"data.batch_size": str(batch_size), "train.steps": "10000"}
+    )
 
 
 def time_mae(size: str, batch: dict, warmup: int, steps: int) -> tuple[float, dict]:
@@ -67,21 +68,28 @@ def main() -> None:
     spec = spec_lib.step_spec(recipe("barcode_mae", args.batch))
     visible = spec.num_visible(length)
     print(machine_info())
-    print(f"batch {args.batch} x {length} barcode tokens ({host['attention'].sum(1).mean():.0f} "
-          f"real per row), mask ratio {spec.masking.mae_ratio}, encoder slots {visible}; medians "
-          f"of {args.steps} steps after {args.warmup} warm-up steps; float32")
+    print(
+        f"batch {args.batch} x {length} barcode tokens ({host['attention'].sum(1).mean():.0f} "
+        f"real per row), mask ratio {spec.masking.mae_ratio}, encoder slots {visible}; medians "
+        f"of {args.steps} steps after {args.warmup} warm-up steps; float32"
+    )
     t_mae, out_mae = time_mae("barcode_mae", batch, args.warmup, args.steps)
     t_base, out_base = time_mae("barcode_mae_baseline", batch, args.warmup, args.steps)
-    f_mae = flops.train_flops(registry.get_model_config("barcode_mae"), length,
-                              visible_len=visible)
+    f_mae = flops.train_flops(registry.get_model_config("barcode_mae"), length, visible_len=visible)
     f_base = flops.train_flops(registry.get_model_config("barcode_mae_baseline"), length)
     tokens = host["ids"].size
-    for name, t, out, f in (("barcode_mae (visible-only encoder)", t_mae, out_mae, f_mae),
-                            ("baseline ([MASK] in the encoder)", t_base, out_base, f_base)):
-        print(f"{name:<36} {t:.3f} s/step {tokens / t:,.0f} tok/s, {f / 1e9:.1f} GFLOP/seq, "
-              f"loss {out['loss']:.3f}, mask rate {out['mask_rate']:.3f}")
-    print(f"speed-up of the visible-only encoder: {t_base / t_mae:.2f}x (model FLOPs ratio "
-          f"{f_base / f_mae:.2f}x)")
+    for name, t, out, f in (
+        ("barcode_mae (visible-only encoder)", t_mae, out_mae, f_mae),
+        ("baseline ([MASK] in the encoder)", t_base, out_base, f_base),
+    ):
+        print(
+            f"{name:<36} {t:.3f} s/step {tokens / t:,.0f} tok/s, {f / 1e9:.1f} GFLOP/seq, "
+            f"loss {out['loss']:.3f}, mask rate {out['mask_rate']:.3f}"
+        )
+    print(
+        f"speed-up of the visible-only encoder: {t_base / t_mae:.2f}x (model FLOPs ratio "
+        f"{f_base / f_mae:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

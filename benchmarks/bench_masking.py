@@ -53,8 +53,9 @@ def jax_mask(name: str, prob: float, compat: bool | str):
     if name == "random_span":
         return lambda key, ids, special, ranks: masking.random_span(key, ids, special, prob)
     fn = masking.genemask if name == "genemask" else masking.global_pmi
-    return lambda key, ids, special, ranks: fn(key, ids, special, ranks, prob,
-                                               reference_code_compat=compat)
+    return lambda key, ids, special, ranks: fn(
+        key, ids, special, ranks, prob, reference_code_compat=compat
+    )
 
 
 def jax_mask_and_corrupt(mask_fn):
@@ -93,13 +94,17 @@ def benchmark_strategy(name: str, data: dict, repeats: int, baseline_repeats: in
     t_rows = median_seconds(lambda i: rows(rng, ids, ranks, prob), baseline_repeats)
     t_released = median_seconds(run_released, baseline_repeats)
     valid = ~special
-    fractions = [np.asarray(run_jax(0, mask_fn))[valid].mean(),
-                 rows(rng, ids, ranks, prob)[valid].mean(),
-                 (np.asarray(run_jax(0, full_fn)[1]) != -100)[valid].mean(),
-                 (run_released(0)[1].numpy() != -100)[valid].mean()]
-    return (f"{name:<12} | {t_mask * 1e3:>6.2f}ms {t_rows * 1e3:>8.1f}ms "
-            f"{t_rows / t_mask:>5.0f}x | {t_full * 1e3:>14.2f}ms {t_released * 1e3:>7.1f}ms "
-            f"{t_released / t_full:>5.0f}x | " + ", ".join(f"{f:.1%}" for f in fractions))
+    fractions = [
+        np.asarray(run_jax(0, mask_fn))[valid].mean(),
+        rows(rng, ids, ranks, prob)[valid].mean(),
+        (np.asarray(run_jax(0, full_fn)[1]) != -100)[valid].mean(),
+        (run_released(0)[1].numpy() != -100)[valid].mean(),
+    ]
+    return (
+        f"{name:<12} | {t_mask * 1e3:>6.2f}ms {t_rows * 1e3:>8.1f}ms "
+        f"{t_rows / t_mask:>5.0f}x | {t_full * 1e3:>14.2f}ms {t_released * 1e3:>7.1f}ms "
+        f"{t_released / t_full:>5.0f}x | " + ", ".join(f"{f:.1%}" for f in fractions)
+    )
 
 
 def main() -> None:
@@ -108,26 +113,39 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=250)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--baseline-repeats", type=int, default=5)
-    parser.add_argument("--torch-threads", type=int, default=1,
-                        help="threads of the released collator's tensor ops (its Python loops "
-                             "are single-threaded; 1 is its fastest setting on a busy machine)")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="threads of the released collator's tensor ops (its Python loops "
+        "are single-threaded; 1 is its fastest setting on a busy machine)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
 
     ranks = load_genemask_ranks(args.data / ref.RANKS)
     ids, special = ref.dnabert_batch(ref.chr22_chunks(args.data, args.batch))
-    data = dict(ids=ids, special=special, ranks=ranks, tokenizer=released.dnabert_tokenizer(),
-                rank_dict=released.rank_dict(ranks),
-                keys=list(jax.random.split(jax.random.key(0), args.repeats + 1)))
+    data = dict(
+        ids=ids,
+        special=special,
+        ranks=ranks,
+        tokenizer=released.dnabert_tokenizer(),
+        rank_dict=released.rank_dict(ranks),
+        keys=list(jax.random.split(jax.random.key(0), args.repeats + 1)),
+    )
     torch.manual_seed(0)
 
     print(machine_info())
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads); batch {ids.shape[0]} "
-          f"x {ids.shape[1]} tokens, {(~special).sum(1).mean():.0f} maskable per row; medians of "
-          f"{args.repeats} (jax) / {args.baseline_repeats} (baselines) runs after a warm-up")
-    print(f"{'strategy':<12} | {'jax mask':>8} {'numpy rows':>10} {'ratio':>6} | "
-          f"{'jax mask+corrupt':>16} {'released':>9} {'ratio':>6} | masked: jax, rows, "
-          "jax compat, released")
+    print(
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads); batch {ids.shape[0]} "
+        f"x {ids.shape[1]} tokens, {(~special).sum(1).mean():.0f} maskable per row; medians of "
+        f"{args.repeats} (jax) / {args.baseline_repeats} (baselines) runs after a warm-up"
+    )
+    print(
+        f"{'strategy':<12} | {'jax mask':>8} {'numpy rows':>10} {'ratio':>6} | "
+        f"{'jax mask+corrupt':>16} {'released':>9} {'ratio':>6} | masked: jax, rows, "
+        "jax compat, released"
+    )
     for name in STRATEGIES:
         print(benchmark_strategy(name, data, args.repeats, args.baseline_repeats))
 

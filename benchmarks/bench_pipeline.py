@@ -50,8 +50,9 @@ def kmer_dict(name: str) -> dict[str, int]:
     return {kmer: i + vocab.num_specials for i, kmer in enumerate(vocab.kmer_strings())}
 
 
-def naive_genome_batches(source: genome.GenomeChunkSource, batch_size: int, max_len: int,
-                         seed: int):
+def naive_genome_batches(
+    source: genome.GenomeChunkSource, batch_size: int, max_len: int, seed: int
+):
     """Per-example reference: shuffled chunk list, string slices, one dict lookup per k-mer."""
     text = source.bases().tobytes().decode("ascii")
     chunks = list(zip(source.starts.tolist(), source.lengths.tolist(), strict=True))
@@ -114,29 +115,41 @@ def main() -> None:
     os.sched_setaffinity(0, {cpu})
 
     with tempfile.TemporaryDirectory() as tmp:
-        prepared = genome.prepare_genome(samples.sample_path(samples.GENOME), pathlib.Path(tmp)
-                                         / "chr22")
+        prepared = genome.prepare_genome(
+            samples.sample_path(samples.GENOME), pathlib.Path(tmp) / "chr22"
+        )
         source = genome.GenomeChunkSource(prepared, "train")
-        barcodes = tables.read_barcode_tsv(samples.sample_path(samples.BARCODES),
-                                           ("species_name",), deduplicate=True)["species_name"]
+        barcodes = tables.read_barcode_tsv(
+            samples.sample_path(samples.BARCODES), ("species_name",), deduplicate=True
+        )["species_name"]
         check_baseline_tokens(source, barcodes.sequences)
         runs = {
             "genome 250x512": (
-                iter(pipelines.genome_pipeline(prepared, batch_size=250,
-                                               read_options=ONE_THREAD)),
-                naive_genome_batches(source, 250, 512, seed=0), 250),
+                iter(pipelines.genome_pipeline(prepared, batch_size=250, read_options=ONE_THREAD)),
+                naive_genome_batches(source, 250, 512, seed=0),
+                250,
+            ),
             "barcode 128x110": (
-                iter(pipelines.barcode_pipeline(barcodes.sequences, batch_size=128,
-                                                training=True, read_options=ONE_THREAD)),
-                naive_barcode_batches(barcodes.sequences, 128, 110, seed=0), 128),
+                iter(
+                    pipelines.barcode_pipeline(
+                        barcodes.sequences, batch_size=128, training=True, read_options=ONE_THREAD
+                    )
+                ),
+                naive_barcode_batches(barcodes.sequences, 128, 110, seed=0),
+                128,
+            ),
         }
-        print(f"one core (cpu {cpu}); {len(source)} genome chunks, {len(barcodes)} barcodes; "
-              f"{args.seconds:.0f} s per measurement")
+        print(
+            f"one core (cpu {cpu}); {len(source)} genome chunks, {len(barcodes)} barcodes; "
+            f"{args.seconds:.0f} s per measurement"
+        )
         for name, (grain_it, naive_it, batch) in runs.items():
             fast = rate(grain_it, batch, args.seconds)
             slow = rate(naive_it, batch, args.seconds)
-            print(f"{name}: grain + vectorized tokenizer {fast:,.0f} seq/s | naive per-example "
-                  f"{slow:,.0f} seq/s | ratio {fast / slow:.1f}x")
+            print(
+                f"{name}: grain + vectorized tokenizer {fast:,.0f} seq/s | naive per-example "
+                f"{slow:,.0f} seq/s | ratio {fast / slow:.1f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,7 @@ def worker_read(args) -> dict:
 
 def worker_count(args) -> dict:
     """``count_kmers`` over the chrX file, streamed ``args.copies`` times."""
-    counts, times = timed(lambda: pmi.count_kmers([CHRX] * args.copies, args.max_n),
-                          args.repeats)
+    counts, times = timed(lambda: pmi.count_kmers([CHRX] * args.copies, args.max_n), args.repeats)
     return {"n_bases": counts.n_bases, **times}
 
 
@@ -86,8 +85,11 @@ def counter_counts(seq: str, max_n: int) -> collections.Counter:
 
 def worker_counter(args) -> dict:
     size = int(args.slice_mb * 1_000_000)
-    seq = b"".join(c.seq.tobytes() for c in iter_fasta(CHRX, chunk_bases=1_000_000)
-                   if SLICE_START <= c.start < SLICE_START + size).decode()[:size]
+    seq = b"".join(
+        c.seq.tobytes()
+        for c in iter_fasta(CHRX, chunk_bases=1_000_000)
+        if SLICE_START <= c.start < SLICE_START + size
+    ).decode()[:size]
     if seq.strip("ACGT"):
         raise ValueError(f"the baseline slice at {SLICE_START:,} must hold only A/C/G/T")
     _, times = timed(lambda: counter_counts(seq, args.max_n), args.repeats)
@@ -99,15 +101,24 @@ def worker_idle(args) -> dict:
     return {"seconds": 0.0, "cpu_seconds": 0.0}
 
 
-WORKERS = {"read": worker_read, "count": worker_count, "numpy": worker_numpy,
-           "counter": worker_counter, "idle": worker_idle}
+WORKERS = {
+    "read": worker_read,
+    "count": worker_count,
+    "numpy": worker_numpy,
+    "counter": worker_counter,
+    "idle": worker_idle,
+}
 
 
 def run_worker(name: str, args, **extra) -> dict:
     """Run one measurement in a fresh subprocess; returns its JSON result plus peak RSS (MiB)."""
     flags = {"max_n": args.max_n, "slice_mb": args.slice_mb, "repeats": 1, **extra}
-    cmd = [sys.executable, __file__, f"--worker={name}",
-           *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items())]
+    cmd = [
+        sys.executable,
+        __file__,
+        f"--worker={name}",
+        *(f"--{k.replace('_', '-')}={v}" for k, v in flags.items()),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -136,33 +147,47 @@ def main() -> None:
     counter = run_worker("counter", args, repeats=args.repeats)
 
     bp = read["bases"]
-    rows = [("imports only", idle, 0),
-            ("read only (gunzip + FASTA parse)", read, bp),
-            ("count_kmers, chrX x1", one, bp),
-            ("count_kmers, chrX x3 (streamed 3 times)", three, 3 * bp),
-            ("baseline: numpy kmer_codes+bincount per n", generic, bp),
-            (f"baseline: Counter over substrings, {args.slice_mb:g} Mb", counter,
-             counter["bases"])]
-    print(f"chrX GRCh37 0-70 Mb: {bp:,} bases ({one['n_bases']:,} ACGT), gzip FASTA; "
-          f"n = 1..{args.max_n}; one core, numpy 1 thread; best of {args.repeats}")
-    print(f"{'measurement':<44}{'wall s':>8}{'Mbp/s':>8}{'CPU s':>8}{'Mbp/CPU-s':>11}"
-          f"{'peak RSS MiB':>14}")
+    rows = [
+        ("imports only", idle, 0),
+        ("read only (gunzip + FASTA parse)", read, bp),
+        ("count_kmers, chrX x1", one, bp),
+        ("count_kmers, chrX x3 (streamed 3 times)", three, 3 * bp),
+        ("baseline: numpy kmer_codes+bincount per n", generic, bp),
+        (f"baseline: Counter over substrings, {args.slice_mb:g} Mb", counter, counter["bases"]),
+    ]
+    print(
+        f"chrX GRCh37 0-70 Mb: {bp:,} bases ({one['n_bases']:,} ACGT), gzip FASTA; "
+        f"n = 1..{args.max_n}; one core, numpy 1 thread; best of {args.repeats}"
+    )
+    print(
+        f"{'measurement':<44}{'wall s':>8}{'Mbp/s':>8}{'CPU s':>8}{'Mbp/CPU-s':>11}"
+        f"{'peak RSS MiB':>14}"
+    )
     for label, res, bases in rows:
         wall_rate = f"{bases / res['seconds'] / 1e6:8.1f}" if bases else " " * 8
         cpu_rate = f"{bases / res['cpu_seconds'] / 1e6:11.1f}" if bases else " " * 11
-        print(f"{label:<44}{res['seconds']:8.2f}{wall_rate}{res['cpu_seconds']:8.2f}{cpu_rate}"
-              f"{res['peak_rss_mib']:14.0f}")
+        print(
+            f"{label:<44}{res['seconds']:8.2f}{wall_rate}{res['cpu_seconds']:8.2f}{cpu_rate}"
+            f"{res['peak_rss_mib']:14.0f}"
+        )
     assert three["n_bases"] == 3 * one["n_bases"] == 3 * generic["n_bases"]
     rate = bp / one["seconds"] / 1e6
     counter_rate = counter["bases"] / counter["seconds"] / 1e6
-    print(f"speed-up vs Counter baseline: {rate / counter_rate:.0f}x; "
-          f"vs generic numpy: {generic['seconds'] / one['seconds']:.2f}x (wall)")
-    print(f"target >= 50 Mbp/s on one core: {'met' if rate >= 50 else 'NOT met'} "
-          f"({rate:.1f} Mbp/s wall)")
+    print(
+        f"speed-up vs Counter baseline: {rate / counter_rate:.0f}x; "
+        f"vs generic numpy: {generic['seconds'] / one['seconds']:.2f}x (wall)"
+    )
+    print(
+        f"target >= 50 Mbp/s on one core: {'met' if rate >= 50 else 'NOT met'} "
+        f"({rate:.1f} Mbp/s wall)"
+    )
     growth = three["peak_rss_mib"] - one["peak_rss_mib"]
-    print(f"peak RSS x3 - x1: {growth:+.1f} MiB "
-          f"({'flat' if abs(growth) < 0.05 * one['peak_rss_mib'] else 'GROWS'}); "
-          f"counting above imports: {one['peak_rss_mib'] - idle['peak_rss_mib']:.0f} MiB")
+    print(
+        f"peak RSS x3 - x1: {growth:+.1f} MiB "
+        f"({'flat' if abs(growth) < 0.05 * one['peak_rss_mib'] else 'GROWS'}); "
+        f"counting above imports: {one['peak_rss_mib'] - idle['peak_rss_mib']:.0f} MiB"
+    )
+
 
 if __name__ == "__main__":
     main()

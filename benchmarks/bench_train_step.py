@@ -64,8 +64,9 @@ VOCAB = get_vocab("dnabert", 6)
 def recipe(size: str, batch_size: int):
     """CM-GEMS as the paper trains it (10K steps, warm-up 500: the timed steps sit in the
     warm-up) for model ``size``, one micro-batch of ``batch_size`` rows per step."""
-    return config_lib.load(f"cm_gems:paper,{size}",
-                           {"data.batch_size": str(batch_size), "train.grad_accum": "1"})
+    return config_lib.load(
+        f"cm_gems:paper,{size}", {"data.batch_size": str(batch_size), "train.grad_accum": "1"}
+    )
 
 
 def jax_train_step(config, mlm_head_share: float | None = None):
@@ -80,8 +81,9 @@ def jax_train_step(config, mlm_head_share: float | None = None):
     return step, state, spec
 
 
-def jax_runner(config, batch: dict, rank_table, switched: bool = False,
-               mlm_head_share: float | None = None) -> tuple[Callable[[int], None], dict]:
+def jax_runner(
+    config, batch: dict, rank_table, switched: bool = False, mlm_head_share: float | None = None
+) -> tuple[Callable[[int], None], dict]:
     """``(run, box)``: ``run(i)`` does one jax train step and waits for it (CM-GEMS phase:
     Global-PMI when ``switched``); ``box["metrics"]`` holds the last step's metrics."""
     step, state, _ = jax_train_step(config, mlm_head_share)
@@ -100,11 +102,18 @@ def torch_model(config) -> transformers.BertForMaskedLM:
     """Hugging Face ``BertForMaskedLM`` with the model configuration of ``config``."""
     c = spec_lib.model_config(config)
     config = transformers.BertConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden, num_hidden_layers=c.layers,
-        num_attention_heads=c.heads, intermediate_size=c.ffn, hidden_act="gelu",
-        hidden_dropout_prob=c.dropout, attention_probs_dropout_prob=c.attn_dropout,
-        max_position_embeddings=c.max_positions, type_vocab_size=c.type_vocab,
-        layer_norm_eps=c.ln_eps)
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden,
+        num_hidden_layers=c.layers,
+        num_attention_heads=c.heads,
+        intermediate_size=c.ffn,
+        hidden_act="gelu",
+        hidden_dropout_prob=c.dropout,
+        attention_probs_dropout_prob=c.attn_dropout,
+        max_position_embeddings=c.max_positions,
+        type_vocab_size=c.type_vocab,
+        layer_norm_eps=c.ln_eps,
+    )
     return transformers.BertForMaskedLM(config).train()
 
 
@@ -119,8 +128,11 @@ def torch_batches(batch: dict, rank_table, count: int) -> list[tuple[torch.Tenso
         mask = masking.genemask(mask_key, ids, special, rank_table)
         inputs, _, _ = masking.corrupt(corrupt_key, ids, mask, VOCAB.size, VOCAB.mask_id)
         labels = jnp.where(mask, ids, -100)
-        out.append(tuple(torch.as_tensor(np.array(x), dtype=torch.long)
-                         for x in (inputs, attention, labels)))
+        out.append(
+            tuple(
+                torch.as_tensor(np.array(x), dtype=torch.long) for x in (inputs, attention, labels)
+            )
+        )
     return out
 
 
@@ -132,13 +144,17 @@ def torch_runner(config, batch: dict, rank_table, count: int) -> Callable[[int],
     no_decay = ("bias", "LayerNorm.weight")
     named = list(model.named_parameters())
     cfg = config.optimizer
-    groups = [{"params": [p for n, p in named if not any(k in n for k in no_decay)],
-               "weight_decay": cfg.weight_decay},
-              {"params": [p for n, p in named if any(k in n for k in no_decay)],
-               "weight_decay": 0.0}]
+    groups = [
+        {
+            "params": [p for n, p in named if not any(k in n for k in no_decay)],
+            "weight_decay": cfg.weight_decay,
+        },
+        {"params": [p for n, p in named if any(k in n for k in no_decay)], "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.b1, cfg.b2), eps=cfg.eps)
-    schedule = transformers.get_linear_schedule_with_warmup(opt, cfg.warmup_steps,
-                                                            config.train.steps)
+    schedule = transformers.get_linear_schedule_with_warmup(
+        opt, cfg.warmup_steps, config.train.steps
+    )
     batches = torch_batches(batch, rank_table, count)
 
     def run(i):
@@ -157,11 +173,18 @@ def time_masking(config, batch: dict, rank_table, switched: bool, repeats: int) 
     """Median seconds of the step's masking and corruption (``masked_batch``) jitted alone."""
     _, state, spec = jax_train_step(config)
     cur_state = state.curriculum._replace(switched=jnp.bool_(switched))
-    fn = jax.jit(lambda key, step, ids, attention: masked_batch(
-        spec, key, step, cur_state, ids, attention, rank_table))
+    fn = jax.jit(
+        lambda key, step, ids, attention: masked_batch(
+            spec, key, step, cur_state, ids, attention, rank_table
+        )
+    )
     keys = jax.random.split(jax.random.key(1), repeats + 1)
-    return median_seconds(lambda i: jax.block_until_ready(
-        fn(keys[i], jnp.int32(i), batch["ids"], batch["attention"])), repeats)
+    return median_seconds(
+        lambda i: jax.block_until_ready(
+            fn(keys[i], jnp.int32(i), batch["ids"], batch["attention"])
+        ),
+        repeats,
+    )
 
 
 def main() -> None:
@@ -178,10 +201,12 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count())
     rank_table = jnp.asarray(spec_lib.rank_table(recipe("logo", 1), VOCAB))
     print(machine_info())
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
-          f"{transformers.__version__}; medians of {args.rounds} x {args.steps} steps, "
-          f"contenders taking turns of 1 untimed + {args.steps} timed steps; float32; tokens/s "
-          "counts padded tokens (B x L)")
+    print(
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+        f"{transformers.__version__}; medians of {args.rounds} x {args.steps} steps, "
+        f"contenders taking turns of 1 untimed + {args.steps} timed steps; float32; tokens/s "
+        "counts padded tokens (B x L)"
+    )
     for size in args.sizes:
         batch_size = args.logo_batch if size == "logo" else args.dnabert_batch
         config = recipe(size, batch_size)
@@ -189,31 +214,40 @@ def main() -> None:
         batch = {k: jnp.asarray(v) for k, v in host.items()}
         tokens = host["ids"].size
         head = f"mlm_head_share={args.mlm_head_share}"
-        runners = {"torch": torch_runner(config, batch, rank_table,
-                                         args.rounds * (1 + args.steps))}
+        runners = {"torch": torch_runner(config, batch, rank_table, args.rounds * (1 + args.steps))}
         boxes = {}
         for label, head_share in (("head on all positions", None), (head, args.mlm_head_share)):
-            runners[label], boxes[label] = jax_runner(config, batch, rank_table,
-                                                      mlm_head_share=head_share)
+            runners[label], boxes[label] = jax_runner(
+                config, batch, rank_table, mlm_head_share=head_share
+            )
         share = size == "logo" and args.share
         if share:
-            runners["Global-PMI phase"], _ = jax_runner(config, batch, rank_table, switched=True,
-                                                        mlm_head_share=args.mlm_head_share)
+            runners["Global-PMI phase"], _ = jax_runner(
+                config, batch, rank_table, switched=True, mlm_head_share=args.mlm_head_share
+            )
         seconds = interleaved_medians(runners, args.rounds, args.steps)
         t_torch = seconds["torch"]
-        print(f"{size}: batch {batch_size} x {host['ids'].shape[1]} | torch {t_torch:.3f} s/step "
-              f"{tokens / t_torch:,.0f} tok/s")
+        print(
+            f"{size}: batch {batch_size} x {host['ids'].shape[1]} | torch {t_torch:.3f} s/step "
+            f"{tokens / t_torch:,.0f} tok/s"
+        )
         for label, box in boxes.items():
             t_jax = seconds[label]
-            print(f"  jax ({label}): {t_jax:.3f} s/step {tokens / t_jax:,.0f} tok/s, loss "
-                  f"{box['metrics']['loss']:.3f} | jax/torch {t_torch / t_jax:.2f}x")
+            print(
+                f"  jax ({label}): {t_jax:.3f} s/step {tokens / t_jax:,.0f} tok/s, loss "
+                f"{box['metrics']['loss']:.3f} | jax/torch {t_torch / t_jax:.2f}x"
+            )
         if share:
-            for phase, step_label, switched in (("GeneMask", head, False),
-                                                ("Global-PMI", "Global-PMI phase", True)):
+            for phase, step_label, switched in (
+                ("GeneMask", head, False),
+                ("Global-PMI", "Global-PMI phase", True),
+            ):
                 t_step = seconds[step_label]
                 t_mask = time_masking(config, batch, rank_table, switched, args.share_repeats)
-                print(f"  masking share ({phase} phase): masking + corruption {t_mask * 1e3:.2f} "
-                      f"ms of a {t_step:.3f} s step = {t_mask / t_step:.2%}")
+                print(
+                    f"  masking share ({phase} phase): masking + corruption {t_mask * 1e3:.2f} "
+                    f"ms of a {t_step:.3f} s step = {t_mask / t_step:.2%}"
+                )
 
 
 if __name__ == "__main__":

@@ -31,9 +31,11 @@ def machine_info() -> str:
     """One line: CPU model, core count, load average, JAX backend and devices."""
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
-    return (f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {load}; "
-            f"jax {jax.__version__} backend {jax.default_backend()} "
-            f"({jax.device_count()} x {devices})")
+    return (
+        f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {load}; "
+        f"jax {jax.__version__} backend {jax.default_backend()} "
+        f"({jax.device_count()} x {devices})"
+    )
 
 
 def median_seconds(fn: Callable[[int], object], repeats: int, warmup: int = 1) -> float:
@@ -52,8 +54,9 @@ def median_seconds(fn: Callable[[int], object], repeats: int, warmup: int = 1) -
     return statistics.median(times)
 
 
-def interleaved_medians(runners: dict[str, Callable[[int], object]], rounds: int,
-                        steps: int) -> dict[str, float]:
+def interleaved_medians(
+    runners: dict[str, Callable[[int], object]], rounds: int, steps: int
+) -> dict[str, float]:
     """Median wall time per call of each runner, the runners taking turns.
 
     In each of ``rounds`` rounds every runner takes a turn of ``1 + steps`` consecutive calls
@@ -78,7 +81,7 @@ def interleaved_medians(runners: dict[str, Callable[[int], object]], rounds: int
 def genome_batch(batch: int, max_len: int = 512) -> dict[str, np.ndarray]:
     """``{"ids", "attention"}: int32[batch, max_len]``: consecutive 510-bp chunks of the shipped
     chr22 sample with every N deleted (the GeneMask corpus recipe), DNABERT 6-mer tokens."""
-    (_, seq), = fasta.read_fasta(samples.sample_path(samples.GENOME))
+    ((_, seq),) = fasta.read_fasta(samples.sample_path(samples.GENOME))
     seq = seq.replace("N", "")
     chunks = [seq[i * 510 : (i + 1) * 510] for i in range(batch)]
     ids, attention = pipelines.dnabert_tokenizer().encode(chunks, max_len)

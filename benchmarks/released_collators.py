@@ -41,8 +41,9 @@ WORST_RANK = 4**VOCAB.k
 
 def dnabert_tokenizer() -> BertTokenizer:
     """A Hugging Face ``BertTokenizer`` over DNABERT's 4101-token 6-mer vocabulary."""
-    return BertTokenizer(vocab={token: i for i, token in enumerate(VOCAB.tokens())},
-                         do_lower_case=False)
+    return BertTokenizer(
+        vocab={token: i for i, token in enumerate(VOCAB.tokens())}, do_lower_case=False
+    )
 
 
 def rank_dict(ranks: np.ndarray) -> collections.defaultdict:
@@ -66,8 +67,10 @@ def _centres(labels: torch.Tensor, tokenizer: BertTokenizer, prob: float):
     """The shared head of every ``mask_tokens``: a probability matrix zeroed on special tokens
     (the tokenizer's per-row special-tokens mask) and padding, then ``torch.bernoulli``."""
     probability = torch.full(labels.shape, prob)
-    special = [tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True)
-               for row in labels.tolist()]
+    special = [
+        tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True)
+        for row in labels.tolist()
+    ]
     probability.masked_fill_(torch.tensor(special, dtype=torch.bool), value=0.0)
     probability.masked_fill_(labels.eq(tokenizer.pad_token_id), value=0.0)
     return probability, torch.bernoulli(probability).bool()
@@ -79,8 +82,9 @@ def _row_centres(probability_row: torch.Tensor, masked_row: torch.Tensor) -> tup
     return end, set(torch.where(masked_row == 1)[0].tolist())
 
 
-def _corrupt(inputs: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor,
-             tokenizer: BertTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+def _corrupt(
+    inputs: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor, tokenizer: BertTokenizer
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The shared tail: labels -100 off the mask; 80% [MASK], half the rest a random id."""
     labels[~masked] = -100
     replaced = torch.bernoulli(torch.full(labels.shape, 0.8)).bool() & masked
@@ -107,8 +111,12 @@ def dnabert_random_span(inputs: torch.Tensor, tokenizer: BertTokenizer, prob: fl
     return _corrupt(inputs, labels, masked, tokenizer)
 
 
-def cmgems_genemask(inputs: torch.Tensor, tokenizer: BertTokenizer,
-                    ranks: collections.defaultdict, prob: float = 0.0176):
+def cmgems_genemask(
+    inputs: torch.Tensor,
+    tokenizer: BertTokenizer,
+    ranks: collections.defaultdict,
+    prob: float = 0.0176,
+):
     """CM-GEMS ``mask_tokens``, GeneMask branch: per centre, the best-ranked position of its
     6-span; the first ``ceil(m/2)`` centres (all when that is < 5) widen to 11 tokens."""
     labels = inputs.clone()
@@ -140,8 +148,12 @@ def cmgems_genemask(inputs: torch.Tensor, tokenizer: BertTokenizer,
     return _corrupt(inputs, labels, masked, tokenizer)
 
 
-def cmgems_global_pmi(inputs: torch.Tensor, tokenizer: BertTokenizer,
-                      ranks: collections.defaultdict, prob: float = 0.0136):
+def cmgems_global_pmi(
+    inputs: torch.Tensor,
+    tokenizer: BertTokenizer,
+    ranks: collections.defaultdict,
+    prob: float = 0.0136,
+):
     """CM-GEMS ``mask_tokens``, Global-PMI branch: ``k`` = number of Bernoulli centres; the
     ``k`` best (rank, index) positions of ``1..end`` each mask their 11-token window."""
     labels = inputs.clone()

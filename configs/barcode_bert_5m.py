@@ -15,17 +15,29 @@ from gemsjax import config as base
 
 def get_config(arg=None):
     c = base.barcode_base("barcode_bert_5m")
-    c.data.k = 8                                        # non-overlapping 8-mers
-    c.data.batch_size, c.data.max_len = 32, 660 // 8    # the shipped BOLD sample (data.tsv="")
-    c.model.name = "barcode_bert_5m_small"              # 4 x 256, 4 heads (the CPU demo)
-    c.masking.mae_ratio = 0.5                           # share of tokens masked
+    c.data.k = 8  # non-overlapping 8-mers
+    c.data.batch_size, c.data.max_len = 32, 660 // 8  # the shipped BOLD sample (data.tsv="")
+    c.model.name = "barcode_bert_5m_small"  # 4 x 256, 4 heads (the CPU demo)
+    c.masking.mae_ratio = 0.5  # share of tokens masked
     c.masking.mask_frac, c.masking.random_frac = 1.0, 0.0  # all of them become [MASK]
-    c.masking.loss_on = "all"                           # loss on every non-special token
-    c.downstream.eval = False                           # the evaluation reads 6-mers only
-    c.optimizer = ml_collections.ConfigDict(dict(       # BarcodeBERT's AdamW + one-cycle
-        schedule="onecycle", learning_rate=1e-4 * c.data.batch_size / 64, pct_start=0.3,
-        div_factor=25.0, final_div_factor=1e4, b1_cycle=(0.95, 0.85), b1=0.9, b2=0.999,
-        eps=1e-8, weight_decay=0.0, decay_mask="all", clip_norm=0.0))
+    c.masking.loss_on = "all"  # loss on every non-special token
+    c.downstream.eval = False  # the evaluation reads 6-mers only
+    c.optimizer = ml_collections.ConfigDict(
+        dict(  # BarcodeBERT's AdamW + one-cycle
+            schedule="onecycle",
+            learning_rate=1e-4 * c.data.batch_size / 64,
+            pct_start=0.3,
+            div_factor=25.0,
+            final_div_factor=1e4,
+            b1_cycle=(0.95, 0.85),
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            decay_mask="all",
+            clip_norm=0.0,
+        )
+    )
     return base.apply_presets(c, arg, PRESETS)
 
 
@@ -33,7 +45,7 @@ def paper(c):
     """BIOSCAN-5M pretraining of the 4 x 768 model: batch 128, lr 1e-4 x 128 / 64, 35 epochs
     (the BIOSCAN-5M branch's default) of ~2.3M barcodes (pretrain + other_heldout splits),
     weight decay 0; needs data.tsv."""
-    c.model.name = "barcode_bert_5m"                    # 4 layers x 768, 4 heads
+    c.model.name = "barcode_bert_5m"  # 4 layers x 768, 4 heads
     c.data.batch_size, c.train.steps = 128, 35 * 2_300_000 // 128
     c.data.train_splits = ("pretrain", "other_heldout")
     c.optimizer.learning_rate = 1e-4 * 128 / 64

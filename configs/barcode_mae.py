@@ -13,15 +13,27 @@ from gemsjax import config as base
 
 def get_config(arg=None):
     c = base.barcode_base("barcode_mae")
-    c.data.batch_size, c.data.max_len = 32, 110         # the shipped BOLD sample (data.tsv="")
+    c.data.batch_size, c.data.max_len = 32, 110  # the shipped BOLD sample (data.tsv="")
     c.model.name = "barcode_mae_small"
-    c.masking.mae_ratio = 0.5                           # share of tokens dropped
+    c.masking.mae_ratio = 0.5  # share of tokens dropped
     c.masking.mask_frac, c.masking.random_frac = 1.0, 0.0
-    c.masking.loss_on = "masked"                        # loss on the dropped tokens
-    c.optimizer = ml_collections.ConfigDict(dict(       # BarcodeMAE's AdamW + one-cycle
-        schedule="onecycle", learning_rate=1e-4 * c.data.batch_size / 64, pct_start=0.3,
-        div_factor=25.0, final_div_factor=1e4, b1_cycle=(0.95, 0.85), b1=0.9, b2=0.999,
-        eps=1e-8, weight_decay=1e-5, decay_mask="all", clip_norm=0.0))
+    c.masking.loss_on = "masked"  # loss on the dropped tokens
+    c.optimizer = ml_collections.ConfigDict(
+        dict(  # BarcodeMAE's AdamW + one-cycle
+            schedule="onecycle",
+            learning_rate=1e-4 * c.data.batch_size / 64,
+            pct_start=0.3,
+            div_factor=25.0,
+            final_div_factor=1e4,
+            b1_cycle=(0.95, 0.85),
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=1e-5,
+            decay_mask="all",
+            clip_norm=0.0,
+        )
+    )
     return base.apply_presets(c, arg, PRESETS)
 
 
@@ -37,7 +49,7 @@ def paper(c):
     c.data.train_splits = ("pretrain", "other_heldout")
     c.optimizer.learning_rate = 7e-5 * 128 / 64
     c.optimizer.clip_norm = 0.5
-    c.masking.mae_draw = "bernoulli"                    # the reference's per-token draw
+    c.masking.mae_draw = "bernoulli"  # the reference's per-token draw
     c.train.eval_every, c.train.checkpoint_every, c.train.log_every = 500, 1000, 50
     c.train.eval_batches = 20
 

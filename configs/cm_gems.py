@@ -25,19 +25,29 @@ from gemsjax import config as base
 
 def get_config(arg=None):
     c = base.genome_base("cm_gems")
-    c.model.name = "logo"                               # 2 layers x 256, 8 heads (~5.0M)
-    c.masking.curriculum = "cm_gems"                    # GeneMask, then Global-PMI
+    c.model.name = "logo"  # 2 layers x 256, 8 heads (~5.0M)
+    c.masking.curriculum = "cm_gems"  # GeneMask, then Global-PMI
     c.masking.strategy = "genemask"
-    c.masking.genemask_prob = 0.0176                    # span centres, GeneMask phase
+    c.masking.genemask_prob = 0.0176  # span centres, GeneMask phase
     # Global-PMI phase: the released CM-GEMS_pretraining_code.py takes args.mlm_probability,
     # which GeneMask's Script-A (the run script CM-GEMS's README points to) sets to 0.0176
     # (masks ~15% of chr22; CM-STEP hard-codes 0.0136, ~12%).
     c.masking.global_pmi_prob = 0.0176
     c.masking.threshold_mode, c.masking.threshold = "relative", 0.01
-    c.masking.rank_table = "genemask"                   # the published PMI ranking
-    c.optimizer = ml_collections.ConfigDict(dict(       # GeneMask's AdamW
-        schedule="warmup_linear", learning_rate=8e-4, warmup_steps=15, b1=0.9, b2=0.98,
-        eps=1e-6, weight_decay=0.01, decay_mask="matrices", clip_norm=1.0))
+    c.masking.rank_table = "genemask"  # the published PMI ranking
+    c.optimizer = ml_collections.ConfigDict(
+        dict(  # GeneMask's AdamW
+            schedule="warmup_linear",
+            learning_rate=8e-4,
+            warmup_steps=15,
+            b1=0.9,
+            b2=0.98,
+            eps=1e-6,
+            weight_decay=0.01,
+            decay_mask="matrices",
+            clip_norm=1.0,
+        )
+    )
     return base.apply_presets(c, arg, PRESETS)
 
 

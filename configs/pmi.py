@@ -25,12 +25,12 @@ CHRX_FASTA = SHARED_DATA / "human_grch37_chrX_0-70Mb" / "hs37chrXtrunc.fa.gz"
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.recipe = base.PMI_RECIPE
-    c.fasta_paths = ()              # FASTA files whose n-grams are counted; empty: shipped sample
-    c.out = "pmi_rank_table.tsv"    # the rank table file, in the workdir
-    c.k = 6                         # k-mer length of the ranked tokens
-    c.max_n = 6                     # longest n-gram counted (k..10)
-    c.min_count = 101               # k-mers seen fewer times get the worst rank (GeneMask: 101)
-    c.denominator = "genemask"      # "genemask": p = count / (2 N); "per_length": per n
+    c.fasta_paths = ()  # FASTA files whose n-grams are counted; empty: shipped sample
+    c.out = "pmi_rank_table.tsv"  # the rank table file, in the workdir
+    c.k = 6  # k-mer length of the ranked tokens
+    c.max_n = 6  # longest n-gram counted (k..10)
+    c.min_count = 101  # k-mers seen fewer times get the worst rank (GeneMask: 101)
+    c.denominator = "genemask"  # "genemask": p = count / (2 N); "per_length": per n
     return base.apply_presets(c, arg, PRESETS, sizes=False)
 
 

@@ -15,8 +15,13 @@ def main() -> None:
     seq = chunk.seq.tobytes().decode().replace("N", "")[200_000:200_517]  # 512 tokens, no N
     viz.plot_masks(seq, ranks, path=HERE / "masks.png")
     cm_gems_ppl = [900, 420, 260, 200, 172, 160, 155, 154.5, 154.2, 154.0]  # a plateau at eval 8
-    viz.plot_curriculum(curriculum.cm_gems(1.0), 10_000, val_metrics=cm_gems_ppl, eval_every=500,
-                        path=HERE / "curriculum_cm_gems.png")
+    viz.plot_curriculum(
+        curriculum.cm_gems(1.0),
+        10_000,
+        val_metrics=cm_gems_ppl,
+        eval_every=500,
+        path=HERE / "curriculum_cm_gems.png",
+    )
     viz.plot_curriculum(curriculum.cm_step(10_000), 10_000, path=HERE / "curriculum_cm_step.png")
 
 

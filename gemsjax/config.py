@@ -38,10 +38,31 @@ THRESHOLD_MODES = ("absolute", "relative")
 SCHEDULES = ("warmup_linear", "onecycle")
 DECAY_MASKS = ("matrices", "all")
 OPTIMIZER_KEYS = {
-    "warmup_linear": ("schedule", "learning_rate", "warmup_steps", "b1", "b2", "eps",
-                      "weight_decay", "decay_mask", "clip_norm"),
-    "onecycle": ("schedule", "learning_rate", "pct_start", "div_factor", "final_div_factor",
-                 "b1_cycle", "b1", "b2", "eps", "weight_decay", "decay_mask", "clip_norm"),
+    "warmup_linear": (
+        "schedule",
+        "learning_rate",
+        "warmup_steps",
+        "b1",
+        "b2",
+        "eps",
+        "weight_decay",
+        "decay_mask",
+        "clip_norm",
+    ),
+    "onecycle": (
+        "schedule",
+        "learning_rate",
+        "pct_start",
+        "div_factor",
+        "final_div_factor",
+        "b1_cycle",
+        "b1",
+        "b2",
+        "eps",
+        "weight_decay",
+        "decay_mask",
+        "clip_norm",
+    ),
 }
 """The optimizer keys each ``optimizer.schedule`` reads (``gemsjax.train.optim`` documents
 them)."""
@@ -61,39 +82,49 @@ class ConfigKeyError(UserError):
 def _common(recipe: str, kind: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.recipe = recipe
-    c.seed = 0                          # parameters, masks and dropout: fold_in(seed, step)
-    c.model = ml_collections.ConfigDict(dict(
-        name="",                        # a size in gemsjax.models.sizes.SIZES
-        compute_dtype="auto",           # auto: bfloat16 on GPU/TPU, float32 on CPU
-        dropout=-1.0,                   # -1: the size's own value
-    ))
-    c.data = ml_collections.ConfigDict(dict(
-        kind=kind,
-        batch_size=8,                   # global batch per optimizer step
-        max_len=512,                    # tokens per row, [CLS] and [SEP] included
-        seed=0,                         # order of the training rows
-        num_threads=2,                  # grain read threads
-        prefetch=4,                     # batches read ahead
-    ))
-    c.downstream = ml_collections.ConfigDict(dict(
-        eval=True,                      # end with the downstream table (gemsjax.eval.downstream)
-        draws=2,                        # genome: few-shot draws per arm there (protocol: 10)
-    ))
-    c.train = ml_collections.ConfigDict(dict(
-        steps=300,                      # optimizer updates
-        grad_accum=1,                   # micro-batches per step (data.batch_size = accum * micro)
-        log_every=10,                   # console line cadence (metrics.jsonl has every step)
-        eval_every=50,
-        eval_batches=2,                 # fixed validation batches per evaluation; 0: all of them
-        checkpoint_every=50,
-        keep_checkpoints=3,
-        mesh_data=-1,                   # -1: all devices not used by fsdp
-        mesh_fsdp=1,
-        allow_config_change=(),         # keys (or sections) a resume may change on purpose
-    ))
-    c.compile = ml_collections.ConfigDict(dict(
-        topology="",                    # --mode=compile target, e.g. v5p:4x4x2; "": local devices
-    ))
+    c.seed = 0  # parameters, masks and dropout: fold_in(seed, step)
+    c.model = ml_collections.ConfigDict(
+        dict(
+            name="",  # a size in gemsjax.models.sizes.SIZES
+            compute_dtype="auto",  # auto: bfloat16 on GPU/TPU, float32 on CPU
+            dropout=-1.0,  # -1: the size's own value
+        )
+    )
+    c.data = ml_collections.ConfigDict(
+        dict(
+            kind=kind,
+            batch_size=8,  # global batch per optimizer step
+            max_len=512,  # tokens per row, [CLS] and [SEP] included
+            seed=0,  # order of the training rows
+            num_threads=2,  # grain read threads
+            prefetch=4,  # batches read ahead
+        )
+    )
+    c.downstream = ml_collections.ConfigDict(
+        dict(
+            eval=True,  # end with the downstream table (gemsjax.eval.downstream)
+            draws=2,  # genome: few-shot draws per arm there (protocol: 10)
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=300,  # optimizer updates
+            grad_accum=1,  # micro-batches per step (data.batch_size = accum * micro)
+            log_every=10,  # console line cadence (metrics.jsonl has every step)
+            eval_every=50,
+            eval_batches=2,  # fixed validation batches per evaluation; 0: all of them
+            checkpoint_every=50,
+            keep_checkpoints=3,
+            mesh_data=-1,  # -1: all devices not used by fsdp
+            mesh_fsdp=1,
+            allow_config_change=(),  # keys (or sections) a resume may change on purpose
+        )
+    )
+    c.compile = ml_collections.ConfigDict(
+        dict(
+            topology="",  # --mode=compile target, e.g. v5p:4x4x2; "": local devices
+        )
+    )
     return c
 
 
@@ -103,32 +134,38 @@ def genome_base(recipe: str) -> ml_collections.ConfigDict:
     values. The recipe sets ``model.name``, ``masking.curriculum`` / ``strategy`` and
     ``optimizer``."""
     c = _common(recipe, "genome")
-    c.data.update(dict(
-        fasta=(),                       # genome FASTA paths; empty: the shipped chr22 sample
-        prepared_dir="",                # encoded genome cache; empty: ~/.cache/gemsjax/...
-        corpus_seed=0,                  # chunking of the genome and its train/validation split
-    ))
-    c.masking = ml_collections.ConfigDict(dict(
-        curriculum="constant",          # constant | cm_gems | cm_step
-        strategy="random_span",         # constant: random_span | genemask | global_pmi | mae_drop
-        per_example=False,              # False: one strategy a batch; True: a row; g: g rows
-        threshold=1.0,                  # cm_gems: switch once min |delta val ppl| < threshold
-        threshold_mode="absolute",      # absolute: |delta ppl|; relative: |delta ppl| / ppl
-        random_span_prob=0.025,         # DNABERT span centres
-        genemask_prob=0.0176,           # GeneMask span centres
-        global_pmi_prob=0.0136,         # Global-PMI span centres (CM-GEMS)
-        mae_ratio=0.5,                  # mae_drop: share of tokens masked
-        reference_code_compat="",       # "" (intended) | genemask | cmgems | genemask_2023
-        rank_table="genemask",          # genemask (published) | fasta (count data.fasta) | a file
-        mask_frac=0.8,                  # BERT corruption: [MASK] / random id / unchanged
-        random_frac=0.1,
-        random_low=0,                   # 0: random ids from the whole vocabulary, as DNABERT
-        loss_on="masked",               # masked | all (every non-special token)
-    ))
-    c.train.update(dict(
-        eval_every=25,                  # several validations, so a plateau rule can fire
-        mlm_head_share=0.375,           # share of positions given to the MLM head (0: all)
-    ))
+    c.data.update(
+        dict(
+            fasta=(),  # genome FASTA paths; empty: the shipped chr22 sample
+            prepared_dir="",  # encoded genome cache; empty: ~/.cache/gemsjax/...
+            corpus_seed=0,  # chunking of the genome and its train/validation split
+        )
+    )
+    c.masking = ml_collections.ConfigDict(
+        dict(
+            curriculum="constant",  # constant | cm_gems | cm_step
+            strategy="random_span",  # constant: random_span | genemask | global_pmi | mae_drop
+            per_example=False,  # False: one strategy a batch; True: a row; g: g rows
+            threshold=1.0,  # cm_gems: switch once min |delta val ppl| < threshold
+            threshold_mode="absolute",  # absolute: |delta ppl|; relative: |delta ppl| / ppl
+            random_span_prob=0.025,  # DNABERT span centres
+            genemask_prob=0.0176,  # GeneMask span centres
+            global_pmi_prob=0.0136,  # Global-PMI span centres (CM-GEMS)
+            mae_ratio=0.5,  # mae_drop: share of tokens masked
+            reference_code_compat="",  # "" (intended) | genemask | cmgems | genemask_2023
+            rank_table="genemask",  # genemask (published) | fasta (count data.fasta) | a file
+            mask_frac=0.8,  # BERT corruption: [MASK] / random id / unchanged
+            random_frac=0.1,
+            random_low=0,  # 0: random ids from the whole vocabulary, as DNABERT
+            loss_on="masked",  # masked | all (every non-special token)
+        )
+    )
+    c.train.update(
+        dict(
+            eval_every=25,  # several validations, so a plateau rule can fire
+            mlm_head_share=0.375,  # share of positions given to the MLM head (0: all)
+        )
+    )
     return c
 
 
@@ -137,23 +174,27 @@ def barcode_base(recipe: str) -> ml_collections.ConfigDict:
     the shipped 4,000 BOLD COI barcodes, 110-token rows, batch 32. Masking is MAE-style token
     dropping (``mae_ratio``); the recipe sets ``model.name``, the corruption and ``optimizer``."""
     c = _common(recipe, "barcode")
-    c.data.update(dict(
-        tsv="",                         # barcode TSV (BOLD or BIOSCAN-5M); empty: shipped sample
-        k=6,                            # k-mer length, stride k (8: BarcodeBERT-5M)
-        train_splits=("pretrain",),     # values of the file's split column
-        validation_splits=("val",),
-        batch_size=32,
-        max_len=110,
-    ))
-    c.masking = ml_collections.ConfigDict(dict(
-        mae_ratio=0.5,                  # share of tokens masked (dropped, for an MAE)
-        mae_draw="fixed",               # MAE: fixed (round(ratio * n)) | bernoulli (reference)
-        mask_frac=1.0,                  # corruption of masked inputs: [MASK] / random id / kept
-        random_frac=0.0,
-        random_low=0,
-        loss_on="masked",               # masked | all (every non-special token)
-    ))
-    c.train.mae_visible_slack = 16      # MAE encoder slots beyond the fixed draw's bound
+    c.data.update(
+        dict(
+            tsv="",  # barcode TSV (BOLD or BIOSCAN-5M); empty: shipped sample
+            k=6,  # k-mer length, stride k (8: BarcodeBERT-5M)
+            train_splits=("pretrain",),  # values of the file's split column
+            validation_splits=("val",),
+            batch_size=32,
+            max_len=110,
+        )
+    )
+    c.masking = ml_collections.ConfigDict(
+        dict(
+            mae_ratio=0.5,  # share of tokens masked (dropped, for an MAE)
+            mae_draw="fixed",  # MAE: fixed (round(ratio * n)) | bernoulli (reference)
+            mask_frac=1.0,  # corruption of masked inputs: [MASK] / random id / kept
+            random_frac=0.0,
+            random_low=0,
+            loss_on="masked",  # masked | all (every non-special token)
+        )
+    )
+    c.train.mae_visible_slack = 16  # MAE encoder slots beyond the fixed draw's bound
     return c
 
 
@@ -192,8 +233,13 @@ def barcode_smoke(c: ml_collections.ConfigDict, size: str) -> None:
 Preset = Callable[[ml_collections.ConfigDict], None]
 
 
-def apply_presets(c: ml_collections.ConfigDict, arg: str | None, presets: Mapping[str, Preset],
-                  *, sizes: bool = True) -> ml_collections.ConfigDict:
+def apply_presets(
+    c: ml_collections.ConfigDict,
+    arg: str | None,
+    presets: Mapping[str, Preset],
+    *,
+    sizes: bool = True,
+) -> ml_collections.ConfigDict:
     """Apply the comma-separated presets in ``arg`` to ``c`` in order: a name in ``presets``, a
     model size (when ``sizes``) or ``key=value``; returns ``c``. An unknown name raises a
     :class:`UserError` listing the valid ones."""
@@ -253,12 +299,12 @@ def set_key(c: ml_collections.ConfigDict, dotted: str, text: str) -> None:
         raise _key_error(c, f"unknown config key {dotted!r}")
     current, value = node[leaf], parse_value(text)
     if isinstance(current, str) and not isinstance(value, str):
-        value = text                    # e.g. a file named 123
+        value = text  # e.g. a file named 123
     elif isinstance(current, tuple) and value is not None:
         value = tuple(value) if isinstance(value, tuple | list) else (value,)
     elif isinstance(current, float) and _is_int(value):
         value = float(value)
-    with node.ignore_type():            # validate() checks types and ranges, with the rest
+    with node.ignore_type():  # validate() checks types and ranges, with the rest
         node[leaf] = value
 
 
@@ -277,17 +323,27 @@ def _int(lo: int, hi: int | None = None) -> Callable:
     def check(x):
         if not _is_int(x) or x < lo or (hi is not None and x > hi):
             return f"must be an integer {f'in [{lo}, {hi}]' if hi is not None else f'>= {lo}'}"
+
     return check
 
 
-def _real(lo: float, hi: float | None = None, *, open_lo: bool = False,
-          open_hi: bool = False) -> Callable:
+def _real(
+    lo: float, hi: float | None = None, *, open_lo: bool = False, open_hi: bool = False
+) -> Callable:
     def check(x):
-        if (not _is_number(x) or x < lo or (open_lo and x == lo)
-                or (hi is not None and (x > hi or (open_hi and x == hi)))):
+        if (
+            not _is_number(x)
+            or x < lo
+            or (open_lo and x == lo)
+            or (hi is not None and (x > hi or (open_hi and x == hi)))
+        ):
             left, right = "(" if open_lo else "[", ")" if open_hi else "]"
-            return (f"must be a number in {left}{lo}, {hi}{right}" if hi is not None
-                    else f"must be a number {'>' if open_lo else '>='} {lo}")
+            return (
+                f"must be a number in {left}{lo}, {hi}{right}"
+                if hi is not None
+                else f"must be a number {'>' if open_lo else '>='} {lo}"
+            )
+
     return check
 
 
@@ -295,6 +351,7 @@ def _one_of(*choices) -> Callable:
     def check(x):
         if x not in choices:
             return f"must be one of {', '.join(map(repr, choices))}"
+
     return check
 
 
@@ -331,13 +388,15 @@ def _key_names(x):
 
 def _per_example(x):
     if not isinstance(x, bool) and not (_is_int(x) and x >= 1):
-        return ("must be False (one strategy per batch), True (per row) or an int g >= 1 "
-                "(per g rows)")
+        return (
+            "must be False (one strategy per batch), True (per row) or an int g >= 1 (per g rows)"
+        )
 
 
 def _rank_table(x):
-    if not isinstance(x, str) or (x not in ("genemask", "fasta")
-                                  and not pathlib.Path(x).expanduser().is_file()):
+    if not isinstance(x, str) or (
+        x not in ("genemask", "fasta") and not pathlib.Path(x).expanduser().is_file()
+    ):
         return "must be genemask, fasta or an existing rank-table file (--mode=pmi writes one)"
 
 
@@ -352,57 +411,87 @@ def _dropout(x):
 
 
 def _b1_cycle(x):
-    if x is not None and not (isinstance(x, tuple) and len(x) == 2
-                              and all(_is_number(b) and 0 <= b < 1 for b in x)):
+    if x is not None and not (
+        isinstance(x, tuple) and len(x) == 2 and all(_is_number(b) and 0 <= b < 1 for b in x)
+    ):
         return "must be None or (b1_max, b1_min) with both in [0, 1)"
 
 
 _FRACTION = _real(0.0, 1.0)
 _POSITIVE = _int(1)
 RULES: dict[str, Callable] = {
-    "recipe": _text, "seed": _int(0),
-    "model.name": _one_of(*SIZES), "model.compute_dtype": _dtype, "model.dropout": _dropout,
-    "data.kind": _one_of("genome", "barcode"), "data.batch_size": _POSITIVE,
-    "data.max_len": _int(1), "data.seed": _int(0), "data.corpus_seed": _int(0),
-    "data.num_threads": _POSITIVE, "data.prefetch": _int(0),
-    "data.fasta": lambda x: _files(x) if x else None, "data.prepared_dir": _text,
-    "data.tsv": _optional_file, "data.k": _int(1, 12), "data.train_splits": _splits,
+    "recipe": _text,
+    "seed": _int(0),
+    "model.name": _one_of(*SIZES),
+    "model.compute_dtype": _dtype,
+    "model.dropout": _dropout,
+    "data.kind": _one_of("genome", "barcode"),
+    "data.batch_size": _POSITIVE,
+    "data.max_len": _int(1),
+    "data.seed": _int(0),
+    "data.corpus_seed": _int(0),
+    "data.num_threads": _POSITIVE,
+    "data.prefetch": _int(0),
+    "data.fasta": lambda x: _files(x) if x else None,
+    "data.prepared_dir": _text,
+    "data.tsv": _optional_file,
+    "data.k": _int(1, 12),
+    "data.train_splits": _splits,
     "data.validation_splits": _splits,
-    "masking.curriculum": _one_of(*CURRICULA), "masking.strategy": _one_of(*STRATEGIES),
-    "masking.per_example": _per_example, "masking.threshold": _real(0.0, open_lo=True),
+    "masking.curriculum": _one_of(*CURRICULA),
+    "masking.strategy": _one_of(*STRATEGIES),
+    "masking.per_example": _per_example,
+    "masking.threshold": _real(0.0, open_lo=True),
     "masking.threshold_mode": _one_of(*THRESHOLD_MODES),
-    "masking.random_span_prob": _FRACTION, "masking.genemask_prob": _FRACTION,
+    "masking.random_span_prob": _FRACTION,
+    "masking.genemask_prob": _FRACTION,
     "masking.global_pmi_prob": _FRACTION,
     "masking.mae_ratio": _real(0.0, 1.0, open_lo=True, open_hi=True),
     "masking.reference_code_compat": _one_of("", "genemask", "cmgems", "genemask_2023"),
-    "masking.rank_table": _rank_table, "masking.mask_frac": _FRACTION,
-    "masking.random_frac": _FRACTION, "masking.random_low": _int(0),
-    "masking.loss_on": _one_of("masked", "all"), "masking.mae_draw": _one_of("fixed", "bernoulli"),
+    "masking.rank_table": _rank_table,
+    "masking.mask_frac": _FRACTION,
+    "masking.random_frac": _FRACTION,
+    "masking.random_low": _int(0),
+    "masking.loss_on": _one_of("masked", "all"),
+    "masking.mae_draw": _one_of("fixed", "bernoulli"),
     "train.mae_visible_slack": _int(0),
-    "train.steps": _POSITIVE, "train.grad_accum": _POSITIVE, "train.log_every": _POSITIVE,
-    "train.eval_every": _POSITIVE, "train.eval_batches": _int(0),
-    "train.checkpoint_every": _POSITIVE, "train.keep_checkpoints": _POSITIVE,
+    "train.steps": _POSITIVE,
+    "train.grad_accum": _POSITIVE,
+    "train.log_every": _POSITIVE,
+    "train.eval_every": _POSITIVE,
+    "train.eval_batches": _int(0),
+    "train.checkpoint_every": _POSITIVE,
+    "train.keep_checkpoints": _POSITIVE,
     "train.mesh_data": lambda x: None if x == -1 else _POSITIVE(x) and "must be -1 or >= 1",
-    "train.mesh_fsdp": _POSITIVE, "train.mlm_head_share": _FRACTION,
+    "train.mesh_fsdp": _POSITIVE,
+    "train.mlm_head_share": _FRACTION,
     "train.allow_config_change": _key_names,
     "compile.topology": _text,
     "optimizer.schedule": _one_of(*SCHEDULES),
-    "optimizer.learning_rate": _real(0.0, open_lo=True), "optimizer.warmup_steps": _int(0),
+    "optimizer.learning_rate": _real(0.0, open_lo=True),
+    "optimizer.warmup_steps": _int(0),
     "optimizer.pct_start": _real(0.0, 1.0, open_lo=True, open_hi=True),
     "optimizer.div_factor": _real(0.0, open_lo=True),
-    "optimizer.final_div_factor": _real(0.0, open_lo=True), "optimizer.b1_cycle": _b1_cycle,
-    "optimizer.b1": _real(0.0, 1.0, open_hi=True), "optimizer.b2": _real(0.0, 1.0, open_hi=True),
-    "optimizer.eps": _real(0.0, open_lo=True), "optimizer.weight_decay": _real(0.0),
-    "optimizer.decay_mask": _one_of(*DECAY_MASKS), "optimizer.clip_norm": _real(0.0),
+    "optimizer.final_div_factor": _real(0.0, open_lo=True),
+    "optimizer.b1_cycle": _b1_cycle,
+    "optimizer.b1": _real(0.0, 1.0, open_hi=True),
+    "optimizer.b2": _real(0.0, 1.0, open_hi=True),
+    "optimizer.eps": _real(0.0, open_lo=True),
+    "optimizer.weight_decay": _real(0.0),
+    "optimizer.decay_mask": _one_of(*DECAY_MASKS),
+    "optimizer.clip_norm": _real(0.0),
     "downstream.eval": lambda x: None if isinstance(x, bool) else "must be True or False",
     "downstream.draws": _POSITIVE,
 }
 """Each key's range: ``check(value) -> None`` when fine, else what the value must be."""
 
 PMI_RULES: dict[str, Callable] = {
-    "recipe": _one_of(PMI_RECIPE), "fasta_paths": lambda x: _files(x) if x else None,
+    "recipe": _one_of(PMI_RECIPE),
+    "fasta_paths": lambda x: _files(x) if x else None,
     "out": lambda x: None if isinstance(x, str) and x else "must be a file name",
-    "k": _int(1, 8), "max_n": _int(1, 10), "min_count": _int(2),
+    "k": _int(1, 8),
+    "max_n": _int(1, 10),
+    "min_count": _int(2),
     "denominator": _one_of("genemask", "per_length"),
 }
 
@@ -413,8 +502,9 @@ def _schema(c: ml_collections.ConfigDict) -> set[str]:
         return set(PMI_RULES)
     kind = c.get("data", {}).get("kind")
     base = barcode_base if kind == "barcode" else genome_base
-    optimizer = OPTIMIZER_KEYS.get(c.get("optimizer", {}).get("schedule"),
-                                   OPTIMIZER_KEYS["warmup_linear"])
+    optimizer = OPTIMIZER_KEYS.get(
+        c.get("optimizer", {}).get("schedule"), OPTIMIZER_KEYS["warmup_linear"]
+    )
     return set(valid_keys(base(""))) | {f"optimizer.{k}" for k in optimizer}
 
 
@@ -429,33 +519,48 @@ def _cross_checks(c: ml_collections.ConfigDict) -> list[str]:
     d, t, m, o = c.data, c.train, c.masking, c.optimizer
     problems = []
     keys = valid_keys(c)
-    unknown = [name for name in allowed_changes(t.allow_config_change)
-               if not any(k == name or k.startswith(f"{name}.") for k in keys)]
+    unknown = [
+        name
+        for name in allowed_changes(t.allow_config_change)
+        if not any(k == name or k.startswith(f"{name}.") for k in keys)
+    ]
     if unknown:
-        problems.append(f"train.allow_config_change names {unknown}, which are neither keys nor "
-                        "sections of this config: name keys such as 'train.steps' or sections "
-                        "such as 'optimizer'")
+        problems.append(
+            f"train.allow_config_change names {unknown}, which are neither keys nor "
+            "sections of this config: name keys such as 'train.steps' or sections "
+            "such as 'optimizer'"
+        )
     if d.batch_size % t.grad_accum:
-        problems.append(f"data.batch_size={d.batch_size} is not divisible by train.grad_accum="
-                        f"{t.grad_accum}: make the batch a multiple of the accumulation")
+        problems.append(
+            f"data.batch_size={d.batch_size} is not divisible by train.grad_accum="
+            f"{t.grad_accum}: make the batch a multiple of the accumulation"
+        )
     positions = SIZES[c.model.name].get("max_positions", 512)
     if not MIN_MAX_LEN[d.kind] <= d.max_len <= positions:
-        problems.append(f"data.max_len={d.max_len} must be in [{MIN_MAX_LEN[d.kind]}, "
-                        f"{positions}] (the {c.model.name!r} size has {positions} positions)")
+        problems.append(
+            f"data.max_len={d.max_len} must be in [{MIN_MAX_LEN[d.kind]}, "
+            f"{positions}] (the {c.model.name!r} size has {positions} positions)"
+        )
     if m.mask_frac + m.random_frac > 1:
-        problems.append(f"masking.mask_frac={m.mask_frac} + masking.random_frac="
-                        f"{m.random_frac} must be <= 1")
+        problems.append(
+            f"masking.mask_frac={m.mask_frac} + masking.random_frac={m.random_frac} must be <= 1"
+        )
     if o.schedule == "warmup_linear" and o.warmup_steps >= t.steps:
-        problems.append(f"optimizer.warmup_steps={o.warmup_steps} must be below train.steps="
-                        f"{t.steps}")
+        problems.append(
+            f"optimizer.warmup_steps={o.warmup_steps} must be below train.steps={t.steps}"
+        )
     mae = SIZES[c.model.name].get("arch", "mlm") != "mlm"
     if mae and (m.mask_frac, m.random_frac, m.loss_on) != (1.0, 0.0, "masked"):
-        problems.append(f"model.name={c.model.name!r} is a masked autoencoder: it drops the "
-                        "masked tokens (no corruption) and scores them only; keep "
-                        "masking.mask_frac=1.0, random_frac=0.0, loss_on='masked'")
+        problems.append(
+            f"model.name={c.model.name!r} is a masked autoencoder: it drops the "
+            "masked tokens (no corruption) and scores them only; keep "
+            "masking.mask_frac=1.0, random_frac=0.0, loss_on='masked'"
+        )
     if t.get("mlm_head_share") and m.loss_on != "masked":
-        problems.append(f"train.mlm_head_share={t.mlm_head_share} needs masking.loss_on="
-                        "'masked' (set train.mlm_head_share=0 to compute the loss on all tokens)")
+        problems.append(
+            f"train.mlm_head_share={t.mlm_head_share} needs masking.loss_on="
+            "'masked' (set train.mlm_head_share=0 to compute the loss on all tokens)"
+        )
     return problems
 
 
@@ -466,10 +571,14 @@ def validate(c: ml_collections.ConfigDict, source: str = "config") -> None:
     expected, got = _schema(c), set(valid_keys(c))
     if got != expected:
         unknown, missing = sorted(got - expected), sorted(expected - got)
-        raise ConfigKeyError(f"{source}: " + "; ".join(
-            ([f"unknown config key(s) {unknown}"] if unknown else [])
-            + ([f"missing config key(s) {missing}"] if missing else []))
-            + f"; valid keys: {', '.join(sorted(expected))}")
+        raise ConfigKeyError(
+            f"{source}: "
+            + "; ".join(
+                ([f"unknown config key(s) {unknown}"] if unknown else [])
+                + ([f"missing config key(s) {missing}"] if missing else [])
+            )
+            + f"; valid keys: {', '.join(sorted(expected))}"
+        )
     rules = PMI_RULES if c.recipe == PMI_RECIPE else RULES
     problems = []
     for key in sorted(got):
@@ -497,8 +606,10 @@ def load_module(path: str | pathlib.Path):
     recipes."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise UserError(f"config file {str(path)!r} not found; recipes in {CONFIGS_DIR.name}/: "
-                        f"{', '.join(recipes())}")
+        raise UserError(
+            f"config file {str(path)!r} not found; recipes in {CONFIGS_DIR.name}/: "
+            f"{', '.join(recipes())}"
+        )
     spec = importlib.util.spec_from_file_location(f"gemsjax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

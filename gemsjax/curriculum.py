@@ -88,13 +88,18 @@ class Curriculum(NamedTuple):
 
 def init_state() -> CurriculumState:
     """The state before any validation."""
-    return CurriculumState(last_metric=jnp.float32(jnp.nan), min_delta=jnp.float32(jnp.inf),
-                           num_evals=jnp.int32(0), switched=jnp.bool_(False),
-                           switch_step=jnp.int32(-1))
+    return CurriculumState(
+        last_metric=jnp.float32(jnp.nan),
+        min_delta=jnp.float32(jnp.inf),
+        num_evals=jnp.int32(0),
+        switched=jnp.bool_(False),
+        switch_step=jnp.int32(-1),
+    )
 
 
-def record(state: CurriculumState, val_metric, step=None, *,
-           relative: bool = False) -> CurriculumState:
+def record(
+    state: CurriculumState, val_metric, step=None, *, relative: bool = False
+) -> CurriculumState:
     """Record a validation metric: last value, running min of ``|Δ|`` (``|Δ| / previous`` when
     ``relative``; NaN skipped), count. ``step`` is unused here (curricula that switch record
     it)."""
@@ -103,8 +108,11 @@ def record(state: CurriculumState, val_metric, step=None, *,
     delta = jnp.abs(val_metric - state.last_metric)
     if relative:
         delta = delta / state.last_metric
-    return state._replace(last_metric=val_metric, min_delta=jnp.fmin(state.min_delta, delta),
-                          num_evals=state.num_evals + 1)
+    return state._replace(
+        last_metric=val_metric,
+        min_delta=jnp.fmin(state.min_delta, delta),
+        num_evals=state.num_evals + 1,
+    )
 
 
 def _one_hot(name: str) -> jax.Array:
@@ -132,9 +140,14 @@ def _sampler(schedule, per_example: bool | int):
 
 
 def _curriculum(name, schedule, update, per_example, active) -> Curriculum:
-    return Curriculum(name=name, init=init_state, schedule=schedule, update=update,
-                      sample=_sampler(schedule, per_example),
-                      active=tuple(sorted(strategy_index(s) for s in active)))
+    return Curriculum(
+        name=name,
+        init=init_state,
+        schedule=schedule,
+        update=update,
+        sample=_sampler(schedule, per_example),
+        active=tuple(sorted(strategy_index(s) for s in active)),
+    )
 
 
 def constant(strategy: str, *, per_example: bool | int = False) -> Curriculum:
@@ -148,8 +161,9 @@ def constant(strategy: str, *, per_example: bool | int = False) -> Curriculum:
     return _curriculum(strategy, lambda step, state: weights, record, per_example, (strategy,))
 
 
-def cm_gems(threshold: float = 1.0, *, threshold_mode: str = "absolute",
-            per_example: bool | int = False) -> Curriculum:
+def cm_gems(
+    threshold: float = 1.0, *, threshold_mode: str = "absolute", per_example: bool | int = False
+) -> Curriculum:
     """CM-GEMS: GeneMask, then Global-PMI once validation perplexity plateaus (one-way).
 
     ``update`` records each validation perplexity; once the running minimum of ``|Δ perplexity|``
@@ -168,8 +182,9 @@ def cm_gems(threshold: float = 1.0, *, threshold_mode: str = "absolute",
     if not threshold > 0:
         raise ValueError(f"cm_gems threshold must be > 0, got {threshold}")
     if threshold_mode not in THRESHOLD_MODES:
-        raise ValueError(f"cm_gems threshold_mode must be one of {THRESHOLD_MODES}, got "
-                         f"{threshold_mode!r}")
+        raise ValueError(
+            f"cm_gems threshold_mode must be one of {THRESHOLD_MODES}, got {threshold_mode!r}"
+        )
     easy, hard = _one_hot("genemask"), _one_hot("global_pmi")
 
     def schedule(step, state):
@@ -178,9 +193,10 @@ def cm_gems(threshold: float = 1.0, *, threshold_mode: str = "absolute",
     def update(state, val_metric, step):
         state = record(state, val_metric, relative=threshold_mode == "relative")
         switches = ~state.switched & (state.min_delta < threshold)
-        return state._replace(switched=state.switched | switches,
-                              switch_step=jnp.where(switches, jnp.asarray(step, jnp.int32),
-                                                    state.switch_step))
+        return state._replace(
+            switched=state.switched | switches,
+            switch_step=jnp.where(switches, jnp.asarray(step, jnp.int32), state.switch_step),
+        )
 
     return _curriculum("cm_gems", schedule, update, per_example, ("genemask", "global_pmi"))
 
@@ -198,8 +214,10 @@ def cm_step(max_steps: int, *, per_example: bool | int = False) -> Curriculum:
     """
     stair = max_steps // 100
     if stair < 1:
-        raise ValueError(f"cm_step needs max_steps >= 100 (100 stairs of floor(max_steps/100) "
-                         f"steps), got {max_steps}")
+        raise ValueError(
+            f"cm_step needs max_steps >= 100 (100 stairs of floor(max_steps/100) "
+            f"steps), got {max_steps}"
+        )
     spans, hard = _one_hot("random_span"), _one_hot("global_pmi")
 
     def schedule(step, state):
@@ -219,8 +237,9 @@ def from_config(masking: Mapping, max_steps: int) -> Curriculum:
     name = masking["curriculum"]
     per_example = masking["per_example"]
     if name == "cm_gems":
-        return cm_gems(masking["threshold"], threshold_mode=masking["threshold_mode"],
-                       per_example=per_example)
+        return cm_gems(
+            masking["threshold"], threshold_mode=masking["threshold_mode"], per_example=per_example
+        )
     if name == "cm_step":
         return cm_step(max_steps, per_example=per_example)
     if name == "constant":

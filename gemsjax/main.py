@@ -24,24 +24,30 @@ MODES = {
     "data": "build the recipe's training pipeline and summarize its first batch",
     "pmi": "write a PMI rank table for FASTA files (with --config=configs/pmi.py)",
     "compile": "compile the train step for --config.compile.topology (a TPU slice, e.g. "
-               "v5p:4x4x2; default the local devices) and print per-chip memory, FLOPs and "
-               "the compiler's step-time estimate",
+    "v5p:4x4x2; default the local devices) and print per-chip memory, FLOPs and "
+    "the compiler's step-time estimate",
     "export": "write a trained run as a Hugging Face transformers folder: --config.init=<run "
-              "folder or checkpoint> [--config.step=N] (no --config; --workdir default: "
-              "<run folder>/hf)",
+    "folder or checkpoint> [--config.step=N] (no --config; --workdir default: "
+    "<run folder>/hf)",
     "finetune": "fine-tune a classifier on one labelled task (configs/eval/finetune.py)",
     "evaluate": "run a downstream protocol, write its report (configs/eval/fewshot.py, gue.py, "
-                "barcodes.py)",
+    "barcodes.py)",
     "embed": "write embeddings of a FASTA / CSV / TSV file (configs/eval/embed.py)",
 }
 EXPORT_KEYS = ("init", "step")
 DOWNSTREAM_MODES = ("finetune", "evaluate", "embed")
 USAGE_ERROR = 2
 _CONFIG = flags.DEFINE_string(
-    "config", None, "Config file and presets, path[:preset,key=value,...]; single keys also "
-    "as --config.<key>=<value>.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; give an existing one to resume "
-                               "it. Default: a new runs/<recipe>-<date>-<time>.")
+    "config",
+    None,
+    "Config file and presets, path[:preset,key=value,...]; single keys also "
+    "as --config.<key>=<value>.",
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Run folder; give an existing one to resume it. Default: a new runs/<recipe>-<date>-<time>.",
+)
 _MODE = flags.DEFINE_string("mode", "train", f"What to run: {', '.join(MODES)}.")
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the traceback of a usage error.")
 _OVERRIDES: dict[str, str] = {}  # --config.<key>=<value>, in command-line order
@@ -49,31 +55,37 @@ _OVERRIDES: dict[str, str] = {}  # --config.<key>=<value>, in command-line order
 
 def help_text() -> str:
     """The ``--help`` page: usage, modes, recipes with presets, resuming, flags."""
-    lines = ["Pretrain DNA language models with smart masking (CM-GEMS / GeneMask, BarcodeMAE).",
-             "",
-             "usage: python -m gemsjax.main --config=configs/<recipe>.py[:preset,...] "
-             "[--mode=MODE] [--workdir=DIR] [--config.<key>=<value> ...]", "", "modes:"]
+    lines = [
+        "Pretrain DNA language models with smart masking (CM-GEMS / GeneMask, BarcodeMAE).",
+        "",
+        "usage: python -m gemsjax.main --config=configs/<recipe>.py[:preset,...] "
+        "[--mode=MODE] [--workdir=DIR] [--config.<key>=<value> ...]",
+        "",
+        "modes:",
+    ]
     lines += [f"  {name:<7} {what}" for name, what in MODES.items()]
     lines += ["", f"recipes ({config_lib.CONFIGS_DIR.name}/<recipe>.py) and their presets:"]
     for name in config_lib.recipes():
         module = config_lib.load_module(config_lib.CONFIGS_DIR / f"{name}.py")
         summary = " ".join(module.__doc__.split("\n\n")[0].replace("``", "").split())
-        lines += textwrap.wrap(summary, 96, initial_indent=f"  {name:<15}",
-                               subsequent_indent=" " * 17)
+        lines += textwrap.wrap(
+            summary, 96, initial_indent=f"  {name:<15}", subsequent_indent=" " * 17
+        )
         lines.append(" " * 17 + "presets: " + ", ".join(module.PRESETS))
-    lines += ["",
-              "--config also takes a bare recipe name: --config=cm_gems:smoke.",
-              "Presets combine with commas, in order: a preset above, a model size of a training",
-              "recipe (:dnabert6, :logo, ...) or key=value (:train.steps=200). Every run checks",
-              "all keys and ranges before it starts.",
-              "",
-              "resume: a training run resumes from the newest checkpoint in its workdir. The",
-              "default workdir is new each time, so resume with the folder the run printed:",
-              "  python -m gemsjax.main --config=configs/cm_gems.py "
-              "--workdir=runs/cm_gems-<date>-<time>",
-              "",
-              "flags:",
-              flags.FLAGS.module_help(sys.modules[__name__].__name__) or ""]
+    lines += [
+        "",
+        "--config also takes a bare recipe name: --config=cm_gems:smoke.",
+        "Presets combine with commas, in order: a preset above, a model size of a training",
+        "recipe (:dnabert6, :logo, ...) or key=value (:train.steps=200). Every run checks",
+        "all keys and ranges before it starts.",
+        "",
+        "resume: a training run resumes from the newest checkpoint in its workdir. The",
+        "default workdir is new each time, so resume with the folder the run printed:",
+        "  python -m gemsjax.main --config=configs/cm_gems.py --workdir=runs/cm_gems-<date>-<time>",
+        "",
+        "flags:",
+        flags.FLAGS.module_help(sys.modules[__name__].__name__) or "",
+    ]
     return "\n".join(lines)
 
 
@@ -86,7 +98,7 @@ def parse_flags(argv: list[str]) -> list[str]:
             print(help_text())
             sys.exit(0)
         if arg.startswith("--config."):
-            key, eq, value = arg[len("--config."):].partition("=")
+            key, eq, value = arg[len("--config.") :].partition("=")
             if not eq:
                 _usage_error(f"{arg}: write config overrides as --config.<key>=<value>")
             _OVERRIDES[key] = value
@@ -111,25 +123,35 @@ def load_config(spec: str | None, mode: str, overrides: dict[str, str]):
         raise UserError(f"unknown --mode={mode}; valid: {', '.join(MODES)}")
     recipes = ", ".join(f"configs/{name}.py" for name in config_lib.recipes())
     if not spec:
-        raise UserError(f"--config is required, e.g. --config=configs/cm_gems.py; recipes: "
-                        f"{recipes}")
+        raise UserError(
+            f"--config is required, e.g. --config=configs/cm_gems.py; recipes: {recipes}"
+        )
     if mode in DOWNSTREAM_MODES:
         from gemsjax.eval import config as eval_config
 
         return eval_config.load(spec, overrides, mode)
     if spec.partition(":")[0].startswith("configs/eval/"):
-        raise UserError(f"{spec} is a downstream config: run it with --mode=finetune, evaluate or "
-                        "embed (as its docstring says)")
+        raise UserError(
+            f"{spec} is a downstream config: run it with --mode=finetune, evaluate or "
+            "embed (as its docstring says)"
+        )
     config = config_lib.load(spec, overrides)
     is_pmi = config.recipe == config_lib.PMI_RECIPE
     if mode == "pmi" and not is_pmi:
-        raise UserError(f"--mode=pmi needs the PMI config (--config=configs/pmi.py); {spec} "
-                        "is a training recipe: run it with --mode=train or --mode=data")
+        raise UserError(
+            f"--mode=pmi needs the PMI config (--config=configs/pmi.py); {spec} "
+            "is a training recipe: run it with --mode=train or --mode=data"
+        )
     if mode != "pmi" and is_pmi:
-        raise UserError(f"{spec} is the PMI config: run it with --mode=pmi; --mode={mode} "
-                        f"needs a training recipe: "
-                        + ", ".join(f"configs/{name}.py" for name in config_lib.recipes()
-                                    if name != config_lib.PMI_RECIPE))
+        raise UserError(
+            f"{spec} is the PMI config: run it with --mode=pmi; --mode={mode} "
+            f"needs a training recipe: "
+            + ", ".join(
+                f"configs/{name}.py"
+                for name in config_lib.recipes()
+                if name != config_lib.PMI_RECIPE
+            )
+        )
     return config
 
 
@@ -137,8 +159,7 @@ def default_workdir(config) -> pathlib.Path:
     """``runs/<recipe or protocol>-<date>-<time>``; multi-process runs must name one shared
     ``--workdir``."""
     if os.environ.get("GEMSJAX_DISTRIBUTED") == "1":
-        raise UserError("a multi-process run needs --workdir (the same folder for every "
-                        "process)")
+        raise UserError("a multi-process run needs --workdir (the same folder for every process)")
     name = config.get("recipe") or config.protocol
     return pathlib.Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
@@ -151,15 +172,23 @@ def run_pmi(config, workdir: pathlib.Path) -> dict:
     paths = list(config.fasta_paths) or [str(samples.sample_path(samples.GENOME))]
     out = workdir / config.out
     workdir.mkdir(parents=True, exist_ok=True)
-    pmi.rank_table_from_fasta(paths, out, k=config.k, max_n=config.max_n,
-                              min_count=config.min_count, denominator=config.denominator)
+    pmi.rank_table_from_fasta(
+        paths,
+        out,
+        k=config.k,
+        max_n=config.max_n,
+        min_count=config.min_count,
+        denominator=config.denominator,
+    )
     # Rank 4**k is both "unscored" and the worst scored rank: the header counts the scored k-mers.
     scored = pmi.load_rank_table(out)[2]["n_scored"]
     summary = dict(rank_table=str(out), fasta=paths, scored_kmers=scored)
     if scored < 4**config.k:
-        summary["note"] = (f"{4**config.k - scored} k-mers were seen fewer than min_count="
-                           f"{config.min_count} times and share the worst rank; count a larger "
-                           "genome or lower --config.min_count")
+        summary["note"] = (
+            f"{4**config.k - scored} k-mers were seen fewer than min_count="
+            f"{config.min_count} times and share the worst rank; count a larger "
+            "genome or lower --config.min_count"
+        )
     return summary
 
 
@@ -174,14 +203,19 @@ def run_data(config) -> dict:
 
     batch = next(pipelines.make_pretraining_iterator(config, "train"))
     ids, attention = batch["ids"], batch["attention"]
-    tokenizer = KmerTokenizer(6, vocab="barcodebert" if config.data.kind == "barcode"
-                              else "dnabert")
+    tokenizer = KmerTokenizer(
+        6, vocab="barcodebert" if config.data.kind == "barcode" else "dnabert"
+    )
     first = tokenizer.decode(ids[:1])[0]
     unk = (ids == tokenizer.vocab.unk_id) & (attention > 0)
-    return dict(shape=list(ids.shape), dtype=str(ids.dtype),
-                tokens_per_row=float(attention.sum(axis=1).mean()),
-                unk_fraction=float(unk.sum() / max(attention.sum(), 1)),
-                distinct_ids=int(np.unique(ids).size), first_sequence=first[:60] + "...")
+    return dict(
+        shape=list(ids.shape),
+        dtype=str(ids.dtype),
+        tokens_per_row=float(attention.sum(axis=1).mean()),
+        unk_fraction=float(unk.sum() / max(attention.sum(), 1)),
+        distinct_ids=int(np.unique(ids).size),
+        first_sequence=first[:60] + "...",
+    )
 
 
 def run_export(overrides: dict[str, str], workdir: pathlib.Path | None) -> dict:
@@ -191,9 +225,10 @@ def run_export(overrides: dict[str, str], workdir: pathlib.Path | None) -> dict:
 
     unknown = sorted(set(overrides) - set(EXPORT_KEYS))
     if unknown or not overrides.get("init"):
-        raise UserError("--mode=export takes --config.init=<run folder or checkpoint> and "
-                        "optionally --config.step=<step>"
-                        + (f"; unknown key(s) {unknown}" if unknown else ""))
+        raise UserError(
+            "--mode=export takes --config.init=<run folder or checkpoint> and "
+            "optionally --config.step=<step>" + (f"; unknown key(s) {unknown}" if unknown else "")
+        )
     step = overrides.get("step")
     if step is not None and not step.isdigit():
         raise UserError(f"--config.step={step}: must be a checkpoint step (an integer >= 0)")
@@ -254,10 +289,13 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     if _MODE.value == "export":
         if _CONFIG.value:
-            raise UserError("--mode=export reads the run's own config; drop --config and name "
-                            "the run with --config.init=<run folder or checkpoint>")
-        _print_summary(run_export(_OVERRIDES, pathlib.Path(_WORKDIR.value) if _WORKDIR.value
-                                  else None))
+            raise UserError(
+                "--mode=export reads the run's own config; drop --config and name "
+                "the run with --config.init=<run folder or checkpoint>"
+            )
+        _print_summary(
+            run_export(_OVERRIDES, pathlib.Path(_WORKDIR.value) if _WORKDIR.value else None)
+        )
         return
     config = load_config(_CONFIG.value, _MODE.value, _OVERRIDES)
     workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(config)

@@ -133,8 +133,10 @@ def _compat_mode(reference_code_compat: str) -> str:
     if not reference_code_compat:
         return ""
     if reference_code_compat not in COMPAT_MODES:
-        raise ValueError(f"reference_code_compat must be '' or one of {COMPAT_MODES}, "
-                         f"got {reference_code_compat!r}")
+        raise ValueError(
+            f"reference_code_compat must be '' or one of {COMPAT_MODES}, "
+            f"got {reference_code_compat!r}"
+        )
     return reference_code_compat
 
 
@@ -207,8 +209,9 @@ def _smallest(keys: jax.Array, count: jax.Array, bits: int) -> jax.Array:
     return (keys <= edge[:, None]) & (count > 0)[:, None]
 
 
-def _best_ranked(rank: jax.Array, eligible: jax.Array, count: jax.Array,
-                 table_size: int) -> jax.Array:
+def _best_ranked(
+    rank: jax.Array, eligible: jax.Array, count: jax.Array, table_size: int
+) -> jax.Array:
     """``bool[B, L]``: per row, the ``count[b]`` eligible positions with the best (smallest)
     ``(rank, position)``, ranks clipped to ``[0, table_size]``.
 
@@ -229,7 +232,8 @@ def _best_ranked(rank: jax.Array, eligible: jax.Array, count: jax.Array,
     leftmost = jax.lax.cond(
         jnp.any(tied.sum(axis=1, dtype=jnp.int32) > need),
         lambda: _smallest(jnp.where(tied, position, length), need, length.bit_length()) & tied,
-        lambda: tied)
+        lambda: tied,
+    )
     return below | leftmost
 
 
@@ -256,8 +260,9 @@ def span_mask(centres: jax.Array, special: jax.Array, span: int = 6) -> jax.Arra
     return _spread(centres, -((span - 1) // 2), span // 2) & ~special.astype(bool)
 
 
-def random_span(key: jax.Array, ids: jax.Array, special: jax.Array, prob=0.025,
-                span: int = 6) -> jax.Array:
+def random_span(
+    key: jax.Array, ids: jax.Array, special: jax.Array, prob=0.025, span: int = 6
+) -> jax.Array:
     """DNABERT random span masking (centres ~ Bernoulli(``prob``), ``span`` tokens each).
 
     Args:
@@ -274,9 +279,13 @@ def random_span(key: jax.Array, ids: jax.Array, special: jax.Array, prob=0.025,
     return span_mask(draw_centres(key, special, prob), special, span)
 
 
-def genemask_from_centres(centres: jax.Array, ids: jax.Array, special: jax.Array,
-                          rank_table: jax.Array, reference_code_compat: str = ""
-                          ) -> jax.Array:
+def genemask_from_centres(
+    centres: jax.Array,
+    ids: jax.Array,
+    special: jax.Array,
+    rank_table: jax.Array,
+    reference_code_compat: str = "",
+) -> jax.Array:
     """GeneMask spans around given centres (the deterministic part of :func:`genemask`).
 
     For each centre ``c`` the candidates are the in-range positions of ``c-2 .. c+3``, visited as
@@ -330,8 +339,12 @@ def genemask_from_centres(centres: jax.Array, ids: jax.Array, special: jax.Array
     code = jnp.where(high, best_offset - lo + 1, jnp.where(centres, plain, 0)).astype(jnp.int8)
     reach = (lo - WIDE_RADIUS, hi + WIDE_RADIUS)
     back = _neighbours(code, -reach[1], -reach[0], 0)  # back[reach[1] - s][:, j] = code[:, j - s]
-    return functools.reduce(operator.or_, (_covers(back[reach[1] - s], s)
-                                           for s in range(reach[0], reach[1] + 1))) & valid
+    return (
+        functools.reduce(
+            operator.or_, (_covers(back[reach[1] - s], s) for s in range(reach[0], reach[1] + 1))
+        )
+        & valid
+    )
 
 
 def _stale_centre_spans(centres: jax.Array, valid: jax.Array) -> jax.Array:
@@ -360,8 +373,14 @@ def _covers(code: jax.Array, s: int) -> jax.Array:
     return (code >= first) & (code <= last)
 
 
-def genemask(key: jax.Array, ids: jax.Array, special: jax.Array, rank_table: jax.Array,
-             prob=0.0176, reference_code_compat: str = "") -> jax.Array:
+def genemask(
+    key: jax.Array,
+    ids: jax.Array,
+    special: jax.Array,
+    rank_table: jax.Array,
+    prob=0.0176,
+    reference_code_compat: str = "",
+) -> jax.Array:
     """GeneMask masking: random centres, PMI-guided 6- and 11-token spans.
 
     Args:
@@ -375,13 +394,18 @@ def genemask(key: jax.Array, ids: jax.Array, special: jax.Array, rank_table: jax
     Returns:
       ``bool[B, L]`` mask; see :func:`genemask_from_centres` for the span rules.
     """
-    return genemask_from_centres(draw_centres(key, special, prob), ids, special, rank_table,
-                                 reference_code_compat)
+    return genemask_from_centres(
+        draw_centres(key, special, prob), ids, special, rank_table, reference_code_compat
+    )
 
 
-def global_pmi_from_counts(counts: jax.Array, ids: jax.Array, special: jax.Array,
-                           rank_table: jax.Array, reference_code_compat: str = ""
-                           ) -> jax.Array:
+def global_pmi_from_counts(
+    counts: jax.Array,
+    ids: jax.Array,
+    special: jax.Array,
+    rank_table: jax.Array,
+    reference_code_compat: str = "",
+) -> jax.Array:
     """Global-PMI windows for given per-sequence counts (the deterministic part of
     :func:`global_pmi`).
 
@@ -399,13 +423,20 @@ def global_pmi_from_counts(counts: jax.Array, ids: jax.Array, special: jax.Array
     valid = _check(ids, special)
     mode = _compat_mode(reference_code_compat)
     inside = _inside(valid)
-    top = _best_ranked(_position_ranks(ids, rank_table, mode), inside, counts,
-                      jnp.shape(rank_table)[0])
+    top = _best_ranked(
+        _position_ranks(ids, rank_table, mode), inside, counts, jnp.shape(rank_table)[0]
+    )
     return _spread(top, -WIDE_RADIUS, WIDE_RADIUS) & valid
 
 
-def global_pmi(key: jax.Array, ids: jax.Array, special: jax.Array, rank_table: jax.Array, prob,
-               reference_code_compat: str = "") -> jax.Array:
+def global_pmi(
+    key: jax.Array,
+    ids: jax.Array,
+    special: jax.Array,
+    rank_table: jax.Array,
+    prob,
+    reference_code_compat: str = "",
+) -> jax.Array:
     """Global-PMI masking: ``k ~ Binomial(n_valid, prob)`` windows on the best-ranked positions.
 
     Args:
@@ -464,8 +495,9 @@ def visible_len(length: int, ratio: float) -> int:
     return int(np.max(np.arange(length + 1) - counts))
 
 
-def mae_drop_fixed(key: jax.Array, ids: jax.Array, special: jax.Array,
-                   ratio: float = 0.5) -> jax.Array:
+def mae_drop_fixed(
+    key: jax.Array, ids: jax.Array, special: jax.Array, ratio: float = 0.5
+) -> jax.Array:
     """MAE masking with a fixed count: exactly ``floor(ratio * n_valid + 0.5)`` tokens per row.
 
     Args:
@@ -500,9 +532,17 @@ def _below(draw: jax.Array, threshold: int) -> jax.Array:
     return draw < jnp.uint32(threshold)
 
 
-def corrupt(key: jax.Array, ids: jax.Array, mask: jax.Array, vocab_size: int, mask_id: int, *,
-            mask_frac: float = 0.8, random_frac: float = 0.1, random_low: int = 0
-            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def corrupt(
+    key: jax.Array,
+    ids: jax.Array,
+    mask: jax.Array,
+    vocab_size: int,
+    mask_id: int,
+    *,
+    mask_frac: float = 0.8,
+    random_frac: float = 0.1,
+    random_low: int = 0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """BERT corruption of masked positions: [MASK] / random id / unchanged (80/10/10).
 
     One 32-bit random draw ``u`` per position decides everything: ``u`` below ``mask_frac``
@@ -526,8 +566,10 @@ def corrupt(key: jax.Array, ids: jax.Array, mask: jax.Array, vocab_size: int, ma
       original ids, and 1.0 on masked positions, 0.0 elsewhere.
     """
     if not (0.0 <= mask_frac and 0.0 <= random_frac and mask_frac + random_frac <= 1.0):
-        raise ValueError(f"need mask_frac, random_frac >= 0 and mask_frac + random_frac <= 1, got "
-                         f"{mask_frac} and {random_frac}")
+        raise ValueError(
+            f"need mask_frac, random_frac >= 0 and mask_frac + random_frac <= 1, got "
+            f"{mask_frac} and {random_frac}"
+        )
     if not 0 <= random_low < vocab_size:
         raise ValueError(f"random_low must be in [0, vocab_size={vocab_size}), got {random_low}")
     ids = jnp.asarray(ids, jnp.int32)
@@ -556,18 +598,27 @@ def strategy_functions(params: MaskParams) -> tuple[Callable[..., jax.Array], ..
     compat = params.reference_code_compat
     return (
         lambda key, ids, special, rank_table: random_span(
-            key, ids, special, params.random_span_prob, params.span),
+            key, ids, special, params.random_span_prob, params.span
+        ),
         lambda key, ids, special, rank_table: genemask(
-            key, ids, special, rank_table, params.genemask_prob, compat),
+            key, ids, special, rank_table, params.genemask_prob, compat
+        ),
         lambda key, ids, special, rank_table: global_pmi(
-            key, ids, special, rank_table, params.global_pmi_prob, compat),
+            key, ids, special, rank_table, params.global_pmi_prob, compat
+        ),
         lambda key, ids, special, rank_table: mae_drop(key, ids, special, params.mae_ratio),
     )
 
 
-def make_mask(key: jax.Array, strategy: jax.Array, ids: jax.Array, special: jax.Array,
-              rank_table: jax.Array, params: MaskParams,
-              active: Sequence[int] | None = None) -> jax.Array:
+def make_mask(
+    key: jax.Array,
+    strategy: jax.Array,
+    ids: jax.Array,
+    special: jax.Array,
+    rank_table: jax.Array,
+    params: MaskParams,
+    active: Sequence[int] | None = None,
+) -> jax.Array:
     """The mask of a strategy chosen at run time (no recompilation when it changes).
 
     Args:
@@ -591,12 +642,13 @@ def make_mask(key: jax.Array, strategy: jax.Array, ids: jax.Array, special: jax.
     if strategy.ndim == 0:
         return jax.lax.switch(strategy, functions, key, ids, special, rank_table)
     if strategy.shape != ids.shape[:1]:
-        raise ValueError(f"per-sequence strategy must be int32[B] with B = {ids.shape[0]}, got "
-                         f"shape {strategy.shape}")
+        raise ValueError(
+            f"per-sequence strategy must be int32[B] with B = {ids.shape[0]}, got "
+            f"shape {strategy.shape}"
+        )
     active = range(len(STRATEGIES)) if active is None else active
     out = jnp.zeros(ids.shape, bool)
     for index in active:
         chosen = (strategy == index)[:, None]
         out = jnp.where(chosen, functions[index](key, ids, special, rank_table), out)
     return out
-

@@ -92,8 +92,10 @@ class NgramCounts:
         """Counts of equal-length n-grams given as strings (any case): ``int64[len(ngrams)]``."""
         lengths = {len(g) for g in ngrams}
         if len(lengths) != 1 or not 1 <= min(lengths) <= self.max_n:
-            raise ValueError(f"n-grams must all have one length in 1..{self.max_n}, "
-                             f"got lengths {sorted(lengths)}")
+            raise ValueError(
+                f"n-grams must all have one length in 1..{self.max_n}, "
+                f"got lengths {sorted(lengths)}"
+            )
         (n,) = lengths
         codes = rolling_kmer_codes(base_codes("".join(ngrams), "ACGT"), n)[::n]
         if (codes < 0).any():
@@ -154,11 +156,15 @@ def _code_pieces(items, chunk_bases: int) -> Iterator[np.ndarray]:
             yield from _fasta_pieces(pathlib.Path(item), chunk_bases)
             continue
         if not isinstance(item, str | bytes | np.ndarray):
-            raise TypeError(f"expected a sequence (str, bytes, uint8 array) or a FASTA path "
-                            f"(pathlib.Path), got {type(item).__name__}")
+            raise TypeError(
+                f"expected a sequence (str, bytes, uint8 array) or a FASTA path "
+                f"(pathlib.Path), got {type(item).__name__}"
+            )
         if isinstance(item, str) and len(item) < 4096 and os.path.isfile(item):
-            raise TypeError(f"{item!r} is a file name, but strings are read as sequences; "
-                            "pass pathlib.Path(...) to count a FASTA file")
+            raise TypeError(
+                f"{item!r} is a file name, but strings are read as sequences; "
+                "pass pathlib.Path(...) to count a FASTA file"
+            )
         codes = base_codes(item, "ACGT")
         yield _SEPARATOR
         for start in range(0, codes.size, chunk_bases):
@@ -215,8 +221,9 @@ class _NgramCounter:
             self.tails[n] += _count_block(tails, n)
 
     def result(self) -> NgramCounts:
-        counts = {n: self.top.reshape(4**n, -1).sum(axis=1) + self.tails[n]
-                  for n in range(1, self.max_n)}
+        counts = {
+            n: self.top.reshape(4**n, -1).sum(axis=1) + self.tails[n] for n in range(1, self.max_n)
+        }
         counts[self.max_n] = self.top
         return NgramCounts(counts=counts, n_bases=self.n_bases)
 
@@ -257,9 +264,14 @@ def _count_block(codes: np.ndarray, n: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------- scores
 
 
-def pmi_scores(counts: NgramCounts, k: int = 6, *, min_count: int = GENEMASK_MIN_COUNT,
-               denominator: str = "genemask", true_splits: str = "genemask",
-               ) -> dict[str, np.ndarray]:
+def pmi_scores(
+    counts: NgramCounts,
+    k: int = 6,
+    *,
+    min_count: int = GENEMASK_MIN_COUNT,
+    denominator: str = "genemask",
+    true_splits: str = "genemask",
+) -> dict[str, np.ndarray]:
     """GeneMask PMI scores of every k-mer, vectorized over all 4**k k-mers.
 
     With ``ln p(x) = ln count(x) - ln D`` and ``w = w_1..w_k``:
@@ -334,9 +346,15 @@ def ranks_from_scores(scores: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def rank_table(counts: NgramCounts, k: int = 6, min_count: int = GENEMASK_MIN_COUNT,
-               vocab: Vocab | None = None, *, denominator: str = "genemask",
-               true_splits: str = "genemask") -> np.ndarray:
+def rank_table(
+    counts: NgramCounts,
+    k: int = 6,
+    min_count: int = GENEMASK_MIN_COUNT,
+    vocab: Vocab | None = None,
+    *,
+    denominator: str = "genemask",
+    true_splits: str = "genemask",
+) -> np.ndarray:
     """Rank table from n-gram counts: rank of each token's k-mer by normalized dp-PMI.
 
     Args:
@@ -350,8 +368,9 @@ def rank_table(counts: NgramCounts, k: int = 6, min_count: int = GENEMASK_MIN_CO
     vocab = vocab or get_vocab("dnabert", k)
     if vocab.k != k:
         raise ValueError(f"vocab {vocab.name!r} has k = {vocab.k}, but k = {k}")
-    scores = pmi_scores(counts, k, min_count=min_count, denominator=denominator,
-                        true_splits=true_splits)
+    scores = pmi_scores(
+        counts, k, min_count=min_count, denominator=denominator, true_splits=true_splits
+    )
     return acgt_to_vocab_order(ranks_from_scores(scores["norm_dp_true_pmi"]), vocab, fill=4**k)
 
 
@@ -387,8 +406,9 @@ def _genemask_rows(path: pathlib.Path, columns: Iterable[str], alphabet: str, k:
         reader = csv.DictReader(f)
         missing = {"ngram", *columns} - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; "
-                             f"found {reader.fieldnames}")
+            raise ValueError(
+                f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}"
+            )
         for line_no, row in enumerate(reader, start=2):
             kmer = row["ngram"]
             kmer_code = rolling_kmer_codes(base_codes(kmer, alphabet), k)
@@ -397,8 +417,9 @@ def _genemask_rows(path: pathlib.Path, columns: Iterable[str], alphabet: str, k:
             yield line_no, int(kmer_code[0]), row
 
 
-def load_genemask_ranks(csv_path: str | pathlib.Path, vocab: Vocab | None = None,
-                        column: str = "norm_pmi_rank_rel") -> np.ndarray:
+def load_genemask_ranks(
+    csv_path: str | pathlib.Path, vocab: Vocab | None = None, column: str = "norm_pmi_rank_rel"
+) -> np.ndarray:
     """Load the published GeneMask ranking (``Data-A_norm-pmi-score-ranking.csv[.gz]``).
 
     Args:
@@ -416,14 +437,16 @@ def load_genemask_ranks(csv_path: str | pathlib.Path, vocab: Vocab | None = None
         try:
             rank = int(row[column])
         except ValueError:
-            raise ValueError(f"{path}:{line_no}: rank {row[column]!r} in column {column!r} "
-                             "is not an integer") from None
+            raise ValueError(
+                f"{path}:{line_no}: rank {row[column]!r} in column {column!r} is not an integer"
+            ) from None
         table[vocab.num_specials + kmer_code] = rank
     return table
 
 
-def load_genemask_columns(csv_path: str | pathlib.Path, columns: Sequence[str],
-                          k: int = 6) -> dict[str, np.ndarray]:
+def load_genemask_columns(
+    csv_path: str | pathlib.Path, columns: Sequence[str], k: int = 6
+) -> dict[str, np.ndarray]:
     """Numeric columns of a GeneMask score CSV, per k-mer in ACGT code order.
 
     Returns:
@@ -436,13 +459,17 @@ def load_genemask_columns(csv_path: str | pathlib.Path, columns: Sequence[str],
             try:
                 out[c][kmer_code] = float(row[c])
             except ValueError:
-                raise ValueError(f"{path}:{line_no}: {row[c]!r} in column {c!r} is not a "
-                                 "number") from None
+                raise ValueError(
+                    f"{path}:{line_no}: {row[c]!r} in column {c!r} is not a number"
+                ) from None
     return out
 
 
-def recover_genemask_counts(csv_path: str | pathlib.Path, n_bases: int = GENEMASK_N_BASES,
-                            min_count: int = GENEMASK_MIN_COUNT) -> NgramCounts:
+def recover_genemask_counts(
+    csv_path: str | pathlib.Path,
+    n_bases: int = GENEMASK_N_BASES,
+    min_count: int = GENEMASK_MIN_COUNT,
+) -> NgramCounts:
     """The exact 6-mer counts behind the published GeneMask table, by inverting its normalisation.
 
     ``norm = dp * ln f / (ln f + ln min_count)`` gives ``f = exp(r ln min_count / (1 - r))`` with
@@ -464,8 +491,10 @@ def recover_genemask_counts(csv_path: str | pathlib.Path, n_bases: int = GENEMAS
     f = np.exp(ratio * np.log(min_count) / (1 - ratio))
     counts6 = np.rint(f).astype(np.int64)
     if np.isnan(f).any() or np.abs(f - counts6).max() > 1e-3:
-        raise ValueError(f"{csv_path}: scores do not invert to integer counts with min_count = "
-                         f"{min_count}; is this a complete GeneMask 6-mer table?")
+        raise ValueError(
+            f"{csv_path}: scores do not invert to integer counts with min_count = "
+            f"{min_count}; is this a complete GeneMask 6-mer table?"
+        )
     counts = {n: counts6.reshape(4**n, -1).sum(axis=1) for n in range(1, 7)}
     return NgramCounts(counts=counts, n_bases=n_bases)
 
@@ -473,8 +502,9 @@ def recover_genemask_counts(csv_path: str | pathlib.Path, n_bases: int = GENEMAS
 # ------------------------------------------------------------------------ rank table files
 
 
-def save_rank_table(path: str | pathlib.Path, rank_table: np.ndarray, vocab: Vocab,
-                    meta: dict | None = None) -> None:
+def save_rank_table(
+    path: str | pathlib.Path, rank_table: np.ndarray, vocab: Vocab, meta: dict | None = None
+) -> None:
     """Write a rank table as TSV ``token<TAB>id<TAB>rank`` (gzip if the name ends in .gz).
 
     The header comments name the format, the vocab and ``meta`` (JSON), so the file describes
@@ -487,14 +517,23 @@ def save_rank_table(path: str | pathlib.Path, rank_table: np.ndarray, vocab: Voc
       meta: JSON-serializable provenance (sources, counts, settings).
     """
     if rank_table.shape != (vocab.size,):
-        raise ValueError(f"rank_table must have shape ({vocab.size},) for vocab {vocab.name!r} "
-                         f"k={vocab.k}, got {rank_table.shape}")
+        raise ValueError(
+            f"rank_table must have shape ({vocab.size},) for vocab {vocab.name!r} "
+            f"k={vocab.k}, got {rank_table.shape}"
+        )
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"# format: {RANK_TABLE_FORMAT}", f"# vocab: {vocab.name}", f"# k: {vocab.k}",
-             f"# meta: {json.dumps(meta or {}, sort_keys=True)}", "token\tid\trank"]
-    lines += [f"{t}\t{i}\t{int(r)}" for i, (t, r) in enumerate(zip(vocab.tokens(), rank_table,
-                                                                    strict=True))]
+    lines = [
+        f"# format: {RANK_TABLE_FORMAT}",
+        f"# vocab: {vocab.name}",
+        f"# k: {vocab.k}",
+        f"# meta: {json.dumps(meta or {}, sort_keys=True)}",
+        "token\tid\trank",
+    ]
+    lines += [
+        f"{t}\t{i}\t{int(r)}"
+        for i, (t, r) in enumerate(zip(vocab.tokens(), rank_table, strict=True))
+    ]
     with gzip.open(path, "wt") if path.suffix == ".gz" else open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -518,42 +557,62 @@ def load_rank_table(path: str | pathlib.Path) -> tuple[np.ndarray, Vocab, dict]:
     for line_no, line in enumerate(lines[:4], start=1):
         key, sep, value = line.removeprefix("# ").partition(": ")
         if not line.startswith("# ") or not sep:
-            raise UserError(f"{path}:{line_no}: expected a '# key: value' header line, got "
-                            f"{line[:80]!r}; {fix}")
+            raise UserError(
+                f"{path}:{line_no}: expected a '# key: value' header line, got {line[:80]!r}; {fix}"
+            )
         header[key], where[key] = value, line_no
     if header.get("format") != RANK_TABLE_FORMAT:
-        raise UserError(f"{path}:1: format {header.get('format')!r} is not "
-                        f"{RANK_TABLE_FORMAT!r}; {fix}")
+        raise UserError(
+            f"{path}:1: format {header.get('format')!r} is not {RANK_TABLE_FORMAT!r}; {fix}"
+        )
     try:
         vocab = get_vocab(header["vocab"], int(header["k"]))
     except (KeyError, ValueError) as err:
-        raise UserError(f"{path}:{where.get('k', 3)}: vocab {header.get('vocab')!r} with k "
-                        f"{header.get('k')!r} is not a known layout ({err}); {fix}") from None
+        raise UserError(
+            f"{path}:{where.get('k', 3)}: vocab {header.get('vocab')!r} with k "
+            f"{header.get('k')!r} is not a known layout ({err}); {fix}"
+        ) from None
     try:
         meta = json.loads(header.get("meta", ""))
     except json.JSONDecodeError as err:
-        raise UserError(f"{path}:{where.get('meta', 4)}: the meta header is not JSON ({err}); "
-                        f"{fix}") from None
+        raise UserError(
+            f"{path}:{where.get('meta', 4)}: the meta header is not JSON ({err}); {fix}"
+        ) from None
     rows = lines[5:]
     if lines[4:5] != ["token\tid\trank"] or len(rows) != vocab.size:
-        raise UserError(f"{path}: expected the column header 'token<TAB>id<TAB>rank' on line 5 "
-                        f"and {vocab.size} rows, got {len(rows)} rows; {fix}")
+        raise UserError(
+            f"{path}: expected the column header 'token<TAB>id<TAB>rank' on line 5 "
+            f"and {vocab.size} rows, got {len(rows)} rows; {fix}"
+        )
     table = np.empty(vocab.size, dtype=np.int32)
     worst = 4**vocab.k
     for i, (token, row) in enumerate(zip(vocab.tokens(), rows, strict=True)):
         fields = row.split("\t")
-        if (len(fields) != 3 or fields[:2] != [token, str(i)] or not fields[2].isdigit()
-                or not 1 <= int(fields[2]) <= worst):
-            raise UserError(f"{path}:{i + 6}: expected '{token}<TAB>{i}<TAB><rank 1..{worst}>', "
-                            f"got {row[:80]!r}; {fix}")
+        if (
+            len(fields) != 3
+            or fields[:2] != [token, str(i)]
+            or not fields[2].isdigit()
+            or not 1 <= int(fields[2]) <= worst
+        ):
+            raise UserError(
+                f"{path}:{i + 6}: expected '{token}<TAB>{i}<TAB><rank 1..{worst}>', "
+                f"got {row[:80]!r}; {fix}"
+            )
         table[i] = int(fields[2])
     return table, vocab, meta
 
 
-def rank_table_from_fasta(paths, out_path: str | pathlib.Path | None = None, k: int = 6,
-                          max_n: int = 6, min_count: int = GENEMASK_MIN_COUNT, *,
-                          denominator: str = "genemask", vocab: Vocab | None = None,
-                          chunk_bases: int = 1 << 22) -> np.ndarray:
+def rank_table_from_fasta(
+    paths,
+    out_path: str | pathlib.Path | None = None,
+    k: int = 6,
+    max_n: int = 6,
+    min_count: int = GENEMASK_MIN_COUNT,
+    *,
+    denominator: str = "genemask",
+    vocab: Vocab | None = None,
+    chunk_bases: int = 1 << 22,
+) -> np.ndarray:
     """Count n-grams over FASTA files and rank the k-mers: the one route from FASTA to a rank
     table (``--mode=pmi`` saves it; a training run with ``masking.rank_table=fasta`` uses it).
 
@@ -572,9 +631,15 @@ def rank_table_from_fasta(paths, out_path: str | pathlib.Path | None = None, k: 
     vocab = vocab or get_vocab("dnabert", k)
     counts = count_kmers(paths, max_n, chunk_bases=chunk_bases)
     table = rank_table(counts, k, min_count, vocab, denominator=denominator)
-    meta = {"sources": [str(p) for p in paths], "n_bases": counts.n_bases, "k": k,
-            "max_n": max_n, "min_count": min_count, "denominator": denominator,
-            "n_scored": int(np.count_nonzero(counts.counts[k] >= min_count))}
+    meta = {
+        "sources": [str(p) for p in paths],
+        "n_bases": counts.n_bases,
+        "k": k,
+        "max_n": max_n,
+        "min_count": min_count,
+        "denominator": denominator,
+        "n_scored": int(np.count_nonzero(counts.counts[k] >= min_count)),
+    }
     if out_path is not None:
         save_rank_table(out_path, table, vocab, meta)
     return table

@@ -23,8 +23,9 @@ _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PARITY = 0x1BD11BDA
 
 
-def threefry2x32(k1: jax.Array, k2: jax.Array, x0: jax.Array, x1: jax.Array
-                 ) -> tuple[jax.Array, jax.Array]:
+def threefry2x32(
+    k1: jax.Array, k2: jax.Array, x0: jax.Array, x1: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Threefry-2x32 with 20 rounds (Salmon et al., SC 2011), as ``jax.random``'s primitive.
 
     Args:

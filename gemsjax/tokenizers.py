@@ -58,11 +58,15 @@ def kmer_text_to_sequence(text: str) -> str:
     if expected != kmers:
         i = next(i for i, (a, b) in enumerate(zip(expected, kmers, strict=True)) if a != b)
         if len(kmers[i]) != k:
-            raise ValueError(f"k-mer {i} {kmers[i]!r} has length {len(kmers[i])}, but k-mer 0 "
-                             f"{kmers[0]!r} has length {k}; all k-mers must have the same length")
-        raise ValueError(f"k-mer {i} {kmers[i]!r} does not overlap k-mer {i - 1} {kmers[i - 1]!r} "
-                         f"by {k - 1} bases; expected overlapping k-mers (stride 1) as written by "
-                         f"DNABERT's seq2kmer")
+            raise ValueError(
+                f"k-mer {i} {kmers[i]!r} has length {len(kmers[i])}, but k-mer 0 "
+                f"{kmers[0]!r} has length {k}; all k-mers must have the same length"
+            )
+        raise ValueError(
+            f"k-mer {i} {kmers[i]!r} does not overlap k-mer {i - 1} {kmers[i - 1]!r} "
+            f"by {k - 1} bases; expected overlapping k-mers (stride 1) as written by "
+            f"DNABERT's seq2kmer"
+        )
     return seq
 
 
@@ -91,28 +95,41 @@ class KmerTokenizer:
         reading-frame augmentation; ``barcodebert`` only); :meth:`encode` then needs ``rng``.
     """
 
-    def __init__(self, k: int = 6, stride: int | None = None, vocab: str = "dnabert", *,
-                 strip_gaps: bool = False, strip_trailing_n: bool = False,
-                 randomize_offset: bool = False):
+    def __init__(
+        self,
+        k: int = 6,
+        stride: int | None = None,
+        vocab: str = "dnabert",
+        *,
+        strip_gaps: bool = False,
+        strip_trailing_n: bool = False,
+        randomize_offset: bool = False,
+    ):
         self._vocab = get_vocab(vocab, k)
         natural = 1 if vocab == "dnabert" else k
         stride = natural if stride is None else stride
         if stride != natural:
-            raise ValueError(f"vocab={vocab!r} with k={k} needs stride={natural} "
-                             f"({'overlapping' if natural == 1 else 'non-overlapping'} k-mers), "
-                             f"got stride={stride}")
+            raise ValueError(
+                f"vocab={vocab!r} with k={k} needs stride={natural} "
+                f"({'overlapping' if natural == 1 else 'non-overlapping'} k-mers), "
+                f"got stride={stride}"
+            )
         if randomize_offset and vocab != "barcodebert":
-            raise ValueError("randomize_offset is a reading-frame augmentation for non-overlapping "
-                             "k-mers; use it with vocab='barcodebert'")
+            raise ValueError(
+                "randomize_offset is a reading-frame augmentation for non-overlapping "
+                "k-mers; use it with vocab='barcodebert'"
+            )
         self.stride = stride
         self.strip_gaps = strip_gaps
         self.strip_trailing_n = strip_trailing_n
         self.randomize_offset = randomize_offset
 
     def __repr__(self) -> str:
-        return (f"KmerTokenizer(k={self.k}, stride={self.stride}, vocab={self._vocab.name!r}, "
-                f"strip_gaps={self.strip_gaps}, strip_trailing_n={self.strip_trailing_n}, "
-                f"randomize_offset={self.randomize_offset})")
+        return (
+            f"KmerTokenizer(k={self.k}, stride={self.stride}, vocab={self._vocab.name!r}, "
+            f"strip_gaps={self.strip_gaps}, strip_trailing_n={self.strip_trailing_n}, "
+            f"randomize_offset={self.randomize_offset})"
+        )
 
     @property
     def vocab(self) -> Vocab:
@@ -159,8 +176,9 @@ class KmerTokenizer:
         with open(path, "w", encoding="ascii") as f:
             f.write("\n".join(self._vocab.tokens()) + "\n")
 
-    def encode(self, seqs: Sequence[str], max_len: int,
-               rng: np.random.Generator | int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def encode(
+        self, seqs: Sequence[str], max_len: int, rng: np.random.Generator | int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Tokenize a batch of sequences.
 
         Args:
@@ -173,11 +191,16 @@ class KmerTokenizer:
           ``(ids, attention)``, both ``int32[B, L]``.
         """
         min_len = 3 if self.overlapping else 1
-        if isinstance(max_len, bool) or not isinstance(max_len, int | np.integer) \
-                or max_len < min_len:
+        if (
+            isinstance(max_len, bool)
+            or not isinstance(max_len, int | np.integer)
+            or max_len < min_len
+        ):
             framing = ", including [CLS] and [SEP]" if self.overlapping else ""
-            raise ValueError(f"max_len must be an int >= {min_len} for vocab={self._vocab.name!r} "
-                             f"(tokens per row{framing}), got {max_len!r}")
+            raise ValueError(
+                f"max_len must be an int >= {min_len} for vocab={self._vocab.name!r} "
+                f"(tokens per row{framing}), got {max_len!r}"
+            )
         max_len = int(max_len)
         buf, starts, lengths = _join(seqs)
         if self.strip_gaps:
@@ -186,8 +209,10 @@ class KmerTokenizer:
             lengths = _rstrip_lengths(buf, starts, lengths, b"Nn")
         if self.randomize_offset:
             if rng is None:
-                raise ValueError("this tokenizer has randomize_offset=True: pass rng "
-                                 "(a numpy Generator or an int seed) to encode()")
+                raise ValueError(
+                    "this tokenizer has randomize_offset=True: pass rng "
+                    "(a numpy Generator or an int seed) to encode()"
+                )
             offsets = np.random.default_rng(rng).integers(0, self.k, size=len(starts))
             offsets = np.minimum(offsets, lengths)  # dropping more bases than there are is moot
             starts = starts + offsets
@@ -198,8 +223,9 @@ class KmerTokenizer:
 
     def _encode_overlapping(self, buf, starts, lengths, max_len):
         n_kmers = max_len - 2
-        codes, lengths = _padded_codes(self._vocab.base_codes(buf), starts, lengths,
-                                       n_kmers + self.k - 1)
+        codes, lengths = _padded_codes(
+            self._vocab.base_codes(buf), starts, lengths, n_kmers + self.k - 1
+        )
         n_tokens = np.maximum(lengths - self.k + 1, 0)
         position = np.arange(max_len)
         ids = np.full((codes.shape[0], max_len), self.pad_id, dtype=np.int32)
@@ -211,8 +237,9 @@ class KmerTokenizer:
         return ids, attention
 
     def _encode_blocks(self, buf, starts, lengths, max_len):
-        codes, lengths = _padded_codes(self._vocab.base_codes(buf), starts, lengths,
-                                       max_len * self.k)
+        codes, lengths = _padded_codes(
+            self._vocab.base_codes(buf), starts, lengths, max_len * self.k
+        )
         ids = self._vocab.kmer_ids(codes, stride=self.k)
         attention = np.arange(max_len)[None, :] < (lengths // self.k)[:, None]
         return ids, attention.astype(np.int32)
@@ -230,11 +257,14 @@ class KmerTokenizer:
         """
         ids = np.atleast_2d(np.asarray(ids))
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"decode expects integer ids of shape [B, L], got {ids.dtype} "
-                             f"{ids.shape}")
+            raise ValueError(
+                f"decode expects integer ids of shape [B, L], got {ids.dtype} {ids.shape}"
+            )
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"ids must be in 0..{self.vocab_size - 1} for {self!r}; got range "
-                             f"{ids.min()}..{ids.max()}")
+            raise ValueError(
+                f"ids must be in 0..{self.vocab_size - 1} for {self!r}; got range "
+                f"{ids.min()}..{ids.max()}"
+            )
         ns, k = self._vocab.num_specials, self.k
         is_kmer = ids >= ns
         emit = np.broadcast_to(is_kmer[:, :, None], ids.shape + (k,))
@@ -252,14 +282,17 @@ class KmerTokenizer:
 def _join(seqs: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All sequences in one byte buffer: ``(uint8[total], starts int64[B], lengths int64[B])``."""
     if isinstance(seqs, str | bytes):
-        raise TypeError("encode expects a list of sequences, got a single "
-                        f"{type(seqs).__name__}; wrap it in a list: encode([seq], max_len)")
+        raise TypeError(
+            "encode expects a list of sequences, got a single "
+            f"{type(seqs).__name__}; wrap it in a list: encode([seq], max_len)"
+        )
     try:
         text = "".join(seqs)
     except TypeError:
         i, bad = next((i, s) for i, s in enumerate(seqs) if not isinstance(s, str))
-        raise TypeError(f"sequence {i} is a {type(bad).__name__}, not a str; encode expects "
-                        f"DNA strings") from None
+        raise TypeError(
+            f"sequence {i} is a {type(bad).__name__}, not a str; encode expects DNA strings"
+        ) from None
     lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
     starts = np.cumsum(lengths) - lengths
     return as_bytes(text), starts, lengths

@@ -20,8 +20,12 @@ from gemsjax import masking
 from gemsjax.curriculum import Curriculum
 from gemsjax.tokenizers import KmerTokenizer
 
-COLORS = {"random_span": "#4C72B0", "genemask": "#DD8452", "global_pmi": "#55A868",
-          "mae_drop": "#8172B3"}
+COLORS = {
+    "random_span": "#4C72B0",
+    "genemask": "#DD8452",
+    "global_pmi": "#55A868",
+    "mae_drop": "#8172B3",
+}
 
 
 def _save(fig: Figure, path: str | pathlib.Path | None, dpi: int) -> Figure:
@@ -40,10 +44,17 @@ def tokenize(seq: str, max_len: int = 512) -> tuple[np.ndarray, np.ndarray]:
     return ids, ids < tokenizer.vocab.num_specials
 
 
-def plot_masks(seq: str, rank_table: np.ndarray, *, key: jax.Array | None = None,
-               strategies: Sequence[str] = ("random_span", "genemask", "global_pmi"),
-               params: masking.MaskParams | None = None, max_len: int = 512,
-               path: str | pathlib.Path | None = None, dpi: int = 120) -> Figure:
+def plot_masks(
+    seq: str,
+    rank_table: np.ndarray,
+    *,
+    key: jax.Array | None = None,
+    strategies: Sequence[str] = ("random_span", "genemask", "global_pmi"),
+    params: masking.MaskParams | None = None,
+    max_len: int = 512,
+    path: str | pathlib.Path | None = None,
+    dpi: int = 120,
+) -> Figure:
     """The PMI-rank profile of a sequence and one mask per strategy drawn over it.
 
     Args:
@@ -65,8 +76,9 @@ def plot_masks(seq: str, rank_table: np.ndarray, *, key: jax.Array | None = None
     key = jax.random.key(0) if key is None else key
     functions = masking.strategy_functions(params or masking.MaskParams())
     fig = Figure(figsize=(11, 1.6 + 0.8 * len(strategies)), layout="constrained")
-    axes = fig.subplots(1 + len(strategies), 1, sharex=True,
-                        height_ratios=[2.5] + [1] * len(strategies))
+    axes = fig.subplots(
+        1 + len(strategies), 1, sharex=True, height_ratios=[2.5] + [1] * len(strategies)
+    )
     valid = ~special[0]
     positions = np.flatnonzero(valid)
     token_ranks = np.asarray(rank_table)[ids[0]]
@@ -76,11 +88,20 @@ def plot_masks(seq: str, rank_table: np.ndarray, *, key: jax.Array | None = None
     axes[0].set_ylabel("PMI rank")
     axes[0].set_title(f"{valid.sum()} 6-mer tokens; masks drawn with one key")
     for ax, name in zip(axes[1:], strategies, strict=True):
-        mask = np.asarray(functions[masking.strategy_index(name)](
-            key, jnp.asarray(ids), jnp.asarray(special), jnp.asarray(rank_table)))[0]
-        ax.imshow(mask[None, :], aspect="auto", interpolation="nearest",
-                  cmap=ListedColormap(["#f2f2f2", COLORS[name]]), vmin=0, vmax=1,
-                  extent=(-0.5, mask.size - 0.5, 0, 1))
+        mask = np.asarray(
+            functions[masking.strategy_index(name)](
+                key, jnp.asarray(ids), jnp.asarray(special), jnp.asarray(rank_table)
+            )
+        )[0]
+        ax.imshow(
+            mask[None, :],
+            aspect="auto",
+            interpolation="nearest",
+            cmap=ListedColormap(["#f2f2f2", COLORS[name]]),
+            vmin=0,
+            vmax=1,
+            extent=(-0.5, mask.size - 0.5, 0, 1),
+        )
         ax.set_yticks([])
         ax.set_ylabel(name, rotation=0, ha="right", va="center")
         ax.text(1.0, 0.5, f" {mask[valid].mean():.1%}", transform=ax.transAxes, va="center")
@@ -88,8 +109,12 @@ def plot_masks(seq: str, rank_table: np.ndarray, *, key: jax.Array | None = None
     return _save(fig, path, dpi)
 
 
-def curriculum_weights(curriculum: Curriculum, steps: np.ndarray,
-                       val_metrics: Sequence[float] = (), eval_every: int = 500) -> np.ndarray:
+def curriculum_weights(
+    curriculum: Curriculum,
+    steps: np.ndarray,
+    val_metrics: Sequence[float] = (),
+    eval_every: int = 500,
+) -> np.ndarray:
     """Strategy weights ``float32[len(steps), S]`` at each step, given validation metrics.
 
     ``val_metrics[i]`` is the metric of the validation after step ``(i + 1) * eval_every``; the
@@ -105,9 +130,16 @@ def curriculum_weights(curriculum: Curriculum, steps: np.ndarray,
     return np.asarray(jax.vmap(curriculum.schedule)(steps, at_step))
 
 
-def plot_curriculum(curriculum: Curriculum, num_steps: int, *,
-                    val_metrics: Sequence[float] = (), eval_every: int = 500, points: int = 400,
-                    path: str | pathlib.Path | None = None, dpi: int = 120) -> Figure:
+def plot_curriculum(
+    curriculum: Curriculum,
+    num_steps: int,
+    *,
+    val_metrics: Sequence[float] = (),
+    eval_every: int = 500,
+    points: int = 400,
+    path: str | pathlib.Path | None = None,
+    dpi: int = 120,
+) -> Figure:
     """The curriculum's strategy mix over training (stacked weights per strategy).
 
     Args:
@@ -128,9 +160,13 @@ def plot_curriculum(curriculum: Curriculum, num_steps: int, *,
     shown = [i for i in range(len(masking.STRATEGIES)) if weights[:, i].any()]
     fig = Figure(figsize=(8, 3.2), layout="constrained")
     ax = fig.subplots()
-    ax.stackplot(steps, weights[:, shown].T, step="post",
-                 labels=[masking.STRATEGIES[i] for i in shown],
-                 colors=[COLORS[masking.STRATEGIES[i]] for i in shown])
+    ax.stackplot(
+        steps,
+        weights[:, shown].T,
+        step="post",
+        labels=[masking.STRATEGIES[i] for i in shown],
+        colors=[COLORS[masking.STRATEGIES[i]] for i in shown],
+    )
     ax.set_xlim(0, num_steps)
     ax.set_ylim(0, 1)
     ax.set_xlabel("training step")
@@ -140,9 +176,14 @@ def plot_curriculum(curriculum: Curriculum, num_steps: int, *,
     return _save(fig, path, dpi)
 
 
-def plot_training_curves(records: Sequence[dict], switch_step: int | None = None, *,
-                         window: int = 5, path: str | pathlib.Path | None = None,
-                         dpi: int = 120) -> Figure:
+def plot_training_curves(
+    records: Sequence[dict],
+    switch_step: int | None = None,
+    *,
+    window: int = 5,
+    path: str | pathlib.Path | None = None,
+    dpi: int = 120,
+) -> Figure:
     """A run's curves from its ``metrics.jsonl`` records: training and validation loss,
     validation perplexity, and the masking mix (share of batches per strategy, mean over
     ``window`` steps), over the steps (updates done); ``switch_step`` (the CM-GEMS switch) is
@@ -159,19 +200,31 @@ def plot_training_curves(records: Sequence[dict], switch_step: int | None = None
     Returns:
       The Figure.
     """
-    train = sorted({r["step"]: r for r in records if "loss" in r}.values(),
-                   key=lambda r: r["step"])
-    val = sorted({r["step"]: r for r in records if "val_loss" in r}.values(),
-                 key=lambda r: r["step"])
+    train = sorted({r["step"]: r for r in records if "loss" in r}.values(), key=lambda r: r["step"])
+    val = sorted(
+        {r["step"]: r for r in records if "val_loss" in r}.values(), key=lambda r: r["step"]
+    )
     fig = Figure(figsize=(8, 7), layout="constrained")
     loss_ax, ppl_ax, mix_ax = fig.subplots(3, 1, sharex=True)
-    loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8,
-                 color="#999999", label="training loss")
-    loss_ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", ms=3,
-                 color="#C44E52", label="validation loss")
+    loss_ax.plot(
+        [r["step"] for r in train],
+        [r["loss"] for r in train],
+        lw=0.8,
+        color="#999999",
+        label="training loss",
+    )
+    loss_ax.plot(
+        [r["step"] for r in val],
+        [r["val_loss"] for r in val],
+        "o-",
+        ms=3,
+        color="#C44E52",
+        label="validation loss",
+    )
     loss_ax.set_ylabel("masked-LM loss")
-    ppl_ax.plot([r["step"] for r in val], [r["val_perplexity"] for r in val], "o-", ms=3,
-                color="#C44E52")
+    ppl_ax.plot(
+        [r["step"] for r in val], [r["val_perplexity"] for r in val], "o-", ms=3, color="#C44E52"
+    )
     ppl_ax.set_ylabel("validation perplexity")
     strategies = [s for s in masking.STRATEGIES if any(r.get(f"mix/{s}") for r in train)]
     if train and strategies:
@@ -180,8 +233,13 @@ def plot_training_curves(records: Sequence[dict], switch_step: int | None = None
         starts = np.arange(0, len(steps), window)
         means = np.add.reduceat(mix, starts) / np.diff(np.append(starts, len(steps)))[:, None]
         edges = np.append(steps[starts] - 1, steps[-1])  # window i covers (edges[i], edges[i+1]]
-        mix_ax.stackplot(edges, np.vstack([means, means[-1:]]).T, step="post", labels=strategies,
-                         colors=[COLORS[s] for s in strategies])
+        mix_ax.stackplot(
+            edges,
+            np.vstack([means, means[-1:]]).T,
+            step="post",
+            labels=strategies,
+            colors=[COLORS[s] for s in strategies],
+        )
         mix_ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     mix_ax.set_ylim(0, 1)
     mix_ax.set_ylabel("masking mix")
@@ -190,7 +248,12 @@ def plot_training_curves(records: Sequence[dict], switch_step: int | None = None
         if switch_step is not None:
             ax.axvline(switch_step, color="black", ls="--", lw=1)
     if switch_step is not None:
-        loss_ax.text(switch_step, 1.0, f" switch at step {switch_step}", va="bottom",
-                     transform=loss_ax.get_xaxis_transform())
+        loss_ax.text(
+            switch_step,
+            1.0,
+            f" switch at step {switch_step}",
+            va="bottom",
+            transform=loss_ax.get_xaxis_transform(),
+        )
     loss_ax.legend(frameon=False)
     return _save(fig, path, dpi)

@@ -54,8 +54,9 @@ class Vocab:
         try:
             return self.specials.index(token)
         except ValueError:
-            raise KeyError(f"{token!r} is not a special token of the {self.name} vocab; "
-                           f"valid: {self.specials}") from None
+            raise KeyError(
+                f"{token!r} is not a special token of the {self.name} vocab; valid: {self.specials}"
+            ) from None
 
     @property
     def unk_id(self) -> int:

@@ -36,18 +36,27 @@ FEWSHOT_TEST = {"Prom-core": "test.tsv.gz", "Splice-40": "full-dataset/test.tsv.
 SCALES = {
     "smoke": dict(  # seconds per command: proves the commands, measures nothing
         cmgems_train=dict(preset="smoke"),
-        fewshot=dict(shots={"Prom-core": "(10,)", "Splice-40": "(10,)"}, draws=2,
-                     test_subsample=60),
+        fewshot=dict(
+            shots={"Prom-core": "(10,)", "Splice-40": "(10,)"}, draws=2, test_subsample=60
+        ),
         gue=dict(tasks='("prom/prom_core_tata",)', max_train_rows=64, max_eval_rows=64),
         barcode_train=dict(preset="smoke"),
         eval_presets=":smoke",
         barcode_eval_presets=":smoke",
     ),
     "cpu": dict(
-        cmgems_train=dict(**{"train.steps": 600, "data.batch_size": 8, "data.max_len": 512,
-                             "model.name": "logo", "train.eval_every": 50}),
-        fewshot=dict(shots={"Prom-core": "(10,50)", "Splice-40": "(10,)"}, draws=3,
-                     test_subsample=500),
+        cmgems_train=dict(
+            **{
+                "train.steps": 600,
+                "data.batch_size": 8,
+                "data.max_len": 512,
+                "model.name": "logo",
+                "train.eval_every": 50,
+            }
+        ),
+        fewshot=dict(
+            shots={"Prom-core": "(10,50)", "Splice-40": "(10,)"}, draws=3, test_subsample=500
+        ),
         gue=dict(tasks='("prom/prom_core_all","tf/0")', max_train_rows=2000, max_eval_rows=500),
         barcode_train=dict(**{"train.steps": 600, "data.batch_size": 32}),
         eval_presets="",
@@ -55,8 +64,9 @@ SCALES = {
     ),
     "paper": dict(
         cmgems_train=dict(preset="paper"),
-        fewshot=dict(shots={"Prom-core": "(10,50)", "Splice-40": "(10,50)"}, draws=10,
-                     test_subsample=0),
+        fewshot=dict(
+            shots={"Prom-core": "(10,50)", "Splice-40": "(10,50)"}, draws=10, test_subsample=0
+        ),
         gue=dict(tasks="()", max_train_rows=0, max_eval_rows=0),
         barcode_train=dict(preset="paper"),
         eval_presets="",
@@ -88,28 +98,56 @@ def cmgems_commands(arm: str, scale: dict, data: pathlib.Path, out: pathlib.Path
         size = train.get("model.name", "test" if train.get("preset") == "smoke" else "logo")
         init = ["--config.init=random", f"--config.model.name={size}"]
     else:
-        steps.append((arm_dir / "train" / "train.done", _main_cmd(
-            f"--config={_recipe(arm, train)}", f"--workdir={arm_dir / 'train'}",
-            f"--config.data.fasta={tuple(fasta)!r}", *_overrides(train))))
+        steps.append(
+            (
+                arm_dir / "train" / "train.done",
+                _main_cmd(
+                    f"--config={_recipe(arm, train)}",
+                    f"--workdir={arm_dir / 'train'}",
+                    f"--config.data.fasta={tuple(fasta)!r}",
+                    *_overrides(train),
+                ),
+            )
+        )
         init = [f"--config.init={arm_dir / 'train'}"]
     few = scale["fewshot"]
     for task in FEWSHOT_TASKS:
         work = arm_dir / f"fewshot_{task}"
-        steps.append((work / "results.json", _main_cmd(
-            "--mode=evaluate", f"--config=configs/eval/fewshot.py{scale['eval_presets']}",
-            f"--workdir={work}",
-            f"--config.task.dir={data / 'genemask_fewshot' / task}", f"--config.task.name={task}",
-            f"--config.task.test={data / 'genemask_fewshot' / task / FEWSHOT_TEST[task]}",
-            f"--config.shots={few['shots'][task]}", f"--config.draws={few['draws']}",
-            f"--config.test_subsample={few['test_subsample']}", "--config.baseline=False",
-            *init)))
+        steps.append(
+            (
+                work / "results.json",
+                _main_cmd(
+                    "--mode=evaluate",
+                    f"--config=configs/eval/fewshot.py{scale['eval_presets']}",
+                    f"--workdir={work}",
+                    f"--config.task.dir={data / 'genemask_fewshot' / task}",
+                    f"--config.task.name={task}",
+                    f"--config.task.test={data / 'genemask_fewshot' / task / FEWSHOT_TEST[task]}",
+                    f"--config.shots={few['shots'][task]}",
+                    f"--config.draws={few['draws']}",
+                    f"--config.test_subsample={few['test_subsample']}",
+                    "--config.baseline=False",
+                    *init,
+                ),
+            )
+        )
     gue, work = scale["gue"], arm_dir / "gue"
-    steps.append((work / "results.json", _main_cmd(
-        "--mode=evaluate", f"--config=configs/eval/gue.py{scale['eval_presets']}",
-        f"--workdir={work}",
-        f"--config.gue_dir={data / 'gue'}", f"--config.tasks={gue['tasks']}",
-        f"--config.max_train_rows={gue['max_train_rows']}",
-        f"--config.max_eval_rows={gue['max_eval_rows']}", "--config.baseline=False", *init)))
+    steps.append(
+        (
+            work / "results.json",
+            _main_cmd(
+                "--mode=evaluate",
+                f"--config=configs/eval/gue.py{scale['eval_presets']}",
+                f"--workdir={work}",
+                f"--config.gue_dir={data / 'gue'}",
+                f"--config.tasks={gue['tasks']}",
+                f"--config.max_train_rows={gue['max_train_rows']}",
+                f"--config.max_eval_rows={gue['max_eval_rows']}",
+                "--config.baseline=False",
+                *init,
+            ),
+        )
+    )
     return steps
 
 
@@ -119,27 +157,50 @@ def barcode_commands(arm: str, scale: dict, data: pathlib.Path, out: pathlib.Pat
     split = split_dir / "insect_coi_barcodes.split.tsv.gz"
     arm_dir, train = out / "barcode" / arm, scale["barcode_train"]
     return [
-        (split, [sys.executable, "-m", "gemsjax.eval.barcode_split", str(data / BOLD),
-                 str(split_dir)]),
+        (
+            split,
+            [sys.executable, "-m", "gemsjax.eval.barcode_split", str(data / BOLD), str(split_dir)],
+        ),
         # validation on the species-labelled train split, as the reference's pretraining does
-        (arm_dir / "train" / "train.done", _main_cmd(
-            f"--config={_recipe(arm, train)}", f"--workdir={arm_dir / 'train'}",
-            f"--config.data.tsv={split}", "--config.data.train_splits=('pretrain',)",
-            "--config.data.validation_splits=('train',)", *_overrides(train))),
+        (
+            arm_dir / "train" / "train.done",
+            _main_cmd(
+                f"--config={_recipe(arm, train)}",
+                f"--workdir={arm_dir / 'train'}",
+                f"--config.data.tsv={split}",
+                "--config.data.train_splits=('pretrain',)",
+                "--config.data.validation_splits=('train',)",
+                *_overrides(train),
+            ),
+        ),
         # the first arm also reports the untrained twin; every arm reports the k-mer and
         # exact-match baselines of the protocol
-        (arm_dir / "eval" / "results.json", _main_cmd(
-            "--mode=evaluate", f"--config=configs/eval/barcodes.py{scale['barcode_eval_presets']}",
-            f"--workdir={arm_dir / 'eval'}", f"--config.init={arm_dir / 'train'}",
-            f"--config.tsv={split}", f"--config.baseline={arm == BARCODE_ARMS[0]}")),
+        (
+            arm_dir / "eval" / "results.json",
+            _main_cmd(
+                "--mode=evaluate",
+                f"--config=configs/eval/barcodes.py{scale['barcode_eval_presets']}",
+                f"--workdir={arm_dir / 'eval'}",
+                f"--config.init={arm_dir / 'train'}",
+                f"--config.tsv={split}",
+                f"--config.baseline={arm == BARCODE_ARMS[0]}",
+            ),
+        ),
     ]
 
 
-def run_family(family: str, scale_name: str, data: pathlib.Path, out: pathlib.Path,
-               dry_run: bool, only: tuple[str, ...] = ()) -> None:
+def run_family(
+    family: str,
+    scale_name: str,
+    data: pathlib.Path,
+    out: pathlib.Path,
+    dry_run: bool,
+    only: tuple[str, ...] = (),
+) -> None:
     scale = SCALES[scale_name]
-    arms, build = ((CMGEMS_ARMS, cmgems_commands) if family == "cmgems"
-                   else (BARCODE_ARMS, barcode_commands))
+    arms, build = (
+        (CMGEMS_ARMS, cmgems_commands) if family == "cmgems" else (BARCODE_ARMS, barcode_commands)
+    )
     unknown = set(only) - set(arms)
     if unknown:
         sys.exit(f"--arms: unknown {sorted(unknown)} for {family}; valid: {', '.join(arms)}")
@@ -155,8 +216,9 @@ def run_family(family: str, scale_name: str, data: pathlib.Path, out: pathlib.Pa
                 continue
             code = subprocess.run(cmd, cwd=ROOT).returncode
             if code:  # the other arms still run; a rerun retries this one
-                print(f"[study] {family}/{arm}: exit code {code}; rest of the arm skipped",
-                      flush=True)
+                print(
+                    f"[study] {family}/{arm}: exit code {code}; rest of the arm skipped", flush=True
+                )
                 failed.append(arm)
                 break
             if done.name == "train.done":
@@ -202,13 +264,28 @@ def write_tables(out: pathlib.Path) -> None:
         if start not in text:
             continue
         base = out / scale
-        parts = [_table(f"Few-shot {task} (macro-F1 / MCC, mean ± std over draws)",
-                        {arm: base / "cmgems" / arm / f"fewshot_{task}" / "results.json"
-                         for arm in CMGEMS_ARMS}) for task in FEWSHOT_TASKS]
-        parts.append(_table("GUE (MCC)", {arm: base / "cmgems" / arm / "gue" / "results.json"
-                                          for arm in CMGEMS_ARMS}))
-        parts.append(_table("Barcode protocol", {arm: base / "barcode" / arm / "eval" /
-                                                 "results.json" for arm in BARCODE_ARMS}))
+        parts = [
+            _table(
+                f"Few-shot {task} (macro-F1 / MCC, mean ± std over draws)",
+                {
+                    arm: base / "cmgems" / arm / f"fewshot_{task}" / "results.json"
+                    for arm in CMGEMS_ARMS
+                },
+            )
+            for task in FEWSHOT_TASKS
+        ]
+        parts.append(
+            _table(
+                "GUE (MCC)",
+                {arm: base / "cmgems" / arm / "gue" / "results.json" for arm in CMGEMS_ARMS},
+            )
+        )
+        parts.append(
+            _table(
+                "Barcode protocol",
+                {arm: base / "barcode" / arm / "eval" / "results.json" for arm in BARCODE_ARMS},
+            )
+        )
         head, rest = text.split(start, 1)
         text = head + start + "\n" + "\n".join(parts) + end + rest.split(end, 1)[1]
     RESULTS.write_text(text)
@@ -226,8 +303,14 @@ def main() -> None:
     if args.family == "tables":
         write_tables(args.out)
     else:
-        run_family(args.family, args.scale, args.data.resolve(), args.out.resolve(), args.dry_run,
-                   tuple(a for a in args.arms.split(",") if a))
+        run_family(
+            args.family,
+            args.scale,
+            args.data.resolve(),
+            args.out.resolve(),
+            args.dry_run,
+            tuple(a for a in args.arms.split(",") if a),
+        )
 
 
 if __name__ == "__main__":

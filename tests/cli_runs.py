@@ -30,10 +30,14 @@ def config(recipe: str, *presets: str):
 
 def env(jax_cache: pathlib.Path) -> dict[str, str]:
     """The subprocess environment: 1 CPU device, the module's compilation cache."""
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(jax_cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(jax_cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
 
 
 def cli(recipe: str, workdir: pathlib.Path, *presets: str) -> list[str]:
@@ -43,14 +47,13 @@ def cli(recipe: str, workdir: pathlib.Path, *presets: str) -> list[str]:
 
 
 def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
 
 
 def summary(stdout: str) -> dict:
     lines = [line for line in stdout.splitlines() if line.startswith(SUMMARY)]
     assert len(lines) == 1, stdout
-    return json.loads(lines[0][len(SUMMARY):])
+    return json.loads(lines[0][len(SUMMARY) :])
 
 
 def committed_steps(workdir: pathlib.Path) -> list[int]:
@@ -58,8 +61,11 @@ def committed_steps(workdir: pathlib.Path) -> list[int]:
     root = workdir / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(int(d.name) for d in root.iterdir()
-                  if d.name.isdigit() and (d / "commit_success.txt").is_file())
+    return sorted(
+        int(d.name)
+        for d in root.iterdir()
+        if d.name.isdigit() and (d / "commit_success.txt").is_file()
+    )
 
 
 def restore_state(workdir: pathlib.Path, step: int) -> dict:
@@ -70,16 +76,20 @@ def restore_state(workdir: pathlib.Path, step: int) -> dict:
 
 
 def flat(tree) -> dict[str, np.ndarray]:
-    return {jax.tree_util.keystr(path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        jax.tree_util.keystr(path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def metrics(workdir: pathlib.Path) -> tuple[list[dict], list[dict]]:
     """``metrics.jsonl`` as (train lines, validation lines), throughput and wall-clock keys
     dropped."""
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    lines = [{k: v for k, v in line.items() if not k.startswith("perf/") and k != "time"}
-             for line in lines]
+    lines = [
+        {k: v for k, v in line.items() if not k.startswith("perf/") and k != "time"}
+        for line in lines
+    ]
     return [x for x in lines if "loss" in x], [x for x in lines if "val_loss" in x]
 
 
@@ -90,8 +100,9 @@ class Run:
     def __init__(self, args: list[str], env: dict[str, str], stderr: pathlib.Path):
         self.stderr_path = stderr
         self._stderr = open(stderr, "w")
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                     stderr=self._stderr, text=True)
+        self.proc = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self._stderr, text=True
+        )
         self.lines: list[str] = []
 
     def wait_for(self, pattern: str) -> re.Match:
@@ -102,8 +113,10 @@ class Run:
             if match := regex.search(line):
                 return match
         self.finish()
-        pytest.fail(f"process ended (rc {self.proc.returncode}) before printing {pattern!r}:\n"
-                    + "".join(self.lines))
+        pytest.fail(
+            f"process ended (rc {self.proc.returncode}) before printing {pattern!r}:\n"
+            + "".join(self.lines)
+        )
 
     def finish(self) -> int:
         """Read the rest of stdout, wait for the exit; returns the exit status."""
@@ -119,4 +132,3 @@ class Run:
     @property
     def stderr(self) -> str:
         return self.stderr_path.read_text()[-3000:]
-

@@ -111,9 +111,12 @@ def test_exact_lookup_matches_contained_sequences_only():
 def test_exact_lookup_index_equals_plain_search_on_real_barcodes():
     sets = barcodes.load_barcode_sets(samples.sample_path(samples.BARCODES))
     keys = sets.train.sequences
-    queries = (sets.test.sequences[:150] + [k[17:400] for k in keys[:40:3]]
-               + [k[:25] for k in keys[:5]] + ["N".join(k[i : i + 30] for i in (0, 31, 62))
-                                               for k in keys[:3]])
+    queries = (
+        sets.test.sequences[:150]
+        + [k[17:400] for k in keys[:40:3]]
+        + [k[:25] for k in keys[:5]]
+        + ["N".join(k[i : i + 30] for i in (0, 31, 62)) for k in keys[:3]]
+    )
     labels = np.arange(len(keys))
     want = [next((j for j, key in enumerate(keys) if q in key), -1) for q in queries]
     got = knn.exact_lookup(keys, labels, queries)
@@ -152,7 +155,8 @@ def test_ward_ami_is_one_on_separable_groups_and_matches_scikit_learn():
 
     clusters = AgglomerativeClustering(n_clusters=6, linkage="ward").fit_predict(x)
     assert cluster.cluster_ami(x, shuffled) == pytest.approx(
-        adjusted_mutual_info_score(shuffled, clusters))
+        adjusted_mutual_info_score(shuffled, clusters)
+    )
     assert abs(cluster.cluster_ami(x, shuffled)) < 0.2
 
 
@@ -173,17 +177,23 @@ def test_sample_sets_hold_out_whole_species():
 
 def test_bad_barcode_tables_are_user_errors(tmp_path, bold_split):
     no_genus = tmp_path / "no_genus.tsv"
-    no_genus.write_text("processid\tspecies_name\tbin_uri\tnucleotides\tsplit\n"
-                        "A1\tAus bus\tBOLD:AAA0001\tACGTACGTACGT\ttrain\n")
-    with pytest.raises(UserError, match=r"no_genus.tsv, line 1: .*needs species, genus and BIN "
-                                        r"columns, missing \['genus_name'\]"):
+    no_genus.write_text(
+        "processid\tspecies_name\tbin_uri\tnucleotides\tsplit\n"
+        "A1\tAus bus\tBOLD:AAA0001\tACGTACGTACGT\ttrain\n"
+    )
+    with pytest.raises(
+        UserError,
+        match=r"no_genus.tsv, line 1: .*needs species, genus and BIN "
+        r"columns, missing \['genus_name'\]",
+    ):
         barcodes.load_barcode_sets(no_genus)
     with pytest.raises(UserError, match="no 'split' column; write a split once with"):
         barcodes.load_barcode_sets(_without_split(tmp_path))
     only_train = tmp_path / "only_train.tsv"
     with gzip.open(bold_split[0], "rt") as f:
-        lines = [next(f)] + [line for line in itertools.islice(f, 3000)
-                             if line.rstrip("\n").endswith("\ttrain")]
+        lines = [next(f)] + [
+            line for line in itertools.islice(f, 3000) if line.rstrip("\n").endswith("\ttrain")
+        ]
     only_train.write_text("".join(lines))
     with pytest.raises(UserError, match="only_train.tsv: the test set is empty"):
         barcodes.load_barcode_sets(only_train)
@@ -208,8 +218,11 @@ def test_evaluate_smoke_writes_the_table_and_picture(tmp_path):
     assert methods == ["random (test_mae)", "6-mer frequencies", "exact-sequence lookup"]
     kmer = record["rows"][1]
     assert kmer["genus 1-NN acc"] > 0.5 and kmer["BIN AMI"] > 0.6
-    assert kmer["harmonic mean"] == pytest.approx(barcodes.harmonic_mean(
-        [kmer["species acc (probe)"], kmer["genus 1-NN acc"], kmer["BIN AMI"]]))
+    assert kmer["harmonic mean"] == pytest.approx(
+        barcodes.harmonic_mean(
+            [kmer["species acc (probe)"], kmer["genus 1-NN acc"], kmer["BIN AMI"]]
+        )
+    )
     assert 0.0 <= record["rows"][0]["species acc (fine-tuned)"] <= 1.0  # 1 epoch of full FT
     assert (tmp_path / "finetune_0" / "metrics.jsonl").is_file()
     assert (tmp_path / "umap.png").stat().st_size > 10_000

@@ -31,12 +31,15 @@ def test_pod_batch_rule_names_batches_that_split():
         assert compile_ahead.check_batch(batch, accum, 8, "v5p:2x2x2") == batch // accum
 
 
-@pytest.mark.parametrize("topology, devices, per_chip, hbm, peak", [
-    ("v5p:2x2x1", 4, 1, 95 * GIB, 459e12),
-    ("v5e:2x2", 4, 1, 16 * GIB, 197e12),
-    ("v6e:2x2", 4, 1, 32 * GIB, 918e12),
-    ("v4:2x2x2", 16, 2, 16 * GIB, 137.5e12),  # libtpu exposes v4's 2 TensorCores as devices
-])
+@pytest.mark.parametrize(
+    "topology, devices, per_chip, hbm, peak",
+    [
+        ("v5p:2x2x1", 4, 1, 95 * GIB, 459e12),
+        ("v5e:2x2", 4, 1, 16 * GIB, 197e12),
+        ("v6e:2x2", 4, 1, 32 * GIB, 918e12),
+        ("v4:2x2x2", 16, 2, 16 * GIB, 137.5e12),  # libtpu exposes v4's 2 TensorCores as devices
+    ],
+)
 def test_tpu_targets_from_a_cpu_host(topology, devices, per_chip, hbm, peak):
     tgt = compile_ahead.target(topology)
     assert (len(tgt.devices), tgt.platform, tgt.devices_per_chip) == (devices, "tpu", per_chip)
@@ -73,15 +76,16 @@ def test_paper_step_compiles_for_a_v5p_slice_and_fits(capsys):
     head on masked slots behind a lax.cond. It fits in HBM; the compiler's FLOPs are the
     formula's for the full-head branch (XLA costs a cond at its dearest branch) plus a little
     elementwise work; the time estimate implies a plausible MFU."""
-    config = config_lib.load("cm_gems:paper,data.batch_size=16,train.grad_accum=2",
-                             {"compile.topology": "v5p:2x2x1"})
+    config = config_lib.load(
+        "cm_gems:paper,data.batch_size=16,train.grad_accum=2", {"compile.topology": "v5p:2x2x1"}
+    )
     report = compile_ahead.run(config)
-    assert (report["devices"], report["compute_dtype"], report["grad_accum"]) == (
-        4, "bfloat16", 2)
+    assert (report["devices"], report["compute_dtype"], report["grad_accum"]) == (4, "bfloat16", 2)
     size = SIZES["logo"]
     d, layers, ffn, vocab = size["hidden"], size["layers"], size["ffn"], size["vocab_size"]
-    model = nnx.eval_shape(lambda: registry.build_model(registry.get_model_config("logo"),
-                                                        nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: registry.build_model(registry.get_model_config("logo"), nnx.Rngs(0))
+    )
     params = registry.param_count(model)  # float32, replicated on every chip
     assert report["params_bytes"] == pytest.approx(4 * params, rel=0.01)
     assert report["optimizer_bytes"] == pytest.approx(2 * report["params_bytes"], rel=0.01)
@@ -98,8 +102,9 @@ def test_paper_step_compiles_for_a_v5p_slice_and_fits(capsys):
 
 @pytest.mark.slow
 def test_a_step_too_big_for_its_chips_fails_naming_the_fix():
-    config = config_lib.load("cm_gems:smoke,data.batch_size=65536,data.max_len=512",
-                             {"compile.topology": "v5e:2x2"})
+    config = config_lib.load(
+        "cm_gems:smoke,data.batch_size=65536,data.max_len=512", {"compile.topology": "v5e:2x2"}
+    )
     with pytest.raises(UserError) as err:
         compile_ahead.run(config)
     message = str(err.value)
@@ -117,7 +122,10 @@ def test_compile_mode_on_the_local_devices(tmp_path, jax_cache):
     assert out.returncode == 0, out.stderr[-3000:]
     report = cli_runs.summary(out.stdout)
     assert (report["target"], report["devices"], report["mesh"]) == (
-        "local", 8, {"data": 8, "fsdp": 1})
+        "local",
+        8,
+        {"data": 8, "fsdp": 1},
+    )
     assert report["compute_dtype"] == "float32" and report["hbm_bytes"] is None
     assert report["batch_size"] == 16 and report["batch_bytes"] > 0
     assert math.isfinite(report["compiler_flops"]) and report["compiler_flops"] > 0

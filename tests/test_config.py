@@ -19,8 +19,16 @@ BARCODE = ("barcode_bert", "barcode_mae", "barcode_bert_5m")
 
 def test_the_recipes_are_the_config_files():
     assert config_lib.recipes() == sorted(p.stem for p in (cli_runs.ROOT / "configs").glob("*.py"))
-    assert set(TRAINING) == {"cm_gems", "cm_step", "genemask", "global_pmi", "dnabert_random",
-                             "barcode_mae", "barcode_bert", "barcode_bert_5m"}
+    assert set(TRAINING) == {
+        "cm_gems",
+        "cm_step",
+        "genemask",
+        "global_pmi",
+        "dnabert_random",
+        "barcode_mae",
+        "barcode_bert",
+        "barcode_bert_5m",
+    }
 
 
 @pytest.mark.parametrize("name", TRAINING)
@@ -29,11 +37,16 @@ def test_every_training_config_and_preset_loads(name):
     and a model config; every recipe has :smoke."""
     module = config_lib.load_module(cli_runs.ROOT / "configs" / f"{name}.py")
     assert {"paper", "smoke"} <= set(module.PRESETS)
-    for preset in ("", *module.PRESETS, name if name in BARCODE else "dnabert6",
-                   "smoke,train.steps=7"):
+    for preset in (
+        "",
+        *module.PRESETS,
+        name if name in BARCODE else "dnabert6",
+        "smoke,train.steps=7",
+    ):
         config = config_lib.load(f"configs/{name}.py:{preset}")
-        assert config.recipe == name and config.data.kind == ("barcode" if name in BARCODE
-                                                              else "genome")
+        assert config.recipe == name and config.data.kind == (
+            "barcode" if name in BARCODE else "genome"
+        )
         optim.make_optimizer(config.optimizer, config.train.steps)
         registry.get_model_config(config.model.name)
     assert config.train.steps == 7 and config.model.name in ("test", "test_mae", "test_k8")
@@ -45,7 +58,10 @@ def test_recipes_state_their_setting():
     """What makes each recipe (read from its file, not from a shared branch)."""
     cm = config_lib.load("cm_gems")
     assert (cm.model.name, cm.masking.curriculum, cm.masking.strategy) == (
-        "logo", "cm_gems", "genemask")
+        "logo",
+        "cm_gems",
+        "genemask",
+    )
     assert (cm.masking.threshold_mode, cm.masking.threshold) == ("relative", 0.01)
     paper = config_lib.load("cm_gems:paper")
     assert (paper.masking.threshold_mode, paper.masking.threshold) == ("absolute", 1.0)
@@ -65,8 +81,14 @@ def test_recipes_state_their_setting():
 def test_barcode_recipes_offer_only_the_keys_their_step_reads(name):
     config = config_lib.load(name)
     # mae_draw (and train.mae_visible_slack) are read by the MAE step only
-    assert sorted(config.masking) == ["loss_on", "mae_draw", "mae_ratio", "mask_frac",
-                                      "random_frac", "random_low"]
+    assert sorted(config.masking) == [
+        "loss_on",
+        "mae_draw",
+        "mae_ratio",
+        "mask_frac",
+        "random_frac",
+        "random_low",
+    ]
     assert "mlm_head_share" not in config.train and "fasta" not in config.data
     with pytest.raises(config_lib.ConfigKeyError, match="unknown config key 'masking.strategy'"):
         config_lib.load(f"{name}:masking.strategy=genemask")
@@ -84,11 +106,14 @@ def test_pmi_config_and_presets(shared_data):
 
 
 def test_loading_a_config_imports_no_jax():
-    code = ("import sys\nfrom gemsjax import config\n"
-            "[config.load(f'{n}:{p}') for n in config.recipes() for p in ('', 'smoke')]\n"
-            "print(sorted(m for m in ('jax', 'flax', 'optax') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=cli_runs.ROOT, capture_output=True,
-                          text=True, timeout=60)
+    code = (
+        "import sys\nfrom gemsjax import config\n"
+        "[config.load(f'{n}:{p}') for n in config.recipes() for p in ('', 'smoke')]\n"
+        "print(sorted(m for m in ('jax', 'flax', 'optax') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=cli_runs.ROOT, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 
@@ -108,11 +133,15 @@ def test_every_key_has_a_rule(kind):
 
 def test_set_key_parses_values_by_the_key_type(tmp_path):
     c = config_lib.load("cm_gems")
-    for key, text, want in [("train.steps", "200", 200), ("optimizer.learning_rate", "1", 1.0),
-                            ("data.fasta", "a.fa.gz", ("a.fa.gz",)),
-                            ("data.fasta", '("a.fa", "b.fa")', ("a.fa", "b.fa")),
-                            ("masking.rank_table", "123", "123"),
-                            ("masking.per_example", "4", 4), ("masking.per_example", "True", True)]:
+    for key, text, want in [
+        ("train.steps", "200", 200),
+        ("optimizer.learning_rate", "1", 1.0),
+        ("data.fasta", "a.fa.gz", ("a.fa.gz",)),
+        ("data.fasta", '("a.fa", "b.fa")', ("a.fa", "b.fa")),
+        ("masking.rank_table", "123", "123"),
+        ("masking.per_example", "4", 4),
+        ("masking.per_example", "True", True),
+    ]:
         config_lib.set_key(c, key, text)
         got = c.data.fasta if key == "data.fasta" else c[key.split(".")[0]][key.split(".")[1]]
         assert got == want and type(got) is type(want), key
@@ -126,8 +155,10 @@ REFUSALS = [  # (presets, what the one-line message must contain)
     ("train.steps=2.5", "train.steps=2.5 must be an integer >= 1"),
     ("data.max_len=8", "data.max_len=8 must be in [16, 512]"),
     ("data.max_len=1024", "data.max_len=1024 must be in [16, 512] (the 'logo' size has 512"),
-    ("data.batch_size=10,train.grad_accum=4",
-     "data.batch_size=10 is not divisible by train.grad_accum=4"),
+    (
+        "data.batch_size=10,train.grad_accum=4",
+        "data.batch_size=10 is not divisible by train.grad_accum=4",
+    ),
     ("masking.curriculum=cm_gemz", "masking.curriculum='cm_gemz' must be one of 'constant'"),
     ("masking.threshold=0", "masking.threshold=0.0 must be a number > 0.0"),
     ("masking.threshold_mode=percent", "masking.threshold_mode='percent' must be one of"),
@@ -173,20 +204,32 @@ def test_a_config_file_with_a_typo_or_a_missing_key_is_refused(tmp_path):
     """A key a config file adds or drops is named, with the valid keys."""
     source = (cli_runs.ROOT / "configs" / "genemask.py").read_text()
     added = tmp_path / "typo.py"
-    added.write_text(source.replace("    return base.apply_presets",
-                                    "    c.train.stepz = 1\n    return base.apply_presets"))
-    with pytest.raises(config_lib.ConfigKeyError,
-                       match=r"unknown config key\(s\) \['train.stepz'\]; valid keys: .*data"):
+    added.write_text(
+        source.replace(
+            "    return base.apply_presets", "    c.train.stepz = 1\n    return base.apply_presets"
+        )
+    )
+    with pytest.raises(
+        config_lib.ConfigKeyError,
+        match=r"unknown config key\(s\) \['train.stepz'\]; valid keys: .*data",
+    ):
         config_lib.load(str(added))
     dropped = tmp_path / "dropped.py"
-    dropped.write_text(source.replace("    return base.apply_presets",
-                                      "    del c.masking['loss_on']\n"
-                                      "    return base.apply_presets"))
-    with pytest.raises(config_lib.ConfigKeyError,
-                       match=r"missing config key\(s\) \['masking.loss_on'\]"):
+    dropped.write_text(
+        source.replace(
+            "    return base.apply_presets",
+            "    del c.masking['loss_on']\n    return base.apply_presets",
+        )
+    )
+    with pytest.raises(
+        config_lib.ConfigKeyError, match=r"missing config key\(s\) \['masking.loss_on'\]"
+    ):
         config_lib.load(str(dropped))
-    with pytest.raises(UserError, match="config file 'configs/nope.py' not found; recipes in "
-                                        "configs/: barcode_bert, barcode_bert_5m, barcode_mae"):
+    with pytest.raises(
+        UserError,
+        match="config file 'configs/nope.py' not found; recipes in "
+        "configs/: barcode_bert, barcode_bert_5m, barcode_mae",
+    ):
         config_lib.load("configs/nope.py")
 
 

@@ -1,7 +1,6 @@
 """gemsjax.curriculum: CM-GEMS switch, CM-STEP staircase, baselines, per-sequence draws, the
 config dispatcher, tracing, Orbax."""
 
-
 import jax
 import jax.numpy as jnp
 import masking_reference as ref
@@ -70,11 +69,21 @@ def test_cm_gems_relative_plateau_triggers_at_any_perplexity_scale():
     assert float(state.min_delta) == pytest.approx(10 / 2000, rel=1e-5)
 
 
-@pytest.mark.parametrize("max_steps, step, p_global", [
-    (10_000, 0, 0.0), (10_000, 99, 0.0), (10_000, 100, 0.01), (10_000, 5_050, 0.50),
-    (10_000, 9_999, 0.99), (10_000, 10_000, 1.0), (10_000, 25_000, 1.0),
-    (1_000, 15, 0.01), (1_000, 999, 0.99), (1_050, 1_049, 1.0),
-])
+@pytest.mark.parametrize(
+    "max_steps, step, p_global",
+    [
+        (10_000, 0, 0.0),
+        (10_000, 99, 0.0),
+        (10_000, 100, 0.01),
+        (10_000, 5_050, 0.50),
+        (10_000, 9_999, 0.99),
+        (10_000, 10_000, 1.0),
+        (10_000, 25_000, 1.0),
+        (1_000, 15, 0.01),
+        (1_000, 999, 0.99),
+        (1_050, 1_049, 1.0),
+    ],
+)
 def test_cm_step_staircase(max_steps, step, p_global):
     cur = curriculum.cm_step(max_steps)
     weights = np.asarray(cur.schedule(step, cur.init()))
@@ -124,8 +133,13 @@ def test_constant_baselines_and_the_config_dispatcher():
         assert cur.active == (index,)
     with pytest.raises(ValueError, match="unknown masking strategy"):
         curriculum.constant("bert")
-    masking_cfg = dict(curriculum="constant", strategy="global_pmi", per_example=False,
-                       threshold=0.04, threshold_mode="relative")
+    masking_cfg = dict(
+        curriculum="constant",
+        strategy="global_pmi",
+        per_example=False,
+        threshold=0.04,
+        threshold_mode="relative",
+    )
     cur = curriculum.from_config(masking_cfg, 1000)
     assert cur.name == "global_pmi" and cur.active == (GLOBAL,)
     cur = curriculum.from_config(dict(masking_cfg, curriculum="cm_step", per_example=5), 1000)
@@ -166,8 +180,9 @@ def test_curriculum_drives_the_mask_inside_jit(shared_data):
     run = jax.jit(lambda key, step, state: step_masks(cur, key, step, state))
     direct = masking.strategy_functions(params)
     for step, index in ((0, RANDOM), (10_000, GLOBAL)):
-        np.testing.assert_array_equal(run(KEY, jnp.int32(step), cur.init()),
-                                      direct[index](KEY, ids, special, rank_table))
+        np.testing.assert_array_equal(
+            run(KEY, jnp.int32(step), cur.init()), direct[index](KEY, ids, special, rank_table)
+        )
     assert run._cache_size() == 1
     mix = curriculum.cm_step(10_000, per_example=True)
     strategy = np.asarray(mix.sample(KEY, 5_000, mix.init(), 32))
@@ -176,4 +191,5 @@ def test_curriculum_drives_the_mask_inside_jit(shared_data):
         rows = strategy == index
         assert rows.any()
         np.testing.assert_array_equal(
-            masks[rows], np.asarray(direct[index](KEY, ids, special, rank_table))[rows])
+            masks[rows], np.asarray(direct[index](KEY, ids, special, rank_table))[rows]
+        )

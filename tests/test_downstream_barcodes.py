@@ -15,23 +15,31 @@ SUMMARY = "gemsjax summary: "
 
 
 def _main(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "gemsjax.main", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "gemsjax.main", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _summary(stdout: str) -> dict:
     lines = [line for line in stdout.splitlines() if line.startswith(SUMMARY)]
     assert len(lines) == 1, stdout
-    return json.loads(lines[0][len(SUMMARY):])
+    return json.loads(lines[0][len(SUMMARY) :])
 
 
 @pytest.fixture(scope="module")
 def barcode_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("barcode_mae")
-    done = _main("--config=configs/barcode_mae.py:smoke,downstream.eval=True",
-                 f"--workdir={workdir}")
+    done = _main(
+        "--config=configs/barcode_mae.py:smoke,downstream.eval=True", f"--workdir={workdir}"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return workdir, done.stdout
 
@@ -53,8 +61,13 @@ def test_embed_command_reads_a_run_folder_and_refuses_the_wrong_tokenizer(barcod
     workdir, _ = barcode_run
     out = tmp_path / "emb"
     sample = ROOT / "gemsjax" / "data" / "samples" / "bold_coi_sample.tsv.gz"
-    done = _main("--mode=embed", "--config=configs/eval/embed.py", f"--config.init={workdir}",
-                 f"--config.input={sample}", f"--workdir={out}")
+    done = _main(
+        "--mode=embed",
+        "--config=configs/eval/embed.py",
+        f"--config.init={workdir}",
+        f"--config.input={sample}",
+        f"--workdir={out}",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = _summary(done.stdout)
     assert summary["shape"] == [4000, 64] and summary["encoder"] == f"{workdir}@step=6"
@@ -62,8 +75,14 @@ def test_embed_command_reads_a_run_folder_and_refuses_the_wrong_tokenizer(barcod
     assert vectors.shape == (4000, 64) and np.isfinite(vectors).all()
     index = (out / "index.tsv").read_text().splitlines()
     assert len(index) == 4001 and index[0].startswith("row\tid\tline\t")
-    wrong = _main("--mode=embed", "--config=configs/eval/embed.py", f"--config.init={workdir}",
-                  f"--config.input={sample}", "--config.vocab=dnabert", f"--workdir={out}")
+    wrong = _main(
+        "--mode=embed",
+        "--config=configs/eval/embed.py",
+        f"--config.init={workdir}",
+        f"--config.input={sample}",
+        "--config.vocab=dnabert",
+        f"--workdir={out}",
+    )
     assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
     assert "is a barcodebert model, but this task is tokenized for dnabert" in wrong.stderr
 
@@ -74,6 +93,7 @@ def test_embed_command_smoke(tmp_path):
     summary = _summary(done.stdout)
     assert summary["shape"] == [4000, 64] and summary["encoder"] == "random (test_mae)"
     assert summary["truncated"] == sum(
-        int(line.rsplit("\t", 1)[1]) for line in
-        (tmp_path / "index.tsv").read_text().splitlines()[1:])
+        int(line.rsplit("\t", 1)[1])
+        for line in (tmp_path / "index.tsv").read_text().splitlines()[1:]
+    )
     assert np.load(tmp_path / "embeddings.npy").shape == (4000, 64)

@@ -72,14 +72,14 @@ def test_layers_and_cls_pooling_on_dnabert(mlm):
     also_last = embed.embed_sequences(mlm, seqs, vocab="dnabert", max_len=40, layer=2)
     np.testing.assert_allclose(last, also_last, rtol=1e-6, atol=1e-6)
     first = embed.embed_sequences(mlm, seqs, vocab="dnabert", max_len=40, layer=1)
-    x = encoder.embeddings(encoder.word_embeddings(ids), np.broadcast_to(np.arange(40), ids.shape),
-                           np.zeros_like(ids))
+    x = encoder.embeddings(
+        encoder.word_embeddings(ids), np.broadcast_to(np.arange(40), ids.shape), np.zeros_like(ids)
+    )
     x = encoder.stack.blocks[0](x, attention != 0)
     np.testing.assert_allclose(first, np.asarray(masked_mean(x, attention)), rtol=2e-5, atol=2e-6)
     assert not np.allclose(first, last)
     cls = embed.embed_sequences(mlm, seqs, vocab="dnabert", max_len=40, pooling="cls")
-    np.testing.assert_allclose(cls, np.asarray(encoder(ids, attention))[:, 0], rtol=2e-5,
-                               atol=2e-6)
+    np.testing.assert_allclose(cls, np.asarray(encoder(ids, attention))[:, 0], rtol=2e-5, atol=2e-6)
 
 
 def test_bad_options_are_user_errors(mae, mlm, barcodes):

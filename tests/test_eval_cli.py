@@ -26,15 +26,25 @@ TIMEOUT = 600
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
     cache = tmp_path_factory.mktemp("jax_cache")
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-                JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
 
 
 def _run(env, *args) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "gemsjax.main", *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=TIMEOUT)
+    out = subprocess.run(
+        [sys.executable, "-m", "gemsjax.main", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -42,21 +52,24 @@ def _run(env, *args) -> subprocess.CompletedProcess:
 def _summary(stdout: str) -> dict:
     lines = [line for line in stdout.splitlines() if line.startswith(SUMMARY)]
     assert len(lines) == 1, stdout
-    return json.loads(lines[0][len(SUMMARY):])
+    return json.loads(lines[0][len(SUMMARY) :])
 
 
 @pytest.fixture(scope="module")
 def pretrained(env, tmp_path_factory):
     """The README's command on the smoke preset with its downstream table switched on."""
     workdir = tmp_path_factory.mktemp("run") / "cm_gems"
-    out = _run(env, "--config=configs/cm_gems.py:smoke,downstream.eval=True,downstream.draws=1",
-               f"--workdir={workdir}")
+    out = _run(
+        env,
+        "--config=configs/cm_gems.py:smoke,downstream.eval=True,downstream.draws=1",
+        f"--workdir={workdir}",
+    )
     return workdir, out
 
 
 def test_pretraining_run_ends_with_the_downstream_table(pretrained):
     workdir, out = pretrained
-    table = out.stdout[out.stdout.index("## GeneMask few-shot: prom_core_10shot_sample"):]
+    table = out.stdout[out.stdout.index("## GeneMask few-shot: prom_core_10shot_sample") :]
     assert "| task | shots | init | accuracy | macro_f1 | mcc | draws |" in table
     assert f"| prom_core_10shot_sample | 10 | pretrained: {workdir}@step=6 |" in table
     assert f"| prom_core_10shot_sample | 10 | random: random ({workdir}@step=6 size) |" in table
@@ -68,27 +81,42 @@ def test_pretraining_run_ends_with_the_downstream_table(pretrained):
 
 def test_evaluate_fewshot_from_the_run_folder(pretrained, env, tmp_path):
     run, _ = pretrained
-    out = _run(env, "--mode=evaluate", "--config=configs/eval/fewshot.py:smoke,max_len=40",
-               f"--config.init={run}:best", f"--workdir={tmp_path}")
+    out = _run(
+        env,
+        "--mode=evaluate",
+        "--config=configs/eval/fewshot.py:smoke,max_len=40",
+        f"--config.init={run}:best",
+        f"--workdir={tmp_path}",
+    )
     summary = _summary(out.stdout)
-    assert summary["truncated"] == {"pool": 20, "test": 500}   # 67 tokens needed, 40 kept
+    assert summary["truncated"] == {"pool": 20, "test": 500}  # 67 tokens needed, 40 kept
     assert summary["train_step_compiles"] == {"10": 1}
     record = json.loads((tmp_path / "results.json").read_text())
     assert [(r["arm"], r["draws"]) for r in record["rows"]] == [("pretrained", 2), ("random", 2)]
     assert "truncated rows: 20 of the pool, 500 of the test file" in out.stdout
     for name in ("results.md", "curves_prom_core_sample_10shot.png", "mcc_prom_core_sample.png"):
         assert (tmp_path / name).is_file()
-    again = _run(env, "--mode=evaluate", "--config=configs/eval/fewshot.py:smoke,max_len=40",
-                 f"--config.init={run}:best", f"--workdir={tmp_path}")
-    assert "draw 0" not in again.stdout                      # every draw read back (resume)
+    again = _run(
+        env,
+        "--mode=evaluate",
+        "--config=configs/eval/fewshot.py:smoke,max_len=40",
+        f"--config.init={run}:best",
+        f"--workdir={tmp_path}",
+    )
+    assert "draw 0" not in again.stdout  # every draw read back (resume)
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == record["rows"]
 
 
 def test_finetune_command_with_dev_split(pretrained, env, tmp_path):
     run, _ = pretrained
     dev = ROOT / "gemsjax/data/samples/prom_core_10shot_train.tsv.gz"
-    args = ("--mode=finetune", "--config=configs/eval/finetune.py:smoke,baseline=False",
-            f"--config.init={run}:step=3", f"--config.task.dev={dev}", f"--workdir={tmp_path}")
+    args = (
+        "--mode=finetune",
+        "--config=configs/eval/finetune.py:smoke,baseline=False",
+        f"--config.init={run}:step=3",
+        f"--config.task.dev={dev}",
+        f"--workdir={tmp_path}",
+    )
     out = _run(env, *args)
     record = json.loads((tmp_path / "results.json").read_text())
     (row,) = record["rows"]
@@ -96,15 +124,16 @@ def test_finetune_command_with_dev_split(pretrained, env, tmp_path):
     history = (tmp_path / "pretrained" / "dev_history.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in history] == [1, 2]
     assert "| prom_core_sample | pretrained:" in out.stdout
-    again = _run(env, *args)                                  # resumes at the final step
+    again = _run(env, *args)  # resumes at the final step
     assert "step 1/8" not in again.stdout
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == record["rows"]
 
 
 def test_wrong_checkpoints_are_refused(pretrained):
     run, _ = pretrained
-    with pytest.raises(UserError, match="is a dnabert model, but this task is tokenized for "
-                                        "barcodebert"):
+    with pytest.raises(
+        UserError, match="is a dnabert model, but this task is tokenized for barcodebert"
+    ):
         init.load_encoder(str(run), vocab="barcodebert")
     with pytest.raises(UserError, match="another size than config.model.name='logo'"):
         init.load_encoder(str(run), model_name="logo", vocab="dnabert")
@@ -114,8 +143,11 @@ def test_wrong_checkpoints_are_refused(pretrained):
 
 
 def test_gue_scores_a_task_and_skips_one_without_train(shared_data, tmp_path):
-    config = eval_config.load(f"gue:smoke,baseline=False,gue_dir={shared_data / 'gue'}",
-                              {"tasks": "('prom/prom_core_tata', 'EMP/H3')"}, "evaluate")
+    config = eval_config.load(
+        f"gue:smoke,baseline=False,gue_dir={shared_data / 'gue'}",
+        {"tasks": "('prom/prom_core_tata', 'EMP/H3')"},
+        "evaluate",
+    )
     summary = gue.evaluate(config, tmp_path)
     rows = {r["task"]: r for r in summary["rows"]}
     assert rows["EMP/H3"]["note"].startswith("skipped: no train.csv")

@@ -22,13 +22,16 @@ def record_lengths(path, **kwargs) -> dict[str, int]:
     return lengths
 
 
-@pytest.mark.parametrize("rel, n_records, total", [
-    (LAMBDA, 1, 48_502),
-    (VCHOLERAE, 2, 4_033_464),
-    (PFALCIPARUM, 14, 23_264_425),
-    ("bacterial_genomes/Escherichia_coli_K-12_MG1655.fasta.gz", 1, 4_639_675),
-    ("human_chr22_20-21Mb/22_20-21M.fa.gz", 1, 1_000_000),
-])
+@pytest.mark.parametrize(
+    "rel, n_records, total",
+    [
+        (LAMBDA, 1, 48_502),
+        (VCHOLERAE, 2, 4_033_464),
+        (PFALCIPARUM, 14, 23_264_425),
+        ("bacterial_genomes/Escherichia_coli_K-12_MG1655.fasta.gz", 1, 4_639_675),
+        ("human_chr22_20-21Mb/22_20-21M.fa.gz", 1, 1_000_000),
+    ],
+)
 def test_real_genomes_match_readme_table(shared_data, rel, n_records, total):
     lengths = record_lengths(shared_data / rel)
     assert len(lengths) == n_records
@@ -39,7 +42,9 @@ def test_multi_record_names_and_lengths(shared_data):
     chunks = list(iter_fasta(shared_data / VCHOLERAE))
     assert [c.record for c in chunks] == sorted(c.record for c in chunks)
     assert record_lengths(shared_data / VCHOLERAE) == {
-        "gi|12057212|gb|AE003852.1|": 2_961_149, "gi|12057213|gb|AE003853.1|": 1_072_315}
+        "gi|12057212|gb|AE003852.1|": 2_961_149,
+        "gi|12057213|gb|AE003853.1|": 1_072_315,
+    }
     assert chunks[0].description.startswith("gi|12057212|gb|AE003852.1| Vibrio cholerae O1")
     assert chunks[-1].description.endswith("chromosome II, complete sequence")
     names = list(record_lengths(shared_data / PFALCIPARUM))
@@ -73,9 +78,12 @@ def test_small_chunks_concatenate_to_each_record(shared_data):
 
 def test_line_endings_blank_lines_and_any_block_size(shared_data, tmp_path):
     """CRLF, blank lines, lower case and a missing final newline, for block sizes down to 1 byte."""
-    (_, lam), = read_fasta(shared_data / LAMBDA)
-    parts = {"first part one": lam[:1000], "second": lam[1000:1700].lower(),
-             "third": lam[1700:1703]}
+    ((_, lam),) = read_fasta(shared_data / LAMBDA)
+    parts = {
+        "first part one": lam[:1000],
+        "second": lam[1000:1700].lower(),
+        "third": lam[1700:1703],
+    }
     lines = []
     for header, seq in parts.items():
         lines.append(">" + header)
@@ -135,8 +143,9 @@ def test_empty_file(tmp_path, content):
     assert_error(path, 1, "empty")
 
 
-@pytest.mark.parametrize("content, line", [(b"ACGT\nACGT\n>x\nAC\n", 1),
-                                           (b"\n\nhello\n>x\nAC\n", 3)])
+@pytest.mark.parametrize(
+    "content, line", [(b"ACGT\nACGT\n>x\nAC\n", 1), (b"\n\nhello\n>x\nAC\n", 3)]
+)
 def test_missing_header(tmp_path, content, line):
     path = tmp_path / "noheader.fa"
     path.write_bytes(content)
@@ -145,13 +154,12 @@ def test_missing_header(tmp_path, content, line):
 
 @pytest.mark.parametrize("block_bytes", [64, 1 << 20])
 def test_invalid_character_reports_its_line(shared_data, tmp_path, block_bytes):
-    (_, lam), = read_fasta(shared_data / LAMBDA)
+    ((_, lam),) = read_fasta(shared_data / LAMBDA)
     lines = [">lambda"] + [lam[i : i + 70] for i in range(0, len(lam), 70)]
     lines[500] = lines[500][:33] + "7" + lines[500][34:]
     path = tmp_path / "digit.fa"
     path.write_text("\n".join(lines) + "\n")
-    assert_error(path, 501, "invalid character '7'", "'lambda'", "IUPAC",
-                 block_bytes=block_bytes)
+    assert_error(path, 501, "invalid character '7'", "'lambda'", "IUPAC", block_bytes=block_bytes)
 
 
 @pytest.mark.parametrize("block_bytes", [3, 1 << 20])  # 3: a block starts at that '>'
@@ -162,7 +170,7 @@ def test_header_marker_in_the_middle_of_a_line(tmp_path, block_bytes):
 
 
 def test_utf8_byte_order_mark_is_skipped(shared_data, tmp_path):
-    (_, lam), = read_fasta(shared_data / LAMBDA)
+    ((_, lam),) = read_fasta(shared_data / LAMBDA)
     path = tmp_path / "bom.fa"
     path.write_bytes(b"\xef\xbb\xbf>lambda\n" + lam.encode() + b"\n")
     assert read_fasta(path) == [("lambda", lam)]

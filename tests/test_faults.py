@@ -47,8 +47,9 @@ FLIPS = 30
 
 def _config(tmp_path: pathlib.Path, *presets: str):
     """CM-GEMS smoke config on the shipped chr22 sample, genome prepared under ``tmp_path``."""
-    return config_lib.load("cm_gems:" + ",".join(
-        ("smoke", f"data.prepared_dir={tmp_path / 'genome'}") + presets))
+    return config_lib.load(
+        "cm_gems:" + ",".join(("smoke", f"data.prepared_dir={tmp_path / 'genome'}") + presets)
+    )
 
 
 def _train_state(seed: int = 0) -> dict:
@@ -58,8 +59,12 @@ def _train_state(seed: int = 0) -> dict:
         model = registry.build_model(registry.get_model_config("test"), nnx.Rngs(seed))
         _, params = nnx.split(model, nnx.Param)
         params = jax.tree.map(lambda x: x + 0.01 * seed, params)
-    return {"params": params, "opt": optax.adamw(1e-3).init(params), "step": jnp.int32(seed),
-            "curriculum": {"switched": jnp.bool_(False), "best": jnp.float32(seed)}}
+    return {
+        "params": params,
+        "opt": optax.adamw(1e-3).init(params),
+        "step": jnp.int32(seed),
+        "curriculum": {"switched": jnp.bool_(False), "best": jnp.float32(seed)},
+    }
 
 
 def _abstract(state):
@@ -72,8 +77,10 @@ def _iterator():
 
 
 def _same(a, b) -> bool:
-    return all(np.array_equal(np.asarray(x), np.asarray(y))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    return all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
 
 
 def _save_two_steps(directory: pathlib.Path, states: dict) -> None:
@@ -81,9 +88,15 @@ def _save_two_steps(directory: pathlib.Path, states: dict) -> None:
     with checkpoint.open_manager(directory, save_every=1) as manager:
         for step, state in states.items():
             next(it)
-            checkpoint.save(manager, step, state, data_iter=it,
-                            rank_table=np.arange(4101, dtype=np.int32), meta={"config": {}},
-                            force=True)
+            checkpoint.save(
+                manager,
+                step,
+                state,
+                data_iter=it,
+                rank_table=np.arange(4101, dtype=np.int32),
+                meta={"config": {}},
+                force=True,
+            )
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -98,9 +111,12 @@ def test_flipped_bits_in_saved_arrays_never_restore_silently(tmp_path, capsys):
     states = {2: _train_state(2), 4: _train_state(4)}
     pristine = tmp_path / "pristine"
     _save_two_steps(pristine, states)
-    files = sorted(p for sub in ("state/ocdbt.process_0/d", "rank_table/ocdbt.process_0/d",
-                                 "data_iter")
-                   for p in (pristine / "4" / sub).iterdir() if p.is_file())
+    files = sorted(
+        p
+        for sub in ("state/ocdbt.process_0/d", "rank_table/ocdbt.process_0/d", "data_iter")
+        for p in (pristine / "4" / sub).iterdir()
+        if p.is_file()
+    )
     sizes = np.array([p.stat().st_size for p in files])
     rng = np.random.default_rng(0)
     outcomes = {"fell back": 0, "unchanged": 0, "silently changed": 0}
@@ -145,8 +161,9 @@ def test_nan_state_on_restore_falls_back(tmp_path, caplog):
             restored = checkpoint.restore_latest(manager, _abstract(good), _iterator())
     assert restored.step == 2 and _same(restored.state, good)
     name = jax.tree_util.keystr(paths[index][0])
-    assert restored.skipped == [f"step 4: CorruptCheckpointError: step 4: NaN or Inf in "
-                                f"['params']{name}"]
+    assert restored.skipped == [
+        f"step 4: CorruptCheckpointError: step 4: NaN or Inf in ['params']{name}"
+    ]
     assert "checkpoint step 4" in caplog.text and "NaN or Inf" in caplog.text
 
 
@@ -156,8 +173,11 @@ def test_no_restorable_checkpoint_is_one_user_error(tmp_path):
     for blob in (tmp_path / "1" / "state" / "ocdbt.process_0" / "d").iterdir():
         blob.write_bytes(b"\0" * blob.stat().st_size)
     with checkpoint.open_manager(tmp_path, save_every=1) as manager:
-        with pytest.raises(UserError, match=r"no checkpoint in .* can be restored \(step 1: .*\); "
-                                            r"move its checkpoints away") as err:
+        with pytest.raises(
+            UserError,
+            match=r"no checkpoint in .* can be restored \(step 1: .*\); "
+            r"move its checkpoints away",
+        ) as err:
             checkpoint.restore_latest(manager, _abstract(state), _iterator())
     assert "\n" not in str(err.value)
 
@@ -172,35 +192,56 @@ def test_resume_refuses_changed_settings_and_allows_named_ones(tmp_path, caplog)
     to step 3, says so, logs the change, trains to 8, and leaves one metrics record per step."""
     run = tmp_path / "run"
     first = loop.train_and_evaluate(_config(tmp_path), run)
-    assert first["step"] == 6 and first["corpus"] == {"bases": 900_000, "u_as_t": 0,
-                                                      "removed_n": 100_000, "removed_other": 0}
+    assert first["step"] == 6 and first["corpus"] == {
+        "bases": 900_000,
+        "u_as_t": 0,
+        "removed_n": 100_000,
+        "removed_other": 0,
+    }
     with pytest.raises(workdir.ConfigChangedError) as err:
-        loop.train_and_evaluate(_config(tmp_path, "data.max_len=64", "masking.genemask_prob=0.03",
-                                        "train.steps=8"), run)
+        loop.train_and_evaluate(
+            _config(tmp_path, "data.max_len=64", "masking.genemask_prob=0.03", "train.steps=8"), run
+        )
     assert str(err.value) == (
         f"{run} was trained with other settings (data.max_len: 128 -> 64; "
         "masking.genemask_prob: 0.0176 -> 0.03; train.steps: 6 -> 8); resume with the same "
         "config, use a new --workdir, or allow these changes on purpose with "
-        "--config.train.allow_config_change='data.max_len,masking.genemask_prob,train.steps'")
-    with pytest.raises(workdir.ConfigChangedError, match=r"another model.name \(model.name: "
-                                                         r"'test' -> 'logo'\).*new --workdir"):
-        loop.train_and_evaluate(_config(tmp_path, "model.name=logo",
-                                        "train.allow_config_change=model"), run)
+        "--config.train.allow_config_change='data.max_len,masking.genemask_prob,train.steps'"
+    )
+    with pytest.raises(
+        workdir.ConfigChangedError,
+        match=r"another model.name \(model.name: "
+        r"'test' -> 'logo'\).*new --workdir",
+    ):
+        loop.train_and_evaluate(
+            _config(tmp_path, "model.name=logo", "train.allow_config_change=model"), run
+        )
     # Operational keys change freely; a flipped value in step 6 makes it unreadable.
-    blob = max((run / "checkpoints" / "6" / "state" / "ocdbt.process_0" / "d").iterdir(),
-               key=lambda p: p.stat().st_size)
+    blob = max(
+        (run / "checkpoints" / "6" / "state" / "ocdbt.process_0" / "d").iterdir(),
+        key=lambda p: p.stat().st_size,
+    )
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0x10
     blob.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
-        resumed = loop.train_and_evaluate(_config(tmp_path, "train.steps=8",
-                                                  "train.allow_config_change=train.steps",
-                                                  "train.log_every=2"), run)
+        resumed = loop.train_and_evaluate(
+            _config(
+                tmp_path,
+                "train.steps=8",
+                "train.allow_config_change=train.steps",
+                "train.log_every=2",
+            ),
+            run,
+        )
     assert resumed["step"] == 8 and resumed["steps_this_run"] == 5
     assert "resuming with train.steps changed on purpose: 6 -> 8" in caplog.text
     assert "checkpoint step 6 in" in caplog.text and "is unreadable" in caplog.text
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [
-        3, 6, 8]  # step 6 saved again after the fallback; the bad copy was moved aside
+        3,
+        6,
+        8,
+    ]  # step 6 saved again after the fallback; the bad copy was moved aside
     assert (run / "checkpoints" / "unreadable-6").is_dir()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r["step"] for r in records if "loss" in r]
@@ -209,26 +250,47 @@ def test_resume_refuses_changed_settings_and_allows_named_ones(tmp_path, caplog)
 
 
 def test_check_resume_on_saved_metadata():
-    saved = {"config": {"model": {"name": "test"}, "train": {"steps": 6, "log_every": 1},
-                        "optimizer": {"learning_rate": 1e-3, "warmup_steps": 2}}}
-    same = {"model": {"name": "test"}, "train": {"steps": 6, "log_every": 50},
-            "optimizer": {"learning_rate": 1e-3, "warmup_steps": 2}}
+    saved = {
+        "config": {
+            "model": {"name": "test"},
+            "train": {"steps": 6, "log_every": 1},
+            "optimizer": {"learning_rate": 1e-3, "warmup_steps": 2},
+        }
+    }
+    same = {
+        "model": {"name": "test"},
+        "train": {"steps": 6, "log_every": 50},
+        "optimizer": {"learning_rate": 1e-3, "warmup_steps": 2},
+    }
     assert workdir.check_resume(saved, same, "run") == {}
     assert workdir.check_resume(None, same, "run") == {}  # nothing saved to compare
-    bigger = {**same, "optimizer": {"learning_rate": 2e-3, "warmup_steps": 4},
-              "train": {"steps": 6, "log_every": 1, "allow_config_change": ["optimizer"]}}
+    bigger = {
+        **same,
+        "optimizer": {"learning_rate": 2e-3, "warmup_steps": 4},
+        "train": {"steps": 6, "log_every": 1, "allow_config_change": ["optimizer"]},
+    }
     assert workdir.check_resume(saved, bigger, "run") == {
-        "optimizer.learning_rate": (1e-3, 2e-3), "optimizer.warmup_steps": (2, 4)}
-    with pytest.raises(workdir.ConfigChangedError, match="optimizer.learning_rate: 0.001 -> "
-                                                         "0.002; optimizer.warmup_steps: 2 -> 4"):
+        "optimizer.learning_rate": (1e-3, 2e-3),
+        "optimizer.warmup_steps": (2, 4),
+    }
+    with pytest.raises(
+        workdir.ConfigChangedError,
+        match="optimizer.learning_rate: 0.001 -> 0.002; optimizer.warmup_steps: 2 -> 4",
+    ):
         workdir.check_resume(saved, {**bigger, "train": same["train"]}, "run")
-    with pytest.raises(UserError, match=r"train.allow_config_change names \['trian.steps'\], "
-                                        "which are neither keys nor sections"):
+    with pytest.raises(
+        UserError,
+        match=r"train.allow_config_change names \['trian.steps'\], "
+        "which are neither keys nor sections",
+    ):
         config_lib.load("cm_gems:smoke,train.allow_config_change=trian.steps")
-    config = config_lib.load("cm_gems:smoke",
-                             {"train.allow_config_change": "train.steps,optimizer"})
-    assert config_lib.allowed_changes(config.train.allow_config_change) == ["train.steps",
-                                                                             "optimizer"]
+    config = config_lib.load(
+        "cm_gems:smoke", {"train.allow_config_change": "train.steps,optimizer"}
+    )
+    assert config_lib.allowed_changes(config.train.allow_config_change) == [
+        "train.steps",
+        "optimizer",
+    ]
 
 
 # ------------------------------------------------------------------------------ the workdir
@@ -244,14 +306,17 @@ _HOLD = textwrap.dedent("""
 
 
 def test_second_run_in_a_workdir_is_refused_and_a_dead_holders_lock_is_taken(tmp_path, caplog):
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], cwd=ROOT,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline() == "locked\n"
         with pytest.raises(workdir.WorkdirLockedError) as err:
             loop.train_and_evaluate(_config(tmp_path), tmp_path)
-        assert f"{tmp_path} is in use by another gemsjax run (pid {holder.pid} on " \
-               f"{socket.gethostname()}, started " in str(err.value)
+        assert (
+            f"{tmp_path} is in use by another gemsjax run (pid {holder.pid} on "
+            f"{socket.gethostname()}, started " in str(err.value)
+        )
         assert str(err.value).endswith("wait for it to finish, stop it, or use another --workdir")
         assert not (tmp_path / "checkpoints").exists()  # refused before anything was written
     finally:
@@ -261,7 +326,8 @@ def test_second_run_in_a_workdir_is_refused_and_a_dead_holders_lock_is_taken(tmp
         with workdir.lock(tmp_path) as path:
             assert json.loads(path.read_text())["pid"] == os.getpid()
     assert f"taking over the lock of a run that did not exit cleanly (pid {holder.pid}" in (
-        caplog.text)
+        caplog.text
+    )
     assert (tmp_path / workdir.LOCK_FILE).read_text() == ""  # released cleanly
     with workdir.lock(tmp_path):  # the command line holds it; the loop enters it again
         with workdir.lock(tmp_path) as path:
@@ -272,8 +338,9 @@ def test_second_run_in_a_workdir_is_refused_and_a_dead_holders_lock_is_taken(tmp
 def test_second_run_on_the_command_line_is_one_line(tmp_path):
     """``python -m gemsjax.main`` in a held workdir: exit 2, one line naming the holder, no
     traceback, and nothing written into the folder."""
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], cwd=ROOT,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline() == "locked\n"
         done = cli_runs.run(cli_runs.cli("cm_gems", tmp_path), os.environ.copy())
@@ -282,8 +349,11 @@ def test_second_run_on_the_command_line_is_one_line(tmp_path):
         holder.wait()
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1].startswith(
-        f"gemsjax: {tmp_path} is in use by another gemsjax run (pid {holder.pid} on ")
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"gemsjax: {tmp_path} is in use by another gemsjax run (pid {holder.pid} on ")
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == [workdir.LOCK_FILE]
 
 
@@ -304,14 +374,30 @@ def test_disk_full_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path):
     """A real 6 MiB filesystem (tmpfs in a user namespace) holds one 4 MiB checkpoint of the smoke
     run: the second save fails; the run exits 1 with one line naming the folder and the space
     needed; step 3 is intact and, once there is room, the same command resumes from it."""
-    if shutil.which("unshare") is None or subprocess.run(
-            ["unshare", "-rm", "true"], capture_output=True).returncode:
+    if (
+        shutil.which("unshare") is None
+        or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode
+    ):
         pytest.skip("needs unshare (user and mount namespaces) for a small real filesystem")
     mount = tmp_path / "small"
     mount.mkdir()
-    done = subprocess.run(["unshare", "-rm", "sh", "-c", _DISK_FULL, "sh", str(mount),
-                           sys.executable, str(tmp_path / "genome")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            "unshare",
+            "-rm",
+            "sh",
+            "-c",
+            _DISK_FULL,
+            "sh",
+            str(mount),
+            sys.executable,
+            str(tmp_path / "genome"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if done.returncode == 77:
         pytest.skip("cannot mount a tmpfs here")
     out = done.stdout
@@ -323,7 +409,9 @@ def test_disk_full_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path):
         rf"gemsjax: no space left on the device writing checkpoint step 6 to {mount}/run/"
         r"checkpoints \(about 4\.\d MiB needed, \d\.\d MiB free\); free some space or use a "
         r"--workdir on a larger disk, then run the same command to resume \(the earlier "
-        r"checkpoints are intact\)", errors[0]), errors[0]
+        r"checkpoints are intact\)",
+        errors[0],
+    ), errors[0]
     assert "gemsjax: resumed" in out and " at step 3" in out
     assert "second rc=0\n3\n6\n" in out, out
 
@@ -335,8 +423,11 @@ def test_disk_full_while_writing_metrics_is_one_line(tmp_path):
 
     (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
     writer = metrics.MetricsWriter(tmp_path, total_steps=2, stream=open(os.devnull, "w"))
-    with pytest.raises(workdir.DiskFullError, match=r"no space left on the device writing "
-                                                    r"metrics to .*metrics.jsonl"):
+    with pytest.raises(
+        workdir.DiskFullError,
+        match=r"no space left on the device writing "
+        r"metrics to .*metrics.jsonl",
+    ):
         writer.write(metrics.StepMetrics(0, {"loss": 1.0}, None))
 
 
@@ -355,14 +446,17 @@ def test_truncated_or_edited_genome_cache_is_rebuilt(tmp_path, shared_data, monk
         f.truncate(len(expected) // 2)
     with caplog.at_level(logging.WARNING, logger="gemsjax.data.genome"):
         assert genome_cache.prepared_genome(paths) == prepared
-    assert f"{genome.BASES_FILE} has {len(expected) // 2} bytes, the manifest says " \
-           f"{len(expected)}); rebuilding" in caplog.text
+    assert (
+        f"{genome.BASES_FILE} has {len(expected) // 2} bytes, the manifest says "
+        f"{len(expected)}); rebuilding" in caplog.text
+    )
     assert (prepared / genome.BASES_FILE).read_bytes() == expected
     flipped = bytearray(expected)
     flipped[100] = ord("A") if flipped[100] != ord("A") else ord("C")
     (prepared / genome.BASES_FILE).write_bytes(bytes(flipped))
-    assert genome.verify_prepared(prepared) == (f"{genome.BASES_FILE} differs from the sha256 "
-                                                "in the manifest")
+    assert genome.verify_prepared(prepared) == (
+        f"{genome.BASES_FILE} differs from the sha256 in the manifest"
+    )
     genome_cache.prepared_genome(paths)
     assert (prepared / genome.BASES_FILE).read_bytes() == expected
     # An input edited in place, same size and mtime: another cache folder, the new bases.
@@ -378,11 +472,13 @@ def test_truncated_or_edited_genome_cache_is_rebuilt(tmp_path, shared_data, monk
     assert (edited / genome.BASES_FILE).read_bytes()[0] == text[at]
 
 
-def test_orphaned_temporary_folders_are_removed_and_the_cache_cli_works(tmp_path, shared_data,
-                                                                        monkeypatch, capsys):
+def test_orphaned_temporary_folders_are_removed_and_the_cache_cli_works(
+    tmp_path, shared_data, monkeypatch, capsys
+):
     monkeypatch.setenv(genome_cache.CACHE_ENV, str(tmp_path))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     host = socket.gethostname()
     orphan = tmp_path / f".genome-x-1.tmp-{host}-{dead}-0123abcd"
     live = tmp_path / f".genome-y-2.tmp-{host}-{os.getpid()}-4567cdef"
@@ -416,8 +512,12 @@ def test_rna_and_iupac_input_follow_the_documented_rule(tmp_path, shared_data, c
         prepared = genome.prepare_genome(tmp_path / "rna.fa", tmp_path / "prepared")
         report = genome.report(genome.load_manifest(prepared))
     assert (prepared / genome.BASES_FILE).read_bytes() == (dna + "ACGACGT").encode()
-    assert report == {"bases": len(dna) + 7, "u_as_t": rna.count("U"), "removed_n": 2,
-                      "removed_other": 2}
+    assert report == {
+        "bases": len(dna) + 7,
+        "u_as_t": rna.count("U"),
+        "removed_n": 2,
+        "removed_other": 2,
+    }
     assert f"read {rna.count('U')} U (RNA) bases as T" in caplog.text
     assert "deleted 2 characters other than A/C/G/T/U/N (0.31 %" in caplog.text
     tok = KmerTokenizer(6)
@@ -444,8 +544,14 @@ def test_validation_without_a_masked_token_is_refused(tmp_path):
     """With every masking probability 0, no validation token is masked: the run stops at its
     first validation with a UserError instead of reporting perplexity exp(0) = 1.00."""
     with pytest.raises(UserError, match=r"the 1 validation batch\(es\) hold no masked token"):
-        loop.train_and_evaluate(_config(tmp_path, "masking.genemask_prob=0.0",
-                                        "masking.global_pmi_prob=0.0",
-                                        "masking.random_span_prob=0.0", "train.steps=1",
-                                        "optimizer.warmup_steps=0"),
-                                tmp_path / "run")
+        loop.train_and_evaluate(
+            _config(
+                tmp_path,
+                "masking.genemask_prob=0.0",
+                "masking.global_pmi_prob=0.0",
+                "masking.random_span_prob=0.0",
+                "train.steps=1",
+                "optimizer.warmup_steps=0",
+            ),
+            tmp_path / "run",
+        )

@@ -27,8 +27,7 @@ def prom_core():
 
 def _tuner(epochs=20, lr=5e-4, batch=5, rows=20, seed=0, dropout=0.1):
     encoder = init.load_encoder("random", model_name="test", vocab="dnabert")
-    hyper = ft.Hyper(learning_rate=lr, epochs=epochs, batch_size=batch, seed=seed,
-                     dropout=dropout)
+    hyper = ft.Hyper(learning_rate=lr, epochs=epochs, batch_size=batch, seed=seed, dropout=dropout)
     mesh = sharding.make_mesh()
     steps = ft.steps_per_epoch(rows, batch) * epochs
     return ft.Finetuner(encoder, 2, hyper, 72, steps, mesh), mesh
@@ -41,19 +40,22 @@ def test_small_model_learns_the_shipped_prom_core_sample(prom_core):
     train, test = prom_core
     tuner, mesh = _tuner()
     with jax.set_mesh(mesh):
-        state, losses = ft.train_run(tuner, tuner.init(0), tuner.train_batches(train, 0, 20),
-                                     tuner.total_steps)
+        state, losses = ft.train_run(
+            tuner, tuner.init(0), tuner.train_batches(train, 0, 20), tuner.total_steps
+        )
         result = ft.evaluate_split(tuner, state, test)
-        others = [ft.train_run(tuner, tuner.init(seed, None), tuner.train_batches(train, seed),
-                               4)[1] for seed in (1, 2)]
+        others = [
+            ft.train_run(tuner, tuner.init(seed, None), tuner.train_batches(train, seed), 4)[1]
+            for seed in (1, 2)
+        ]
     assert len(losses) == tuner.total_steps == 80
     assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.05, losses
-    majority = max(np.mean(test.labels == 0), np.mean(test.labels == 1))   # 265 / 500
+    majority = max(np.mean(test.labels == 0), np.mean(test.labels == 1))  # 265 / 500
     assert result["accuracy"] > majority + 0.03, result
     assert result["mcc"] > 0.1, result
     assert np.asarray(result["confusion"]).sum() == len(test) == 500
     assert tuner.train_step._cache_size() == 1
-    assert others[0] != others[1] != losses[:4]   # another head init, order, dropout per draw
+    assert others[0] != others[1] != losses[:4]  # another head init, order, dropout per draw
 
 
 def test_rows_of_weight_zero_do_not_change_the_update(prom_core):
@@ -71,8 +73,7 @@ def test_rows_of_weight_zero_do_not_change_the_update(prom_core):
         weighted, out_weighted = tuner.step(tuner.init(0), real)
     assert tuner.train_step._cache_size() == 1
     assert float(out_padded["loss"]) == pytest.approx(float(out_weighted["loss"]), rel=1e-6)
-    for a, b in zip(jax.tree.leaves(padded.params), jax.tree.leaves(weighted.params),
-                    strict=True):
+    for a, b in zip(jax.tree.leaves(padded.params), jax.tree.leaves(weighted.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
@@ -112,15 +113,22 @@ SEQ = "AAACGG AACGGA ACGGAA CGGAAA"
 
 def test_label_errors_name_file_and_line(tmp_path):
     missing = _write(tmp_path / "nolabel.tsv.gz", f"sequence\tclass\n{SEQ}\t0\n")
-    with pytest.raises(UserError, match=r"nolabel.tsv.gz, line 1: missing required column "
-                                         r"'label'"):
+    with pytest.raises(
+        UserError,
+        match=r"nolabel.tsv.gz, line 1: missing required column "
+        r"'label'",
+    ):
         labelled.read_split(missing, "genemask")
     word = _write(tmp_path / "word.tsv.gz", f"sequence\tlabel\n{SEQ}\t0\n{SEQ}\tpositive\n")
-    with pytest.raises(UserError, match=r"word.tsv.gz, line 3: label 'positive' is not a "
-                                        r"non-negative integer"):
+    with pytest.raises(
+        UserError,
+        match=r"word.tsv.gz, line 3: label 'positive' is not a "
+        r"non-negative integer",
+    ):
         labelled.read_split(word, "genemask")
-    big = labelled.read_split(_write(tmp_path / "big.tsv.gz",
-                                     f"sequence\tlabel\n{SEQ}\t0\n\n{SEQ}\t2\n"), "genemask")
+    big = labelled.read_split(
+        _write(tmp_path / "big.tsv.gz", f"sequence\tlabel\n{SEQ}\t0\n\n{SEQ}\t2\n"), "genemask"
+    )
     with pytest.raises(UserError, match=r"big.tsv.gz, line 4: label 2 is outside the 2 classes"):
         labelled.check_labels(big, 2, "test file")
     empty = _write(tmp_path / "empty.tsv.gz", "sequence\tlabel\n")
@@ -133,7 +141,7 @@ def test_label_errors_name_file_and_line(tmp_path):
 def test_truncation_is_counted(prom_core):
     train, test = prom_core
     needed = labelled.tokens_needed(test.sequences, "dnabert")
-    assert set(needed.tolist()) == {67}                   # 70 bp: 65 6-mers + CLS + SEP
+    assert set(needed.tolist()) == {67}  # 70 bp: 65 6-mers + CLS + SEP
     assert labelled.choose_max_len(0, needed, 512) == 72
     assert labelled.choose_max_len(0, needed, 64) == 64
     assert labelled.truncated(needed, 64) == 500 and labelled.truncated(needed, 72) == 0

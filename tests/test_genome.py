@@ -103,9 +103,17 @@ def test_prepare_genome_removes_n_and_matches_the_fasta(shared_data, chr22_dir):
     manifest = json.loads((chr22_dir / genome.MANIFEST_FILE).read_text())
     assert len(expected) == 900_000  # 1,000,000 bp with 100,000 N
     assert manifest["total_length"] == len(expected)
-    assert manifest["records"] == [{
-        "name": "22:20000001-21000000", "source": str((shared_data / CHR22).resolve()),
-        "offset": 0, "length": 900_000, "removed": 100_000, "removed_n": 100_000, "u_as_t": 0}]
+    assert manifest["records"] == [
+        {
+            "name": "22:20000001-21000000",
+            "source": str((shared_data / CHR22).resolve()),
+            "offset": 0,
+            "length": 900_000,
+            "removed": 100_000,
+            "removed_n": 100_000,
+            "u_as_t": 0,
+        }
+    ]
     source = manifest["sources"][0]
     assert source["bytes"] == (shared_data / CHR22).stat().st_size and len(source["sha256"]) == 64
     assert (chr22_dir / genome.BASES_FILE).read_bytes() == expected

@@ -50,7 +50,7 @@ def chr22() -> list[str]:
     with gzip.open(samples.sample_path(samples.GENOME), "rt") as f:
         genome = "".join(line.strip() for line in f if not line.startswith(">"))
     n_at = genome.index("N")
-    return [genome[200_000:200_300], genome[n_at - 40:n_at + 30], genome[500_000:500_090]]
+    return [genome[200_000:200_300], genome[n_at - 40 : n_at + 30], genome[500_000:500_090]]
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +95,24 @@ def _torch_perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def _hf_config(config, vocab, **extra) -> transformers.BertConfig:
     return transformers.BertConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden, num_hidden_layers=config.layers,
-        num_attention_heads=config.heads, intermediate_size=config.ffn,
-        max_position_embeddings=config.max_positions, pad_token_id=0 if vocab is DNABERT else 1,
-        **extra)
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        intermediate_size=config.ffn,
+        max_position_embeddings=config.max_positions,
+        pad_token_id=0 if vocab is DNABERT else 1,
+        **extra,
+    )
 
 
 def _torch_out(model, ids, attention, **kwargs):
     with torch.no_grad():
-        return model(input_ids=torch.as_tensor(ids, dtype=torch.long),
-                     attention_mask=torch.as_tensor(attention, dtype=torch.long), **kwargs)
+        return model(
+            input_ids=torch.as_tensor(ids, dtype=torch.long),
+            attention_mask=torch.as_tensor(attention, dtype=torch.long),
+            **kwargs,
+        )
 
 
 def _loaded(cls, folder, unused_prefix=None, **kwargs):
@@ -141,8 +149,14 @@ def test_mlm_export_loads_as_bert_for_masked_lm_with_equal_logits(tmp_path, chr2
     model = _perturbed(BertForMaskedLM(SMALL, rngs=nnx.Rngs(0)), 1)
     folder = hf.export_model(model, SMALL, DNABERT, tmp_path / "mlm")
     files = _no_custom_code(folder)
-    assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json",
-            "special_tokens_map.json", "README.md"} <= set(files)
+    assert {
+        "config.json",
+        "model.safetensors",
+        "vocab.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "README.md",
+    } <= set(files)
     ids, attention = _dnabert_batch(chr22)
     assert (attention == 0).any() and (ids == DNABERT.unk_id).any()  # padding and N k-mers
 
@@ -164,8 +178,13 @@ def test_exported_dnabert_tokenizer_gives_kmer_tokenizer_ids(tmp_path, chr22):
     assert (folder / "vocab.txt").read_text().splitlines() == DNABERT.tokens()
     for max_len in (128, 512):
         ids, attention = _dnabert_batch(chr22, max_len)
-        batch = tokenizer([sequence_to_kmer_text(s) for s in chr22], padding="max_length",
-                          truncation=True, max_length=max_len, return_tensors="np")
+        batch = tokenizer(
+            [sequence_to_kmer_text(s) for s in chr22],
+            padding="max_length",
+            truncation=True,
+            max_length=max_len,
+            return_tensors="np",
+        )
         np.testing.assert_array_equal(batch["input_ids"], ids)
         np.testing.assert_array_equal(batch["attention_mask"], attention)
     assert tokenizer.convert_tokens_to_ids(["AAAAAA", "AAAAAT", "[MASK]"]) == [5, 6, 4]
@@ -188,8 +207,9 @@ def test_barcode_mae_export_is_its_encoder_as_bert_model(tmp_path, bold):
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     text = [sequence_to_kmer_text(s.replace("-", ""), 6, stride=6) for s in bold]
-    batch = tokenizer(text, padding="max_length", truncation=True, max_length=110,
-                      return_tensors="np")
+    batch = tokenizer(
+        text, padding="max_length", truncation=True, max_length=110, return_tensors="np"
+    )
     np.testing.assert_array_equal(batch["input_ids"], ids)
     np.testing.assert_array_equal(batch["attention_mask"], attention)
 
@@ -212,8 +232,7 @@ def test_classifier_export_is_bert_for_sequence_classification(tmp_path, chr22):
     assert type(clf).__name__ == "BertForSequenceClassification"
     assert clf.config.num_labels == 3 and clf.config.id2label[1] == "enhancer"
     ids, attention = _dnabert_batch(chr22)
-    _close(model(jnp.asarray(ids), jnp.asarray(attention)),
-           _torch_out(clf, ids, attention).logits)
+    _close(model(jnp.asarray(ids), jnp.asarray(attention)), _torch_out(clf, ids, attention).logits)
 
 
 def test_mean_pooled_classifier_is_refused(tmp_path):
@@ -221,8 +240,13 @@ def test_mean_pooled_classifier_is_refused(tmp_path):
     with pytest.raises(UserError, match="mean-pooled BertClassifier"):
         hf.export_model(model, SMALL, DNABERT, tmp_path / "x")
     with pytest.raises(UserError, match="2 label names given for a classifier with 3 outputs"):
-        hf.export_model(BertClassifier(SMALL, 3, rngs=nnx.Rngs(0)), SMALL, DNABERT,
-                        tmp_path / "y", labels=["a", "b"])
+        hf.export_model(
+            BertClassifier(SMALL, 3, rngs=nnx.Rngs(0)),
+            SMALL,
+            DNABERT,
+            tmp_path / "y",
+            labels=["a", "b"],
+        )
 
 
 # ----------------------------------------------------------------------------- import
@@ -232,8 +256,9 @@ def test_dnabert6_size_transformers_model_imports_with_equal_logits(tmp_path, ch
     """A transformers-initialized BertForMaskedLM of DNABERT-6 size (89M) -> gemsjax -> equal
     logits; and back to transformers bit-exact."""
     torch.manual_seed(0)
-    theirs = _torch_perturbed(transformers.BertForMaskedLM(
-        _hf_config(registry.get_model_config("dnabert6"), DNABERT)), 5)
+    theirs = _torch_perturbed(
+        transformers.BertForMaskedLM(_hf_config(registry.get_model_config("dnabert6"), DNABERT)), 5
+    )
     theirs.save_pretrained(tmp_path / "dnabert6")
     KmerTokenizer(6).write_vocab_txt(tmp_path / "dnabert6" / "vocab.txt")
 
@@ -246,6 +271,7 @@ def test_dnabert6_size_transformers_model_imports_with_equal_logits(tmp_path, ch
 
     back = hf.export_model(ours, config, DNABERT, tmp_path / "back")
     from safetensors.numpy import load_file
+
     exported, original = load_file(back / hf.WEIGHTS), theirs.state_dict()
     assert set(exported) == set(load_file(tmp_path / "dnabert6" / hf.WEIGHTS))
     for name, value in exported.items():
@@ -253,8 +279,9 @@ def test_dnabert6_size_transformers_model_imports_with_equal_logits(tmp_path, ch
 
 
 def test_transformers_classifier_imports_with_equal_logits(tmp_path, chr22):
-    theirs = _torch_perturbed(transformers.BertForSequenceClassification(
-        _hf_config(SMALL, DNABERT, num_labels=4)), 6)
+    theirs = _torch_perturbed(
+        transformers.BertForSequenceClassification(_hf_config(SMALL, DNABERT, num_labels=4)), 6
+    )
     theirs.save_pretrained(tmp_path / "clf")
     ours = BertClassifier(SMALL, 4, rngs=nnx.Rngs(0))
     hf.load_into(ours, tmp_path / "clf", SMALL)
@@ -264,8 +291,12 @@ def test_transformers_classifier_imports_with_equal_logits(tmp_path, chr22):
 
 def test_barcodebert_format_folder_imports_its_encoder(tmp_path, bold):
     """BarcodeBERT's layout: BertForTokenClassification over 4^k k-mer classes, no vocab.txt."""
-    theirs = _torch_perturbed(transformers.BertForTokenClassification(
-        _hf_config(SMALL_BARCODE, BARCODE, num_labels=4096)), 7)
+    theirs = _torch_perturbed(
+        transformers.BertForTokenClassification(
+            _hf_config(SMALL_BARCODE, BARCODE, num_labels=4096)
+        ),
+        7,
+    )
     theirs.save_pretrained(tmp_path / "barcodebert")
     assert hf.read_folder(tmp_path / "barcodebert").vocab == BARCODE
     ids, attention = _barcode_batch(bold)
@@ -300,10 +331,12 @@ def test_barcodebert_format_folder_imports_its_encoder(tmp_path, bold):
 def test_round_trip_gemsjax_transformers_gemsjax_is_bit_exact(tmp_path, kind):
     config = registry.get_model_config("test_mae") if kind == "mae" else SMALL
     vocab = BARCODE if kind == "mae" else DNABERT
-    build = dict(mlm=lambda s: BertForMaskedLM(config, rngs=nnx.Rngs(s)),
-                 classifier=lambda s: BertClassifier(config, 5, rngs=nnx.Rngs(s)),
-                 encoder=lambda s: BertModel(config, rngs=nnx.Rngs(s)),
-                 mae=lambda s: BarcodeMAE(config, rngs=nnx.Rngs(s)))[kind]
+    build = dict(
+        mlm=lambda s: BertForMaskedLM(config, rngs=nnx.Rngs(s)),
+        classifier=lambda s: BertClassifier(config, 5, rngs=nnx.Rngs(s)),
+        encoder=lambda s: BertModel(config, rngs=nnx.Rngs(s)),
+        mae=lambda s: BarcodeMAE(config, rngs=nnx.Rngs(s)),
+    )[kind]
     original = _perturbed(build(0), 8)
     folder = hf.export_model(original, config, vocab, tmp_path / kind)
     copy = build(1)
@@ -347,9 +380,12 @@ def test_sharded_safetensors_and_tf_layer_norm_names_are_read(tmp_path, chr22):
 
     theirs.save_pretrained(tmp_path / "tf")
     tensors = load_file(tmp_path / "tf" / hf.WEIGHTS)
-    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias",
-                                                                        "LayerNorm.beta"): v
-               for k, v in tensors.items()}
+    renamed = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+            "LayerNorm.bias", "LayerNorm.beta"
+        ): v
+        for k, v in tensors.items()
+    }
     assert sum(k.endswith("gamma") for k in renamed) == 1 + 2 * SMALL.layers + 1
     save_file(renamed, tmp_path / "tf" / hf.WEIGHTS, metadata={"format": "pt"})
     tf_names = BertForMaskedLM(SMALL, rngs=nnx.Rngs(0))
@@ -384,20 +420,31 @@ def saved(tmp_path_factory):
     return make
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(vocab=BARCODE), r"vocabulary: 4098 ids \(barcodebert layout, k=6\) in the folder, "
-                          r"4101 ids \(dnabert layout, k=6\) in the model"),
-    (dict(vocab=get_vocab("dnabert", 4)), r"k: 261 ids \(dnabert layout, k=4\) in the folder, "
-                                          r"4101 ids \(dnabert layout, k=6\)"),
-    (dict(layers=3), "layer count: 3 in the folder, 2 in the model"),
-    (dict(max_positions=256), "position limit: 256 in the folder, 512 in the model"),
-    (dict(hidden=32), "hidden size: 32 in the folder, 64 in the model"),
-    (dict(heads=4), "attention heads: 4 in the folder, 2 in the model"),
-    (dict(hidden_act="gelu_new"), "hidden_act='gelu_new'; gemsjax's BERT is exact"),
-    (dict(layer_norm_eps=1e-5), "LayerNorm eps: 1e-05 in the folder, 1e-12 in the model"),
-    (dict(model_cls=transformers.BertModel),
-     r"\(BertModel\) has no masked-LM head \(cls.predictions.\*\)"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            dict(vocab=BARCODE),
+            r"vocabulary: 4098 ids \(barcodebert layout, k=6\) in the folder, "
+            r"4101 ids \(dnabert layout, k=6\) in the model",
+        ),
+        (
+            dict(vocab=get_vocab("dnabert", 4)),
+            r"k: 261 ids \(dnabert layout, k=4\) in the folder, "
+            r"4101 ids \(dnabert layout, k=6\)",
+        ),
+        (dict(layers=3), "layer count: 3 in the folder, 2 in the model"),
+        (dict(max_positions=256), "position limit: 256 in the folder, 512 in the model"),
+        (dict(hidden=32), "hidden size: 32 in the folder, 64 in the model"),
+        (dict(heads=4), "attention heads: 4 in the folder, 2 in the model"),
+        (dict(hidden_act="gelu_new"), "hidden_act='gelu_new'; gemsjax's BERT is exact"),
+        (dict(layer_norm_eps=1e-5), "LayerNorm eps: 1e-05 in the folder, 1e-12 in the model"),
+        (
+            dict(model_cls=transformers.BertModel),
+            r"\(BertModel\) has no masked-LM head \(cls.predictions.\*\)",
+        ),
+    ],
+)
 def test_mismatch_is_a_user_error_naming_it(saved, changes, message, request):
     folder = saved(request.node.callspec.id, **changes)
     with pytest.raises(UserError, match=message):
@@ -424,37 +471,59 @@ def test_folder_format_errors(saved, tmp_path):
     lines = (folder / "vocab.txt").read_text().splitlines()
     lines[5], lines[6] = lines[6], lines[5]
     (folder / "vocab.txt").write_text("\n".join(lines) + "\n")
-    with pytest.raises(UserError, match=r"vocab.txt:6: token 'AAAAAT' where the dnabert k=6 "
-                                        r"layout has 'AAAAAA'"):
+    with pytest.raises(
+        UserError,
+        match=r"vocab.txt:6: token 'AAAAAT' where the dnabert k=6 "
+        r"layout has 'AAAAAA'",
+    ):
         hf.load_into(model, folder, SMALL)
     (folder / "vocab.txt").unlink()
 
     untied = saved("untied", tie_word_embeddings=False)
-    with pytest.raises(UserError, match="cls.predictions.decoder.weight differs from "
-                                        "bert.embeddings.word_embeddings.weight; gemsjax's MLM "
-                                        "decoder is tied"):
+    with pytest.raises(
+        UserError,
+        match="cls.predictions.decoder.weight differs from "
+        "bert.embeddings.word_embeddings.weight; gemsjax's MLM "
+        "decoder is tied",
+    ):
         hf.load_into(model, untied, SMALL)
 
     (folder / "vocab.txt").write_text("\n".join(lines[:-1]) + "\n")
     with pytest.raises(UserError, match="4100 tokens is neither the DNABERT layout"):
         hf.load_into(model, folder, SMALL)
     KmerTokenizer(5).write_vocab_txt(folder / "vocab.txt")
-    with pytest.raises(UserError, match="vocab.txt has 1029 tokens but config.json says "
-                                        "vocab_size 4101"):
+    with pytest.raises(
+        UserError, match="vocab.txt has 1029 tokens but config.json says vocab_size 4101"
+    ):
         hf.load_into(model, folder, SMALL)
     (folder / "vocab.txt").unlink()
 
     from safetensors.numpy import load_file, save_file
+
     original = load_file(folder / hf.WEIGHTS)
     edits = [
-        ({k: v for k, v in original.items() if k != "bert.encoder.layer.1.output.dense.bias"},
-         r"lacks 1 tensor\(s\) of a BertForMaskedLM: bert.encoder.layer.1.output.dense.bias"),
-        (dict(original, **{"bert.encoder.layer.0.crossattention.self.query.weight":
-                           original["bert.encoder.layer.0.attention.self.query.weight"]}),
-         "no place for .*: bert.encoder.layer.0.crossattention.self.query.weight"),
-        (dict(original, **{"bert.embeddings.token_type_embeddings.weight": np.zeros((3, 64),
-                                                                                    np.float32)}),
-         r"encoder/embeddings/token_type/embedding has shape \(3, 64\) in the folder, \(2, 64\)"),
+        (
+            {k: v for k, v in original.items() if k != "bert.encoder.layer.1.output.dense.bias"},
+            r"lacks 1 tensor\(s\) of a BertForMaskedLM: bert.encoder.layer.1.output.dense.bias",
+        ),
+        (
+            dict(
+                original,
+                **{
+                    "bert.encoder.layer.0.crossattention.self.query.weight": original[
+                        "bert.encoder.layer.0.attention.self.query.weight"
+                    ]
+                },
+            ),
+            "no place for .*: bert.encoder.layer.0.crossattention.self.query.weight",
+        ),
+        (
+            dict(
+                original,
+                **{"bert.embeddings.token_type_embeddings.weight": np.zeros((3, 64), np.float32)},
+            ),
+            r"encoder/embeddings/token_type/embedding has shape \(3, 64\) in the folder, \(2, 64\)",
+        ),
     ]
     for tensors, message in edits:
         save_file(tensors, folder / hf.WEIGHTS, metadata={"format": "pt"})
@@ -478,8 +547,11 @@ def test_folder_format_errors(saved, tmp_path):
 
 
 def test_export_mode_argument_errors(tmp_path):
-    with pytest.raises(UserError, match=r"takes --config.init=<run folder or checkpoint>.*"
-                                        r"unknown key\(s\) \['steps'\]"):
+    with pytest.raises(
+        UserError,
+        match=r"takes --config.init=<run folder or checkpoint>.*"
+        r"unknown key\(s\) \['steps'\]",
+    ):
         main.run_export({"init": str(tmp_path), "steps": "3"}, None)
     with pytest.raises(UserError, match="--mode=export takes --config.init="):
         main.run_export({}, None)
@@ -492,16 +564,27 @@ def test_export_mode_argument_errors(tmp_path):
 
 @pytest.mark.slow
 def test_export_mode_writes_a_trained_run_that_transformers_loads(tmp_path, chr22):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu"
+    )
     run = tmp_path / "run"
-    train = [sys.executable, "-m", "gemsjax.main", "--config=configs/genemask.py:smoke",
-             f"--workdir={run}"]
-    export = [sys.executable, "-m", "gemsjax.main", "--mode=export", f"--config.init={run}",
-              "--config.step=3"]
+    train = [
+        sys.executable,
+        "-m",
+        "gemsjax.main",
+        "--config=configs/genemask.py:smoke",
+        f"--workdir={run}",
+    ]
+    export = [
+        sys.executable,
+        "-m",
+        "gemsjax.main",
+        "--mode=export",
+        f"--config.init={run}",
+        "--config.step=3",
+    ]
     for args in (train, export):
-        done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.split("gemsjax summary: ")[-1])
     with pytest.raises(UserError, match=r"has no checkpoint of step 4; steps: \[3, 6\]"):
@@ -510,8 +593,14 @@ def test_export_mode_writes_a_trained_run_that_transformers_loads(tmp_path, chr2
     assert summary["tokens_seen"] == 3 * 8 * 128  # steps x batch x max_len of the smoke preset
 
     readme = (run / "hf" / "README.md").read_text()
-    for fact in ("recipe: genemask", "steps: 3", "tokens seen: 3,072", "human chr22 sample",
-                 "gemsjax version: ", '"genemask_prob": 0.0176'):
+    for fact in (
+        "recipe: genemask",
+        "steps: 3",
+        "tokens seen: 3,072",
+        "human chr22 sample",
+        "gemsjax version: ",
+        '"genemask_prob": 0.0176',
+    ):
         assert fact in readme, fact
     trained = hf.flat_params(checkpoint.read_params(run / "checkpoints" / "3"))
     ours = BertForMaskedLM(SMALL, rngs=nnx.Rngs(0))

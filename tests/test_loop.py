@@ -14,8 +14,13 @@ import numpy as np
 import pytest
 
 RESUME_STEPS = 16
-RESUME = ("data.max_len=64", f"train.steps={RESUME_STEPS}", "train.checkpoint_every=2",
-          "train.eval_every=2", "masking.threshold=1e9")
+RESUME = (
+    "data.max_len=64",
+    f"train.steps={RESUME_STEPS}",
+    "train.checkpoint_every=2",
+    "train.eval_every=2",
+    "masking.threshold=1e9",
+)
 """CM-GEMS with a threshold every |delta ppl| passes: GeneMask until the 2nd validation (step 4),
 Global-PMI after it; validation and a checkpoint every 2 steps."""
 
@@ -55,8 +60,9 @@ def test_resume_after_sigkill_is_exact(tmp_path, genome, jax_cache, background):
     by_step = {x["step"]: x for x in train_a}
     assert [x["mix/global_pmi"] for x in train_a] == [0.0] * 4 + [1.0] * (RESUME_STEPS - 4)
     rerun = [x for x in train_b if x["step"] > start]
-    assert [x["step"] for x in rerun[-(RESUME_STEPS - start):]] == list(range(start + 1,
-                                                                               RESUME_STEPS + 1))
+    assert [x["step"] for x in rerun[-(RESUME_STEPS - start) :]] == list(
+        range(start + 1, RESUME_STEPS + 1)
+    )
     assert {x["step"] for x in train_b} == set(by_step)
     for line in train_b:  # the killed run's lines, and the resumed run's re-runs of the same steps
         assert line == by_step[line["step"]]
@@ -65,8 +71,9 @@ def test_resume_after_sigkill_is_exact(tmp_path, genome, jax_cache, background):
     for line in val_b:
         assert line == val_by_step[line["step"]]
 
-    final_a, final_b = (cli_runs.flat(cli_runs.restore_state(w, RESUME_STEPS))
-                        for w in (run_a, run_b))
+    final_a, final_b = (
+        cli_runs.flat(cli_runs.restore_state(w, RESUME_STEPS)) for w in (run_a, run_b)
+    )
     assert final_a.keys() == final_b.keys()
     for key, value in final_a.items():
         np.testing.assert_array_equal(final_b[key], value, err_msg=key)
@@ -88,12 +95,18 @@ def _stop_with_sigterm(run: cli_runs.Run, after: int) -> int:
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_step_and_the_rerun_resumes_it(tmp_path, genome, jax_cache,
-                                                         background):
+def test_sigterm_saves_the_step_and_the_rerun_resumes_it(tmp_path, genome, jax_cache, background):
     """SIGTERM in a 1000-step run: exit 0 after saving the current step (the only checkpoint:
     checkpoint_every=1000); the same command resumes there and can be stopped the same way."""
-    args = cli_runs.cli("cm_gems", tmp_path, "data.max_len=64", "train.steps=1000",
-                        "train.eval_every=1000", "train.checkpoint_every=1000", *genome)
+    args = cli_runs.cli(
+        "cm_gems",
+        tmp_path,
+        "data.max_len=64",
+        "train.steps=1000",
+        "train.eval_every=1000",
+        "train.checkpoint_every=1000",
+        *genome,
+    )
     env = cli_runs.env(jax_cache)
     first = _stop_with_sigterm(background(args, env), after=2)
     assert cli_runs.committed_steps(tmp_path) == [first]
@@ -107,19 +120,27 @@ def test_sigterm_saves_the_step_and_the_rerun_resumes_it(tmp_path, genome, jax_c
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_with_an_error_and_keeps_a_finite_checkpoint(tmp_path, genome,
-                                                                     jax_cache):
+def test_nan_loss_stops_with_an_error_and_keeps_a_finite_checkpoint(tmp_path, genome, jax_cache):
     """A learning rate of 1e6 (no clipping) blows up within 3 steps: the run exits non-zero with a
     FloatingPointError naming the step; the checkpoints (every step) stop before it and are
     finite."""
-    args = cli_runs.cli("cm_gems", tmp_path, "data.max_len=64", "train.steps=20",
-                        "train.checkpoint_every=1", "train.keep_checkpoints=20",
-                        "optimizer.learning_rate=1e6", "optimizer.clip_norm=0.0",
-                        "optimizer.warmup_steps=0", *genome)
+    args = cli_runs.cli(
+        "cm_gems",
+        tmp_path,
+        "data.max_len=64",
+        "train.steps=20",
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=20",
+        "optimizer.learning_rate=1e6",
+        "optimizer.clip_norm=0.0",
+        "optimizer.warmup_steps=0",
+        *genome,
+    )
     done = cli_runs.run(args, cli_runs.env(jax_cache))
     assert done.returncode != 0
-    match = re.search(r"FloatingPointError: (loss|grad_norm) is (nan|inf|-inf) at step (\d+)",
-                      done.stderr)
+    match = re.search(
+        r"FloatingPointError: (loss|grad_norm) is (nan|inf|-inf) at step (\d+)", done.stderr
+    )
     assert match, done.stderr[-3000:]
     bad = int(match.group(3))
     assert 0 < bad < 20
@@ -135,17 +156,24 @@ def test_nan_loss_stops_with_an_error_and_keeps_a_finite_checkpoint(tmp_path, ge
 
 
 @pytest.mark.slow
-def test_short_run_on_a_real_genome_lowers_the_masked_lm_loss(tmp_path, shared_data,
-                                                              jax_cache):
+def test_short_run_on_a_real_genome_lowers_the_masked_lm_loss(tmp_path, shared_data, jax_cache):
     """60 steps of the DNABERT random-span recipe (test size) on P. falciparum (80.6 % AT):
     validation loss falls well below the uniform ln(4101) = 8.32 and clearly below its first
     value."""
-    args = cli_runs.cli("dnabert_random", tmp_path, "data.max_len=64", "data.batch_size=16",
-                        "train.steps=60", "train.eval_every=10", "train.eval_batches=4",
-                        "train.checkpoint_every=60", "optimizer.learning_rate=2e-3",
-                        "optimizer.warmup_steps=5",
-                        f"data.fasta={shared_data / cli_runs.PLASMODIUM}",
-                        f"data.prepared_dir={tmp_path / 'genome'}")
+    args = cli_runs.cli(
+        "dnabert_random",
+        tmp_path,
+        "data.max_len=64",
+        "data.batch_size=16",
+        "train.steps=60",
+        "train.eval_every=10",
+        "train.eval_batches=4",
+        "train.checkpoint_every=60",
+        "optimizer.learning_rate=2e-3",
+        "optimizer.warmup_steps=5",
+        f"data.fasta={shared_data / cli_runs.PLASMODIUM}",
+        f"data.prepared_dir={tmp_path / 'genome'}",
+    )
     done = cli_runs.run(args, cli_runs.env(jax_cache))
     assert done.returncode == 0, done.stderr[-3000:]
     _, val = cli_runs.metrics(tmp_path)

@@ -19,35 +19,67 @@ from gemsjax.vocab import get_vocab
 
 
 def _gemsjax(*args: str, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gemsjax.main", *args], cwd=cli_runs.ROOT,
-                          capture_output=True, text=True, timeout=cli_runs.TIMEOUT, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "gemsjax.main", *args],
+        cwd=cli_runs.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=cli_runs.TIMEOUT,
+        env=env,
+    )
 
 
 USAGE_ERRORS = [  # (arguments, what the one line must say)
-    ((), "--config is required, e.g. --config=configs/cm_gems.py; recipes: "
-         "configs/barcode_bert.py, configs/barcode_bert_5m.py, configs/barcode_mae.py"),
-    (("--config=configs/cm_gems.py", "--mode=trian"), "unknown --mode=trian; valid: train, data, "
-                                                      "pmi"),
-    (("--config=configs/cm_gems.py:papr",), "unknown preset 'papr'; valid: paper, smoke, a model "
-                                            "size (dnabert6"),
-    (("--config=configs/cm_gemz.py",), "config file 'configs/cm_gemz.py' not found; recipes in "
-                                       "configs/: barcode_bert"),
-    (("--config=configs/pmi.py",), "configs/pmi.py is the PMI config: run it with --mode=pmi; "
-                                   "--mode=train needs a training recipe: configs/barcode_bert.py"),
-    (("--config=configs/genemask.py", "--mode=pmi"), "--mode=pmi needs the PMI config "
-                                                     "(--config=configs/pmi.py); configs/genemask"),
-    (("--config=configs/cm_gems.py:train.steps=abc",),
-     "configs/cm_gems.py:train.steps=abc: train.steps='abc' must be an integer >= 1"),
-    (("--config=configs/cm_gems.py", "--config.train.eval_every=0"),
-     "train.eval_every=0 must be an integer >= 1"),
-    (("--config=configs/cm_gems.py", "--config.masking.genemask_prob=1.5"),
-     "masking.genemask_prob=1.5 must be a number in [0.0, 1.0]"),
-    (("--config=configs/cm_gems.py:smoke", "--config.train.stepz=5"),
-     "unknown config key 'train.stepz'; valid keys: compile.topology, data.batch_size"),
-    (("--config=configs/cm_gems.py:smoke,train.stepz=5",),
-     "unknown config key 'train.stepz'; valid keys: compile.topology, data.batch_size"),
-    (("--config=configs/cm_gems.py", "--config.train.steps"),
-     "--config.train.steps: write config overrides as --config.<key>=<value>"),
+    (
+        (),
+        "--config is required, e.g. --config=configs/cm_gems.py; recipes: "
+        "configs/barcode_bert.py, configs/barcode_bert_5m.py, configs/barcode_mae.py",
+    ),
+    (
+        ("--config=configs/cm_gems.py", "--mode=trian"),
+        "unknown --mode=trian; valid: train, data, pmi",
+    ),
+    (
+        ("--config=configs/cm_gems.py:papr",),
+        "unknown preset 'papr'; valid: paper, smoke, a model size (dnabert6",
+    ),
+    (
+        ("--config=configs/cm_gemz.py",),
+        "config file 'configs/cm_gemz.py' not found; recipes in configs/: barcode_bert",
+    ),
+    (
+        ("--config=configs/pmi.py",),
+        "configs/pmi.py is the PMI config: run it with --mode=pmi; "
+        "--mode=train needs a training recipe: configs/barcode_bert.py",
+    ),
+    (
+        ("--config=configs/genemask.py", "--mode=pmi"),
+        "--mode=pmi needs the PMI config (--config=configs/pmi.py); configs/genemask",
+    ),
+    (
+        ("--config=configs/cm_gems.py:train.steps=abc",),
+        "configs/cm_gems.py:train.steps=abc: train.steps='abc' must be an integer >= 1",
+    ),
+    (
+        ("--config=configs/cm_gems.py", "--config.train.eval_every=0"),
+        "train.eval_every=0 must be an integer >= 1",
+    ),
+    (
+        ("--config=configs/cm_gems.py", "--config.masking.genemask_prob=1.5"),
+        "masking.genemask_prob=1.5 must be a number in [0.0, 1.0]",
+    ),
+    (
+        ("--config=configs/cm_gems.py:smoke", "--config.train.stepz=5"),
+        "unknown config key 'train.stepz'; valid keys: compile.topology, data.batch_size",
+    ),
+    (
+        ("--config=configs/cm_gems.py:smoke,train.stepz=5",),
+        "unknown config key 'train.stepz'; valid keys: compile.topology, data.batch_size",
+    ),
+    (
+        ("--config=configs/cm_gems.py", "--config.train.steps"),
+        "--config.train.steps: write config overrides as --config.<key>=<value>",
+    ),
     (("--config=configs/cm_gems.py", "--stepz=5"), "Unknown command line flag 'stepz'"),
     (("--config=configs/cm_gems.py", "train"), "unexpected argument(s) ['train']"),
 ]
@@ -85,9 +117,13 @@ def test_help_lists_modes_recipes_presets_and_how_to_resume():
 
 def test_data_mode_prints_the_first_batch(tmp_path):
     prepared = tmp_path / "genome"
-    done = _gemsjax("--mode=data", "--config=configs/genemask.py:smoke",
-                    "--config.data.max_len=64", f"--config.data.prepared_dir={prepared}",
-                    env=cli_runs.env(tmp_path / "jax_cache"))
+    done = _gemsjax(
+        "--mode=data",
+        "--config=configs/genemask.py:smoke",
+        "--config.data.max_len=64",
+        f"--config.data.prepared_dir={prepared}",
+        env=cli_runs.env(tmp_path / "jax_cache"),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = cli_runs.summary(done.stdout)
     config = cli_runs.config("genemask", "data.max_len=64", f"data.prepared_dir={prepared}")
@@ -148,15 +184,17 @@ def test_a_run_folder_describes_itself(tmp_path, genome):
     """A CM-GEMS smoke run that switches (absolute threshold 1e9: at the 2nd validation, step 6)
     leaves config.json, train.log, metrics.jsonl numbered like its checkpoints and time-stamped,
     TensorBoard config text, and curves.png; console and summary name the switch step."""
-    presets = ("train.steps=9", "masking.threshold_mode=absolute", "masking.threshold=1e9",
-               *genome)
-    done = cli_runs.run(cli_runs.cli("cm_gems", tmp_path, *presets),
-                        cli_runs.env(tmp_path / "jax_cache"))
+    presets = ("train.steps=9", "masking.threshold_mode=absolute", "masking.threshold=1e9", *genome)
+    done = cli_runs.run(
+        cli_runs.cli("cm_gems", tmp_path, *presets), cli_runs.env(tmp_path / "jax_cache")
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = cli_runs.summary(done.stdout)
     assert (summary["switched"], summary["switch_step"]) == (True, 6)
-    assert ("gemsjax: curriculum switched after the validation at step 6 (perplexity plateau); "
-            "Global-PMI masking from step 7") in done.stdout
+    assert (
+        "gemsjax: curriculum switched after the validation at step 6 (perplexity plateau); "
+        "Global-PMI masking from step 7"
+    ) in done.stdout
     config = json.loads((tmp_path / "config.json").read_text())
     want = cli_runs.config("cm_gems", *presets)
     assert config["train"]["steps"] == 9 and config["masking"]["threshold"] == 1e9

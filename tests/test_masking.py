@@ -38,8 +38,9 @@ def _gue(shared_data, task, rows, max_len):
 
 def _barcodes(shared_data, rows):
     """The first ``rows`` BOLD COI barcodes (gaps removed), as raw strings."""
-    with gzip.open(shared_data / "bold_insect_coi_barcodes" / "insect_coi_barcodes.tsv.gz",
-                   "rt") as f:
+    with gzip.open(
+        shared_data / "bold_insect_coi_barcodes" / "insect_coi_barcodes.tsv.gz", "rt"
+    ) as f:
         lines = f.read(6_000_000).splitlines()[1 : rows + 1]
     return [line.split("\t")[-1].replace("-", "") for line in lines]
 
@@ -78,15 +79,14 @@ def test_special_mask_marks_the_dnabert_specials(chr22):
 def test_random_span_rate_and_spans(chr22):
     ids, special = chr22
     fn = jax.jit(masking.random_span)
-    masks = np.stack([np.asarray(fn(jax.random.fold_in(KEY, i), ids, special))
-                      for i in range(4)])
+    masks = np.stack([np.asarray(fn(jax.random.fold_in(KEY, i), ids, special)) for i in range(4)])
     assert not masks[:, special].any()
     # 1 - (1 - 0.025)^6 = 14.1% away from the ends; DNABERT's "~15%"
-    assert _fraction(masks, np.broadcast_to(special, masks.shape)) == pytest.approx(0.1405,
-                                                                                    abs=0.004)
+    assert _fraction(masks, np.broadcast_to(special, masks.shape)) == pytest.approx(
+        0.1405, abs=0.004
+    )
     centres = np.asarray(masking.draw_centres(KEY, jnp.asarray(special), 0.025))
-    expected = np.stack([ref.random_span_row(c, s) for c, s in zip(centres, special,
-                                                                   strict=True)])
+    expected = np.stack([ref.random_span_row(c, s) for c, s in zip(centres, special, strict=True)])
     np.testing.assert_array_equal(np.asarray(masking.span_mask(centres, special)), expected)
 
 
@@ -97,7 +97,8 @@ def test_genemask_equals_per_sequence_reference(chr22, barcodes_with_n, ranks, c
         centres = np.asarray(masking.draw_centres(KEY, jnp.asarray(special), 0.0176))
         got = np.asarray(fn(centres, ids, special, ranks, compat))
         np.testing.assert_array_equal(
-            got, _reference_masks("genemask", centres, ids, special, ranks, compat))
+            got, _reference_masks("genemask", centres, ids, special, ranks, compat)
+        )
         assert not got[special].any()
 
 
@@ -106,8 +107,12 @@ def test_rank_table_lookup_agrees_with_kmer_string_lookup(chr22, ranks):
     ids, special = chr22[0][:64], chr22[1][:64]
     centres = np.asarray(masking.draw_centres(KEY, jnp.asarray(special), 0.0176))
     by_kmer = ref.rank_by_kmer(ranks)
-    expected = np.stack([ref.genemask_row(c, *ref.row_inputs(i, by_kmer))
-                         for c, i in zip(centres, ids, strict=True)])
+    expected = np.stack(
+        [
+            ref.genemask_row(c, *ref.row_inputs(i, by_kmer))
+            for c, i in zip(centres, ids, strict=True)
+        ]
+    )
     got = masking.genemask_from_centres(centres, ids, special, ranks)
     np.testing.assert_array_equal(np.asarray(got), expected)
 
@@ -115,8 +120,9 @@ def test_rank_table_lookup_agrees_with_kmer_string_lookup(chr22, ranks):
 def test_genemask_rates_match_the_paper(shared_data, chr22, ranks):
     fn = jax.jit(masking.genemask)
     ids, special = chr22
-    rates = [_fraction(fn(jax.random.fold_in(KEY, i), ids, special, ranks), special)
-             for i in range(3)]
+    rates = [
+        _fraction(fn(jax.random.fold_in(KEY, i), ids, special, ranks), special) for i in range(3)
+    ]
     assert np.mean(rates) == pytest.approx(0.154, abs=0.005)  # ~15.4% at L ~ 506
     # short sequences: the "< 5 segments -> widen all" rule pushes the rate to ~17%
     ids, special = _gue(shared_data, "prom/prom_300_all", 2000, 310)
@@ -154,7 +160,8 @@ def test_global_pmi_equals_reference_and_covers_the_best_positions(chr22, ranks,
     counts = np.asarray(masking.draw_centres(KEY, jnp.asarray(special), 0.0136).sum(axis=1))
     got = np.asarray(masking.global_pmi_from_counts(counts, ids, special, ranks, compat))
     np.testing.assert_array_equal(
-        got, _reference_masks("global_pmi", counts, ids, special, ranks, compat))
+        got, _reference_masks("global_pmi", counts, ids, special, ranks, compat)
+    )
     if not compat:
         positions = np.arange(1, 506)
         for mask, row_ids, k in zip(got, ids, counts, strict=True):
@@ -203,8 +210,12 @@ def test_b3_high_set_is_the_first_half_not_the_best(chr22, ranks):
     ids, special = chr22[0][:256], chr22[1][:256]
     centres = np.asarray(masking.draw_centres(KEY, jnp.asarray(special), 0.0176))
     m = centres.sum(axis=1)
-    b3 = np.stack([ref.genemask_row(c, s, ranks[i], compat=True)
-                   for c, s, i in zip(centres, special, ids, strict=True)])
+    b3 = np.stack(
+        [
+            ref.genemask_row(c, s, ranks[i], compat=True)
+            for c, s, i in zip(centres, special, ids, strict=True)
+        ]
+    )
     intended = np.asarray(masking.genemask_from_centres(centres, ids, special, ranks))
     differ = (b3 != intended).any(axis=1)
     assert not differ[m <= 8].any()  # all centres are widened either way
@@ -231,8 +242,9 @@ def test_same_key_same_mask_and_jit_agrees_with_eager(chr22, ranks):
 def test_corrupt_80_10_10(chr22, ranks):
     ids, special = chr22
     mask = np.asarray(masking.genemask(KEY, ids, special, ranks))
-    inputs, targets, weights = map(np.asarray, masking.corrupt(
-        KEY, ids, mask, VOCAB.size, VOCAB.mask_id))
+    inputs, targets, weights = map(
+        np.asarray, masking.corrupt(KEY, ids, mask, VOCAB.size, VOCAB.mask_id)
+    )
     np.testing.assert_array_equal(targets, ids)
     np.testing.assert_array_equal(weights, mask.astype(np.float32))
     assert weights.dtype == np.float32 and inputs.dtype == np.int32
@@ -248,8 +260,9 @@ def test_corrupt_80_10_10(chr22, ranks):
     # the reference draws random ids from the whole tokenizer, specials included
     assert (masked_in[replaced] < VOCAB.num_specials).any()
     assert masked_in[replaced].max() < VOCAB.size
-    inputs_k, _, _ = masking.corrupt(KEY, ids, mask, VOCAB.size, VOCAB.mask_id,
-                                     random_low=VOCAB.num_specials)
+    inputs_k, _, _ = masking.corrupt(
+        KEY, ids, mask, VOCAB.size, VOCAB.mask_id, random_low=VOCAB.num_specials
+    )
     randoms = np.asarray(inputs_k)[mask & (np.asarray(inputs_k) != VOCAB.mask_id)]
     assert randoms.min() >= VOCAB.num_specials
     with pytest.raises(ValueError, match="mask_frac"):
@@ -263,8 +276,9 @@ def test_corrupt_random_ids_are_uniform(chr22):
     counts, expected = np.zeros(VOCAB.size), np.zeros(VOCAB.size)
     others = mask.sum() - np.bincount(ids[mask], minlength=VOCAB.size)  # positions != each id
     for i in range(16):
-        inputs = np.asarray(masking.corrupt(jax.random.fold_in(KEY, i), ids, mask, VOCAB.size,
-                                            VOCAB.mask_id)[0])
+        inputs = np.asarray(
+            masking.corrupt(jax.random.fold_in(KEY, i), ids, mask, VOCAB.size, VOCAB.mask_id)[0]
+        )
         randomized = mask & (inputs != ids) & (inputs != VOCAB.mask_id)
         counts += np.bincount(inputs[randomized], minlength=VOCAB.size)
         expected += 0.1 / VOCAB.size * others
@@ -298,8 +312,9 @@ def test_mae_drop_rate_and_fixed_count(barcode_batch):
         visible = (~fixed & ~special).sum(axis=1)
         assert visible.max() <= bound
         dropped = jnp.asarray(fixed | special)  # what the train step hands the MAE encoder
-        _, positions, present = map(np.asarray, compact_visible(ids, jnp.ones_like(ids), dropped,
-                                                                bound))
+        _, positions, present = map(
+            np.asarray, compact_visible(ids, jnp.ones_like(ids), dropped, bound)
+        )
         assert positions.shape == (len(ids), bound)
         np.testing.assert_array_equal(present.sum(axis=1), visible)
         for row in range(0, len(ids), 97):
@@ -318,11 +333,11 @@ def test_make_mask_switch_and_per_example(chr22, ranks):
     ids, special = jnp.asarray(chr22[0][:64]), jnp.asarray(chr22[1][:64])
     params = masking.MaskParams()
     make = jax.jit(masking.make_mask, static_argnames=("params", "active"))
-    direct = [np.asarray(f(KEY, ids, special, ranks))
-              for f in masking.strategy_functions(params)]
+    direct = [np.asarray(f(KEY, ids, special, ranks)) for f in masking.strategy_functions(params)]
     for index, expected in enumerate(direct):
         np.testing.assert_array_equal(
-            np.asarray(make(KEY, index, ids, special, ranks, params)), expected)
+            np.asarray(make(KEY, index, ids, special, ranks, params)), expected
+        )
     assert make._cache_size() == 1  # the strategy index is traced: no recompilation
     per_row = np.arange(64) % len(masking.STRATEGIES)
     got = np.asarray(make(KEY, per_row, ids, special, ranks, params))
@@ -354,11 +369,19 @@ def test_cm_gems_and_cm_step_global_pmi_rates_follow_their_scripts(chr22, ranks)
     Measured on 1,024 chr22 rows: ~15.1 % against ~12.1 % masked."""
     ids, special = chr22
     fn = jax.jit(masking.global_pmi)
-    probs = {r: config.load(r).masking.global_pmi_prob for r in ("cm_gems", "cm_step",
-                                                                  "global_pmi")}
+    probs = {
+        r: config.load(r).masking.global_pmi_prob for r in ("cm_gems", "cm_step", "global_pmi")
+    }
     assert probs == {"cm_gems": 0.0176, "cm_step": 0.0136, "global_pmi": 0.0176}
-    rates = {r: np.mean([_fraction(fn(jax.random.fold_in(KEY, i), ids, special, ranks, p),
-                                   special) for i in range(3)]) for r, p in probs.items()}
+    rates = {
+        r: np.mean(
+            [
+                _fraction(fn(jax.random.fold_in(KEY, i), ids, special, ranks, p), special)
+                for i in range(3)
+            ]
+        )
+        for r, p in probs.items()
+    }
     assert rates["cm_gems"] == pytest.approx(0.151, abs=0.006)
     assert rates["cm_step"] == pytest.approx(0.121, abs=0.006)
 
@@ -368,17 +391,20 @@ def test_genemask_2023_compat_is_six_spans_plus_one_stale_window(chr22, ranks):
     centre and one 11-window around the last centre in set order, ~11.2 % masked on chr22."""
     ids, special = chr22
     fn = jax.jit(masking.genemask, static_argnums=5)
-    rates = [_fraction(fn(jax.random.fold_in(KEY, i), ids, special, ranks, 0.0176,
-                          "genemask_2023"), special) for i in range(3)]
+    rates = [
+        _fraction(
+            fn(jax.random.fold_in(KEY, i), ids, special, ranks, 0.0176, "genemask_2023"), special
+        )
+        for i in range(3)
+    ]
     assert np.mean(rates) == pytest.approx(0.112, abs=0.004)
     centres = np.asarray(masking.draw_centres(KEY, jnp.asarray(special), 0.0176))
-    got = np.asarray(masking.genemask_from_centres(centres, ids, special, ranks,
-                                                   "genemask_2023"))
+    got = np.asarray(masking.genemask_from_centres(centres, ids, special, ranks, "genemask_2023"))
     six = np.asarray(masking.span_mask(centres, special))
     assert (got >= six).all()
     for row in range(0, len(ids), 61):
         extra = np.flatnonzero(got[row] & ~six[row])
-        last = max(np.flatnonzero(centres[row]), key=lambda c: ((c % 32) * 512 + c))
+        last = max(np.flatnonzero(centres[row]), key=lambda c: (c % 32) * 512 + c)
         if 5 <= centres[row].sum() <= 20:  # table of 32 slots
             assert set(extra) <= set(range(last - 5, last + 6))
             window = slice(max(last - 5, 0), last + 6)

@@ -30,8 +30,9 @@ def test_bert_flops_match_hand_calculation():
     # (2d^2 + 2dV) in the head and 3 x 432 x (4d^2 + 4df + 4Sd) in the last layer (Q, output
     # projection, FFN, attention; K and V still cover all 512 positions).
     saved = flops.bert_train_flops(*args) - flops.bert_train_flops(*args, head_len=80)
-    assert saved == 3 * 432 * (2 * 768**2 + 2 * 768 * 4101
-                               + 4 * 768**2 + 4 * 768 * 3072 + 4 * 512 * 768)
+    assert saved == 3 * 432 * (
+        2 * 768**2 + 2 * 768 * 4101 + 4 * 768**2 + 4 * 768 * 3072 + 4 * 512 * 768
+    )
 
 
 def test_mae_flops_match_reference_estimate():

@@ -34,9 +34,9 @@ def _lambda_batch(shared_data, lengths, max_len):
     ids = np.zeros((len(lengths), max_len), np.int32)
     for row, n in enumerate(lengths):
         start = 1000 * row
-        kmers = vocab.kmer_ids(vocab.base_codes(genome[start:start + n]))
+        kmers = vocab.kmer_ids(vocab.base_codes(genome[start : start + n]))
         row_ids = np.concatenate([[vocab.special_id("[CLS]")], kmers, [vocab.special_id("[SEP]")]])
-        ids[row, :len(row_ids)] = row_ids
+        ids[row, : len(row_ids)] = row_ids
     return jnp.asarray(ids), jnp.asarray((ids != 0).astype(np.int32))
 
 
@@ -220,8 +220,9 @@ def test_logits_at_positions_equal_gathered_full_logits(mlm, lambda_batch):
     full = _call(mlm, ids, attention)
     picked = _logits_at(mlm, ids, attention, positions)
     assert picked.shape == (8, 3, 4101) and picked.dtype == jnp.float32
-    np.testing.assert_allclose(picked, jnp.take_along_axis(full, positions[..., None], 1),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        picked, jnp.take_along_axis(full, positions[..., None], 1), atol=1e-5
+    )
 
 
 def test_last_layer_at_positions_drops_what_the_full_layer_drops(lambda_batch):
@@ -251,8 +252,11 @@ def test_padding_is_never_a_key_in_mlm(mlm, lambda_batch):
     changed = jnp.where(attention == 0, noise, ids)
     assert int((changed != ids).sum()) > 100
     real = np.asarray(attention, bool)
-    np.testing.assert_allclose(np.asarray(_call(mlm, changed, attention))[real],
-                               np.asarray(_call(mlm, ids, attention))[real], atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(_call(mlm, changed, attention))[real],
+        np.asarray(_call(mlm, ids, attention))[real],
+        atol=1e-6,
+    )
 
 
 def test_position_ids_default_to_arange(mlm, lambda_batch):
@@ -300,7 +304,7 @@ def test_gathered_encoder_equals_full_encoder_with_masked_keys(mae, barcodes):
     full = _encode(mae.encoder, ids, attention * ~mask)
     for row in range(ids.shape[0]):
         visible = np.flatnonzero(~np.asarray(mask[row]))
-        np.testing.assert_allclose(gathered[row, :visible.size], full[row, visible], atol=1e-5)
+        np.testing.assert_allclose(gathered[row, : visible.size], full[row, visible], atol=1e-5)
 
 
 def test_mae_logits_equal_reference_composition(mae, barcodes):
@@ -318,15 +322,18 @@ def test_padding_is_never_a_key_in_mae(mae, barcodes):
     ids, attention, mask = barcodes
     changed = jnp.where(attention == 0, 1234, ids)
     real = np.asarray(attention, bool)
-    np.testing.assert_allclose(np.asarray(_mae_logits(mae, changed, attention, mask))[real],
-                               np.asarray(_mae_logits(mae, ids, attention, mask))[real],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(_mae_logits(mae, changed, attention, mask))[real],
+        np.asarray(_mae_logits(mae, ids, attention, mask))[real],
+        atol=1e-5,
+    )
 
 
 def test_mae_baseline_feeds_mask_tokens_to_the_encoder(barcodes):
     model = build_model(get_model_config("test_mae", arch="mae_baseline"), nnx.Rngs(2))
-    np.testing.assert_allclose(_mae_logits(model, *barcodes),
-                               _mae_reference(model, *barcodes), atol=1e-5)
+    np.testing.assert_allclose(
+        _mae_logits(model, *barcodes), _mae_reference(model, *barcodes), atol=1e-5
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +404,8 @@ def test_attention_equals_jax_dot_product_attention():
         np.testing.assert_allclose(got, fused, atol=1e-5, err_msg=platform)
     dropout = Dropout(1e-9, deterministic=False)
     einsum = nnx.jit(lambda d, *a: backend.attend_cpu(*a, d, nnx.Rngs(dropout=1)))(
-        dropout, q, k, v, key_mask)
+        dropout, q, k, v, key_mask
+    )
     np.testing.assert_allclose(einsum, fused, atol=1e-5)
 
 
@@ -405,8 +413,9 @@ def test_a_model_built_for_another_platform_computes_the_same(lambda_batch):
     """``platform="tpu"`` on this CPU host builds the accelerator layers (stock dense, GELU,
     einsum attention, tied decoder); same parameters, same logits and gradients as the CPU
     model, dropout off."""
-    models = {p: build_model(get_model_config("test", platform=p), nnx.Rngs(0))
-              for p in ("cpu", "tpu")}
+    models = {
+        p: build_model(get_model_config("test", platform=p), nnx.Rngs(0)) for p in ("cpu", "tpu")
+    }
     assert type(models["cpu"].head.dense) is backend.Dense2D
     assert type(models["tpu"].head.dense) is nnx.Linear
     cpu_params, tpu_params = (nnx.state(m, nnx.Param) for m in models.values())
@@ -418,7 +427,8 @@ def test_a_model_built_for_another_platform_computes_the_same(lambda_batch):
         return jnp.mean(nnx.merge(graphdef, params)(*lambda_batch) ** 2)
 
     (cpu_loss, cpu_grads), (tpu_loss, tpu_grads) = (
-        jax.value_and_grad(loss)(nnx.state(m, nnx.Param), m) for m in models.values())
+        jax.value_and_grad(loss)(nnx.state(m, nnx.Param), m) for m in models.values()
+    )
     np.testing.assert_allclose(tpu_loss, cpu_loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(cpu_grads), jax.tree.leaves(tpu_grads), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)

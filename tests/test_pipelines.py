@@ -42,30 +42,37 @@ def _assert_batches_equal(a, b):
 
 
 def test_batch_plan_training_epochs_are_permutations_of_the_process_rows():
-    plan = pipelines.BatchPlan(103, 10, training=True, seed=4, num_epochs=3, process_index=1,
-                               process_count=2)
+    plan = pipelines.BatchPlan(
+        103, 10, training=True, seed=4, num_epochs=3, process_index=1, process_count=2
+    )
     assert plan.batches_per_epoch == 5 and len(plan) == 15  # 51 rows owned, 1 dropped per epoch
     epochs = [np.concatenate([plan(b) for b in range(e * 5, e * 5 + 5)]) for e in range(3)]
     owned = set(range(1, 103, 2))
     for rows in epochs:
         assert len(set(rows.tolist())) == 50 and set(rows.tolist()) <= owned
     assert not np.array_equal(epochs[0], epochs[1])
-    again = pipelines.BatchPlan(103, 10, training=True, seed=4, num_epochs=3, process_index=1,
-                                process_count=2)
+    again = pipelines.BatchPlan(
+        103, 10, training=True, seed=4, num_epochs=3, process_index=1, process_count=2
+    )
     np.testing.assert_array_equal(again(7), plan(7))
-    assert not np.array_equal(pipelines.BatchPlan(103, 10, True, seed=5)(0),
-                              pipelines.BatchPlan(103, 10, True, seed=4)(0))
+    assert not np.array_equal(
+        pipelines.BatchPlan(103, 10, True, seed=5)(0), pipelines.BatchPlan(103, 10, True, seed=4)(0)
+    )
     assert len(pipelines.BatchPlan(103, 10, training=True)) > 10**15  # endless
     with pytest.raises(IndexError):
         plan(15)
 
 
 def test_batch_plan_evaluation_pads_or_cuts_to_global_batches():
-    padded = [pipelines.BatchPlan(23, 4, training=False, process_index=i, process_count=2,
-                                  pad=True) for i in (0, 1)]
+    padded = [
+        pipelines.BatchPlan(23, 4, training=False, process_index=i, process_count=2, pad=True)
+        for i in (0, 1)
+    ]
     assert [len(p) for p in padded] == [3, 3]  # 23 rows -> 24 = 3 global batches of 8
-    np.testing.assert_array_equal(np.concatenate([padded[1](b) for b in range(3)]),
-                                  [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, -1])
+    np.testing.assert_array_equal(
+        np.concatenate([padded[1](b) for b in range(3)]),
+        [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, -1],
+    )
     cut = pipelines.BatchPlan(23, 4, training=False, process_index=0, process_count=2)
     assert len(cut) == 2
     np.testing.assert_array_equal(np.concatenate([cut(0), cut(1)]), [0, 2, 4, 6, 8, 10, 12, 14])
@@ -88,8 +95,9 @@ def test_genome_batches_are_fixed_shape_chunks_of_the_train_split(chr22_dir):
 
 def test_genome_validation_is_one_ordered_pass_of_whole_batches(chr22_dir):
     val = genome.GenomeChunkSource(chr22_dir, "validation")
-    batches = list(pipelines.genome_pipeline(chr22_dir, batch_size=32, split="validation",
-                                             read_options=SYNC))
+    batches = list(
+        pipelines.genome_pipeline(chr22_dir, batch_size=32, split="validation", read_options=SYNC)
+    )
     assert len(batches) == len(val) // 32
     decoded = [s for b in batches for s in pipelines.dnabert_tokenizer().decode(b["ids"])]
     assert decoded == [val[i] for i in range(len(batches) * 32)]
@@ -116,8 +124,10 @@ def test_training_reshuffles_each_epoch_and_covers_the_data(barcodes):
     # the reading-frame offset, i.e. the ids agree with one of the 6 shifted tokenizations
     shifted = [tok.encode([s[o:] for s in seqs], 110)[0] for o in range(6)]
     for ids in epochs:
-        matches = [{(j, o) for o in range(6) for j in range(96) if
-                    np.array_equal(row, shifted[o][j])} for row in ids]
+        matches = [
+            {(j, o) for o in range(6) for j in range(96) if np.array_equal(row, shifted[o][j])}
+            for row in ids
+        ]
         assert all(matches)
         assert sorted({j for m in matches for j, _ in m}) == list(range(96))
         assert len({o for m in matches for _, o in m}) > 1  # offsets are drawn, not all 0
@@ -135,8 +145,9 @@ def test_barcode_batches_shape_and_tokens(barcodes):
 def test_batch_transform_pickles_for_grain_workers(chr22_dir):
     source = genome.GenomeChunkSource(chr22_dir, "train")
     plan = pipelines.BatchPlan(len(source), 8, training=True, seed=2)
-    fetch = pipelines.FetchBatch(source, plan, pipelines.EncodeSequences(
-        pipelines.dnabert_tokenizer(), 512))
+    fetch = pipelines.FetchBatch(
+        source, plan, pipelines.EncodeSequences(pipelines.dnabert_tokenizer(), 512)
+    )
     clone = pickle.loads(pickle.dumps(fetch))
     _assert_batches_equal([clone(3)], [fetch(3)])
 
@@ -153,8 +164,14 @@ def test_resume_from_iterator_state_mid_epoch(chr22_dir):
 
 
 def test_resume_with_random_offsets_after_every_state(barcodes):
-    ds = pipelines.barcode_pipeline(barcodes.sequences[:120], batch_size=16, training=True,
-                                    seed=5, num_epochs=2, read_options=SYNC)
+    ds = pipelines.barcode_pipeline(
+        barcodes.sequences[:120],
+        batch_size=16,
+        training=True,
+        seed=5,
+        num_epochs=2,
+        read_options=SYNC,
+    )
     grain.experimental.assert_equal_output_after_checkpoint(ds)
 
 
@@ -168,8 +185,9 @@ def test_resume_through_orbax(chr22_dir, tmp_path):
     expected = _take(it, 3)
     fresh = iter(ds)
     with ocp.CheckpointManager(tmp_path, item_names=("data_iter",), options=options) as mngr:
-        mngr.restore(7, args=ocp.args.Composite(
-            data_iter=grain.checkpoint.CheckpointRestore(fresh)))
+        mngr.restore(
+            7, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(fresh))
+        )
     _assert_batches_equal(_take(fresh, 3), expected)
 
 
@@ -177,33 +195,57 @@ def test_two_processes_see_disjoint_complete_data(chr22_dir):
     val = genome.GenomeChunkSource(chr22_dir, "validation")
     seen = []
     for index in (0, 1):
-        ds = pipelines.genome_pipeline(chr22_dir, batch_size=16, split="validation",
-                                       process_index=index, process_count=2, read_options=SYNC)
+        ds = pipelines.genome_pipeline(
+            chr22_dir,
+            batch_size=16,
+            split="validation",
+            process_index=index,
+            process_count=2,
+            read_options=SYNC,
+        )
         seen.append([s for b in ds for s in pipelines.dnabert_tokenizer().decode(b["ids"])])
     assert len(seen[0]) == len(seen[1]) == len(val) // 32 * 16
     assert seen[0] == [val[i] for i in range(0, len(val) // 32 * 32, 2)]
     assert seen[1] == [val[i] for i in range(1, len(val) // 32 * 32, 2)]
-    train = [_take(pipelines.genome_pipeline(chr22_dir, batch_size=8, process_index=i,
-                                             process_count=2, num_epochs=1), 1000)
-             for i in (0, 1)]
-    decoded = [{s for b in t for s in pipelines.dnabert_tokenizer().decode(b["ids"])}
-               for t in train]
+    train = [
+        _take(
+            pipelines.genome_pipeline(
+                chr22_dir, batch_size=8, process_index=i, process_count=2, num_epochs=1
+            ),
+            1000,
+        )
+        for i in (0, 1)
+    ]
+    decoded = [
+        {s for b in t for s in pipelines.dnabert_tokenizer().decode(b["ids"])} for t in train
+    ]
     assert not decoded[0] & decoded[1]
     n_train = len(genome.GenomeChunkSource(chr22_dir, "train"))
     assert len(decoded[0]) + len(decoded[1]) > n_train - 16  # only the partial batches dropped
 
 
 def _labelled_eval(table, vocab, max_len, batch_size, **kwargs):
-    return list(pipelines.labelled_pipeline(table, vocab=vocab, batch_size=batch_size,
-                                            max_len=max_len, training=False, read_options=SYNC,
-                                            **kwargs))
+    return list(
+        pipelines.labelled_pipeline(
+            table,
+            vocab=vocab,
+            batch_size=batch_size,
+            max_len=max_len,
+            training=False,
+            read_options=SYNC,
+            **kwargs,
+        )
+    )
 
 
-@pytest.mark.parametrize("reader,path,vocab,max_len", [
-    ("gue", "gue/prom/prom_core_tata/dev.csv.gz", "dnabert", 80),
-    ("genemask", "genemask_fewshot/Prom-core/10/train.tsv.gz", "dnabert", 80),
-    ("genemask", "genemask_fewshot/Splice-40/full-dataset/dev.tsv.gz", "dnabert", 40),
-])
+@pytest.mark.parametrize(
+    "reader,path,vocab,max_len",
+    [
+        ("gue", "gue/prom/prom_core_tata/dev.csv.gz", "dnabert", 80),
+        ("genemask", "genemask_fewshot/Prom-core/10/train.tsv.gz", "dnabert", 80),
+        ("genemask", "genemask_fewshot/Splice-40/full-dataset/dev.tsv.gz", "dnabert", 40),
+    ],
+)
 def test_labelled_eval_pads_the_last_batch(shared_data, reader, path, vocab, max_len):
     table = pipelines.read_labelled(shared_data / path, reader)
     batches = _labelled_eval(table, vocab, max_len, batch_size=64)
@@ -219,8 +261,11 @@ def test_labelled_eval_pads_the_last_batch(shared_data, reader, path, vocab, max
     np.testing.assert_array_equal(batches[0]["attention"][:n], attention)
     for b in batches:
         assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
-            "ids": ((64, max_len), np.int32), "attention": ((64, max_len), np.int32),
-            "labels": ((64,), np.int32), "valid": ((64,), np.int32)}
+            "ids": ((64, max_len), np.int32),
+            "attention": ((64, max_len), np.int32),
+            "labels": ((64,), np.int32),
+            "valid": ((64,), np.int32),
+        }
 
 
 def test_labelled_barcodes_by_split_and_two_processes():
@@ -228,15 +273,21 @@ def test_labelled_barcodes_by_split_and_two_processes():
     test = pipelines.read_labelled(path, "barcode", label_column="genus_name", splits=["test"])
     train = pipelines.read_labelled(path, "barcode", label_column="genus_name", splits=["train"])
     assert train.label_names == test.label_names  # indices shared over the file's splits
-    per_process = [_labelled_eval(test, "barcodebert", 110, 16, process_index=i,
-                                  process_count=2) for i in (0, 1)]
+    per_process = [
+        _labelled_eval(test, "barcodebert", 110, 16, process_index=i, process_count=2)
+        for i in (0, 1)
+    ]
     assert len(per_process[0]) == len(per_process[1])
     rows = [np.concatenate([b["labels"][b["valid"] == 1] for b in p]) for p in per_process]
     merged = np.empty(len(test), np.int32)
     merged[0::2], merged[1::2] = rows[0], rows[1]
     np.testing.assert_array_equal(merged, test.labels)
-    batch = _take(pipelines.labelled_pipeline(train, vocab="barcodebert", batch_size=32,
-                                              max_len=110, training=True, seed=0), 1)[0]
+    batch = _take(
+        pipelines.labelled_pipeline(
+            train, vocab="barcodebert", batch_size=32, max_len=110, training=True, seed=0
+        ),
+        1,
+    )[0]
     assert batch["ids"].shape == (32, 110) and np.all(batch["valid"] == 1)
     assert set(batch["labels"].tolist()) <= set(train.labels.tolist())
 
@@ -245,8 +296,9 @@ def test_labelled_pipeline_rejects_unlabelled_rows():
     path = samples.sample_path(samples.BARCODES)
     table = tables.read_barcode_tsv(path, ("subspecies_name",))["subspecies_name"]
     with pytest.raises(ValueError, match="no label.*drop_empty_labels"):
-        pipelines.labelled_pipeline(table, vocab="barcodebert", batch_size=8, max_len=110,
-                                    training=True)
+        pipelines.labelled_pipeline(
+            table, vocab="barcodebert", batch_size=8, max_len=110, training=True
+        )
 
 
 def test_errors_name_the_problem(chr22_dir, barcodes):
@@ -255,11 +307,17 @@ def test_errors_name_the_problem(chr22_dir, barcodes):
     with pytest.raises(ValueError, match="50 examples make no whole batch of 100"):
         pipelines.barcode_pipeline(barcodes.sequences[:50], batch_size=100, training=True)
     with pytest.raises(ValueError, match="150 examples make no whole batch of 200"):
-        pipelines.barcode_pipeline(barcodes.sequences[:150], batch_size=100, training=False,
-                                   process_count=2)
+        pipelines.barcode_pipeline(
+            barcodes.sequences[:150], batch_size=100, training=False, process_count=2
+        )
     with pytest.raises(ValueError, match="pad=True needs labelled rows"):
-        pipelines.make_batches(barcodes.sequences, pipelines.EncodeSequences(
-            pipelines.barcode_tokenizer(), 110), batch_size=8, training=False, pad=True)
+        pipelines.make_batches(
+            barcodes.sequences,
+            pipelines.EncodeSequences(pipelines.barcode_tokenizer(), 110),
+            batch_size=8,
+            training=False,
+            pad=True,
+        )
     with pytest.raises(ValueError, match="unknown labelled format"):
         pipelines.read_labelled("x.csv", "fasta")
 
@@ -284,8 +342,9 @@ def test_make_pretraining_iterator_from_config(tmp_path, monkeypatch):
 
 def test_embedded_defaults_need_no_shared_data(tmp_path, monkeypatch):
     monkeypatch.setenv("GEMSJAX_CACHE", str(tmp_path))
-    it = pipelines.make_pretraining_iterator(config_lib.load("genemask:data.batch_size=4"),
-                                             "train", 0, 1)
+    it = pipelines.make_pretraining_iterator(
+        config_lib.load("genemask:data.batch_size=4"), "train", 0, 1
+    )
     assert next(it)["ids"].shape == (4, 512)
     assert genome.load_manifest(next(tmp_path.iterdir()))["total_length"] == 900_000
     train = tables.read_genemask_tsv(samples.sample_path(samples.PROM_CORE_TRAIN))

@@ -69,8 +69,13 @@ def barcodes(shared_data):
 def mixed_records(chr22_seq, lambda_seq, barcodes):
     """Real records with N runs at both ends, a record shorter than 6, and gapped barcodes."""
     start, end = CHR22_N_RUN
-    return [chr22_seq[start - 20_000 : start + 300], lambda_seq[:3], lambda_seq[3:20_000],
-            chr22_seq[end - 500 : end + 20_000], *barcodes[25:40]]
+    return [
+        chr22_seq[start - 20_000 : start + 300],
+        lambda_seq[:3],
+        lambda_seq[3:20_000],
+        chr22_seq[end - 500 : end + 20_000],
+        *barcodes[25:40],
+    ]
 
 
 def write_fasta(path: pathlib.Path, records, width=60) -> pathlib.Path:
@@ -189,8 +194,10 @@ def reference_scores(counts: pmi.NgramCounts, kmer: str, total, min_count: int):
 def test_scores_match_enumeration_on_ecoli(shared_data):
     counts = pmi.count_kmers(shared_data / ECOLI, 6)
     kmers = ["".join(p) for p in itertools.product("ACGT", repeat=6)]
-    totals = {"genemask": lambda n: 2 * counts.n_bases,
-              "per_length": lambda n: counts.counts[n].sum()}
+    totals = {
+        "genemask": lambda n: 2 * counts.n_bases,
+        "per_length": lambda n: counts.counts[n].sum(),
+    }
     rng = np.random.default_rng(0)
     picks = rng.choice(4096, 60, replace=False)
     for denominator, total in totals.items():
@@ -249,7 +256,8 @@ def test_rank_table_from_ecoli(shared_data):
     bb = get_vocab("barcodebert", 6)
     bb_table = pmi.rank_table(counts, 6, min_count=2, vocab=bb)
     assert dict(zip(bb.kmer_strings(), bb_table[2:], strict=True)) == dict(
-        zip(vocab.kmer_strings(), full, strict=True))
+        zip(vocab.kmer_strings(), full, strict=True)
+    )
 
 
 def test_ranks_from_scores_ties_and_nan():
@@ -299,8 +307,9 @@ def test_scores_reproduce_published_columns(recovered, published, n_bases):
 def test_ranks_reproduce_published_order(recovered, published, shared_data):
     published_rank = published["norm_pmi_rank_rel"].astype(np.int32)
     # ranking the published scores gives the published ranks exactly
-    np.testing.assert_array_equal(pmi.ranks_from_scores(published["norm_dp_true_pmi"]),
-                                  published_rank)
+    np.testing.assert_array_equal(
+        pmi.ranks_from_scores(published["norm_dp_true_pmi"]), published_rank
+    )
     norm = pmi.pmi_scores(recovered, 6)["norm_dp_true_pmi"]
     ours = pmi.ranks_from_scores(norm)
     kmer = {s: i for i, s in enumerate("".join(p) for p in itertools.product("ACGT", repeat=6))}
@@ -350,10 +359,16 @@ def test_load_rank_table_errors(tmp_path, shared_data):
     path.write_text("token\tid\trank\n")
     with pytest.raises(UserError, match=r"ranks.tsv:1: expected a '# key: value'"):
         pmi.load_rank_table(path)
-    for line_no, bad, message in ((3, "# k: six", r"ranks.tsv:3: vocab 'dnabert' with k 'six'"),
-                                  (4, "# meta: {oops", r"ranks.tsv:4: the meta header is not JSON"),
-                                  (6, "[PAD]\t0\t99999999999", r"ranks.tsv:6: expected .*rank "
-                                   r"1..4096")):
+    for line_no, bad, message in (
+        (3, "# k: six", r"ranks.tsv:3: vocab 'dnabert' with k 'six'"),
+        (4, "# meta: {oops", r"ranks.tsv:4: the meta header is not JSON"),
+        (
+            6,
+            "[PAD]\t0\t99999999999",
+            r"ranks.tsv:6: expected .*rank "
+            r"1..4096",
+        ),
+    ):
         edited = list(lines)
         edited[line_no - 1] = bad
         path.write_text("\n".join(edited) + "\n")
@@ -375,8 +390,14 @@ def test_rank_table_from_fasta_and_config(tmp_path, shared_data):
 
     out = tmp_path / "ecoli_ranks.tsv"
     paths = [str(shared_data / ECOLI)]
-    table = pmi.rank_table_from_fasta(paths, out, k=config.k, max_n=config.max_n,
-                                      min_count=config.min_count, denominator=config.denominator)
+    table = pmi.rank_table_from_fasta(
+        paths,
+        out,
+        k=config.k,
+        max_n=config.max_n,
+        min_count=config.min_count,
+        denominator=config.denominator,
+    )
     counts = pmi.count_kmers(pathlib.Path(paths[0]), 6)
     np.testing.assert_array_equal(table, pmi.rank_table(counts, 6))
     loaded, _, meta = pmi.load_rank_table(out)

@@ -32,10 +32,11 @@ VOCAB = get_vocab("dnabert", 6)
 @pytest.fixture(scope="module")
 def genome_batch():
     """8 rows of 128 tokens: consecutive N-free chunks of the shipped chr22 sample."""
-    (_, seq), = fasta.read_fasta(samples.sample_path(samples.GENOME))
+    ((_, seq),) = fasta.read_fasta(samples.sample_path(samples.GENOME))
     seq = seq.replace("N", "")
     ids, attention = pipelines.dnabert_tokenizer().encode(
-        [seq[i * 130 : (i + 1) * 130] for i in range(8)], 128)
+        [seq[i * 130 : (i + 1) * 130] for i in range(8)], 128
+    )
     return {"ids": jnp.asarray(ids), "attention": jnp.asarray(attention)}
 
 
@@ -46,8 +47,9 @@ def rank_table():
 
 def _two_steps(batch, rank_table, mlm_head_share, grad_accum=1):
     config = cli_runs.config("cm_gems")
-    spec = dataclasses.replace(spec_lib.step_spec(config), mlm_head_share=mlm_head_share,
-                               grad_accum=grad_accum)
+    spec = dataclasses.replace(
+        spec_lib.step_spec(config), mlm_head_share=mlm_head_share, grad_accum=grad_accum
+    )
     tx, lr = optim.make_optimizer(config.optimizer, 1000)
     model = registry.build_model(spec_lib.model_config(config), nnx.Rngs(0))
     state = init_train_state(model, tx, spec)
@@ -60,8 +62,9 @@ def _two_steps(batch, rank_table, mlm_head_share, grad_accum=1):
 
 
 @pytest.mark.parametrize("mlm_head_share, grad_accum", [(0.5, 1), (0.5, 2), (0.01, 1)])
-def test_head_on_masked_positions_matches_head_everywhere(genome_batch, rank_table,
-                                                          mlm_head_share, grad_accum):
+def test_head_on_masked_positions_matches_head_everywhere(
+    genome_batch, rank_table, mlm_head_share, grad_accum
+):
     """0.5: the masked tokens (~15%) fit the slots; 0.01: they do not, the head falls back to
     every position. Either way the step computes the same numbers."""
     expected = _two_steps(genome_batch, rank_table, None, grad_accum)
@@ -70,16 +73,23 @@ def test_head_on_masked_positions_matches_head_everywhere(genome_batch, rank_tab
         assert 0.10 < float(want["mask_rate"]) < 0.25
         for key in ("loss", "masked_accuracy", "grad_norm", "mask_rate"):
             np.testing.assert_allclose(have[key], want[key], rtol=1e-5, err_msg=key)
-    for want, have in zip(jax.tree.leaves(expected[0].params), jax.tree.leaves(got[0].params),
-                          strict=True):
+    for want, have in zip(
+        jax.tree.leaves(expected[0].params), jax.tree.leaves(got[0].params), strict=True
+    ):
         np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-7)
     for key in ("loss_sum", "correct", "count"):
         np.testing.assert_allclose(got[2][key], expected[2][key], rtol=1e-5, err_msg=key)
 
 
-@pytest.mark.parametrize("kwargs", [dict(mlm_head_share=0.0), dict(mlm_head_share=1.5),
-                                    dict(mlm_head_share=0.25, loss_on="all"),
-                                    dict(mlm_head_share=0.25, kind="mae")])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(mlm_head_share=0.0),
+        dict(mlm_head_share=1.5),
+        dict(mlm_head_share=0.25, loss_on="all"),
+        dict(mlm_head_share=0.25, kind="mae"),
+    ],
+)
 def test_mlm_head_share_needs_masked_mlm_and_a_share(kwargs):
     kwargs = {"kind": "mlm", **kwargs}
     with pytest.raises(ValueError, match="mlm_head_share"):
@@ -100,10 +110,12 @@ def test_cross_entropy_sums_are_weighted_cross_entropy_and_argmax_accuracy():
     assert float(sums["correct"]) == float((hit * weights).sum()) > 0
     assert float(sums["count"]) == float(weights.sum())
     got = jax.grad(lambda z: cross_entropy_sums(z, targets, weights)["loss_sum"])(logits)
-    want = jax.grad(lambda z: (optax.softmax_cross_entropy_with_integer_labels(z, targets)
-                               * weights).sum())(logits)
+    want = jax.grad(
+        lambda z: (optax.softmax_cross_entropy_with_integer_labels(z, targets) * weights).sum()
+    )(logits)
     np.testing.assert_allclose(got, want, atol=1e-6)
     tie = cross_entropy_sums(jnp.array([[1.0, 3.0, 3.0]]), jnp.array([2]), jnp.array([1.0]))
     assert float(tie["correct"]) == 1.0
-    np.testing.assert_allclose(tie["loss_sum"], -jax.nn.log_softmax(jnp.array([1.0, 3, 3]))[2],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        tie["loss_sum"], -jax.nn.log_softmax(jnp.array([1.0, 3, 3]))[2], rtol=1e-6
+    )

@@ -23,12 +23,19 @@ LABELS = ("species_name", "genus_name", "bin_uri", "order_name")
 @pytest.fixture(scope="module")
 def bold_raw(shared_data):
     """The BOLD file with sequences exactly as published (gaps and trailing N kept)."""
-    return read_barcode_tsv(shared_data / BOLD, LABELS, extra_columns=("processid",),
-                            strip_gaps=False, strip_trailing_n=False)
+    return read_barcode_tsv(
+        shared_data / BOLD,
+        LABELS,
+        extra_columns=("processid",),
+        strip_gaps=False,
+        strip_trailing_n=False,
+    )
 
 
-@pytest.mark.parametrize("split, rows, counts", [
-    ("train", 4904, [2455, 2449]), ("dev", 613, [306, 307]), ("test", 613, [304, 309])])
+@pytest.mark.parametrize(
+    "split, rows, counts",
+    [("train", 4904, [2455, 2449]), ("dev", 613, [306, 307]), ("test", 613, [304, 309])],
+)
 def test_gue_prom_core_tata(shared_data, split, rows, counts):
     table = read_gue_csv(shared_data / f"gue/prom/prom_core_tata/{split}.csv.gz")
     assert len(table) == rows
@@ -38,10 +45,13 @@ def test_gue_prom_core_tata(shared_data, split, rows, counts):
     assert set("".join(table.sequences)) <= set("ACGTN")
 
 
-@pytest.mark.parametrize("rel, rows, counts", [
-    ("Prom-core/10/train.tsv.gz", 20, [10, 10]),  # quoted fields
-    ("Prom-core/test.tsv.gz", 5920, [2926, 2994]),  # unquoted
-])
+@pytest.mark.parametrize(
+    "rel, rows, counts",
+    [
+        ("Prom-core/10/train.tsv.gz", 20, [10, 10]),  # quoted fields
+        ("Prom-core/test.tsv.gz", 5920, [2926, 2994]),  # unquoted
+    ],
+)
 def test_genemask_prom_core_quoted_and_unquoted(shared_data, rel, rows, counts):
     path = shared_data / "genemask_fewshot" / rel
     table = read_genemask_tsv(path)
@@ -71,13 +81,20 @@ def test_bold_counts_match_readme(bold_raw):
     species, genus, bins, order = (bold_raw[c] for c in LABELS)
     assert len(species) == 82_341
     assert (len(species.label_names), len(genus.label_names), len(bins.label_names)) == (
-        953, 364, 1278)
+        953,
+        364,
+        1278,
+    )
     assert np.all(species.labels >= 0) and np.all(genus.labels >= 0)
     assert 0.021 <= np.mean(bins.labels == -1) < 0.022
     assert species.sequences is bins.sequences and species.extra is bins.extra
     per_order = dict(zip(order.label_names, np.bincount(order.labels).tolist(), strict=True))
-    assert per_order == {"Coleoptera": 12_178, "Diptera": 34_298, "Hymenoptera": 7_598,
-                         "Lepidoptera": 28_267}
+    assert per_order == {
+        "Coleoptera": 12_178,
+        "Diptera": 34_298,
+        "Hymenoptera": 7_598,
+        "Lepidoptera": 28_267,
+    }
     per_species = np.bincount(species.labels)
     assert (per_species.min(), per_species.max(), statistics.median(per_species)) == (1, 3026, 35)
     lengths = [len(s) for s in species.sequences]
@@ -98,15 +115,21 @@ def test_bold_gap_and_n_stripping(shared_data, bold_raw):
 
 def test_bold_drop_empty_bins(shared_data, bold_raw):
     n_empty = int(np.sum(bold_raw["bin_uri"].labels == -1))
-    table = read_barcode_tsv(shared_data / BOLD, ("dna_bin",), extra_columns=("processid",),
-                             strip_gaps=False, strip_trailing_n=False,
-                             drop_empty_labels=True)["dna_bin"]
+    table = read_barcode_tsv(
+        shared_data / BOLD,
+        ("dna_bin",),
+        extra_columns=("processid",),
+        strip_gaps=False,
+        strip_trailing_n=False,
+        drop_empty_labels=True,
+    )["dna_bin"]
     assert len(table) == 82_341 - n_empty
     assert table.label_names == bold_raw["bin_uri"].label_names
     kept = bold_raw["bin_uri"].labels >= 0
     assert np.array_equal(table.labels, bold_raw["bin_uri"].labels[kept])
-    assert table.extra["processid"] == [p for p, k in zip(
-        bold_raw["bin_uri"].extra["processid"], kept, strict=True) if k]
+    assert table.extra["processid"] == [
+        p for p, k in zip(bold_raw["bin_uri"].extra["processid"], kept, strict=True) if k
+    ]
 
 
 def write_bioscan_tsv(path, bold_raw, n_rows=3000):
@@ -120,10 +143,22 @@ def write_bioscan_tsv(path, bold_raw, n_rows=3000):
     rows = []
     for i in range(n_rows):
         s, b = species.labels[i], bins.labels[i]
-        split = ("test_unseen" if s % 5 == 0 else "pretrain" if s % 5 == 1
-                 else ("train", "train", "val", "test")[i % 4])
-        rows.append([species.extra["processid"][i], species.label_names[s],
-                     "" if b < 0 else bins.label_names[b], split, species.sequences[i]])
+        split = (
+            "test_unseen"
+            if s % 5 == 0
+            else "pretrain"
+            if s % 5 == 1
+            else ("train", "train", "val", "test")[i % 4]
+        )
+        rows.append(
+            [
+                species.extra["processid"][i],
+                species.label_names[s],
+                "" if b < 0 else bins.label_names[b],
+                split,
+                species.sequences[i],
+            ]
+        )
     rows.append(["DUPLICATE", rows[0][1], rows[0][2], "test", rows[0][4] + "NNN"])
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh, delimiter="\t", lineterminator="\n")
@@ -140,8 +175,7 @@ def test_bioscan_splits_share_label_indices(tmp_path, bold_raw):
     assert full["species_name"].label_names == tuple(sorted({r[1] for r in rows}))
     by_id = {r[0]: r for r in rows}
     for split_name in ("train", "test", "test_unseen"):
-        tables = read_barcode_tsv(path, columns, splits=(split_name,),
-                                  extra_columns=("processid",))
+        tables = read_barcode_tsv(path, columns, splits=(split_name,), extra_columns=("processid",))
         for column, field in zip(columns, (1, 2), strict=True):
             table = tables[column]
             assert table.label_names == full[column].label_names
@@ -159,8 +193,9 @@ def test_bioscan_global_dedup_and_partitions(tmp_path, bold_raw):
     rows = write_bioscan_tsv(path, bold_raw)
     test = read_barcode_tsv(path, splits=("test",), extra_columns=("processid",))
     assert "DUPLICATE" in test["species_name"].extra["processid"]
-    deduped = read_barcode_tsv(path, splits=("test",), extra_columns=("processid",),
-                               deduplicate=True)["species_name"]
+    deduped = read_barcode_tsv(
+        path, splits=("test",), extra_columns=("processid",), deduplicate=True
+    )["species_name"]
     assert "DUPLICATE" not in deduped.extra["processid"]  # its first copy is in another split
     assert len(set(deduped.sequences)) == len(deduped)
     pretrain = read_barcode_tsv(path, splits=BARCODEMAE_PARTITIONS["pretrain"])["species_name"]
@@ -224,8 +259,9 @@ def test_empty_sequence(tmp_path):
 def test_invalid_characters(tmp_path):
     path = write(tmp_path, "gue.csv", "sequence,label\nACGT,0\nACGT7A,1\n")
     assert_error(read_gue_csv, path, 3, "invalid character '7' at position 5")
-    path = write(tmp_path, "bold.tsv", "species_name\tnucleotides\nA b\tACGT\nA c\tAC\n"
-                 "A d\tACGTé\n")
+    path = write(
+        tmp_path, "bold.tsv", "species_name\tnucleotides\nA b\tACGT\nA c\tAC\nA d\tACGTé\n"
+    )
     assert_error(read_barcode_tsv, path, 4, "invalid character 'é' at position 5")
 
 
@@ -255,18 +291,25 @@ def test_unbalanced_quote_and_long_field_are_reported_where_they_start(tmp_path,
     fields[col] = '"' + fields[col]
     quoted[801] = "\t".join(fields)
     path = write(tmp_path, "quote.tsv", "\n".join(quoted) + "\n")
-    assert_error(read_barcode_tsv, path, 802, "the row runs on to line ",
-                 "an unbalanced '\"' on line 802")
+    assert_error(
+        read_barcode_tsv, path, 802, "the row runs on to line ", "an unbalanced '\"' on line 802"
+    )
     short = write(tmp_path, "quote_short.tsv", "\n".join(quoted[:820]) + "\n")
-    assert_error(read_barcode_tsv, short, 802, "fields, but the header has",
-                 "the row runs on to line 820: an unbalanced '\"' on line 802")
+    assert_error(
+        read_barcode_tsv,
+        short,
+        802,
+        "fields, but the header has",
+        "the row runs on to line 820: an unbalanced '\"' on line 802",
+    )
     long = list(lines)
     fields = long[801].split("\t")
     fields[header.index("nucleotides")] = "ACGT" * 1_250_000
     long[801] = "\t".join(fields)
     path = write(tmp_path, "long.tsv", "\n".join(long) + "\n")
-    assert_error(read_barcode_tsv, path, 802, "a field is longer than 131,072 characters",
-                 "remove the row")
+    assert_error(
+        read_barcode_tsv, path, 802, "a field is longer than 131,072 characters", "remove the row"
+    )
 
 
 def test_split_emptied_by_deduplication_says_why(tmp_path, bold_raw):
@@ -281,6 +324,9 @@ def test_split_emptied_by_deduplication_says_why(tmp_path, bold_raw):
         for i, seq in enumerate(seqs[:10]):
             fh.write(f"V{i}\tA b\tval\t{seq}\n")
     assert len(read_barcode_tsv(path, splits=("val",))["species_name"]) == 10
-    with pytest.raises(TableFormatError, match=r"dups.tsv: every row of split\(s\) \['val'\] was "
-                       r"dropped \(10 as duplicates of earlier sequences \(deduplicate=True\)\)"):
+    with pytest.raises(
+        TableFormatError,
+        match=r"dups.tsv: every row of split\(s\) \['val'\] was "
+        r"dropped \(10 as duplicates of earlier sequences \(deduplicate=True\)\)",
+    ):
         read_barcode_tsv(path, splits=("val",), deduplicate=True)

@@ -29,17 +29,24 @@ def _assert_split_matches(data_dir, name, split, table):
 def test_gue_task_builds_every_split_without_tensorflow(shared_data, tmp_path):
     builder = tb.prepare("gue/prom_core_tata", shared_data / "gue", tmp_path)
     assert {s: builder.info.splits[s].num_examples for s in builder.info.splits} == {
-        "train": 4904, "dev": 613, "test": 613}
+        "train": 4904,
+        "dev": 613,
+        "test": 613,
+    }
     folder = shared_data / "gue/prom/prom_core_tata"
     for split in ("train", "dev", "test"):
         table = tables.read_gue_csv(folder / f"{split}.csv.gz")
         source = _assert_split_matches(tmp_path, "gue/prom_core_tata", split, table)
-    batches = list(pipelines.labelled_pipeline(source, vocab="dnabert", batch_size=100,
-                                               max_len=80, training=False, read_options=SYNC))
+    batches = list(
+        pipelines.labelled_pipeline(
+            source, vocab="dnabert", batch_size=100, max_len=80, training=False, read_options=SYNC
+        )
+    )
     assert len(batches) == 7  # 613 rows padded to 700
     valid = np.concatenate([b["valid"] for b in batches]) == 1
-    np.testing.assert_array_equal(np.concatenate([b["labels"] for b in batches])[valid],
-                                  table.labels)
+    np.testing.assert_array_equal(
+        np.concatenate([b["labels"] for b in batches])[valid], table.labels
+    )
     ids, _ = pipelines.dnabert_tokenizer().encode(table.sequences, 80)
     np.testing.assert_array_equal(np.concatenate([b["ids"] for b in batches])[valid], ids)
     assert "tensorflow" not in sys.modules
@@ -48,11 +55,17 @@ def test_gue_task_builds_every_split_without_tensorflow(shared_data, tmp_path):
 def test_gue_tf0_and_a_task_without_train(shared_data, tmp_path):
     tf0 = tb.prepare("gue/tf_0", shared_data / "gue", tmp_path)
     assert tf0.info.splits["train"].num_examples == 32378
-    _assert_split_matches(tmp_path, "gue/tf_0", "test",
-                          tables.read_gue_csv(shared_data / "gue/tf/0/test.csv.gz"))
+    _assert_split_matches(
+        tmp_path, "gue/tf_0", "test", tables.read_gue_csv(shared_data / "gue/tf/0/test.csv.gz")
+    )
     source = tfds.data_source("gue/tf_0", split="train", data_dir=tmp_path)
-    batch = next(iter(pipelines.labelled_pipeline(source, vocab="dnabert", batch_size=32,
-                                                  max_len=110, training=True, seed=0)))
+    batch = next(
+        iter(
+            pipelines.labelled_pipeline(
+                source, vocab="dnabert", batch_size=32, max_len=110, training=True, seed=0
+            )
+        )
+    )
     assert batch["ids"].shape == (32, 110) and set(batch["labels"].tolist()) <= {0, 1}
     emp = tb.prepare("gue/emp_h3", shared_data / "gue", tmp_path)
     assert set(emp.info.splits) == {"dev", "test"}
@@ -60,8 +73,9 @@ def test_gue_tf0_and_a_task_without_train(shared_data, tmp_path):
 
 
 def test_genemask_prom_core_10_shot(shared_data, tmp_path):
-    builder = tb.prepare("genemask_fewshot/prom_core_10", shared_data / "genemask_fewshot",
-                         tmp_path)
+    builder = tb.prepare(
+        "genemask_fewshot/prom_core_10", shared_data / "genemask_fewshot", tmp_path
+    )
     assert set(builder.info.splits) == {"train", "test"}
     folder = shared_data / "genemask_fewshot/Prom-core"
     train = tables.read_genemask_tsv(folder / "10/train.tsv.gz")
@@ -72,10 +86,14 @@ def test_genemask_prom_core_10_shot(shared_data, tmp_path):
 
 
 def test_genemask_splice_40_has_dev_and_named_train_file(shared_data, tmp_path):
-    builder = tb.prepare("genemask_fewshot/splice_40_10", shared_data / "genemask_fewshot",
-                         tmp_path)
+    builder = tb.prepare(
+        "genemask_fewshot/splice_40_10", shared_data / "genemask_fewshot", tmp_path
+    )
     assert {s: builder.info.splits[s].num_examples for s in builder.info.splits} == {
-        "train": 300, "dev": 2700, "test": 3000}
+        "train": 300,
+        "dev": 2700,
+        "test": 3000,
+    }
 
 
 def _bioscan_style_tsv(shared_data, path, n_rows=600):
@@ -87,12 +105,21 @@ def _bioscan_style_tsv(shared_data, path, n_rows=600):
     splits = ["pretrain", "pretrain", "train", "val", "test", "test_unseen"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f, delimiter="\t")
-        writer.writerow(["processid", "order", "genus", "species", "dna_bin", "dna_barcode",
-                         "split"])
+        writer.writerow(
+            ["processid", "order", "genus", "species", "dna_bin", "dna_barcode", "split"]
+        )
         for i, row in enumerate(rows):
-            writer.writerow([row["processid"], row["order_name"], row["genus_name"],
-                             row["species_name"], row["bin_uri"], row["nucleotides"],
-                             splits[i % len(splits)]])
+            writer.writerow(
+                [
+                    row["processid"],
+                    row["order_name"],
+                    row["genus_name"],
+                    row["species_name"],
+                    row["bin_uri"],
+                    row["nucleotides"],
+                    splits[i % len(splits)],
+                ]
+            )
 
 
 @pytest.mark.parametrize("level", ["species", "dna_bin"])
@@ -103,13 +130,15 @@ def test_bioscan_splits_from_the_split_column(shared_data, tmp_path, level):
     _bioscan_style_tsv(shared_data, tsv)
     builder = tb.prepare(f"bioscan5m/{level}", manual, tmp_path / "data")
     assert set(builder.info.splits) == {"pretrain", "train", "val", "test", "test_unseen"}
-    full = tables.read_barcode_tsv(tsv, (level,), extra_columns=("processid",),
-                                   deduplicate=True)[level]
+    full = tables.read_barcode_tsv(tsv, (level,), extra_columns=("processid",), deduplicate=True)[
+        level
+    ]
     total = 0
     for split in builder.info.splits:
         source = tfds.data_source(f"bioscan5m/{level}", split=split, data_dir=tmp_path / "data")
-        expected = tables.read_barcode_tsv(tsv, (level,), splits=[split],
-                                           extra_columns=("processid",), deduplicate=True)[level]
+        expected = tables.read_barcode_tsv(
+            tsv, (level,), splits=[split], extra_columns=("processid",), deduplicate=True
+        )[level]
         assert len(source) == len(expected) > 0
         rows = [source[i] for i in range(len(source))]
         assert [r["sequence"].decode() for r in rows] == expected.sequences

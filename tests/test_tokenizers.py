@@ -22,8 +22,9 @@ DNABERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 @functools.cache
 def product_ids(alphabet: str, k: int, num_specials: int) -> dict[str, int]:
-    return {"".join(p): i + num_specials
-            for i, p in enumerate(itertools.product(alphabet, repeat=k))}
+    return {
+        "".join(p): i + num_specials for i, p in enumerate(itertools.product(alphabet, repeat=k))
+    }
 
 
 def reference_dnabert(seq: str, k: int, max_len: int) -> tuple[list[int], list[int]]:
@@ -141,8 +142,9 @@ def test_barcodebert_6mer_anchor_ids():
 @pytest.mark.parametrize("stride", [1, 4, 6])
 def test_vocab_kmer_codes_on_rows_with_n(stride, chr22_segments):
     """gemsjax.vocab.kmer_codes (added for the tokenizer): last axis, any stride, -1 for N."""
-    rows = ([s for s in chr22_segments if "N" in s and set(s) != {"N"}][:6]
-            + [s for s in chr22_segments if "N" not in s][:6])
+    rows = [s for s in chr22_segments if "N" in s and set(s) != {"N"}][:6] + [
+        s for s in chr22_segments if "N" not in s
+    ][:6]
     table = product_ids("ATCG", 6, 0)
     codes = np.stack([get_vocab("dnabert", 6).base_codes(s) for s in rows])
     expected = [[table.get(s[i : i + 6], -1) for i in range(0, 505, stride)] for s in rows]
@@ -182,8 +184,9 @@ def test_barcodebert_matches_reference_on_raw_barcodes(barcodes):
 
 @pytest.mark.parametrize("k", [3, 6])
 def test_round_trip_gue(k, shared_data):
-    seqs = read_table_column(shared_data / "gue" / "prom" / "prom_core_all" / "dev.csv.gz",
-                             "sequence")
+    seqs = read_table_column(
+        shared_data / "gue" / "prom" / "prom_core_all" / "dev.csv.gz", "sequence"
+    )
     assert len(seqs) == 5920 and all(len(s) == 70 for s in seqs)
     for tok in (KmerTokenizer(k), KmerTokenizer(k, vocab="barcodebert")):
         ids, _ = tok.encode(seqs, 72 if tok.overlapping else 70 // k)
@@ -192,9 +195,12 @@ def test_round_trip_gue(k, shared_data):
 
 
 def test_round_trip_genome_segments_and_fewshot(lambda_segments, shared_data):
-    fewshot = [kmer_text_to_sequence(t) for t in
-               read_kmer_tsv(shared_data / "genemask_fewshot" / "Splice-40" / "full-dataset"
-                             / "dev.tsv.gz")]
+    fewshot = [
+        kmer_text_to_sequence(t)
+        for t in read_kmer_tsv(
+            shared_data / "genemask_fewshot" / "Splice-40" / "full-dataset" / "dev.tsv.gz"
+        )
+    ]
     for seqs in (lambda_segments, fewshot):
         tok = KmerTokenizer(6)
         ids, _ = tok.encode(seqs, 512)
@@ -251,8 +257,9 @@ def test_strip_gaps_on_real_aligned_barcodes(barcodes):
     np.testing.assert_array_equal(got[1], ref[1])
     assert not np.array_equal(plain.encode(gapped, 110)[0], ref[0])
     over = KmerTokenizer(6, strip_gaps=True)
-    np.testing.assert_array_equal(over.encode(gapped, 512)[0],
-                                  KmerTokenizer(6).encode(ungapped, 512)[0])
+    np.testing.assert_array_equal(
+        over.encode(gapped, 512)[0], KmerTokenizer(6).encode(ungapped, 512)[0]
+    )
 
 
 def test_lower_case_is_upper_cased(shared_data):
@@ -319,8 +326,12 @@ def test_random_offsets_are_deterministic_and_cover_all_frames(barcodes):
     shifted = [plain.encode([s[o:] for s in seqs], 110) for o in range(6)]
     offsets = []
     for row in range(len(seqs)):
-        match = [o for o in range(6) if np.array_equal(shifted[o][0][row], ids[row])
-                 and np.array_equal(shifted[o][1][row], attention[row])]
+        match = [
+            o
+            for o in range(6)
+            if np.array_equal(shifted[o][0][row], ids[row])
+            and np.array_equal(shifted[o][1][row], attention[row])
+        ]
         assert len(match) == 1
         offsets.append(match[0])
     counts = np.bincount(offsets, minlength=6)
@@ -342,11 +353,14 @@ def test_k1_barcodebert_is_not_framed(lambda_segments):
 # ---- DNABERT / GeneMask k-mer text ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("relpath,length,quoted", [
-    ("Prom-300/10/train.tsv.gz", 300, True),
-    ("Prom-core/test.tsv.gz", 70, False),
-    ("Splice-40/10/train_splice40_10.tsv.gz", 40, None),
-])
+@pytest.mark.parametrize(
+    "relpath,length,quoted",
+    [
+        ("Prom-300/10/train.tsv.gz", 300, True),
+        ("Prom-core/test.tsv.gz", 70, False),
+        ("Splice-40/10/train_splice40_10.tsv.gz", 40, None),
+    ],
+)
 def test_kmer_text_reader_on_genemask_files(relpath, length, quoted, shared_data):
     texts = read_kmer_tsv(shared_data / "genemask_fewshot" / relpath)
     if quoted is not None:

@@ -42,8 +42,9 @@ def test_curriculum_weights_and_plots(tmp_path):
     genemask, global_pmi = (masking.strategy_index(s) for s in ("genemask", "global_pmi"))
     np.testing.assert_array_equal(weights[:, global_pmi], [0, 0, 1, 1, 1, 1])
     np.testing.assert_array_equal(weights[:, genemask], [1, 1, 0, 0, 0, 0])
-    fig = viz.plot_curriculum(cm_gems, 10_000, val_metrics=perplexities,
-                              path=tmp_path / "cm_gems.png")
+    fig = viz.plot_curriculum(
+        cm_gems, 10_000, val_metrics=perplexities, path=tmp_path / "cm_gems.png"
+    )
     assert fig.axes[0].get_legend_handles_labels()[1] == ["genemask", "global_pmi"]
     _assert_png(tmp_path / "cm_gems.png", 5_000)
     cm_step = curriculum.cm_step(10_000)

@@ -67,9 +67,14 @@ def resolve_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> lis
     return resolved
 
 
-def iter_fasta(path: str | os.PathLike, chunk_bases: int = 1 << 22, *, upper: bool = True,
-               allow_empty_records: bool = False,
-               block_bytes: int = 1 << 20) -> Iterator[FastaChunk]:
+def iter_fasta(
+    path: str | os.PathLike,
+    chunk_bases: int = 1 << 22,
+    *,
+    upper: bool = True,
+    allow_empty_records: bool = False,
+    block_bytes: int = 1 << 20,
+) -> Iterator[FastaChunk]:
     """Stream the records of a FASTA or gzip FASTA file (gzip detected by magic bytes).
 
     Args:
@@ -89,8 +94,9 @@ def iter_fasta(path: str | os.PathLike, chunk_bases: int = 1 << 22, *, upper: bo
         corrupt gzip stream. The message names the file and line.
     """
     if chunk_bases < 1 or block_bytes < 1:
-        raise ValueError(f"chunk_bases and block_bytes must be >= 1, got {chunk_bases}, "
-                         f"{block_bytes}")
+        raise ValueError(
+            f"chunk_bases and block_bytes must be >= 1, got {chunk_bases}, {block_bytes}"
+        )
     parser = _Parser(os.fspath(path), chunk_bases, upper, allow_empty_records)
     with open_binary(path) as fh:
         at_start = True  # a UTF-8 byte-order mark at the start is not sequence data: skip it
@@ -98,9 +104,11 @@ def iter_fasta(path: str | os.PathLike, chunk_bases: int = 1 << 22, *, upper: bo
             try:
                 block = fh.read(len(_BOM) if at_start else block_bytes)
             except (EOFError, zlib.error, gzip.BadGzipFile) as err:
-                raise parser.error(parser.line_base + 1,
-                                   f"the gzip stream is truncated or corrupt ({err})",
-                                   "download the file again or re-compress it with gzip") from err
+                raise parser.error(
+                    parser.line_base + 1,
+                    f"the gzip stream is truncated or corrupt ({err})",
+                    "download the file again or re-compress it with gzip",
+                ) from err
             if not block:
                 break
             if at_start:
@@ -110,12 +118,15 @@ def iter_fasta(path: str | os.PathLike, chunk_bases: int = 1 << 22, *, upper: bo
     yield from parser.finish()
 
 
-def read_fasta(path: str | os.PathLike, *, upper: bool = True,
-               allow_empty_records: bool = False) -> list[tuple[str, str]]:
+def read_fasta(
+    path: str | os.PathLike, *, upper: bool = True, allow_empty_records: bool = False
+) -> list[tuple[str, str]]:
     """All records of a small FASTA file as ``(name, sequence)`` pairs; see :func:`iter_fasta`."""
     chunks = iter_fasta(path, upper=upper, allow_empty_records=allow_empty_records)
-    return [(name, b"".join(c.seq.tobytes() for c in group).decode("ascii"))
-            for (_, name), group in itertools.groupby(chunks, key=lambda c: (c.record, c.name))]
+    return [
+        (name, b"".join(c.seq.tobytes() for c in group).decode("ascii"))
+        for (_, name), group in itertools.groupby(chunks, key=lambda c: (c.record, c.name))
+    ]
 
 
 class _Parser:
@@ -179,8 +190,11 @@ class _Parser:
         if self.in_header:
             self.start_record()
         if self.record < 0:
-            raise self.error(1, "the file is empty (no FASTA header and no sequence)",
-                             "check the path, or re-create the file")
+            raise self.error(
+                1,
+                "the file is empty (no FASTA header and no sequence)",
+                "check the path, or re-create the file",
+            )
         yield from self.end_record()
 
     def start_record(self) -> None:
@@ -197,26 +211,34 @@ class _Parser:
         yield from self.chunks(final=True)
         if self.emitted == 0:
             if not self.allow_empty_records:
-                raise self.error(self.header_line, f"record {self.name!r} has a header but no "
-                                 "sequence", "remove the header, or pass allow_empty_records=True")
-            yield FastaChunk(self.record, self.name, self.description, 0,
-                             np.zeros(0, dtype=np.uint8))
+                raise self.error(
+                    self.header_line,
+                    f"record {self.name!r} has a header but no sequence",
+                    "remove the header, or pass allow_empty_records=True",
+                )
+            yield FastaChunk(
+                self.record, self.name, self.description, 0, np.zeros(0, dtype=np.uint8)
+            )
 
     def sequence(self, raw: bytes, offset: int) -> Iterator[FastaChunk]:
         """Take sequence lines ``raw`` found at ``offset`` of the current block."""
         if self.record < 0 and raw.strip():
             first = len(raw) - len(raw.lstrip())
-            raise self.error(self.line_at(offset + first),
-                             "sequence data before the first '>' header line",
-                             "add a header line such as '>name' before the sequence")
+            raise self.error(
+                self.line_at(offset + first),
+                "sequence data before the first '>' header line",
+                "add a header line such as '>name' before the sequence",
+            )
         if raw.translate(None, _SEQUENCE_OR_NEWLINE):  # \r, spaces, or invalid characters
             bad = first_invalid(raw, _WHITESPACE)
             if bad >= 0:
-                raise self.error(self.line_at(offset + bad),
-                                 f"invalid character {chr(raw[bad])!r} in the sequence of record "
-                                 f"{self.name!r}", "sequence lines may hold only IUPAC nucleotide "
-                                 "codes (ACGTURYSWKMBDHVN, either case), '-', '*' and '.'; a "
-                                 "header line must start with '>'")
+                raise self.error(
+                    self.line_at(offset + bad),
+                    f"invalid character {chr(raw[bad])!r} in the sequence of record {self.name!r}",
+                    "sequence lines may hold only IUPAC nucleotide "
+                    "codes (ACGTURYSWKMBDHVN, either case), '-', '*' and '.'; a "
+                    "header line must start with '>'",
+                )
             seq = raw.translate(None, _WHITESPACE)
         else:
             seq = raw.replace(b"\n", b"")
@@ -236,8 +258,13 @@ class _Parser:
         cut = len(data) if final else len(data) - len(data) % size
         for start in range(0, cut, size):
             count = min(size, cut - start)
-            yield FastaChunk(self.record, self.name, self.description, self.emitted,
-                             np.frombuffer(data, dtype=np.uint8, count=count, offset=start))
+            yield FastaChunk(
+                self.record,
+                self.name,
+                self.description,
+                self.emitted,
+                np.frombuffer(data, dtype=np.uint8, count=count, offset=start),
+            )
             self.emitted += count
         self.pending = [data[cut:]] if cut < len(data) else []
         self.pending_len = len(data) - cut

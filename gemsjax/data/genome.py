@@ -74,8 +74,9 @@ AMBIGUOUS_WARN_FRACTION = 0.001
 """Warn when characters other than ACGTU and N (IUPAC ambiguity codes, gaps) exceed this
 fraction of a genome's characters: they are deleted, which joins their neighbours."""
 
-_MEAN_CHUNK_BASES = FULL_PROB * MAX_CHUNK_BASES + (1 - FULL_PROB) * (
-    MIN_CHUNK_BASES + MAX_CHUNK_BASES - 1) / 2
+_MEAN_CHUNK_BASES = (
+    FULL_PROB * MAX_CHUNK_BASES + (1 - FULL_PROB) * (MIN_CHUNK_BASES + MAX_CHUNK_BASES - 1) / 2
+)
 _CHUNK_STREAM, _SPLIT_STREAM = 0, 1
 _ACGT = np.frombuffer(b"ACGT", np.uint8)  # base code -> ASCII byte
 _log = logging.getLogger(__name__)
@@ -117,8 +118,10 @@ def _chunk_index(total_length: int, rng: np.random.Generator) -> tuple[np.ndarra
         pos = int(ends[-1])
     if not start_blocks:
         return np.zeros(0, np.int64), np.zeros(0, np.int32)
-    return (np.concatenate(start_blocks).astype(np.int64),
-            np.concatenate(length_blocks).astype(np.int32))
+    return (
+        np.concatenate(start_blocks).astype(np.int64),
+        np.concatenate(length_blocks).astype(np.int32),
+    )
 
 
 def genome_chunks(record_lengths: Sequence[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -172,8 +175,9 @@ def describe_sources(paths: Sequence[pathlib.Path]) -> list[dict]:
     out = []
     for p in paths:
         stat = p.stat()
-        digest = _sha256(str(p.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns,
-                         stat.st_ino)
+        digest = _sha256(
+            str(p.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
+        )
         out.append({"path": str(p.resolve()), "bytes": stat.st_size, "sha256": digest})
     return out
 
@@ -195,16 +199,23 @@ def load_manifest(prepared_dir: str | os.PathLike) -> dict:
     """The manifest of a prepared genome directory; clear errors if it is missing or foreign."""
     path = pathlib.Path(prepared_dir) / MANIFEST_FILE
     if not path.is_file():
-        raise PreparedGenomeError(f"{path} not found: {prepared_dir} is not a prepared genome; "
-                                  "create it with gemsjax.data.genome.prepare_genome(fasta, "
-                                  "out_dir)")
+        raise PreparedGenomeError(
+            f"{path} not found: {prepared_dir} is not a prepared genome; "
+            "create it with gemsjax.data.genome.prepare_genome(fasta, "
+            "out_dir)"
+        )
     manifest = _read_manifest(path.parent)
-    if (manifest is None or manifest.get("format") != FORMAT
-            or manifest.get("version") != FORMAT_VERSION):
+    if (
+        manifest is None
+        or manifest.get("format") != FORMAT
+        or manifest.get("version") != FORMAT_VERSION
+    ):
         found = manifest and (manifest.get("format"), manifest.get("version"))
-        raise PreparedGenomeError(f"{path}: format {found!r} is not {FORMAT!r} version "
-                                  f"{FORMAT_VERSION}; prepare the genome again with "
-                                  "overwrite=True")
+        raise PreparedGenomeError(
+            f"{path}: format {found!r} is not {FORMAT!r} version "
+            f"{FORMAT_VERSION}; prepare the genome again with "
+            "overwrite=True"
+        )
     return manifest
 
 
@@ -233,21 +244,30 @@ def report(manifest: dict) -> dict[str, int]:
     for ``removed_other`` above :data:`AMBIGUOUS_WARN_FRACTION` of the input."""
     records = manifest["records"]
     removed_n = sum(r["removed_n"] for r in records)
-    out = {"bases": manifest["total_length"], "u_as_t": sum(r["u_as_t"] for r in records),
-           "removed_n": removed_n, "removed_other": sum(r["removed"] for r in records) - removed_n}
+    out = {
+        "bases": manifest["total_length"],
+        "u_as_t": sum(r["u_as_t"] for r in records),
+        "removed_n": removed_n,
+        "removed_other": sum(r["removed"] for r in records) - removed_n,
+    }
     sources = ", ".join(s["path"] for s in manifest["sources"])
     if out["u_as_t"]:
         _log.warning("%s: read %d U (RNA) bases as T", sources, out["u_as_t"])
     total = out["bases"] + out["removed_n"] + out["removed_other"]
     if out["removed_other"] > AMBIGUOUS_WARN_FRACTION * total:
-        _log.warning("%s: deleted %d characters other than A/C/G/T/U/N (%.2f %%: IUPAC ambiguity "
-                     "codes or gaps), joining their neighbours; clean the FASTA if that is wrong",
-                     sources, out["removed_other"], 100 * out["removed_other"] / total)
+        _log.warning(
+            "%s: deleted %d characters other than A/C/G/T/U/N (%.2f %%: IUPAC ambiguity "
+            "codes or gaps), joining their neighbours; clean the FASTA if that is wrong",
+            sources,
+            out["removed_other"],
+            100 * out["removed_other"] / total,
+        )
     return out
 
 
-def _write_bases(paths: list[pathlib.Path], sources: list[dict], out: pathlib.Path,
-                 chunk_bases: int) -> tuple[list[dict], str]:
+def _write_bases(
+    paths: list[pathlib.Path], sources: list[dict], out: pathlib.Path, chunk_bases: int
+) -> tuple[list[dict], str]:
     """Stream the FASTA files into ``out`` (ACGT only, U as T); returns the record entries and
     the sha256 of what was written."""
     records: list[dict] = []
@@ -259,9 +279,17 @@ def _write_bases(paths: list[pathlib.Path], sources: list[dict], out: pathlib.Pa
             for chunk in iter_fasta(path, chunk_bases=chunk_bases, upper=True):
                 if current is None or chunk.record != current:
                     current = chunk.record
-                    records.append({"name": chunk.name, "source": source["path"],
-                                    "offset": offset, "length": 0, "removed": 0, "removed_n": 0,
-                                    "u_as_t": 0})
+                    records.append(
+                        {
+                            "name": chunk.name,
+                            "source": source["path"],
+                            "offset": offset,
+                            "length": 0,
+                            "removed": 0,
+                            "removed_n": 0,
+                            "u_as_t": 0,
+                        }
+                    )
                 codes = base_codes(chunk.seq)  # U reads as T (vocab.base_codes)
                 kept = _ACGT[codes[codes != INVALID_BASE]]
                 f.write(kept.tobytes())
@@ -281,9 +309,13 @@ def temp_dir_name(out_dir: pathlib.Path) -> str:
     return f".{out_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def prepare_genome(fasta_paths: str | os.PathLike | Iterable[str | os.PathLike],
-                   out_dir: str | os.PathLike, *, chunk_bases: int = 1 << 22,
-                   overwrite: bool = False) -> pathlib.Path:
+def prepare_genome(
+    fasta_paths: str | os.PathLike | Iterable[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    chunk_bases: int = 1 << 22,
+    overwrite: bool = False,
+) -> pathlib.Path:
     """Write the ACGT-only, memory-mappable copy of FASTA file(s) described in the module doc.
 
     Streams ``chunk_bases`` bases at a time, so memory stays flat for a human genome. The copy is
@@ -313,14 +345,17 @@ def prepare_genome(fasta_paths: str | os.PathLike | Iterable[str | os.PathLike],
     if out_dir.exists() and not overwrite:
         existing = _read_manifest(out_dir)
         if existing is None:
-            raise PreparedGenomeError(f"{out_dir} exists but is not a prepared genome (no "
-                                      f"readable {MANIFEST_FILE}); choose another prepared_dir "
-                                      "or delete it")
+            raise PreparedGenomeError(
+                f"{out_dir} exists but is not a prepared genome (no "
+                f"readable {MANIFEST_FILE}); choose another prepared_dir "
+                "or delete it"
+            )
         if not _same_inputs(existing.get("sources", []), sources):
             raise PreparedGenomeError(
                 f"{out_dir} was prepared from other inputs "
                 f"({[s['path'] for s in existing['sources']]}, not {[str(p) for p in paths]}); "
-                "choose another prepared_dir, or pass overwrite=True")
+                "choose another prepared_dir, or pass overwrite=True"
+            )
         problem = verify_prepared(out_dir)
         if problem is None:
             return out_dir
@@ -333,9 +368,15 @@ def prepare_genome(fasta_paths: str | os.PathLike | Iterable[str | os.PathLike],
         total = sum(r["length"] for r in records)
         if total == 0:
             raise UserError(f"no A/C/G/T bases in {[str(p) for p in paths]}; is this DNA?")
-        manifest = {"format": FORMAT, "version": FORMAT_VERSION, "encoding": "ascii-ACGT",
-                    "sources": sources, "records": records, "total_length": total,
-                    "bases_sha256": digest}
+        manifest = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "encoding": "ascii-ACGT",
+            "sources": sources,
+            "records": records,
+            "total_length": total,
+            "bases_sha256": digest,
+        }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -363,8 +404,13 @@ class GenomeChunkSource:
       train_fraction: Bernoulli probability of a chunk going to train.
     """
 
-    def __init__(self, prepared_dir: str | os.PathLike, split: str = "train", seed: int = 0,
-                 train_fraction: float = TRAIN_FRACTION):
+    def __init__(
+        self,
+        prepared_dir: str | os.PathLike,
+        split: str = "train",
+        seed: int = 0,
+        train_fraction: float = TRAIN_FRACTION,
+    ):
         if split not in (*SPLITS, "all"):
             raise ValueError(f"unknown split {split!r}; valid: {(*SPLITS, 'all')}")
         self.prepared_dir = pathlib.Path(prepared_dir)
@@ -414,12 +460,18 @@ class GenomeChunkSource:
         return self._memory_map()[start : start + int(self._lengths[index])].decode("ascii")
 
     def __getstate__(self) -> dict:
-        return {"prepared_dir": self.prepared_dir, "split": self.split, "seed": self.seed,
-                "train_fraction": self.train_fraction}
+        return {
+            "prepared_dir": self.prepared_dir,
+            "split": self.split,
+            "seed": self.seed,
+            "train_fraction": self.train_fraction,
+        }
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
 
     def __repr__(self) -> str:
-        return (f"GenomeChunkSource({str(self.prepared_dir)!r}, split={self.split!r}, "
-                f"seed={self.seed}, chunks={len(self)})")
+        return (
+            f"GenomeChunkSource({str(self.prepared_dir)!r}, split={self.split!r}, "
+            f"seed={self.seed}, chunks={len(self)})"
+        )

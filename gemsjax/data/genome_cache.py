@@ -42,8 +42,9 @@ def cache_root() -> pathlib.Path:
     return pathlib.Path(os.environ.get(CACHE_ENV) or pathlib.Path.home() / ".cache" / "gemsjax")
 
 
-def cache_dir(fasta_paths: Sequence[pathlib.Path], root: pathlib.Path | None = None
-              ) -> pathlib.Path:
+def cache_dir(
+    fasta_paths: Sequence[pathlib.Path], root: pathlib.Path | None = None
+) -> pathlib.Path:
     """``<root>/genome-<first file stem>-<digest of the inputs' sha256s, in order>``."""
     sources = genome.describe_sources(fasta_paths)
     key = "\n".join(s["sha256"] for s in sources)
@@ -83,8 +84,12 @@ def remove_orphans(root: pathlib.Path) -> list[pathlib.Path]:
     return removed
 
 
-def prepared_genome(fasta_paths: Sequence[pathlib.Path], prepared_dir: str | os.PathLike | None
-                    = None, *, rebuild: bool = False) -> pathlib.Path:
+def prepared_genome(
+    fasta_paths: Sequence[pathlib.Path],
+    prepared_dir: str | os.PathLike | None = None,
+    *,
+    rebuild: bool = False,
+) -> pathlib.Path:
     """The prepared copy of ``fasta_paths``: ``prepared_dir`` if given, else the cache folder
     (:func:`cache_dir`); prepared or rebuilt as needed (see :func:`genome.prepare_genome`),
     after removing orphaned temporary folders beside it."""
@@ -99,25 +104,29 @@ def cached() -> list[dict]:
     for path in sorted(cache_root().glob("genome-*")):
         files = [f for f in path.iterdir() if f.is_file()]
         try:
-            inputs = [s["path"] for s in json.loads((path / genome.MANIFEST_FILE).read_text())[
-                "sources"]]
+            inputs = [
+                s["path"] for s in json.loads((path / genome.MANIFEST_FILE).read_text())["sources"]
+            ]
         except (OSError, ValueError, KeyError, TypeError):
             inputs = None
-        out.append({"path": str(path), "bytes": sum(f.stat().st_size for f in files),
-                    "inputs": inputs})
+        out.append(
+            {"path": str(path), "bytes": sum(f.stat().st_size for f in files), "inputs": inputs}
+        )
     return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gemsjax.data.genome_cache",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m gemsjax.data.genome_cache", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="cached genomes with sizes and inputs")
     sub.add_parser("clear", help="delete the whole cache")
     rebuild = sub.add_parser("rebuild", help="prepare FASTA file(s) again")
     rebuild.add_argument("fasta", nargs="+")
-    rebuild.add_argument("--prepared-dir", default=None,
-                         help="the run's data.prepared_dir, if it sets one")
+    rebuild.add_argument(
+        "--prepared-dir", default=None, help="the run's data.prepared_dir, if it sets one"
+    )
     args = parser.parse_args(argv)
     if args.command == "list":
         entries = cached()

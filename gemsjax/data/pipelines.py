@@ -88,10 +88,12 @@ class EncodeLabelled:
     tokenizer: KmerTokenizer
     max_len: int
 
-    def __call__(self, rows: list[Mapping], rng: np.random.Generator | None = None
-                 ) -> dict[str, np.ndarray]:
-        ids, attention = self.tokenizer.encode(_as_str([r["sequence"] for r in rows]),
-                                               self.max_len, rng=rng)
+    def __call__(
+        self, rows: list[Mapping], rng: np.random.Generator | None = None
+    ) -> dict[str, np.ndarray]:
+        ids, attention = self.tokenizer.encode(
+            _as_str([r["sequence"] for r in rows]), self.max_len, rng=rng
+        )
         labels = np.fromiter((r["label"] for r in rows), np.int32, len(rows))
         valid = np.fromiter((r.get("valid", 1) for r in rows), np.int32, len(rows))
         return {"ids": ids, "attention": attention, "labels": labels, "valid": valid}
@@ -109,8 +111,10 @@ class TableSource:
     def __init__(self, table: tables.LabelledTable):
         unlabelled = np.flatnonzero(table.labels < 0)
         if unlabelled.size:
-            raise ValueError(f"{table.source}: {unlabelled.size} rows have no label (first: row "
-                             f"{unlabelled[0]}); read the table with drop_empty_labels=True")
+            raise ValueError(
+                f"{table.source}: {unlabelled.size} rows have no label (first: row "
+                f"{unlabelled[0]}); read the table with drop_empty_labels=True"
+            )
         self.table = table
 
     def __len__(self) -> int:
@@ -156,17 +160,22 @@ class BatchPlan:
 
     def __post_init__(self):
         if not 0 <= self.process_index < self.process_count:
-            raise ValueError(f"process_index={self.process_index} must be in [0, process_count="
-                             f"{self.process_count})")
+            raise ValueError(
+                f"process_index={self.process_index} must be in [0, process_count="
+                f"{self.process_count})"
+            )
         if self.batch_size < 1 or (self.num_epochs is not None and self.num_epochs < 1):
-            raise ValueError(f"batch_size ({self.batch_size}) and num_epochs ({self.num_epochs}) "
-                             "must be >= 1")
+            raise ValueError(
+                f"batch_size ({self.batch_size}) and num_epochs ({self.num_epochs}) must be >= 1"
+            )
         global_batch = self.batch_size * self.process_count
         if self.batches_per_epoch == 0:
             need = self.batch_size if self.training else global_batch
-            raise ValueError(f"{self.num_examples} examples make no whole batch of {need} for "
-                             f"process {self.process_index} of {self.process_count}; lower the "
-                             "batch size")
+            raise ValueError(
+                f"{self.num_examples} examples make no whole batch of {need} for "
+                f"process {self.process_index} of {self.process_count}; lower the "
+                "batch size"
+            )
 
     @property
     def _rows_per_epoch(self) -> int:
@@ -228,10 +237,19 @@ class FetchBatch:
         return self.encode(elements + [PAD_ROW] * (rows.size - len(real)), rng)
 
 
-def make_batches(source, encode: EncodeSequences | EncodeLabelled, *, batch_size: int,
-                 training: bool, seed: int = 0, num_epochs: int | None = None,
-                 process_index: int = 0, process_count: int = 1, pad: bool = False,
-                 read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+def make_batches(
+    source,
+    encode: EncodeSequences | EncodeLabelled,
+    *,
+    batch_size: int,
+    training: bool,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    pad: bool = False,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.IterDataset:
     """The generic pipeline behind every builder below.
 
     Args:
@@ -253,22 +271,40 @@ def make_batches(source, encode: EncodeSequences | EncodeLabelled, *, batch_size
       A ``grain.IterDataset`` of batch dicts; ``iter()`` it for a checkpointable iterator.
     """
     if pad and not isinstance(encode, EncodeLabelled):
-        raise ValueError("pad=True needs labelled rows (EncodeLabelled): padding rows are marked "
-                         "by valid == 0")
-    plan = BatchPlan(len(source), batch_size, training, seed, num_epochs, process_index,
-                     process_count, pad and not training)
+        raise ValueError(
+            "pad=True needs labelled rows (EncodeLabelled): padding rows are marked by valid == 0"
+        )
+    plan = BatchPlan(
+        len(source),
+        batch_size,
+        training,
+        seed,
+        num_epochs,
+        process_index,
+        process_count,
+        pad and not training,
+    )
     fetch = FetchBatch(source, plan, encode)
     ds = grain.MapDataset.range(len(plan)).seed(seed)
     ds = ds.random_map(fetch) if encode.tokenizer.randomize_offset else ds.map(fetch)
-    return ds.to_iter_dataset(read_options or grain.ReadOptions(num_threads=2,
-                                                                prefetch_buffer_size=4))
+    return ds.to_iter_dataset(
+        read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+    )
 
 
-def genome_pipeline(prepared_dir: str | os.PathLike, *, batch_size: int, split: str = "train",
-                    max_len: int = GENOME_MAX_LEN, seed: int = 0, corpus_seed: int = 0,
-                    num_epochs: int | None = None, process_index: int = 0,
-                    process_count: int = 1,
-                    read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+def genome_pipeline(
+    prepared_dir: str | os.PathLike,
+    *,
+    batch_size: int,
+    split: str = "train",
+    max_len: int = GENOME_MAX_LEN,
+    seed: int = 0,
+    corpus_seed: int = 0,
+    num_epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.IterDataset:
     """CM-GEMS pretraining batches from a prepared genome (:func:`genome.prepare_genome`).
 
     ``split="train"`` shuffles and repeats; ``"validation"`` is one ordered pass. ``corpus_seed``
@@ -276,33 +312,63 @@ def genome_pipeline(prepared_dir: str | os.PathLike, *, batch_size: int, split: 
     the order. Yields ``{"ids", "attention"}: int32[batch_size, max_len]`` (DNABERT 6-mers).
     """
     source = genome.GenomeChunkSource(prepared_dir, split=split, seed=corpus_seed)
-    return make_batches(source, EncodeSequences(dnabert_tokenizer(), max_len),
-                        batch_size=batch_size, training=split == "train", seed=seed,
-                        num_epochs=num_epochs, process_index=process_index,
-                        process_count=process_count, read_options=read_options)
+    return make_batches(
+        source,
+        EncodeSequences(dnabert_tokenizer(), max_len),
+        batch_size=batch_size,
+        training=split == "train",
+        seed=seed,
+        num_epochs=num_epochs,
+        process_index=process_index,
+        process_count=process_count,
+        read_options=read_options,
+    )
 
 
-def barcode_pipeline(sequences: Sequence[str], *, batch_size: int, training: bool,
-                     max_len: int = BARCODE_MAX_LEN, seed: int = 0,
-                     num_epochs: int | None = None, process_index: int = 0,
-                     process_count: int = 1, k: int = 6,
-                     read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+def barcode_pipeline(
+    sequences: Sequence[str],
+    *,
+    batch_size: int,
+    training: bool,
+    max_len: int = BARCODE_MAX_LEN,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    k: int = 6,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.IterDataset:
     """BarcodeMAE pretraining batches: non-overlapping k-mers, 110 tokens (660 nt) for k = 6.
 
     Training draws a reading-frame offset 0..k-1 per sequence (BarcodeMAE's ``randomize_offset``);
     evaluation does not. Yields ``{"ids", "attention"}: int32[batch_size, max_len]``.
     """
-    return make_batches(list(sequences), EncodeSequences(barcode_tokenizer(training, k), max_len),
-                        batch_size=batch_size, training=training, seed=seed,
-                        num_epochs=num_epochs, process_index=process_index,
-                        process_count=process_count, read_options=read_options)
+    return make_batches(
+        list(sequences),
+        EncodeSequences(barcode_tokenizer(training, k), max_len),
+        batch_size=batch_size,
+        training=training,
+        seed=seed,
+        num_epochs=num_epochs,
+        process_index=process_index,
+        process_count=process_count,
+        read_options=read_options,
+    )
 
 
-def labelled_pipeline(data: tables.LabelledTable | Any, *, vocab: str, batch_size: int,
-                      max_len: int, training: bool, seed: int = 0,
-                      num_epochs: int | None = None, process_index: int = 0,
-                      process_count: int = 1,
-                      read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+def labelled_pipeline(
+    data: tables.LabelledTable | Any,
+    *,
+    vocab: str,
+    batch_size: int,
+    max_len: int,
+    training: bool,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.IterDataset:
     """Classification batches from a labelled table or a TFDS data source.
 
     Args:
@@ -320,14 +386,27 @@ def labelled_pipeline(data: tables.LabelledTable | Any, *, vocab: str, batch_siz
         raise ValueError(f"vocab must be 'dnabert' or 'barcodebert', got {vocab!r}")
     source = TableSource(data) if isinstance(data, tables.LabelledTable) else data
     tokenizer = dnabert_tokenizer() if vocab == "dnabert" else barcode_tokenizer(training)
-    return make_batches(source, EncodeLabelled(tokenizer, max_len), batch_size=batch_size,
-                        training=training, seed=seed, num_epochs=num_epochs,
-                        process_index=process_index, process_count=process_count,
-                        pad=not training, read_options=read_options)
+    return make_batches(
+        source,
+        EncodeLabelled(tokenizer, max_len),
+        batch_size=batch_size,
+        training=training,
+        seed=seed,
+        num_epochs=num_epochs,
+        process_index=process_index,
+        process_count=process_count,
+        pad=not training,
+        read_options=read_options,
+    )
 
 
-def read_labelled(path: str | os.PathLike, fmt: str, *, label_column: str = "species_name",
-                  splits: Sequence[str] | None = None) -> tables.LabelledTable:
+def read_labelled(
+    path: str | os.PathLike,
+    fmt: str,
+    *,
+    label_column: str = "species_name",
+    splits: Sequence[str] | None = None,
+) -> tables.LabelledTable:
     """Read a labelled file: ``fmt`` is ``"gue"`` (CSV), ``"genemask"`` (6-mer TSV) or
     ``"barcode"`` (BOLD / BIOSCAN-5M TSV; ``label_column`` and ``splits`` apply; as in BarcodeMAE,
     duplicate sequences are dropped over the whole file and label indices are shared by all its
@@ -337,8 +416,9 @@ def read_labelled(path: str | os.PathLike, fmt: str, *, label_column: str = "spe
     if fmt == "genemask":
         return tables.read_genemask_tsv(path)
     if fmt == "barcode":
-        return tables.read_barcode_tsv(path, (label_column,), splits=splits, deduplicate=True,
-                                       drop_empty_labels=True)[label_column]
+        return tables.read_barcode_tsv(
+            path, (label_column,), splits=splits, deduplicate=True, drop_empty_labels=True
+        )[label_column]
     raise ValueError(f"unknown labelled format {fmt!r}; valid: {LABELLED_FORMATS}")
 
 
@@ -359,9 +439,12 @@ def corpus_report(config: Mapping) -> dict[str, int] | None:
     return genome.report(genome.load_manifest(prepared))
 
 
-def make_pretraining_iterator(config: Mapping, split: str = "train",
-                              process_index: int | None = None,
-                              process_count: int | None = None) -> grain.DatasetIterator:
+def make_pretraining_iterator(
+    config: Mapping,
+    split: str = "train",
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DatasetIterator:
     """The pretraining data iterator for the train loop (checkpoint it with the train state).
 
     Reads the ``config.data`` keys of a validated config (:func:`gemsjax.config.validate`
@@ -386,25 +469,34 @@ def make_pretraining_iterator(config: Mapping, split: str = "train",
         process_index, process_count = jax.process_index(), jax.process_count()
     data = config["data"]
     if data["batch_size"] % process_count:
-        raise ValueError(f"config.data.batch_size={data['batch_size']} is not divisible by the "
-                         f"{process_count} processes")
+        raise ValueError(
+            f"config.data.batch_size={data['batch_size']} is not divisible by the "
+            f"{process_count} processes"
+        )
     if split not in genome.SPLITS:
         raise ValueError(f"split must be one of {genome.SPLITS}, got {split!r}")
-    common = dict(batch_size=data["batch_size"] // process_count, seed=data["seed"],
-                  max_len=data["max_len"], process_index=process_index,
-                  process_count=process_count,
-                  read_options=grain.ReadOptions(num_threads=data["num_threads"],
-                                                 prefetch_buffer_size=data["prefetch"]))
+    common = dict(
+        batch_size=data["batch_size"] // process_count,
+        seed=data["seed"],
+        max_len=data["max_len"],
+        process_index=process_index,
+        process_count=process_count,
+        read_options=grain.ReadOptions(
+            num_threads=data["num_threads"], prefetch_buffer_size=data["prefetch"]
+        ),
+    )
     if data["kind"] == "genome":
         fasta = fasta_paths(data["fasta"])
         prepared = genome_cache.prepared_genome(fasta, data["prepared_dir"])
         ds = genome_pipeline(prepared, split=split, corpus_seed=data["corpus_seed"], **common)
     elif data["kind"] == "barcode":
         table = tables.read_barcode_tsv(
-            data["tsv"] or samples.sample_path(samples.BARCODES), ("species_name",),
-            splits=tuple(data[f"{split}_splits"]), deduplicate=True)["species_name"]
+            data["tsv"] or samples.sample_path(samples.BARCODES),
+            ("species_name",),
+            splits=tuple(data[f"{split}_splits"]),
+            deduplicate=True,
+        )["species_name"]
         ds = barcode_pipeline(table.sequences, training=split == "train", k=data["k"], **common)
     else:
         raise ValueError(f"config.data.kind={data['kind']!r}: expected 'genome' or 'barcode'")
     return iter(ds)
-

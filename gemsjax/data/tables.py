@@ -23,8 +23,16 @@ from gemsjax.data.rawio import first_invalid, open_text
 from gemsjax.errors import UserError
 from gemsjax.tokenizers import kmer_text_to_sequence
 
-BIOSCAN5M_SPLITS = ("pretrain", "train", "val", "test", "key_unseen", "val_unseen", "test_unseen",
-                    "other_heldout")
+BIOSCAN5M_SPLITS = (
+    "pretrain",
+    "train",
+    "val",
+    "test",
+    "key_unseen",
+    "val_unseen",
+    "test_unseen",
+    "other_heldout",
+)
 """The values of the BIOSCAN-5M ``split`` column."""
 
 BARCODEMAE_PARTITIONS = {
@@ -67,8 +75,10 @@ class LabelledTable:
         return len(self.sequences)
 
     def __repr__(self) -> str:
-        return (f"LabelledTable({len(self)} rows, {len(self.label_names)} labels, "
-                f"extra={sorted(self.extra)}, source={self.source!r})")
+        return (
+            f"LabelledTable({len(self)} rows, {len(self.label_names)} labels, "
+            f"extra={sorted(self.extra)}, source={self.source!r})"
+        )
 
 
 class DelimitedReader:
@@ -87,8 +97,9 @@ class DelimitedReader:
         try:
             header = self._next_row()
             if not header:
-                raise self.error(1, "the file is empty (no header line)",
-                                 "check the path, or re-create the file")
+                raise self.error(
+                    1, "the file is empty (no header line)", "check the path, or re-create the file"
+                )
         except TableFormatError:
             self._file.close()
             raise
@@ -111,8 +122,11 @@ class DelimitedReader:
         if not required:
             return None
         accepted = " or ".join(repr(n) for n in names)
-        raise self.error(1, f"missing required column {accepted}; found columns {self.header}",
-                         "check the header line and the delimiter (tab for .tsv, comma for .csv)")
+        raise self.error(
+            1,
+            f"missing required column {accepted}; found columns {self.header}",
+            "check the header line and the delimiter (tab for .tsv, comma for .csv)",
+        )
 
     def rows(self) -> Iterator[tuple[int, list[str]]]:
         """``(line, fields)`` for each data row, ``len(fields) == len(self.header)``; ``line`` is
@@ -121,17 +135,24 @@ class DelimitedReader:
             if not fields:
                 continue
             if len(fields) != len(self.header):
-                raise self.error(self.row_start,
-                                 f"{len(fields)} fields, but the header has {len(self.header)}"
-                                 + self._run_on(), "look for a stray delimiter or an unbalanced "
-                                 "quote on this line")
+                raise self.error(
+                    self.row_start,
+                    f"{len(fields)} fields, but the header has {len(self.header)}" + self._run_on(),
+                    "look for a stray delimiter or an unbalanced quote on this line",
+                )
             yield self.row_start, fields
 
     def _run_on(self) -> str:
         """Words for a row that runs past its first line (a quote opened and never closed)."""
         end = self._reader.line_num
-        return (f" (the row runs on to line {end}: an unbalanced '\"' on line {self.row_start} "
-                "joins the lines after it)") if end > self.row_start else ""
+        return (
+            (
+                f" (the row runs on to line {end}: an unbalanced '\"' on line {self.row_start} "
+                "joins the lines after it)"
+            )
+            if end > self.row_start
+            else ""
+        )
 
     def _next_row(self) -> list[str] | None:
         self.row_start = self._reader.line_num + 1
@@ -139,16 +160,22 @@ class DelimitedReader:
             return next(self._reader, None)
         except csv.Error as err:
             if "field larger than field limit" in str(err) and not self._run_on():
-                raise self.error(self.row_start, f"a field is longer than "
-                                 f"{csv.field_size_limit():,} characters", "no barcode or task "
-                                 "sequence is that long: remove the row or shorten the "
-                                 "field") from err
-            raise self.error(self.row_start, f"unreadable row ({err}){self._run_on()}",
-                             "fix the quoting on this line") from err
+                raise self.error(
+                    self.row_start,
+                    f"a field is longer than {csv.field_size_limit():,} characters",
+                    "no barcode or task sequence is that long: remove the row or shorten the field",
+                ) from err
+            raise self.error(
+                self.row_start,
+                f"unreadable row ({err}){self._run_on()}",
+                "fix the quoting on this line",
+            ) from err
         except (EOFError, zlib.error, gzip.BadGzipFile) as err:
-            raise self.error(self._reader.line_num + 1,
-                             f"the gzip stream is truncated or corrupt ({err})",
-                             "download the file again or re-compress it with gzip") from err
+            raise self.error(
+                self._reader.line_num + 1,
+                f"the gzip stream is truncated or corrupt ({err})",
+                "download the file again or re-compress it with gzip",
+            ) from err
 
 
 def read_gue_csv(path: str | os.PathLike) -> LabelledTable:
@@ -166,11 +193,18 @@ def read_genemask_tsv(path: str | os.PathLike) -> LabelledTable:
     return _read_integer_labelled(path, "\t", kmer_text_to_sequence)
 
 
-def read_barcode_tsv(path: str | os.PathLike, label_columns: Sequence[str] = ("species_name",),
-                     *, splits: Iterable[str] | None = None, extra_columns: Sequence[str] = (),
-                     strip_gaps: bool = True, strip_trailing_n: bool = True,
-                     deduplicate: bool = False, drop_empty_labels: bool = False,
-                     delimiter: str = "\t") -> dict[str, LabelledTable]:
+def read_barcode_tsv(
+    path: str | os.PathLike,
+    label_columns: Sequence[str] = ("species_name",),
+    *,
+    splits: Iterable[str] | None = None,
+    extra_columns: Sequence[str] = (),
+    strip_gaps: bool = True,
+    strip_trailing_n: bool = True,
+    deduplicate: bool = False,
+    drop_empty_labels: bool = False,
+    delimiter: str = "\t",
+) -> dict[str, LabelledTable]:
     """DNA barcodes from a BOLD TSV or the BIOSCAN-5M metadata TSV.
 
     Column names are accepted in either scheme: BIOSCAN-5M ``dna_barcode``, ``dna_bin``,
@@ -252,15 +286,20 @@ def read_barcode_tsv(path: str | os.PathLike, label_columns: Sequence[str] = ("s
         if not unknown and not sequences and reasons:
             raise TableFormatError(
                 f"{os.fspath(path)}: every row of split(s) {sorted(keep_splits)} was dropped ("
-                + ", ".join(f"{n} as {why}" for why, n in reasons.items()) + "); select other "
-                "splits, or a file whose rows in them are distinct and labelled")
+                + ", ".join(f"{n} as {why}" for why, n in reasons.items())
+                + "); select other "
+                "splits, or a file whose rows in them are distinct and labelled"
+            )
         if unknown or not sequences:
-            raise TableFormatError(f"{os.fspath(path)}: no rows in split(s) "
-                                   f"{sorted(unknown or keep_splits)}; the 'split' column holds "
-                                   f"{sorted(split_values)}; pass splits from that list")
+            raise TableFormatError(
+                f"{os.fspath(path)}: no rows in split(s) "
+                f"{sorted(unknown or keep_splits)}; the 'split' column holds "
+                f"{sorted(split_values)}; pass splits from that list"
+            )
     _check_sequences(os.fspath(path), sequences, lines)
     extra: dict[str, np.ndarray | list] = {
-        name: [row[j] for row in extras] for j, name in enumerate(extra_columns)}
+        name: [row[j] for row in extras] for j, name in enumerate(extra_columns)
+    }
     if split_col is not None:
         extra["split"] = row_splits
     tables = {}
@@ -270,7 +309,10 @@ def read_barcode_tsv(path: str | os.PathLike, label_columns: Sequence[str] = ("s
         tables[column] = LabelledTable(
             sequences=sequences,
             labels=np.fromiter((index[row[j]] for row in labels), np.int32, len(labels)),
-            label_names=label_names, source=os.fspath(path), extra=extra)
+            label_names=label_names,
+            source=os.fspath(path),
+            extra=extra,
+        )
     return tables
 
 
@@ -283,8 +325,9 @@ def _aliases(column: str) -> tuple[str, ...]:
     return column, f"{column}_name"
 
 
-def _read_integer_labelled(path: str | os.PathLike, delimiter: str,
-                           to_sequence: Callable[[str], str]) -> LabelledTable:
+def _read_integer_labelled(
+    path: str | os.PathLike, delimiter: str, to_sequence: Callable[[str], str]
+) -> LabelledTable:
     """Rows ``sequence, label`` with integer labels; ``to_sequence`` maps the sequence field.
     ``extra["line"]`` holds each row's 1-based line number in the file."""
     lines, sequences, labels = [], [], []
@@ -293,22 +336,31 @@ def _read_integer_labelled(path: str | os.PathLike, delimiter: str,
         for line, fields in reader.rows():
             label = fields[label_col].strip()
             if not (label.isascii() and label.isdigit()):
-                raise reader.error(line, f"label {label!r} is not a non-negative integer",
-                                   "labels must be class indices 0, 1, 2, ...")
+                raise reader.error(
+                    line,
+                    f"label {label!r} is not a non-negative integer",
+                    "labels must be class indices 0, 1, 2, ...",
+                )
             try:
                 sequences.append(to_sequence(fields[seq_col]))
             except ValueError as err:
-                raise reader.error(line, f"bad k-mer sequence field ({err})",
-                                   "write the sequence as overlapping k-mers separated by "
-                                   "single spaces") from err
+                raise reader.error(
+                    line,
+                    f"bad k-mer sequence field ({err})",
+                    "write the sequence as overlapping k-mers separated by single spaces",
+                ) from err
             labels.append(int(label))
             lines.append(line)
     _check_sequences(os.fspath(path), sequences, lines)
     labels_array = np.asarray(labels, dtype=np.int32)
     n_classes = int(labels_array.max()) + 1 if len(labels) else 0
-    return LabelledTable(sequences=sequences, labels=labels_array,
-                         label_names=tuple(str(i) for i in range(n_classes)),
-                         source=os.fspath(path), extra={"line": np.asarray(lines, np.int64)})
+    return LabelledTable(
+        sequences=sequences,
+        labels=labels_array,
+        label_names=tuple(str(i) for i in range(n_classes)),
+        source=os.fspath(path),
+        extra={"line": np.asarray(lines, np.int64)},
+    )
 
 
 def _check_sequences(path: str, sequences: list[str], lines: list[int]) -> None:
@@ -316,15 +368,19 @@ def _check_sequences(path: str, sequences: list[str], lines: list[int]) -> None:
     lengths = np.fromiter(map(len, sequences), np.int64, len(sequences))
     empty = np.flatnonzero(lengths == 0)
     if empty.size:
-        raise TableFormatError(f"{path}, line {lines[empty[0]]}: empty sequence (after removing "
-                               "gaps and trailing N where asked); remove the row or fix it")
+        raise TableFormatError(
+            f"{path}, line {lines[empty[0]]}: empty sequence (after removing "
+            "gaps and trailing N where asked); remove the row or fix it"
+        )
     bad = first_invalid("".join(sequences).encode("latin-1", "replace"))
     if bad >= 0:
         ends = np.cumsum(lengths)
         row = int(np.searchsorted(ends, bad, side="right"))
         column = bad - (int(ends[row - 1]) if row else 0)
         char = sequences[row][column]
-        raise TableFormatError(f"{path}, line {lines[row]}: invalid character {char!r} at position "
-                               f"{column + 1} of the sequence; sequences may hold only IUPAC "
-                               "nucleotide codes (ACGTURYSWKMBDHVN, either case), '-', '*' and "
-                               "'.'")
+        raise TableFormatError(
+            f"{path}, line {lines[row]}: invalid character {char!r} at position "
+            f"{column + 1} of the sequence; sequences may hold only IUPAC "
+            "nucleotide codes (ACGTURYSWKMBDHVN, either case), '-', '*' and "
+            "'.'"
+        )

@@ -41,12 +41,32 @@ from gemsjax.data import tables
 VERSION = tfds.core.Version("1.0.0")
 
 GUE_TASKS = {
-    **{f"emp_{m.lower()}": (f"EMP/{m}", 2) for m in (
-        "H3", "H3K14ac", "H3K36me3", "H3K4me1", "H3K4me2", "H3K4me3", "H3K79me3", "H3K9ac", "H4",
-        "H4ac")},
-    **{name: (f"prom/prom_{name.removeprefix('prom_')}", 2) for name in (
-        "prom_300_all", "prom_300_notata", "prom_300_tata", "prom_core_all", "prom_core_notata",
-        "prom_core_tata")},
+    **{
+        f"emp_{m.lower()}": (f"EMP/{m}", 2)
+        for m in (
+            "H3",
+            "H3K14ac",
+            "H3K36me3",
+            "H3K4me1",
+            "H3K4me2",
+            "H3K4me3",
+            "H3K79me3",
+            "H3K9ac",
+            "H4",
+            "H4ac",
+        )
+    },
+    **{
+        name: (f"prom/prom_{name.removeprefix('prom_')}", 2)
+        for name in (
+            "prom_300_all",
+            "prom_300_notata",
+            "prom_300_tata",
+            "prom_core_all",
+            "prom_core_notata",
+            "prom_core_tata",
+        )
+    },
     "splice_reconstructed": ("splice/reconstructed", 3),
     **{f"tf_{i}": (f"tf/{i}", 2) for i in range(5)},
     **{f"mouse_{i}": (f"mouse/{i}", 2) for i in range(5)},
@@ -83,16 +103,19 @@ def _existing(path: pathlib.Path) -> pathlib.Path | None:
     return None
 
 
-def _labelled_examples(table: tables.LabelledTable, rows: np.ndarray | None = None,
-                       num_classes: int = 0):
+def _labelled_examples(
+    table: tables.LabelledTable, rows: np.ndarray | None = None, num_classes: int = 0
+):
     """``(key, example)`` pairs of a table (optionally only ``rows``), labels range-checked."""
     rows = np.arange(len(table)) if rows is None else rows
     if num_classes:
         bad = np.flatnonzero((table.labels < 0) | (table.labels >= num_classes))
         if bad.size:
-            raise ValueError(f"{table.source}: data row {bad[0] + 1} has label "
-                             f"{table.labels[bad[0]]}, outside 0..{num_classes - 1} for this "
-                             "config; check the file")
+            raise ValueError(
+                f"{table.source}: data row {bad[0] + 1} has label "
+                f"{table.labels[bad[0]]}, outside 0..{num_classes - 1} for this "
+                "config; check the file"
+            )
     for row in rows:
         row = int(row)
         yield row, {"sequence": table.sequences[row], "label": int(table.labels[row]), "row": row}
@@ -115,14 +138,18 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
-            builder=self, description=self.__doc__,
-            features=self._features(), supervised_keys=("sequence", "label"),
-            disable_shuffling=True)
+            builder=self,
+            description=self.__doc__,
+            features=self._features(),
+            supervised_keys=("sequence", "label"),
+            disable_shuffling=True,
+        )
 
     def _features(self) -> tfds.features.FeaturesDict:
         """Labels are plain int64 (not ClassLabel) so that -1 can mean "no label"."""
-        return tfds.features.FeaturesDict({"sequence": tfds.features.Text(), "label": np.int64,
-                                           "row": np.int64})
+        return tfds.features.FeaturesDict(
+            {"sequence": tfds.features.Text(), "label": np.int64, "row": np.int64}
+        )
 
 
 class Gue(_LocalBuilder):
@@ -130,30 +157,43 @@ class Gue(_LocalBuilder):
 
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Download GUE (DNABERT-2 README, or Hugging Face leannmlindsey/GUE) and pass the GUE "
-        "folder, the one holding EMP/, prom/, splice/, tf/, mouse/ and virus/, as manual_dir.")
+        "folder, the one holding EMP/, prom/, splice/, tf/, mouse/ and virus/, as manual_dir."
+    )
 
-    BUILDER_CONFIGS = [LabelledConfig(name=name, folder=folder, num_classes=n,
-                                      description=f"GUE task {folder}")
-                       for name, (folder, n) in GUE_TASKS.items()]
+    BUILDER_CONFIGS = [
+        LabelledConfig(name=name, folder=folder, num_classes=n, description=f"GUE task {folder}")
+        for name, (folder, n) in GUE_TASKS.items()
+    ]
 
     def _split_generators(self, dl_manager):
         folder = pathlib.Path(dl_manager.manual_dir) / self.builder_config.folder
         files = {split: _existing(folder / f"{split}.csv") for split in ("train", "dev", "test")}
         files = {split: path for split, path in files.items() if path is not None}
         if not files:
-            raise FileNotFoundError(f"gue/{self.builder_config.name}: no train/dev/test.csv(.gz) "
-                                    f"in {folder}; manual_dir must be the GUE folder")
+            raise FileNotFoundError(
+                f"gue/{self.builder_config.name}: no train/dev/test.csv(.gz) "
+                f"in {folder}; manual_dir must be the GUE folder"
+            )
         return {split: self._generate_examples(path) for split, path in files.items()}
 
     def _generate_examples(self, path):
-        return _labelled_examples(tables.read_gue_csv(path),
-                                  num_classes=self.builder_config.num_classes)
+        return _labelled_examples(
+            tables.read_gue_csv(path), num_classes=self.builder_config.num_classes
+        )
 
 
 def _genemask_configs() -> list[LabelledConfig]:
-    return [LabelledConfig(name=f"{name}_{shots}", folder=folder, num_classes=n, shots=shots,
-                           description=f"GeneMask {folder}, {shots}-shot train set")
-            for name, (folder, n, all_shots) in GENEMASK_SETS.items() for shots in all_shots]
+    return [
+        LabelledConfig(
+            name=f"{name}_{shots}",
+            folder=folder,
+            num_classes=n,
+            shots=shots,
+            description=f"GeneMask {folder}, {shots}-shot train set",
+        )
+        for name, (folder, n, all_shots) in GENEMASK_SETS.items()
+        for shots in all_shots
+    ]
 
 
 class GenemaskFewshot(_LocalBuilder):
@@ -161,7 +201,8 @@ class GenemaskFewshot(_LocalBuilder):
 
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Clone github roysoumya/GeneMask and pass its Data-B_fewshot-task-datasets folder "
-        "(Prom-core/, Prom-300/, Splice-40/, Cohn-enh/) as manual_dir.")
+        "(Prom-core/, Prom-300/, Splice-40/, Cohn-enh/) as manual_dir."
+    )
 
     BUILDER_CONFIGS = _genemask_configs()
 
@@ -170,21 +211,26 @@ class GenemaskFewshot(_LocalBuilder):
         folder = pathlib.Path(dl_manager.manual_dir) / config.folder
         shot_dir = folder / str(config.shots)
         train = _existing(shot_dir / "train.tsv") or _existing(
-            shot_dir / f"train_{config.folder.replace('-', '').lower()}_{config.shots}.tsv")
+            shot_dir / f"train_{config.folder.replace('-', '').lower()}_{config.shots}.tsv"
+        )
         if train is None:
-            raise FileNotFoundError(f"genemask_fewshot/{config.name}: no train TSV in {shot_dir}; "
-                                    "manual_dir must be Data-B_fewshot-task-datasets")
+            raise FileNotFoundError(
+                f"genemask_fewshot/{config.name}: no train TSV in {shot_dir}; "
+                "manual_dir must be Data-B_fewshot-task-datasets"
+            )
         files = {"train": train}
         for split in ("dev", "test"):
             found = _existing(folder / f"{split}.tsv") or _existing(
-                folder / "full-dataset" / f"{split}.tsv")
+                folder / "full-dataset" / f"{split}.tsv"
+            )
             if found is not None:
                 files[split] = found
         return {split: self._generate_examples(path) for split, path in files.items()}
 
     def _generate_examples(self, path):
-        return _labelled_examples(tables.read_genemask_tsv(path),
-                                  num_classes=self.builder_config.num_classes)
+        return _labelled_examples(
+            tables.read_genemask_tsv(path), num_classes=self.builder_config.num_classes
+        )
 
 
 class Bioscan5m(_LocalBuilder):
@@ -192,10 +238,13 @@ class Bioscan5m(_LocalBuilder):
 
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         f"Download {BIOSCAN_METADATA} (Zenodo record 11973457, or Hugging Face "
-        "bioscan-ml/BIOSCAN-5M) into manual_dir.")
+        "bioscan-ml/BIOSCAN-5M) into manual_dir."
+    )
 
-    BUILDER_CONFIGS = [LabelledConfig(name=level, description=f"BIOSCAN-5M, labels = {level}")
-                       for level in BIOSCAN_LEVELS]
+    BUILDER_CONFIGS = [
+        LabelledConfig(name=level, description=f"BIOSCAN-5M, labels = {level}")
+        for level in BIOSCAN_LEVELS
+    ]
 
     def _features(self) -> tfds.features.FeaturesDict:
         features = dict(super()._features())
@@ -205,21 +254,32 @@ class Bioscan5m(_LocalBuilder):
     def _split_generators(self, dl_manager):
         path = _bioscan_metadata(pathlib.Path(dl_manager.manual_dir))
         level = self.builder_config.name
-        table = tables.read_barcode_tsv(path, (level,), extra_columns=("processid",),
-                                        deduplicate=True)[level]
+        table = tables.read_barcode_tsv(
+            path, (level,), extra_columns=("processid",), deduplicate=True
+        )[level]
         if "split" not in table.extra:
-            raise tables.TableFormatError(f"{path}: no 'split' column; BIOSCAN-5M metadata has "
-                                          "one (pretrain, train, val, test, ...)")
+            raise tables.TableFormatError(
+                f"{path}: no 'split' column; BIOSCAN-5M metadata has "
+                "one (pretrain, train, val, test, ...)"
+            )
         split_of = np.asarray(table.extra["split"])
-        return {split: self._generate_examples((table, np.flatnonzero(split_of == split)))
-                for split in sorted(set(split_of.tolist()))}
+        return {
+            split: self._generate_examples((table, np.flatnonzero(split_of == split)))
+            for split in sorted(set(split_of.tolist()))
+        }
 
     def _generate_examples(self, table_and_rows):
         table, rows = table_and_rows
         for key, example in _labelled_examples(table, rows):
             label = example["label"]
-            yield key, {**example, "processid": table.extra["processid"][key],
-                        "label_name": table.label_names[label] if label >= 0 else ""}
+            yield (
+                key,
+                {
+                    **example,
+                    "processid": table.extra["processid"][key],
+                    "label_name": table.label_names[label] if label >= 0 else "",
+                },
+            )
 
 
 def _bioscan_metadata(manual: pathlib.Path) -> pathlib.Path:
@@ -229,16 +289,19 @@ def _bioscan_metadata(manual: pathlib.Path) -> pathlib.Path:
         return official
     found = sorted([*manual.glob("*.tsv"), *manual.glob("*.tsv.gz")])
     if len(found) != 1:
-        raise FileNotFoundError(f"bioscan5m: expected {BIOSCAN_METADATA} (or exactly one .tsv) in "
-                                f"{manual}, found {[p.name for p in found]}")
+        raise FileNotFoundError(
+            f"bioscan5m: expected {BIOSCAN_METADATA} (or exactly one .tsv) in "
+            f"{manual}, found {[p.name for p in found]}"
+        )
     return found[0]
 
 
 BUILDERS = {"gue": Gue, "genemask_fewshot": GenemaskFewshot, "bioscan5m": Bioscan5m}
 
 
-def prepare(name: str, manual_dir: str | os.PathLike,
-            data_dir: str | os.PathLike) -> tfds.core.DatasetBuilder:
+def prepare(
+    name: str, manual_dir: str | os.PathLike, data_dir: str | os.PathLike
+) -> tfds.core.DatasetBuilder:
     """Build ``name`` (``"gue/prom_core_tata"``, ``"genemask_fewshot/prom_core_10"``,
     ``"bioscan5m/species"``) from ``manual_dir`` into ``data_dir`` (no download, array_record).
 
@@ -250,8 +313,13 @@ def prepare(name: str, manual_dir: str | os.PathLike,
         raise ValueError(f"unknown builder {builder_name!r}; valid: {sorted(BUILDERS)}")
     builder = BUILDERS[builder_name](config=config or None, data_dir=os.fspath(data_dir))
     if not pathlib.Path(manual_dir).is_dir():
-        raise FileNotFoundError(f"{name}: manual_dir {manual_dir} is not a directory. "
-                                f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=os.fspath(manual_dir), try_download_gcs=False))
+        raise FileNotFoundError(
+            f"{name}: manual_dir {manual_dir} is not a directory. "
+            f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+        )
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=os.fspath(manual_dir), try_download_gcs=False
+        )
+    )
     return builder

@@ -44,13 +44,20 @@ import numpy as np
 from gemsjax.data import tables
 
 SPLITS = ("pretrain", "train", "test", "test_unseen")
-DEFAULTS = dict(seed=0, min_genus_species=3, unseen_fraction=1 / 3, train_fraction=0.3,
-                test_fraction=0.2)
+DEFAULTS = dict(
+    seed=0, min_genus_species=3, unseen_fraction=1 / 3, train_fraction=0.3, test_fraction=0.2
+)
 
 
-def held_out_species(species: np.ndarray, genus: np.ndarray, *, seed: int = 0,
-                     min_genus_species: int = 3, unseen_fraction: float = 1 / 3,
-                     rng: np.random.Generator | None = None) -> np.ndarray:
+def held_out_species(
+    species: np.ndarray,
+    genus: np.ndarray,
+    *,
+    seed: int = 0,
+    min_genus_species: int = 3,
+    unseen_fraction: float = 1 / 3,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
     """Species held out whole: ``int[S]`` sorted species indices.
 
     Args:
@@ -72,16 +79,28 @@ def held_out_species(species: np.ndarray, genus: np.ndarray, *, seed: int = 0,
     return np.sort(np.asarray(held, np.int64))
 
 
-def assign_splits(species: np.ndarray, genus: np.ndarray, *, seed: int = 0,
-                  min_genus_species: int = 3, unseen_fraction: float = 1 / 3,
-                  train_fraction: float = 0.3, test_fraction: float = 0.2) -> np.ndarray:
+def assign_splits(
+    species: np.ndarray,
+    genus: np.ndarray,
+    *,
+    seed: int = 0,
+    min_genus_species: int = 3,
+    unseen_fraction: float = 1 / 3,
+    train_fraction: float = 0.3,
+    test_fraction: float = 0.2,
+) -> np.ndarray:
     """``str[N]`` split names (:data:`SPLITS`) per row; see the module docstring.
 
     ``species, genus: int[N]`` label indices (``-1`` unlabelled)."""
     species, genus = np.asarray(species), np.asarray(genus)
     rng = np.random.default_rng(seed)
-    unseen = held_out_species(species, genus, min_genus_species=min_genus_species,
-                              unseen_fraction=unseen_fraction, rng=rng)
+    unseen = held_out_species(
+        species,
+        genus,
+        min_genus_species=min_genus_species,
+        unseen_fraction=unseen_fraction,
+        rng=rng,
+    )
     out = np.full(len(species), "pretrain", dtype=object)
     labelled = (species >= 0) & (genus >= 0)
     out[labelled & np.isin(species, unseen)] = "test_unseen"
@@ -108,10 +127,13 @@ def write_split(tsv: str | os.PathLike, out_dir: str | os.PathLike, **params) ->
     with tables.DelimitedReader(tsv, "\t") as reader:
         header = reader.header
     if "split" in header:
-        raise tables.TableFormatError(f"{tsv}, line 1: the table already has a 'split' column; "
-                                      "evaluate it as it is, or remove the column to re-split")
-    labels = tables.read_barcode_tsv(tsv, ("species_name", "genus_name"), extra_columns=header,
-                                     deduplicate=True)
+        raise tables.TableFormatError(
+            f"{tsv}, line 1: the table already has a 'split' column; "
+            "evaluate it as it is, or remove the column to re-split"
+        )
+    labels = tables.read_barcode_tsv(
+        tsv, ("species_name", "genus_name"), extra_columns=header, deduplicate=True
+    )
     columns = labels["species_name"].extra
     splits = assign_splits(labels["species_name"].labels, labels["genus_name"].labels, **params)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,10 +150,14 @@ def write_split(tsv: str | os.PathLike, out_dir: str | os.PathLike, **params) ->
     names, counts = np.unique(splits, return_counts=True)
     species = labels["species_name"].labels
     summary = dict(
-        input=tsv.name, input_sha256=_sha256(tsv), output=out.name,
-        assignment_sha256=assignment.hexdigest(), params=params,
+        input=tsv.name,
+        input_sha256=_sha256(tsv),
+        output=out.name,
+        assignment_sha256=assignment.hexdigest(),
+        params=params,
         rows=dict(zip(names.tolist(), counts.tolist(), strict=True)),
-        species={s: int(np.unique(species[(splits == s) & (species >= 0)]).size) for s in SPLITS})
+        species={s: int(np.unique(species[(splits == s) & (species >= 0)]).size) for s in SPLITS},
+    )
     (out_dir / "split.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

@@ -44,8 +44,16 @@ from gemsjax.eval import barcode_split, cluster, embed, kmer_features, knn, repo
 REQUIRED = ("species_name", "genus_name", "bin_uri")
 """Label columns the protocol needs (BOLD names; BIOSCAN-5M ``species``, ``genus``, ``dna_bin``
 are accepted too)."""
-COLUMNS = ("method", "species acc (probe)", "species acc (fine-tuned)", "genus 1-NN acc",
-           "genus 1-NN bal. acc", "BIN AMI", "harmonic mean", "coverage")
+COLUMNS = (
+    "method",
+    "species acc (probe)",
+    "species acc (fine-tuned)",
+    "genus 1-NN acc",
+    "genus 1-NN bal. acc",
+    "BIN AMI",
+    "harmonic mean",
+    "coverage",
+)
 NOTES = (
     "species: seen species, closed world (linear probe on frozen vectors; the lookup row: exact "
     "match); genus: unseen species against seen-species keys, cosine 1-NN; BIN AMI: UMAP "
@@ -70,8 +78,13 @@ class BarcodeSet:
         return len(self.sequences)
 
     def take(self, rows: np.ndarray) -> BarcodeSet:
-        return BarcodeSet([self.sequences[i] for i in rows], self.species[rows],
-                          self.genus[rows], self.bins[rows], [self.order[i] for i in rows])
+        return BarcodeSet(
+            [self.sequences[i] for i in rows],
+            self.species[rows],
+            self.genus[rows],
+            self.bins[rows],
+            [self.order[i] for i in rows],
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,19 +115,26 @@ def load_barcode_sets(tsv: str | os.PathLike) -> BarcodeSets:
     found = {c: reader_has(header, c) for c in (*REQUIRED, "order_name", "split")}
     missing = [c for c in REQUIRED if not found[c]]
     if missing:
-        raise UserError(f"{path}, line 1: the barcode evaluation needs species, genus and BIN "
-                        f"columns, missing {missing} (found {header}); use a BOLD TSV "
-                        "(species_name, genus_name, bin_uri) or BIOSCAN-5M metadata (species, "
-                        "genus, dna_bin)")
+        raise UserError(
+            f"{path}, line 1: the barcode evaluation needs species, genus and BIN "
+            f"columns, missing {missing} (found {header}); use a BOLD TSV "
+            "(species_name, genus_name, bin_uri) or BIOSCAN-5M metadata (species, "
+            "genus, dna_bin)"
+        )
     if not found["split"]:
-        raise UserError(f"{path}, line 1: no 'split' column; write a split once with "
-                        f"`python -m gemsjax.eval.barcode_split {path} <out_dir>` and evaluate "
-                        "<out_dir>/<name>.split.tsv.gz")
+        raise UserError(
+            f"{path}, line 1: no 'split' column; write a split once with "
+            f"`python -m gemsjax.eval.barcode_split {path} <out_dir>` and evaluate "
+            "<out_dir>/<name>.split.tsv.gz"
+        )
     labels = REQUIRED + (("order_name",) if found["order_name"] else ())
     read = tables.read_barcode_tsv(path, labels, deduplicate=True)
     species, genus, bins = (read[c].labels for c in REQUIRED)
-    order = ([read["order_name"].label_names[i] if i >= 0 else "" for i in
-              read["order_name"].labels] if found["order_name"] else [""] * len(species))
+    order = (
+        [read["order_name"].label_names[i] if i >= 0 else "" for i in read["order_name"].labels]
+        if found["order_name"]
+        else [""] * len(species)
+    )
     split = np.asarray(read["species_name"].extra["split"])
     everything = BarcodeSet(read["species_name"].sequences, species, genus, bins, order)
     labelled = (species >= 0) & (genus >= 0)
@@ -124,26 +144,36 @@ def load_barcode_sets(tsv: str | os.PathLike) -> BarcodeSets:
     else:
         # Counted on the deduplicated train rows, so every held-out genus keeps a key.
         train = labelled & (split == "train")
-        held_species = barcode_split.held_out_species(species[train], genus[train],
-                                                      min_genus_species=2)
+        held_species = barcode_split.held_out_species(
+            species[train], genus[train], min_genus_species=2
+        )
         held = np.isin(species, held_species)
         unseen_rows = labelled & held & (split != "pretrain")
-        unseen_from = (f"{len(held_species)} species held out of genera with >= 2 species "
-                       "in the train split (barcode_split.held_out_species, seed 0), their "
-                       "non-pretrain rows")
+        unseen_from = (
+            f"{len(held_species)} species held out of genera with >= 2 species "
+            "in the train split (barcode_split.held_out_species, seed 0), their "
+            "non-pretrain rows"
+        )
     keys = labelled & ~held & (split == "train")
     test = labelled & ~held & (split == "test")
     closed = test & np.isin(species, species[keys])  # closed world: species with keys only
     roles = {"train": keys, "test": closed, "unseen": unseen_rows}
     for role, rows in roles.items():
         if not rows.any():
-            raise UserError(f"{path}: the {role} set is empty (split column values: "
-                            f"{sorted(set(split.tolist()))}); the table needs labelled rows with "
-                            "split train, test and test_unseen (or species to hold out)")
+            raise UserError(
+                f"{path}: the {role} set is empty (split column values: "
+                f"{sorted(set(split.tolist()))}); the table needs labelled rows with "
+                "split train, test and test_unseen (or species to hold out)"
+            )
     sets = {role: everything.take(np.flatnonzero(rows)) for role, rows in roles.items()}
-    return BarcodeSets(**sets, species_names=read["species_name"].label_names,
-                       genus_names=read["genus_name"].label_names, source=path,
-                       unseen_from=unseen_from, unscored_test=int((test & ~closed).sum()))
+    return BarcodeSets(
+        **sets,
+        species_names=read["species_name"].label_names,
+        genus_names=read["genus_name"].label_names,
+        source=path,
+        unseen_from=unseen_from,
+        unscored_test=int((test & ~closed).sum()),
+    )
 
 
 def reader_has(header: list[str], column: str) -> bool:
@@ -158,16 +188,24 @@ def genus_knn(train_x: np.ndarray, unseen_x: np.ndarray, sets: BarcodeSets) -> d
     return {"genus 1-NN acc": got["accuracy"], "genus 1-NN bal. acc": got["balanced_accuracy"]}
 
 
-def score_representation(name: str, vectors: dict[str, np.ndarray], sets: BarcodeSets, *,
-                         probe: bool = True, cluster_bins: bool = True,
-                         probe_max_iter: int = 300, umap_components: int = 64) -> dict:
+def score_representation(
+    name: str,
+    vectors: dict[str, np.ndarray],
+    sets: BarcodeSets,
+    *,
+    probe: bool = True,
+    cluster_bins: bool = True,
+    probe_max_iter: int = 300,
+    umap_components: int = 64,
+) -> dict:
     """One table row for vectors ``{"train", "test", "unseen"}: float[N_role, D]``."""
     row = {"method": name} | genus_knn(vectors["train"], vectors["unseen"], sets)
     if probe:
         from gemsjax.eval.probe import linear_probe
 
-        pred = linear_probe(vectors["train"], sets.train.species, vectors["test"],
-                            max_iter=probe_max_iter)
+        pred = linear_probe(
+            vectors["train"], sets.train.species, vectors["test"], max_iter=probe_max_iter
+        )
         row["species acc (probe)"] = float(np.mean(pred == sets.test.species))
     if cluster_bins:
         x, bins = bin_rows(vectors, sets)
@@ -198,20 +236,31 @@ def exact_lookup_row(sets: BarcodeSets) -> dict:
     species = knn.exact_lookup(sets.train.sequences, sets.train.species, sets.test.sequences)
     genus = knn.exact_lookup(sets.train.sequences, sets.train.genus, sets.unseen.sequences)
     none = len(sets.genus_names)  # an extra class that is never a true label
-    got = scores.classification_scores(sets.unseen.genus, np.where(genus >= 0, genus, none),
-                                       none + 1)
-    return {"method": "exact-sequence lookup",
-            "species acc (probe)": float(np.mean(species == sets.test.species)),
-            "genus 1-NN acc": got["accuracy"], "genus 1-NN bal. acc": got["balanced_accuracy"],
-            "coverage": float(np.mean(genus >= 0))}
+    got = scores.classification_scores(
+        sets.unseen.genus, np.where(genus >= 0, genus, none), none + 1
+    )
+    return {
+        "method": "exact-sequence lookup",
+        "species acc (probe)": float(np.mean(species == sets.test.species)),
+        "genus 1-NN acc": got["accuracy"],
+        "genus 1-NN bal. acc": got["balanced_accuracy"],
+        "coverage": float(np.mean(genus >= 0)),
+    }
 
 
 def embed_sets(model, sets: BarcodeSets, config) -> dict[str, np.ndarray]:
     """Embeddings of the three sets with one compiled step."""
-    kw = dict(vocab="barcodebert", max_len=config.max_len, batch_size=config.batch_size,
-              layer=config.layer, pooling=config.pooling)
-    return {role: embed.embed_sequences(model, getattr(sets, role).sequences, **kw)
-            for role in ("train", "test", "unseen")}
+    kw = dict(
+        vocab="barcodebert",
+        max_len=config.max_len,
+        batch_size=config.batch_size,
+        layer=config.layer,
+        pooling=config.pooling,
+    )
+    return {
+        role: embed.embed_sequences(model, getattr(sets, role).sequences, **kw)
+        for role in ("train", "test", "unseen")
+    }
 
 
 def _finetuned_accuracy(encoder, sets: BarcodeSets, config, workdir: pathlib.Path) -> float:
@@ -222,17 +271,18 @@ def _finetuned_accuracy(encoder, sets: BarcodeSets, config, workdir: pathlib.Pat
     from gemsjax.train import sharding
 
     def table(part: BarcodeSet) -> tables.LabelledTable:
-        return tables.LabelledTable(part.sequences, part.species, sets.species_names,
-                                    sets.source)
+        return tables.LabelledTable(part.sequences, part.species, sets.species_names, sets.source)
 
     hyper = finetune.Hyper(**config.finetune.to_dict())
     steps = finetune.steps_per_epoch(len(sets.train), hyper.batch_size) * hyper.epochs
     mesh = sharding.make_mesh()
     with jax.set_mesh(mesh):
-        tuner = finetune.Finetuner(encoder, len(sets.species_names), hyper, config.max_len,
-                                   steps, mesh)
-        out = finetune.finetune(tuner, table(sets.train), None, table(sets.test), workdir,
-                                log_every=max(steps // 4, 1))
+        tuner = finetune.Finetuner(
+            encoder, len(sets.species_names), hyper, config.max_len, steps, mesh
+        )
+        out = finetune.finetune(
+            tuner, table(sets.train), None, table(sets.test), workdir, log_every=max(steps // 4, 1)
+        )
     return float(out["test"]["accuracy"])
 
 
@@ -247,12 +297,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     workdir = pathlib.Path(workdir)
     started = time.perf_counter()
     sets = load_barcode_sets(_table_path(config.tsv))
-    pretrained = init.load_encoder(config.init, model_name=_random_size(config),
-                                   vocab="barcodebert")
-    encoders = [pretrained] + ([pretrained.random_baseline()]
-                               if config.baseline and pretrained.params is not None else [])
-    kw = dict(probe=config.probe, cluster_bins=config.cluster, probe_max_iter=config.probe_max_iter,
-              umap_components=config.umap_components)
+    pretrained = init.load_encoder(
+        config.init, model_name=_random_size(config), vocab="barcodebert"
+    )
+    encoders = [pretrained] + (
+        [pretrained.random_baseline()] if config.baseline and pretrained.params is not None else []
+    )
+    kw = dict(
+        probe=config.probe,
+        cluster_bins=config.cluster,
+        probe_max_iter=config.probe_max_iter,
+        umap_components=config.umap_components,
+    )
     rows, picture = [], None
     for i, encoder in enumerate(encoders):
         model = init.build_encoder(encoder, nnx.Rngs(config.seed))
@@ -260,29 +316,43 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
         row = score_representation(encoder.source, vectors, sets, **kw)
         if config.full_finetune:
             row["species acc (fine-tuned)"] = _finetuned_accuracy(
-                encoder, sets, config, workdir / f"finetune_{i}")
+                encoder, sets, config, workdir / f"finetune_{i}"
+            )
         rows.append(row)
         if picture is None:
             picture = _umap_picture(workdir / "umap.png", vectors, sets, encoder.source)
-    kmers = {role: kmer_features.kmer_frequencies(getattr(sets, role).sequences)
-             for role in ("train", "test", "unseen")}
+    kmers = {
+        role: kmer_features.kmer_frequencies(getattr(sets, role).sequences)
+        for role in ("train", "test", "unseen")
+    }
     rows.append(score_representation("6-mer frequencies", kmers, sets, **kw))
     rows.append(exact_lookup_row(sets))
     counts = {role: len(getattr(sets, role)) for role in ("train", "test", "unseen")}
-    notes = (*NOTES, f"{sets.source}: keys {counts['train']}, seen test {counts['test']}, "
-             f"unseen {counts['unseen']} barcodes; unseen from {sets.unseen_from}; "
-             f"{sets.unscored_test} seen-test rows not scored (deduplication left their species "
-             "no train rows)")
-    report.write_report(workdir, "Barcodes: closed- and open-world evaluation", rows, COLUMNS,
-                        notes=notes, extra=dict(sets=counts, picture=picture))
-    return dict(results=str(workdir / "results.json"), rows=rows,
-                seconds=round(time.perf_counter() - started, 1))
+    notes = (
+        *NOTES,
+        f"{sets.source}: keys {counts['train']}, seen test {counts['test']}, "
+        f"unseen {counts['unseen']} barcodes; unseen from {sets.unseen_from}; "
+        f"{sets.unscored_test} seen-test rows not scored (deduplication left their species "
+        "no train rows)",
+    )
+    report.write_report(
+        workdir,
+        "Barcodes: closed- and open-world evaluation",
+        rows,
+        COLUMNS,
+        notes=notes,
+        extra=dict(sets=counts, picture=picture),
+    )
+    return dict(
+        results=str(workdir / "results.json"),
+        rows=rows,
+        seconds=round(time.perf_counter() - started, 1),
+    )
 
 
 def _random_size(config) -> str:
     """``model.name`` for ``init=random``; a run folder brings its own size."""
-    return config.model.name if config.init.startswith("random") and ":" not in config.init \
-        else ""
+    return config.model.name if config.init.startswith("random") and ":" not in config.init else ""
 
 
 def _table_path(tsv: str) -> pathlib.Path:
@@ -303,8 +373,12 @@ def _umap_picture(path: pathlib.Path, vectors: dict, sets: BarcodeSets, name: st
         genus = np.concatenate([sets.test.genus, sets.unseen.genus])
         groups, by = [sets.genus_names[g] for g in genus], "genus"
     path.parent.mkdir(parents=True, exist_ok=True)
-    cluster.plot_map(path, cluster.umap_reduce(x, 2), groups,
-                     f"{name}: seen test + unseen barcodes by {by} (cosine UMAP)")
+    cluster.plot_map(
+        path,
+        cluster.umap_reduce(x, 2),
+        groups,
+        f"{name}: seen test + unseen barcodes by {by} (cosine UMAP)",
+    )
     return path.name
 
 
@@ -327,9 +401,18 @@ def after_pretraining(config: ml_collections.ConfigDict, workdir: str | os.PathL
         rows.append({"method": encoder.source} | genus_knn(train_x, unseen_x, sets))
     kmers = [kmer_features.kmer_frequencies(s.sequences) for s in (sets.train, sets.unseen)]
     rows.append({"method": "6-mer frequencies"} | genus_knn(*kmers, sets))
-    note = (f"{len(sets.unseen)} unseen-species barcodes ({sets.unseen_from}) against "
-            f"{len(sets.train)} seen-species keys, cosine 1-NN")
-    report.write_report(workdir / "downstream", "Downstream: genus of unseen species (1-NN)",
-                        rows, ("method", "genus 1-NN acc", "genus 1-NN bal. acc"), notes=(note,))
-    return {"genus_1nn_unseen": {row["method"]: row["genus 1-NN acc"] for row in rows},
-            "results": str(workdir / "downstream" / "results.json")}
+    note = (
+        f"{len(sets.unseen)} unseen-species barcodes ({sets.unseen_from}) against "
+        f"{len(sets.train)} seen-species keys, cosine 1-NN"
+    )
+    report.write_report(
+        workdir / "downstream",
+        "Downstream: genus of unseen species (1-NN)",
+        rows,
+        ("method", "genus 1-NN acc", "genus 1-NN bal. acc"),
+        notes=(note,),
+    )
+    return {
+        "genus_1nn_unseen": {row["method"]: row["genus 1-NN acc"] for row in rows},
+        "results": str(workdir / "downstream" / "results.json"),
+    }

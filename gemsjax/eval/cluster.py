@@ -24,8 +24,13 @@ def umap_reduce(x: np.ndarray, components: int) -> np.ndarray:
     import umap
 
     components = max(1, min(components, len(x) - 2))
-    reducer = umap.UMAP(n_components=components, n_neighbors=min(UMAP_NEIGHBOURS, len(x) - 1),
-                        metric="cosine", random_state=UMAP_SEED, n_jobs=1)
+    reducer = umap.UMAP(
+        n_components=components,
+        n_neighbors=min(UMAP_NEIGHBOURS, len(x) - 1),
+        metric="cosine",
+        random_state=UMAP_SEED,
+        n_jobs=1,
+    )
     with warnings.catch_warnings():  # "n_jobs overridden by random_state": seeded on purpose
         warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
         return np.asarray(reducer.fit_transform(np.asarray(x, np.float32)), np.float32)
@@ -37,8 +42,9 @@ def cluster_ami(reduced: np.ndarray, labels: np.ndarray) -> float:
     from sklearn.cluster import AgglomerativeClustering
     from sklearn.metrics import adjusted_mutual_info_score
 
-    clusters = AgglomerativeClustering(n_clusters=len(np.unique(labels)),
-                                       linkage="ward").fit_predict(reduced)
+    clusters = AgglomerativeClustering(
+        n_clusters=len(np.unique(labels)), linkage="ward"
+    ).fit_predict(reduced)
     return float(adjusted_mutual_info_score(labels, clusters))
 
 
@@ -46,8 +52,10 @@ def bin_reconstruction_ami(x: np.ndarray, bins: np.ndarray, components: int = 64
     """UMAP (cosine) of ``x: float[N, D]`` then Ward clustering into as many clusters as
     distinct ``bins: int[N]``, scored by adjusted mutual information with the BINs."""
     if len(x) < 4 or len(np.unique(bins)) < 2:
-        raise ValueError(f"BIN reconstruction needs >= 4 barcodes in >= 2 BINs, got {len(x)} in "
-                         f"{len(np.unique(bins))}")
+        raise ValueError(
+            f"BIN reconstruction needs >= 4 barcodes in >= 2 BINs, got {len(x)} in "
+            f"{len(np.unique(bins))}"
+        )
     return cluster_ami(umap_reduce(x, components), bins)
 
 

@@ -38,26 +38,43 @@ FORMATS = ("gue", "genemask")
 
 
 def _common(protocol: str) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        protocol=protocol,
-        init="random",
-        baseline=True,
-        model=dict(name="logo"),
-        finetune=dict(learning_rate=0.0, epochs=0, batch_size=0, warmup=0.1, weight_decay=0.01,
-                      dropout=0.1, pooling="auto", clip_norm=1.0, eval_batch_size=64, seed=0),
-        max_len=0,
-        seed=0,
-        mesh_data=-1,
-        mesh_fsdp=1,
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            protocol=protocol,
+            init="random",
+            baseline=True,
+            model=dict(name="logo"),
+            finetune=dict(
+                learning_rate=0.0,
+                epochs=0,
+                batch_size=0,
+                warmup=0.1,
+                weight_decay=0.01,
+                dropout=0.1,
+                pooling="auto",
+                clip_norm=1.0,
+                eval_batch_size=64,
+                seed=0,
+            ),
+            max_len=0,
+            seed=0,
+            mesh_data=-1,
+            mesh_fsdp=1,
+        )
+    )
 
 
 def finetune_base() -> ml_collections.ConfigDict:
     """One labelled task: ``task.train`` / ``task.dev`` (optional) / ``task.test`` files."""
     c = _common("finetune")
-    c.task = dict(train=str(samples.sample_path(samples.PROM_CORE_TRAIN)), dev="",
-                  test=str(samples.sample_path(samples.PROM_CORE_TEST)), format="genemask",
-                  name="prom_core_sample", num_labels=0)
+    c.task = dict(
+        train=str(samples.sample_path(samples.PROM_CORE_TRAIN)),
+        dev="",
+        test=str(samples.sample_path(samples.PROM_CORE_TEST)),
+        format="genemask",
+        name="prom_core_sample",
+        num_labels=0,
+    )
     c.finetune.learning_rate, c.finetune.epochs, c.finetune.batch_size = 1e-4, 20, 5
     c.checkpoint_every, c.log_every = 500, 10
     return c
@@ -67,9 +84,13 @@ def fewshot_base() -> ml_collections.ConfigDict:
     """GeneMask few-shot: ``task.dir`` (a GeneMask task folder) or ``task.pool`` + ``task.test``
     files; ``shots`` per class, ``draws`` per setting, ``test_subsample`` rows (0 = all)."""
     c = _common("fewshot")
-    c.task = dict(dir="", pool=str(samples.sample_path(samples.PROM_CORE_TRAIN)),
-                  test=str(samples.sample_path(samples.PROM_CORE_TEST)), name="prom_core_sample",
-                  num_labels=0)
+    c.task = dict(
+        dir="",
+        pool=str(samples.sample_path(samples.PROM_CORE_TRAIN)),
+        test=str(samples.sample_path(samples.PROM_CORE_TEST)),
+        name="prom_core_sample",
+        num_labels=0,
+    )
     c.shots = (10,)
     c.draws = 10
     c.test_subsample = 0
@@ -80,10 +101,10 @@ def gue_base() -> ml_collections.ConfigDict:
     """GUE: every task folder (holding ``dev.csv`` / ``test.csv``) under ``gue_dir``."""
     c = _common("gue")
     c.gue_dir = ""
-    c.tasks = ()                  # task names (``prom/prom_core_tata``); empty: every task found
-    c.train_on_dev_split = 0.0    # > 0: a task without train.csv trains on this share of dev
-    c.max_train_rows = 0          # > 0: a fixed stratified subsample of train (CPU runs)
-    c.max_eval_rows = 0           # > 0: the same for dev and test
+    c.tasks = ()  # task names (``prom/prom_core_tata``); empty: every task found
+    c.train_on_dev_split = 0.0  # > 0: a task without train.csv trains on this share of dev
+    c.max_train_rows = 0  # > 0: a fixed stratified subsample of train (CPU runs)
+    c.max_eval_rows = 0  # > 0: the same for dev and test
     c.checkpoint_every, c.log_every = 500, 50
     return c
 
@@ -110,18 +131,39 @@ def embed_base() -> ml_collections.ConfigDict:
     """Embeddings (``--mode=embed``, :mod:`gemsjax.eval.embed`): ``input`` (FASTA / CSV / TSV),
     ``format``, ``layer``, ``pooling``, ``batch_size``, ``max_len`` (0: 110 barcodes, 512
     DNABERT) and ``vocab`` (for ``init=random``; a run knows its own)."""
-    c = ml_collections.ConfigDict(dict(
-        protocol="embed", init="random", model=dict(name="logo"), vocab="", input="",
-        format="auto", layer=-1, pooling="mean", batch_size=64, max_len=0, seed=0,
-        mesh_data=-1, mesh_fsdp=1))
+    c = ml_collections.ConfigDict(
+        dict(
+            protocol="embed",
+            init="random",
+            model=dict(name="logo"),
+            vocab="",
+            input="",
+            format="auto",
+            layer=-1,
+            pooling="mean",
+            batch_size=64,
+            max_len=0,
+            seed=0,
+            mesh_data=-1,
+            mesh_fsdp=1,
+        )
+    )
     return c
 
 
-MODE_PROTOCOLS = {"finetune": ("finetune",), "evaluate": ("fewshot", "gue", "barcodes"),
-                  "embed": ("embed",)}
+MODE_PROTOCOLS = {
+    "finetune": ("finetune",),
+    "evaluate": ("fewshot", "gue", "barcodes"),
+    "embed": ("embed",),
+}
 """The protocols each downstream ``--mode`` runs."""
-_BASES = {"finetune": finetune_base, "fewshot": fewshot_base, "gue": gue_base,
-          "barcodes": barcodes_base, "embed": embed_base}
+_BASES = {
+    "finetune": finetune_base,
+    "fewshot": fewshot_base,
+    "gue": gue_base,
+    "barcodes": barcodes_base,
+    "embed": embed_base,
+}
 
 
 def load(spec: str, overrides: Mapping[str, str], mode: str) -> ml_collections.ConfigDict:
@@ -140,8 +182,10 @@ def load(spec: str, overrides: Mapping[str, str], mode: str) -> ml_collections.C
         raise type(err)(f"{spec}: {err}") from None
     wanted = MODE_PROTOCOLS[mode]
     if "protocol" not in c:
-        raise UserError(f"{spec} is a pretraining recipe (--mode=train); --mode={mode} needs "
-                        + " or ".join(f"configs/eval/{p}.py" for p in wanted))
+        raise UserError(
+            f"{spec} is a pretraining recipe (--mode=train); --mode={mode} needs "
+            + " or ".join(f"configs/eval/{p}.py" for p in wanted)
+        )
     if c.protocol not in wanted:
         right = next(m for m, protocols in MODE_PROTOCOLS.items() if c.protocol in protocols)
         raise UserError(f"{spec} runs the {c.protocol!r} protocol: use --mode={right}")
@@ -226,8 +270,9 @@ def _embedding_problems(c: ml_collections.ConfigDict) -> list[str]:
         if not c.input:
             problems.append("input is empty: name a FASTA, CSV or TSV file to embed")
         if c.vocab not in ("", "dnabert", "barcodebert"):
-            problems.append(f"vocab={c.vocab!r} must be dnabert or barcodebert (or empty for a "
-                            "run folder)")
+            problems.append(
+                f"vocab={c.vocab!r} must be dnabert or barcodebert (or empty for a run folder)"
+            )
         if c.format not in ("auto", "fasta", "csv", "tsv"):
             problems.append(f"format={c.format!r} must be auto, fasta, csv or tsv")
     else:

@@ -59,8 +59,9 @@ def encoder_of(model: nnx.Module) -> BertModel:
     return encoder
 
 
-def hidden_states(encoder: BertModel, ids: jax.Array, attention: jax.Array,
-                  layer: int = -1) -> jax.Array:
+def hidden_states(
+    encoder: BertModel, ids: jax.Array, attention: jax.Array, layer: int = -1
+) -> jax.Array:
     """Hidden states ``float[B, L, H]`` after ``layer`` blocks (0: the embedding layer's output;
     -1 or the number of blocks: the last layer, what ``encoder(ids, attention)`` returns).
 
@@ -87,19 +88,24 @@ def check_options(encoder: BertModel, vocab: str, layer: int, pooling: str) -> N
     without a CLS token, or a vocab larger than the model's table."""
     n_layers = len(encoder.stack.blocks)
     if not -1 <= layer <= n_layers:
-        raise UserError(f"embedding layer={layer}, but the encoder has {n_layers} blocks; use -1 "
-                        f"(last), 0 (embedding layer) .. {n_layers}")
+        raise UserError(
+            f"embedding layer={layer}, but the encoder has {n_layers} blocks; use -1 "
+            f"(last), 0 (embedding layer) .. {n_layers}"
+        )
     if pooling not in POOLINGS:
         raise UserError(f"embedding pooling={pooling!r}; valid: {POOLINGS}")
     if pooling == "cls" and vocab != "dnabert":
-        raise UserError("pooling='cls' needs a [CLS] token; the barcodebert vocab has none: use "
-                        "pooling='mean'")
+        raise UserError(
+            "pooling='cls' needs a [CLS] token; the barcodebert vocab has none: use pooling='mean'"
+        )
     size = tokenizer_for(vocab).vocab_size
     table = encoder.word_embeddings.embedding.shape[0]
     if table < size:
-        raise UserError(f"the model's word-embedding table has {table} rows, fewer than the "
-                        f"{size} ids of the {vocab} vocab: this checkpoint is for another "
-                        "tokenizer (barcode models take barcodebert, genome models dnabert)")
+        raise UserError(
+            f"the model's word-embedding table has {table} rows, fewer than the "
+            f"{size} ids of the {vocab} vocab: this checkpoint is for another "
+            "tokenizer (barcode models take barcodebert, genome models dnabert)"
+        )
 
 
 def make_embed_step(graphdef, layer: int, pooling: str):
@@ -112,9 +118,17 @@ def make_embed_step(graphdef, layer: int, pooling: str):
     return step
 
 
-def embed_sequences(model: nnx.Module, sequences: Sequence[str], *, vocab: str, max_len: int,
-                    batch_size: int = 64, layer: int = -1, pooling: str = "mean",
-                    mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+def embed_sequences(
+    model: nnx.Module,
+    sequences: Sequence[str],
+    *,
+    vocab: str,
+    max_len: int,
+    batch_size: int = 64,
+    layer: int = -1,
+    pooling: str = "mean",
+    mesh: jax.sharding.Mesh | None = None,
+) -> np.ndarray:
     """Embeddings ``float32[N, H]`` of ``sequences`` (N DNA strings, any case, N / IUPAC / gaps
     allowed; longer ones are truncated to ``max_len`` tokens).
 
@@ -139,10 +153,11 @@ def embed_sequences(model: nnx.Module, sequences: Sequence[str], *, vocab: str, 
     with jax.set_mesh(mesh):
         param_sh = sharding.state_shardings(params, mesh)
         params = jax.device_put(params, param_sh)
-        step = jax.jit(make_embed_step(graphdef, layer, pooling),
-                       in_shardings=(param_sh, sharding.batch_sharding(mesh),
-                                     sharding.batch_sharding(mesh)),
-                       out_shardings=sharding.replicated(mesh))
+        step = jax.jit(
+            make_embed_step(graphdef, layer, pooling),
+            in_shardings=(param_sh, sharding.batch_sharding(mesh), sharding.batch_sharding(mesh)),
+            out_shardings=sharding.replicated(mesh),
+        )
         pending, out = None, []
         for start in range(0, len(sequences), batch_size):
             rows = list(sequences[start + index * local : start + (index + 1) * local])
@@ -175,8 +190,10 @@ def read_sequences(path: str | os.PathLike, fmt: str = "auto") -> tuple[list[str
         raise UserError(f"{path}: no such file; check config.input")
     if fmt == "fasta":
         records = fasta.read_fasta(path)
-        return [seq for _, seq in records], {"id": [name for name, _ in records],
-                                             "record": list(range(1, len(records) + 1))}
+        return [seq for _, seq in records], {
+            "id": [name for name, _ in records],
+            "record": list(range(1, len(records) + 1)),
+        }
     sequences, columns = [], {}
     with tables.DelimitedReader(path, "," if fmt == "csv" else "\t") as reader:
         seq_col = reader.column(*SEQUENCE_COLUMNS)
@@ -188,8 +205,11 @@ def read_sequences(path: str | os.PathLike, fmt: str = "auto") -> tuple[list[str
             try:
                 sequences.append(kmer_text_to_sequence(text) if " " in text else text)
             except ValueError as err:
-                raise reader.error(line, f"bad k-mer sequence field ({err})",
-                                   "write the sequence plainly or as overlapping k-mers") from err
+                raise reader.error(
+                    line,
+                    f"bad k-mer sequence field ({err})",
+                    "write the sequence plainly or as overlapping k-mers",
+                ) from err
             columns["id"].append(fields[id_col] if id_col is not None else str(line))
             columns["line"].append(line)
             for i, name in others:
@@ -201,26 +221,33 @@ def read_sequences(path: str | os.PathLike, fmt: str = "auto") -> tuple[list[str
 
 def _format_from_name(path: pathlib.Path) -> str:
     name = path.name.lower().removesuffix(".gz")
-    for suffix, fmt in ((".fa", "fasta"), (".fasta", "fasta"), (".fna", "fasta"),
-                        (".csv", "csv"), (".tsv", "tsv")):
+    for suffix, fmt in (
+        (".fa", "fasta"),
+        (".fasta", "fasta"),
+        (".fna", "fasta"),
+        (".csv", "csv"),
+        (".tsv", "tsv"),
+    ):
         if name.endswith(suffix):
             return fmt
-    raise UserError(f"{path}: cannot tell the format from the name; set config.format to one "
-                    f"of {FORMATS[1:]}")
+    raise UserError(
+        f"{path}: cannot tell the format from the name; set config.format to one of {FORMATS[1:]}"
+    )
 
 
 def token_counts(sequences: Sequence[str], vocab: str) -> np.ndarray:
     """``int64[N]``: tokens each sequence needs untruncated (DNABERT: k-mers + CLS + SEP;
     barcodes: whole 6-mer blocks after removing gaps and trailing N)."""
     if vocab == "dnabert":
-        return np.fromiter((max(len(s) - 5, 0) + 2 for s in sequences), np.int64,
-                           len(sequences))
-    return np.fromiter((len(s.replace("-", "").rstrip("Nn")) // 6 for s in sequences), np.int64,
-                       len(sequences))
+        return np.fromiter((max(len(s) - 5, 0) + 2 for s in sequences), np.int64, len(sequences))
+    return np.fromiter(
+        (len(s.replace("-", "").rstrip("Nn")) // 6 for s in sequences), np.int64, len(sequences)
+    )
 
 
-def write_embeddings(out_dir: str | os.PathLike, embeddings: np.ndarray, index: dict,
-                     truncated: np.ndarray) -> tuple[pathlib.Path, pathlib.Path]:
+def write_embeddings(
+    out_dir: str | os.PathLike, embeddings: np.ndarray, index: dict, truncated: np.ndarray
+) -> tuple[pathlib.Path, pathlib.Path]:
     """``embeddings.npy`` (``float32[N, H]``) and ``index.tsv`` (row, the index columns,
     ``truncated``) in ``out_dir``; returns their paths."""
     out_dir = pathlib.Path(out_dir)
@@ -244,21 +271,36 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
 
     validate(config)
     random = config.init == "random"
-    spec = init.load_encoder(config.init, model_name=config.model.name if random else "",
-                             vocab=config.vocab)
+    spec = init.load_encoder(
+        config.init, model_name=config.model.name if random else "", vocab=config.vocab
+    )
     model = init.build_encoder(spec, nnx.Rngs(config.seed))
     sequences, index = read_sequences(config.input, config.format)
     max_len = config.max_len or (110 if spec.vocab == "barcodebert" else 512)
     started = time.perf_counter()
-    embeddings = embed_sequences(model, sequences, vocab=spec.vocab, max_len=max_len,
-                                 batch_size=config.batch_size, layer=config.layer,
-                                 pooling=config.pooling)
+    embeddings = embed_sequences(
+        model,
+        sequences,
+        vocab=spec.vocab,
+        max_len=max_len,
+        batch_size=config.batch_size,
+        layer=config.layer,
+        pooling=config.pooling,
+    )
     seconds = time.perf_counter() - started
     truncated = token_counts(sequences, spec.vocab) > max_len
     npy, tsv = write_embeddings(workdir, embeddings, index, truncated)
-    summary = dict(embeddings=str(npy), index=str(tsv), shape=list(embeddings.shape),
-                   encoder=spec.source, layer=config.layer, pooling=config.pooling,
-                   max_len=max_len, truncated=int(truncated.sum()), seconds=round(seconds, 2),
-                   sequences_per_second=round(len(sequences) / max(seconds, 1e-9), 1))
+    summary = dict(
+        embeddings=str(npy),
+        index=str(tsv),
+        shape=list(embeddings.shape),
+        encoder=spec.source,
+        layer=config.layer,
+        pooling=config.pooling,
+        max_len=max_len,
+        truncated=int(truncated.sum()),
+        seconds=round(seconds, 2),
+        sequences_per_second=round(len(sequences) / max(seconds, 1e-9), 1),
+    )
     (pathlib.Path(workdir) / "embed.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

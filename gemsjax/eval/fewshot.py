@@ -74,18 +74,30 @@ def task_files(config: ml_collections.ConfigDict) -> tuple[list[pathlib.Path], p
         return [pathlib.Path(t.pool)], pathlib.Path(t.test)
     folder = pathlib.Path(t.dir)
     if not folder.is_dir():
-        raise UserError(f"task.dir={t.dir!r} is not a folder; point it at a GeneMask task folder "
-                        "(e.g. Prom-core, holding 10/train.tsv ... and test.tsv)")
-    pool = sorted((p for sub in folder.iterdir() if sub.name.isdigit()
-                   for p in sub.glob("train*.tsv*")), key=lambda p: int(p.parent.name))
-    test = pathlib.Path(t.test) if t.test else _existing(
-        *(folder / d / f"test.tsv{z}" for d in ("", "full-dataset") for z in ("", ".gz")))
+        raise UserError(
+            f"task.dir={t.dir!r} is not a folder; point it at a GeneMask task folder "
+            "(e.g. Prom-core, holding 10/train.tsv ... and test.tsv)"
+        )
+    pool = sorted(
+        (p for sub in folder.iterdir() if sub.name.isdigit() for p in sub.glob("train*.tsv*")),
+        key=lambda p: int(p.parent.name),
+    )
+    test = (
+        pathlib.Path(t.test)
+        if t.test
+        else _existing(
+            *(folder / d / f"test.tsv{z}" for d in ("", "full-dataset") for z in ("", ".gz"))
+        )
+    )
     if not pool:
-        raise UserError(f"{folder}: no shot files (<shots>/train*.tsv); is it a GeneMask task "
-                        "folder?")
+        raise UserError(
+            f"{folder}: no shot files (<shots>/train*.tsv); is it a GeneMask task folder?"
+        )
     if test is None:
-        raise UserError(f"{folder}: no test.tsv (nor full-dataset/test.tsv); the GeneMask release"
-                        " has none for this task (Prom-300, Cohn-enh): set task.test to a file")
+        raise UserError(
+            f"{folder}: no test.tsv (nor full-dataset/test.tsv); the GeneMask release"
+            " has none for this task (Prom-300, Cohn-enh): set task.test to a file"
+        )
     return pool, test
 
 
@@ -127,19 +139,23 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
     labelled.check_labels(test, num_labels, "test file")
     test_rows = len(test)
     if config.test_subsample:
-        test = labelled.subset(test, labelled.stratified_subsample(test.labels,
-                                                                   config.test_subsample))
-    pretrained = init_lib.load_encoder(config.init, model_name=config.model.name
-                                       if config.init.startswith("random") else "",
-                                       vocab="dnabert")
+        test = labelled.subset(
+            test, labelled.stratified_subsample(test.labels, config.test_subsample)
+        )
+    pretrained = init_lib.load_encoder(
+        config.init,
+        model_name=config.model.name if config.init.startswith("random") else "",
+        vocab="dnabert",
+    )
     arms = [("pretrained" if pretrained.params is not None else "random", pretrained)]
     if config.baseline and pretrained.params is not None:
         arms.append(("random", pretrained.random_baseline()))
     needed = labelled.tokens_needed(pool.sequences + test.sequences, "dnabert")
-    max_len = labelled.choose_max_len(config.max_len, needed,
-                                      pretrained.model_cfg.max_positions)
-    truncated = dict(pool=labelled.truncated(needed[:len(pool)], max_len),
-                     test=labelled.truncated(needed[len(pool):], max_len))
+    max_len = labelled.choose_max_len(config.max_len, needed, pretrained.model_cfg.max_positions)
+    truncated = dict(
+        pool=labelled.truncated(needed[: len(pool)], max_len),
+        test=labelled.truncated(needed[len(pool) :], max_len),
+    )
     name = config.task.name or (pathlib.Path(config.task.dir).name if config.task.dir else "task")
     task_dir = workdir / name
     task_dir.mkdir(parents=True, exist_ok=True)
@@ -151,8 +167,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
         for shots in config.shots:
             hyper = hyper_for(config, shots)
             steps = ft.steps_per_epoch(shots * num_labels, hyper.batch_size) * hyper.epochs
-            tuner = ft.Finetuner(pretrained, num_labels, hyper, max_len, steps, mesh,
-                                 compute_dtype("auto"))
+            tuner = ft.Finetuner(
+                pretrained, num_labels, hyper, max_len, steps, mesh, compute_dtype("auto")
+            )
             for arm, encoder in arms:
                 for draw in range(config.draws):
                     key = (shots, arm, draw)
@@ -160,39 +177,73 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
                         if sigterm.is_set():
                             stopped = "SIGTERM"
                             break
-                        done[key] = _run_draw(tuner, encoder, pool, test, shots, arm, draw,
-                                              config.seed, num_labels)
+                        done[key] = _run_draw(
+                            tuner, encoder, pool, test, shots, arm, draw, config.seed, num_labels
+                        )
                         if jax.process_index() == 0:
                             with open(draws_path, "a", encoding="utf-8") as f:
                                 f.write(json.dumps(done[key]) + "\n")
                     records.append(done[key])
             compiles[shots] = tuner.train_step._cache_size()
     seconds = time.perf_counter() - started
-    return _report(config, workdir, name, records, arms, dict(
-        pool=pool.source, pool_rows=len(pool), test=str(test_file), test_rows=len(test),
-        test_rows_in_file=test_rows, max_len=max_len, truncated=truncated,
-        train_step_compiles=compiles, seconds=seconds, stopped=stopped,
-        num_labels=num_labels))
+    return _report(
+        config,
+        workdir,
+        name,
+        records,
+        arms,
+        dict(
+            pool=pool.source,
+            pool_rows=len(pool),
+            test=str(test_file),
+            test_rows=len(test),
+            test_rows_in_file=test_rows,
+            max_len=max_len,
+            truncated=truncated,
+            train_step_compiles=compiles,
+            seconds=seconds,
+            stopped=stopped,
+            num_labels=num_labels,
+        ),
+    )
 
 
-def _run_draw(tuner: ft.Finetuner, encoder: init_lib.Encoder, pool: tables.LabelledTable,
-              test: tables.LabelledTable, shots: int, arm: str, draw: int, seed: int,
-              num_labels: int) -> dict:
+def _run_draw(
+    tuner: ft.Finetuner,
+    encoder: init_lib.Encoder,
+    pool: tables.LabelledTable,
+    test: tables.LabelledTable,
+    shots: int,
+    arm: str,
+    draw: int,
+    seed: int,
+    num_labels: int,
+) -> dict:
     started = time.perf_counter()
     rows = labelled.stratified_draw(pool, shots, [seed, shots, draw], num_labels)
     train = labelled.subset(pool, rows)
     state = tuner.init(draw, encoder.params)
-    state, losses = ft.train_run(tuner, state, tuner.train_batches(train, seed + draw,
-                                                                   tuner.hyper.epochs),
-                                 tuner.total_steps)
+    state, losses = ft.train_run(
+        tuner, state, tuner.train_batches(train, seed + draw, tuner.hyper.epochs), tuner.total_steps
+    )
     result = ft.evaluate_split(tuner, state, test)
-    line = (f"few-shot {shots}-shot {arm} draw {draw}: train loss {losses[0]:.3f} -> "
-            f"{losses[-1]:.3f}, test acc {result['accuracy']:.4f} mcc {result['mcc']:.4f} "
-            f"({time.perf_counter() - started:.1f} s)")
+    line = (
+        f"few-shot {shots}-shot {arm} draw {draw}: train loss {losses[0]:.3f} -> "
+        f"{losses[-1]:.3f}, test acc {result['accuracy']:.4f} mcc {result['mcc']:.4f} "
+        f"({time.perf_counter() - started:.1f} s)"
+    )
     if jax.process_index() == 0:
         print(line, flush=True)
-    return dict(shots=shots, arm=arm, draw=draw, source=encoder.source, losses=losses,
-                rows=[int(r) for r in rows], seconds=time.perf_counter() - started, **result)
+    return dict(
+        shots=shots,
+        arm=arm,
+        draw=draw,
+        source=encoder.source,
+        losses=losses,
+        rows=[int(r) for r in rows],
+        seconds=time.perf_counter() - started,
+        **result,
+    )
 
 
 def summarize(records: list[dict], task: str) -> list[dict]:
@@ -201,21 +252,32 @@ def summarize(records: list[dict], task: str) -> list[dict]:
     for shots in sorted({r["shots"] for r in records}):
         for arm in dict.fromkeys(r["arm"] for r in records if r["shots"] == shots):
             group = [r for r in records if r["shots"] == shots and r["arm"] == arm]
-            rows.append(dict(task=task, shots=shots, init=f"{arm}: {group[0]['source']}",
-                             arm=arm, draws=len(group),
-                             **{k: scores.mean_std([r[k] for r in group])
-                                for k in scores.SCORES}))
+            rows.append(
+                dict(
+                    task=task,
+                    shots=shots,
+                    init=f"{arm}: {group[0]['source']}",
+                    arm=arm,
+                    draws=len(group),
+                    **{k: scores.mean_std([r[k] for r in group]) for k in scores.SCORES},
+                )
+            )
     return rows
 
 
-def _report(config, workdir: pathlib.Path, task: str, records: list[dict], arms,
-            info: dict) -> dict:
+def _report(
+    config, workdir: pathlib.Path, task: str, records: list[dict], arms, info: dict
+) -> dict:
     rows = summarize(records, task)
     notes = [
-        f"{info['test_rows']} test rows" + (
+        f"{info['test_rows']} test rows"
+        + (
             f" (a fixed stratified subsample, seed 0, of the file's {info['test_rows_in_file']}"
-            "; test_subsample=0 scores them all)" if info["test_rows"] < info[
-                "test_rows_in_file"] else "") + f" of {info['test']}",
+            "; test_subsample=0 scores them all)"
+            if info["test_rows"] < info["test_rows_in_file"]
+            else ""
+        )
+        + f" of {info['test']}",
         f"draws from a pool of {info['pool_rows']} rows ({info['pool']}); reference "
         "hyper-parameters (lr 1e-4 / 20 epochs / batch 5 below 500 shots, 5e-5 / 5 / 15 from "
         "500; warmup 10 %)",
@@ -227,29 +289,47 @@ def _report(config, workdir: pathlib.Path, task: str, records: list[dict], arms,
     if info["stopped"]:
         notes.append(f"stopped by {info['stopped']}: run the same command to finish the draws")
     _plots(workdir, task, records, rows, info["num_labels"])
-    text = report.write_report(workdir, f"GeneMask few-shot: {task}", rows, COLUMNS, notes=notes,
-                               extra=dict(info=info))
+    text = report.write_report(
+        workdir, f"GeneMask few-shot: {task}", rows, COLUMNS, notes=notes, extra=dict(info=info)
+    )
     return dict(rows=rows, markdown=text, **info)
 
 
-def _plots(workdir: pathlib.Path, task: str, records: list[dict], rows: list[dict],
-           num_labels: int) -> None:
+def _plots(
+    workdir: pathlib.Path, task: str, records: list[dict], rows: list[dict], num_labels: int
+) -> None:
     if jax.process_index() != 0 or not records:
         return
     for shots in sorted({r["shots"] for r in records}):
-        curves = {f"{r['arm']} draw {r['draw']}": (np.arange(1, len(r["losses"]) + 1),
-                                                    r["losses"])
-                  for r in records if r["shots"] == shots}
-        report.plot_curves(workdir / f"curves_{task}_{shots}shot.png", curves, "training loss",
-                           f"{task}, {shots} shots per class")
-    report.plot_bars(workdir / f"mcc_{task}.png",
-                     [f"{r['shots']}-shot {r['arm']}" for r in rows],
-                     [r["mcc"][0] for r in rows], [r["mcc"][1] for r in rows], "test MCC",
-                     f"{task}: mean ± std over draws")
+        curves = {
+            f"{r['arm']} draw {r['draw']}": (np.arange(1, len(r["losses"]) + 1), r["losses"])
+            for r in records
+            if r["shots"] == shots
+        }
+        report.plot_curves(
+            workdir / f"curves_{task}_{shots}shot.png",
+            curves,
+            "training loss",
+            f"{task}, {shots} shots per class",
+        )
+    report.plot_bars(
+        workdir / f"mcc_{task}.png",
+        [f"{r['shots']}-shot {r['arm']}" for r in rows],
+        [r["mcc"][0] for r in rows],
+        [r["mcc"][1] for r in rows],
+        "test MCC",
+        f"{task}: mean ± std over draws",
+    )
     if num_labels > 2:
         for row in rows:
-            total = sum(np.asarray(r["confusion"]) for r in records
-                        if r["shots"] == row["shots"] and r["arm"] == row["arm"])
-            report.plot_confusion(workdir / f"confusion_{task}_{row['shots']}shot_{row['arm']}"
-                                  ".png", total, [str(i) for i in range(num_labels)],
-                                  f"{row['shots']}-shot {row['arm']}, summed over draws")
+            total = sum(
+                np.asarray(r["confusion"])
+                for r in records
+                if r["shots"] == row["shots"] and r["arm"] == row["arm"]
+            )
+            report.plot_confusion(
+                workdir / f"confusion_{task}_{row['shots']}shot_{row['arm']}.png",
+                total,
+                [str(i) for i in range(num_labels)],
+                f"{row['shots']}-shot {row['arm']}, summed over draws",
+            )

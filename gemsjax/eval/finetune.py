@@ -99,8 +99,7 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> 
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
     nll = -jnp.take_along_axis(log_probs, jnp.maximum(labels, 0)[:, None], axis=1)[:, 0]
     hit = (jnp.argmax(logits, axis=1) == labels).astype(jnp.float32)
-    return dict(loss_sum=(nll * weights).sum(), correct=(hit * weights).sum(),
-                count=weights.sum())
+    return dict(loss_sum=(nll * weights).sum(), correct=(hit * weights).sum(), count=weights.sum())
 
 
 def pad_rows(batch: dict, multiple: int) -> dict:
@@ -109,8 +108,9 @@ def pad_rows(batch: dict, multiple: int) -> dict:
     extra = -rows % multiple
     if not extra:
         return batch
-    return {k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)])
-            for k, v in batch.items()}
+    return {
+        k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)]) for k, v in batch.items()
+    }
 
 
 class Finetuner:
@@ -125,25 +125,44 @@ class Finetuner:
       mesh: the ``("data", "fsdp")`` mesh.
     """
 
-    def __init__(self, encoder: Encoder, num_labels: int, hyper: Hyper, max_len: int,
-                 total_steps: int, mesh: jax.sharding.Mesh, compute_dtype: Any = jnp.float32):
+    def __init__(
+        self,
+        encoder: Encoder,
+        num_labels: int,
+        hyper: Hyper,
+        max_len: int,
+        total_steps: int,
+        mesh: jax.sharding.Mesh,
+        compute_dtype: Any = jnp.float32,
+    ):
         self.encoder, self.num_labels, self.hyper = encoder, num_labels, hyper
         self.max_len, self.total_steps, self.mesh = max_len, total_steps, mesh
         pooling = hyper.pooling
         if pooling == "auto":
             pooling = "cls" if encoder.vocab == "dnabert" else "mean"
-        cfg = dataclasses.replace(encoder.model_cfg, dropout=hyper.dropout,
-                                  attn_dropout=hyper.dropout)
+        cfg = dataclasses.replace(
+            encoder.model_cfg, dropout=hyper.dropout, attn_dropout=hyper.dropout
+        )
         warmup = hyper.warmup if hyper.warmup >= 1 else round(hyper.warmup * total_steps)
-        opt_cfg = ml_collections.ConfigDict(dict(
-            schedule="warmup_linear", learning_rate=hyper.learning_rate,
-            warmup_steps=min(int(warmup), total_steps - 1), b1=0.9, b2=0.999, eps=1e-8,
-            weight_decay=hyper.weight_decay, decay_mask="matrices", clip_norm=hyper.clip_norm))
+        opt_cfg = ml_collections.ConfigDict(
+            dict(
+                schedule="warmup_linear",
+                learning_rate=hyper.learning_rate,
+                warmup_steps=min(int(warmup), total_steps - 1),
+                b1=0.9,
+                b2=0.999,
+                eps=1e-8,
+                weight_decay=hyper.weight_decay,
+                decay_mask="matrices",
+                clip_norm=hyper.clip_norm,
+            )
+        )
         tx, self.lr_schedule = optim.make_optimizer(opt_cfg, total_steps)
 
         def build(key):
-            return BertClassifier(cfg, num_labels, pooling=pooling, dtype=compute_dtype,
-                                  rngs=nnx.Rngs(key))
+            return BertClassifier(
+                cfg, num_labels, pooling=pooling, dtype=compute_dtype, rngs=nnx.Rngs(key)
+            )
 
         def init(encoder_params, seed) -> ClassifierState:
             model = build(jax.random.fold_in(jax.random.key(hyper.seed), seed))
@@ -164,8 +183,7 @@ class Finetuner:
         batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
         def train_step(state: ClassifierState, batch: dict):
-            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), state.seed),
-                                     state.step)
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), state.seed), state.step)
 
             def loss_fn(params):
                 model = nnx.merge(train_graphdef, params)
@@ -176,8 +194,12 @@ class Finetuner:
             (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            out = dict(loss=loss, accuracy=sums["correct"] / jnp.maximum(sums["count"], 1.0),
-                       grad_norm=optax.tree.norm(grads), lr=self.lr_schedule(state.step))
+            out = dict(
+                loss=loss,
+                accuracy=sums["correct"] / jnp.maximum(sums["count"], 1.0),
+                grad_norm=optax.tree.norm(grads),
+                lr=self.lr_schedule(state.step),
+            )
             return state._replace(step=state.step + 1, params=params, opt_state=opt_state), out
 
         def predict_step(params, batch: dict) -> jax.Array:
@@ -185,10 +207,17 @@ class Finetuner:
             return model(batch["ids"], batch["attention"])
 
         self._init = jax.jit(init, out_shardings=self.state_sharding)
-        self.train_step = jax.jit(train_step, in_shardings=(self.state_sharding, batch_sh),
-                                  out_shardings=(self.state_sharding, repl), donate_argnums=0)
-        self.predict_step = jax.jit(predict_step, in_shardings=(self.state_sharding.params,
-                                                                batch_sh), out_shardings=batch_sh)
+        self.train_step = jax.jit(
+            train_step,
+            in_shardings=(self.state_sharding, batch_sh),
+            out_shardings=(self.state_sharding, repl),
+            donate_argnums=0,
+        )
+        self.predict_step = jax.jit(
+            predict_step,
+            in_shardings=(self.state_sharding.params, batch_sh),
+            out_shardings=batch_sh,
+        )
         self.local_shards = len(mesh.local_devices)
 
     def init(self, seed: int, encoder_params: Any = _OWN) -> ClassifierState:
@@ -199,44 +228,60 @@ class Finetuner:
         with jax.set_mesh(self.mesh):
             return self._init(params, jnp.int32(seed))
 
-    def train_batches(self, table: tables.LabelledTable, seed: int,
-                      num_epochs: int | None = None):
+    def train_batches(self, table: tables.LabelledTable, seed: int, num_epochs: int | None = None):
         """A checkpointable iterator of training batches (per process), shuffled by ``seed``."""
-        return iter(pipelines.labelled_pipeline(
-            table, vocab=self.encoder.vocab,
-            batch_size=self.hyper.batch_size // jax.process_count(), max_len=self.max_len,
-            training=True, seed=seed, num_epochs=num_epochs,
-            process_index=jax.process_index(), process_count=jax.process_count()))
+        return iter(
+            pipelines.labelled_pipeline(
+                table,
+                vocab=self.encoder.vocab,
+                batch_size=self.hyper.batch_size // jax.process_count(),
+                max_len=self.max_len,
+                training=True,
+                seed=seed,
+                num_epochs=num_epochs,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            )
+        )
 
     def step(self, state: ClassifierState, host_batch: dict) -> tuple[ClassifierState, dict]:
         """One update on a host batch (padded to the local shards, then sharded)."""
         batch = sharding.shard_batch(pad_rows(host_batch, self.local_shards), self.mesh)
         return self.train_step(state, batch)
 
-    def predict(self, state: ClassifierState, table: tables.LabelledTable
-                ) -> tuple[np.ndarray, np.ndarray]:
+    def predict(
+        self, state: ClassifierState, table: tables.LabelledTable
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(logits float32[N, C], labels int32[N])`` over ``table`` (every row once; the
         row order may differ from the table's on several processes, labels travel along)."""
-        per_process = math.ceil(self.hyper.eval_batch_size / jax.process_count()
-                                / self.local_shards) * self.local_shards
+        per_process = (
+            math.ceil(self.hyper.eval_batch_size / jax.process_count() / self.local_shards)
+            * self.local_shards
+        )
         batches = pipelines.labelled_pipeline(
-            table, vocab=self.encoder.vocab, batch_size=per_process, max_len=self.max_len,
-            training=False, process_index=jax.process_index(),
-            process_count=jax.process_count())
+            table,
+            vocab=self.encoder.vocab,
+            batch_size=per_process,
+            max_len=self.max_len,
+            training=False,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
         logits, labels = [], []
         for host in batches:
             out = self.predict_step(state.params, sharding.shard_batch(host, self.mesh))
             keep = sharding.shard_batch(host["valid"], self.mesh)
             labs = sharding.shard_batch(host["labels"], self.mesh)
-            out, keep, labs = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
-                               for x in (out, keep, labs))
+            out, keep, labs = (
+                np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                for x in (out, keep, labs)
+            )
             logits.append(out[keep == 1])
             labels.append(labs[keep == 1])
         return np.concatenate(logits), np.concatenate(labels)
 
 
-def evaluate_split(tuner: Finetuner, state: ClassifierState,
-                   table: tables.LabelledTable) -> dict:
+def evaluate_split(tuner: Finetuner, state: ClassifierState, table: tables.LabelledTable) -> dict:
     """Loss, :data:`~gemsjax.eval.scores.SCORES` and the confusion matrix on a split."""
     logits, labels = tuner.predict(state, table)
     log_probs = jax.nn.log_softmax(jnp.asarray(logits), axis=1)
@@ -249,13 +294,15 @@ def evaluate_split(tuner: Finetuner, state: ClassifierState,
 def steps_per_epoch(rows: int, batch_size: int) -> int:
     """Updates per epoch (the last partial batch is dropped); at least one batch must fit."""
     if rows < batch_size:
-        raise UserError(f"{rows} training rows make no whole batch of {batch_size}; lower "
-                        "the batch size")
+        raise UserError(
+            f"{rows} training rows make no whole batch of {batch_size}; lower the batch size"
+        )
     return rows // batch_size
 
 
-def train_run(tuner: Finetuner, state: ClassifierState, train_iter, steps: int
-              ) -> tuple[ClassifierState, list[float]]:
+def train_run(
+    tuner: Finetuner, state: ClassifierState, train_iter, steps: int
+) -> tuple[ClassifierState, list[float]]:
     """``steps`` updates from ``train_iter``; returns the state and the loss of every step
     (fetched one step late, so the device never waits)."""
     losses, pending = [], None
@@ -269,10 +316,18 @@ def train_run(tuner: Finetuner, state: ClassifierState, train_iter, steps: int
     return state, losses
 
 
-def finetune(tuner: Finetuner, train: tables.LabelledTable, dev: tables.LabelledTable | None,
-             test: tables.LabelledTable, workdir: str | pathlib.Path, *,
-             encoder_params: Any = _OWN, checkpoint_every: int = 500, log_every: int = 50,
-             sigterm=None) -> dict:
+def finetune(
+    tuner: Finetuner,
+    train: tables.LabelledTable,
+    dev: tables.LabelledTable | None,
+    test: tables.LabelledTable,
+    workdir: str | pathlib.Path,
+    *,
+    encoder_params: Any = _OWN,
+    checkpoint_every: int = 500,
+    log_every: int = 50,
+    sigterm=None,
+) -> dict:
     """Fine-tune with checkpoints in ``workdir`` (resumed when present); returns a summary.
 
     ``encoder_params`` as in :meth:`Finetuner.init` (another arm of the same shapes).
@@ -286,24 +341,38 @@ def finetune(tuner: Finetuner, train: tables.LabelledTable, dev: tables.Labelled
     per_epoch = steps_per_epoch(len(train), tuner.hyper.batch_size)
     total = per_epoch * tuner.hyper.epochs
     if total != tuner.total_steps:
-        raise ValueError(f"the Finetuner was built for {tuner.total_steps} updates, this run has "
-                         f"{total}")
+        raise ValueError(
+            f"the Finetuner was built for {tuner.total_steps} updates, this run has {total}"
+        )
     train_iter = tuner.train_batches(train, tuner.hyper.seed, tuner.hyper.epochs)
-    manager = checkpoint.make_manager(str((workdir / "checkpoints").resolve()),
-                                      save_every=checkpoint_every, keep_last=1, keep_best=1)
+    manager = checkpoint.make_manager(
+        str((workdir / "checkpoints").resolve()),
+        save_every=checkpoint_every,
+        keep_last=1,
+        keep_best=1,
+    )
     writer = metrics.MetricsWriter(
-        workdir, total_steps=total, tokens_per_step=tuner.hyper.batch_size * tuner.max_len,
-        flops_per_step=tuner.hyper.batch_size * 3 * flops.transformer_forward_flops(
-            tuner.encoder.model_cfg.layers, tuner.encoder.model_cfg.hidden,
-            tuner.encoder.model_cfg.ffn, tuner.max_len, tuner.max_len),
-        peak_flops=metrics.peak_flops_per_device(), console_every=log_every)
+        workdir,
+        total_steps=total,
+        tokens_per_step=tuner.hyper.batch_size * tuner.max_len,
+        flops_per_step=tuner.hyper.batch_size
+        * 3
+        * flops.transformer_forward_flops(
+            tuner.encoder.model_cfg.layers,
+            tuner.encoder.model_cfg.hidden,
+            tuner.encoder.model_cfg.ffn,
+            tuner.max_len,
+            tuner.max_len,
+        ),
+        peak_flops=metrics.peak_flops_per_device(),
+        console_every=log_every,
+    )
     history_path = workdir / "dev_history.jsonl"
     started = time.perf_counter()
     stopped, losses = None, []
     try:
         restored = checkpoint.restore_latest(manager, tuner.abstract_state, train_iter)
-        state = (tuner.init(tuner.hyper.seed, encoder_params) if restored is None
-                 else restored.state)
+        state = tuner.init(tuner.hyper.seed, encoder_params) if restored is None else restored.state
         step = int(state.step)
         buffer = metrics.MetricsBuffer()
         while step < total:
@@ -319,18 +388,30 @@ def finetune(tuner: Finetuner, train: tables.LabelledTable, dev: tables.Labelled
                 writer.write(last := buffer.flush())
                 losses.append(last.values["loss"])
                 val = evaluate_split(tuner, state, dev)
-                writer.write(metrics.StepMetrics(step - 1, {"val_loss": val["loss"],
-                                                            "val_accuracy": val["accuracy"]},
-                                                 None))
-                _append_json(history_path, dict(step=step, epoch=step // per_epoch,
-                                                **{k: v for k, v in val.items()
-                                                   if k != "confusion"}))
+                writer.write(
+                    metrics.StepMetrics(
+                        step - 1, {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}, None
+                    )
+                )
+                _append_json(
+                    history_path,
+                    dict(
+                        step=step,
+                        epoch=step // per_epoch,
+                        **{k: v for k, v in val.items() if k != "confusion"},
+                    ),
+                )
                 buffer.restart_clock()
             if sigterm is not None and checkpoint.stop_requested(manager, step, sigterm):
                 stopped = "SIGTERM"
-            checkpoint.save(manager, step, state, data_iter=train_iter,
-                            metrics={"val_loss": val["loss"]} if val else None,
-                            force=epoch_end or stopped is not None)
+            checkpoint.save(
+                manager,
+                step,
+                state,
+                data_iter=train_iter,
+                metrics={"val_loss": val["loss"]} if val else None,
+                force=epoch_end or stopped is not None,
+            )
             if stopped:
                 break
         if (last := buffer.flush()) is not None:
@@ -345,9 +426,15 @@ def finetune(tuner: Finetuner, train: tables.LabelledTable, dev: tables.Labelled
         checkpoint.close(manager)
         writer.close()
     history = _read_jsonl(history_path)
-    return dict(test=test_scores, dev_history=history, train_losses=losses,
-                best_step=best_step if stopped is None else None, steps=total, stopped=stopped,
-                seconds=time.perf_counter() - started)
+    return dict(
+        test=test_scores,
+        dev_history=history,
+        train_losses=losses,
+        best_step=best_step if stopped is None else None,
+        steps=total,
+        stopped=stopped,
+        seconds=time.perf_counter() - started,
+    )
 
 
 def _append_json(path: pathlib.Path, record: dict) -> None:

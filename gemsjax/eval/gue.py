@@ -40,11 +40,17 @@ def reference(task: str) -> dict:
     if task.startswith("EMP"):
         return dict(max_len=512, epochs=3, warmup=50)
     if leaf.startswith("prom_core"):
-        return dict(max_len=80, epochs=10 if leaf.endswith("tata") and "notata" not in leaf
-                    else 4, warmup=50)
+        return dict(
+            max_len=80,
+            epochs=10 if leaf.endswith("tata") and "notata" not in leaf else 4,
+            warmup=50,
+        )
     if leaf.startswith("prom_300"):
-        return dict(max_len=310, epochs=10 if leaf.endswith("tata") and "notata" not in leaf
-                    else 4, warmup=50)
+        return dict(
+            max_len=310,
+            epochs=10 if leaf.endswith("tata") and "notata" not in leaf else 4,
+            warmup=50,
+        )
     if task.startswith("splice"):
         return dict(max_len=410, epochs=5, warmup=50)
     if leaf == "covid":
@@ -59,8 +65,10 @@ def reference(task: str) -> dict:
 def find_tasks(gue_dir: pathlib.Path) -> list[str]:
     """Task names (paths under ``gue_dir``) of every folder with a test file, sorted."""
     if not gue_dir.is_dir():
-        raise UserError(f"gue_dir={str(gue_dir)!r} is not a folder; point it at a GUE folder "
-                        "(holding EMP/, prom/, splice/, tf/, ...)")
+        raise UserError(
+            f"gue_dir={str(gue_dir)!r} is not a folder; point it at a GUE folder "
+            "(holding EMP/, prom/, splice/, tf/, ...)"
+        )
     tasks = sorted({str(p.parent.relative_to(gue_dir)) for p in gue_dir.rglob("test.csv*")})
     if not tasks:
         raise UserError(f"{gue_dir}: no task folder (one with test.csv) inside; is it GUE?")
@@ -68,12 +76,14 @@ def find_tasks(gue_dir: pathlib.Path) -> list[str]:
 
 
 def _split_file(folder: pathlib.Path, split: str) -> pathlib.Path | None:
-    return next((p for p in (folder / f"{split}.csv", folder / f"{split}.csv.gz")
-                 if p.is_file()), None)
+    return next(
+        (p for p in (folder / f"{split}.csv", folder / f"{split}.csv.gz") if p.is_file()), None
+    )
 
 
-def load_task(config: ml_collections.ConfigDict, gue_dir: pathlib.Path,
-              task: str) -> task_run.Splits | str:
+def load_task(
+    config: ml_collections.ConfigDict, gue_dir: pathlib.Path, task: str
+) -> task_run.Splits | str:
     """The task's splits, or the reason it is skipped."""
     folder = gue_dir / task
     files = {s: _split_file(folder, s) for s in ("train", "dev", "test")}
@@ -85,31 +95,34 @@ def load_task(config: ml_collections.ConfigDict, gue_dir: pathlib.Path,
     if files["train"] is not None:
         train = labelled.read_split(files["train"], "gue")
     elif config.train_on_dev_split:
-        rows = labelled.stratified_subsample(dev.labels,
-                                             round(config.train_on_dev_split * len(dev)))
+        rows = labelled.stratified_subsample(
+            dev.labels, round(config.train_on_dev_split * len(dev))
+        )
         rest = np.setdiff1d(np.arange(len(dev)), rows)
         train, dev = labelled.subset(dev, rows), labelled.subset(dev, rest)
-        notes.append(f"no train.csv: trained on {len(train)} dev rows, dev = the other "
-                     f"{len(dev)}")
+        notes.append(f"no train.csv: trained on {len(train)} dev rows, dev = the other {len(dev)}")
     else:
-        return ("no train.csv (set train_on_dev_split to train on a share of dev)")
+        return "no train.csv (set train_on_dev_split to train on a share of dev)"
     if config.max_train_rows and len(train) > config.max_train_rows:
-        train = labelled.subset(train, labelled.stratified_subsample(train.labels,
-                                                                     config.max_train_rows))
+        train = labelled.subset(
+            train, labelled.stratified_subsample(train.labels, config.max_train_rows)
+        )
         notes.append(f"train subsample {len(train)}")
     if config.max_eval_rows:
         cut = []
         for name in ("dev", "test"):
             table = dev if name == "dev" else test
             if len(table) > config.max_eval_rows:
-                table = labelled.subset(table, labelled.stratified_subsample(
-                    table.labels, config.max_eval_rows))
+                table = labelled.subset(
+                    table, labelled.stratified_subsample(table.labels, config.max_eval_rows)
+                )
                 cut.append(name)
             dev, test = (table, test) if name == "dev" else (dev, table)
         if cut:
             notes.append(f"{'/'.join(cut)} subsample {config.max_eval_rows}")
-    return task_run.Splits(task, train, dev, test, labelled.num_labels_of(train, dev, test),
-                           "; ".join(notes))
+    return task_run.Splits(
+        task, train, dev, test, labelled.num_labels_of(train, dev, test), "; ".join(notes)
+    )
 
 
 def metric_of(task: str) -> str:
@@ -123,8 +136,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
     workdir, gue_dir = pathlib.Path(workdir), pathlib.Path(config.gue_dir)
     started = time.perf_counter()
     tasks = list(config.tasks) or find_tasks(gue_dir)
-    encoder = init_lib.load_encoder(config.init, vocab="dnabert", model_name=config.model.name
-                                    if config.init.startswith("random") else "")
+    encoder = init_lib.load_encoder(
+        config.init,
+        vocab="dnabert",
+        model_name=config.model.name if config.init.startswith("random") else "",
+    )
     encoders = task_run.arms(encoder, config.baseline)
     mesh = sharding.make_mesh(config.mesh_data, config.mesh_fsdp)
     rows, runs, stopped = [], [], False
@@ -136,24 +152,37 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
                 rows.append(dict(task=task, metric=metric, note=f"skipped: {splits}"))
                 continue
             ref = reference(task)
-            hyper = ft.Hyper(**{**config.finetune.to_dict(),
-                                "learning_rate": config.finetune.learning_rate or 3e-5,
-                                "batch_size": config.finetune.batch_size or 32,
-                                "epochs": config.finetune.epochs or ref["epochs"],
-                                "warmup": ref["warmup"]})
+            hyper = ft.Hyper(
+                **{
+                    **config.finetune.to_dict(),
+                    "learning_rate": config.finetune.learning_rate or 3e-5,
+                    "batch_size": config.finetune.batch_size or 32,
+                    "epochs": config.finetune.epochs or ref["epochs"],
+                    "warmup": ref["warmup"],
+                }
+            )
             max_len = config.max_len or min(ref["max_len"], _data_len(splits))
-            results = task_run.run_task(splits, encoders, hyper, max_len,
-                                        workdir / task.replace("/", "_"), mesh,
-                                        checkpoint_every=config.checkpoint_every,
-                                        log_every=config.log_every, sigterm=sigterm)
+            results = task_run.run_task(
+                splits,
+                encoders,
+                hyper,
+                max_len,
+                workdir / task.replace("/", "_"),
+                mesh,
+                checkpoint_every=config.checkpoint_every,
+                log_every=config.log_every,
+                sigterm=sigterm,
+            )
             runs += results
-            row = dict(task=task, metric=metric, **{"train rows": len(splits.train)},
-                       note=splits.note)
+            row = dict(
+                task=task, metric=metric, **{"train rows": len(splits.train)}, note=splits.note
+            )
             for r in results:
                 row[r["arm"]] = r["test"][metric] if r["test"] is not None else None
                 if sum(r["truncated"].values()):
-                    row["note"] = "; ".join(filter(None, [row["note"],
-                                                          f"truncated {r['truncated']}"]))
+                    row["note"] = "; ".join(
+                        filter(None, [row["note"], f"truncated {r['truncated']}"])
+                    )
             rows.append(row)
             if any(r["stopped"] for r in results):
                 stopped = True
@@ -165,18 +194,31 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
         if values:
             average[arm] = float(np.mean(values))
     rows.append(average)
-    notes = [f"pretrained = {encoder.source}; random = the same size from random init",
-             "DNABERT-2 protocol: lr 3e-5, batch 32, wd 0.01, dev every epoch, test on the "
-             "best-dev-loss checkpoint; MCC (covid: macro-F1)",
-             f"{time.perf_counter() - started:.0f} s in all"]
+    notes = [
+        f"pretrained = {encoder.source}; random = the same size from random init",
+        "DNABERT-2 protocol: lr 3e-5, batch 32, wd 0.01, dev every epoch, test on the "
+        "best-dev-loss checkpoint; MCC (covid: macro-F1)",
+        f"{time.perf_counter() - started:.0f} s in all",
+    ]
     if stopped:
         notes.append("stopped by SIGTERM: run the same command to resume")
     _plot(workdir, scored)
-    text = report.write_report(workdir, f"GUE: {gue_dir}", rows, COLUMNS, notes=notes,
-                               extra=dict(runs=[{k: v for k, v in r.items()
-                                                 if k != "train_losses"} for r in runs]))
-    return dict(rows=rows, markdown=text, tasks=len(tasks), scored=len(scored),
-                stopped=stopped, seconds=time.perf_counter() - started)
+    text = report.write_report(
+        workdir,
+        f"GUE: {gue_dir}",
+        rows,
+        COLUMNS,
+        notes=notes,
+        extra=dict(runs=[{k: v for k, v in r.items() if k != "train_losses"} for r in runs]),
+    )
+    return dict(
+        rows=rows,
+        markdown=text,
+        tasks=len(tasks),
+        scored=len(scored),
+        stopped=stopped,
+        seconds=time.perf_counter() - started,
+    )
 
 
 def _data_len(splits: task_run.Splits) -> int:
@@ -194,5 +236,11 @@ def _plot(workdir: pathlib.Path, scored: list[dict]) -> None:
             if r.get(arm) is not None:
                 labels.append(f"{r['task']} {arm}")
                 means.append(r[arm])
-    report.plot_bars(workdir / "gue_scores.png", labels, means, [0.0] * len(means),
-                     "test MCC (covid: macro-F1)", "GUE")
+    report.plot_bars(
+        workdir / "gue_scores.png",
+        labels,
+        means,
+        [0.0] * len(means),
+        "test MCC (covid: macro-F1)",
+        "GUE",
+    )

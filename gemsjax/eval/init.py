@@ -64,8 +64,9 @@ class Encoder:
 
     def random_baseline(self) -> Encoder:
         """The same size and vocab, randomly initialized."""
-        return dataclasses.replace(self, params=None, step=None,
-                                   source=f"random ({self.source} size)")
+        return dataclasses.replace(
+            self, params=None, step=None, source=f"random ({self.source} size)"
+        )
 
 
 def parse_spec(spec: str) -> tuple[str, str, str]:
@@ -73,8 +74,10 @@ def parse_spec(spec: str) -> tuple[str, str, str]:
     ``latest``, ``best`` or ``step=N`` for runs."""
     spec = spec.strip()
     if not spec:
-        raise UserError("config.init is empty; give a run folder (runs/x[:best|:latest|:step=N]),"
-                        " 'random' or 'random:<run folder>'")
+        raise UserError(
+            "config.init is empty; give a run folder (runs/x[:best|:latest|:step=N]),"
+            " 'random' or 'random:<run folder>'"
+        )
     if spec.startswith("hf:"):
         return "hf", spec.removeprefix("hf:"), ""
     if spec == "random":
@@ -97,8 +100,10 @@ def load_encoder(spec: str, *, model_name: str = "", vocab: str = "") -> Encoder
     kind, target, which = parse_spec(spec)
     if kind == "random" and not target:
         if not model_name or vocab not in VOCABS:
-            raise UserError(f"config.init='random' needs config.model.name (a size: "
-                            f"{', '.join(SIZES)}) and a vocab {VOCABS}")
+            raise UserError(
+                f"config.init='random' needs config.model.name (a size: "
+                f"{', '.join(SIZES)}) and a vocab {VOCABS}"
+            )
         cfg = registry.get_model_config(model_name)
         return Encoder(cfg, vocab, None, f"random ({model_name})")
     if kind == "hf" or target.startswith("hf:"):
@@ -106,12 +111,16 @@ def load_encoder(spec: str, *, model_name: str = "", vocab: str = "") -> Encoder
     else:
         run = _load_run(target, which if kind == "run" else "latest", params=kind == "run")
     if model_name and _size(run.model_cfg) != _size(registry.get_model_config(model_name)):
-        raise UserError(f"config.init={spec!r} is a run of another size than config.model.name="
-                        f"{model_name!r}; leave config.model.name empty to use the run's size")
+        raise UserError(
+            f"config.init={spec!r} is a run of another size than config.model.name="
+            f"{model_name!r}; leave config.model.name empty to use the run's size"
+        )
     if vocab and run.vocab != vocab:
-        raise UserError(f"config.init={spec!r} is a {run.vocab} model, but this task is tokenized "
-                        f"for {vocab} (a barcode model cannot read genome 6-mers and vice versa); "
-                        "pick a run pretrained on the same kind of data")
+        raise UserError(
+            f"config.init={spec!r} is a {run.vocab} model, but this task is tokenized "
+            f"for {vocab} (a barcode model cannot read genome 6-mers and vice versa); "
+            "pick a run pretrained on the same kind of data"
+        )
     return run if kind != "random" else run.random_baseline()
 
 
@@ -123,21 +132,28 @@ def _size(cfg) -> tuple[int, ...]:
 def _run_meta(folder: pathlib.Path, step: int) -> dict:
     path = folder / "checkpoints" / str(step) / "meta" / "metadata"
     if not path.is_file():
-        raise UserError(f"{folder}: checkpoint step {step} has no run metadata ({path}); it was "
-                        "not written by gemsjax pretraining")
+        raise UserError(
+            f"{folder}: checkpoint step {step} has no run metadata ({path}); it was "
+            "not written by gemsjax pretraining"
+        )
     return json.loads(path.read_text())
 
 
 def _steps(folder: pathlib.Path) -> list[int]:
     ckpt = folder / "checkpoints"
     if not ckpt.is_dir():
-        raise UserError(f"config.init={str(folder)!r}: not a gemsjax run folder (no checkpoints/ "
-                        "inside); pass the --workdir of a pretraining run")
-    steps = sorted(int(p.name) for p in ckpt.iterdir()
-                   if p.name.isdigit() and (p / "state").is_dir())
+        raise UserError(
+            f"config.init={str(folder)!r}: not a gemsjax run folder (no checkpoints/ "
+            "inside); pass the --workdir of a pretraining run"
+        )
+    steps = sorted(
+        int(p.name) for p in ckpt.iterdir() if p.name.isdigit() and (p / "state").is_dir()
+    )
     if not steps:
-        raise UserError(f"{ckpt}: no finished checkpoint; let the run save one (it saves every "
-                        "train.checkpoint_every steps and at its end)")
+        raise UserError(
+            f"{ckpt}: no finished checkpoint; let the run save one (it saves every "
+            "train.checkpoint_every steps and at its end)"
+        )
     return steps
 
 
@@ -152,8 +168,10 @@ def _pick_step(folder: pathlib.Path, which: str) -> int:
             if metrics.is_file():
                 scored.append((json.loads(metrics.read_text()).get("val_loss", np.inf), step))
         if not scored:
-            raise UserError(f"{folder}: no checkpoint carries a validation loss, so there is no "
-                            "best one; use :latest or :step=N")
+            raise UserError(
+                f"{folder}: no checkpoint carries a validation loss, so there is no "
+                "best one; use :latest or :step=N"
+            )
         return min(scored)[1]
     try:
         step = int(which.removeprefix("step="))
@@ -175,14 +193,21 @@ def _load_run(target: str, which: str, *, params: bool) -> Encoder:
     cfg = registry.get_model_config(model["name"], **overrides)
     vocab = "barcodebert" if config["data"]["kind"] == "barcode" else "dnabert"
     if config["data"].get("k", 6) != 6:  # e.g. BarcodeBERT-5M's 8-mers
-        raise UserError(f"config.init={target!r} was trained on {config['data']['k']}-mers "
-                        "(data.k); the evaluation tokenizes 6-mers only, so it cannot score "
-                        "this model yet")
+        raise UserError(
+            f"config.init={target!r} was trained on {config['data']['k']}-mers "
+            "(data.k); the evaluation tokenizes 6-mers only, so it cannot score "
+            "this model yet"
+        )
     source = f"{target}@step={step}"
     if not params:
         return Encoder(cfg, vocab, None, source, step)
-    return Encoder(cfg, vocab, _restore_encoder(folder / "checkpoints" / str(step) / "state", cfg,
-                                                source), source, step)
+    return Encoder(
+        cfg,
+        vocab,
+        _restore_encoder(folder / "checkpoints" / str(step) / "state", cfg, source),
+        source,
+        step,
+    )
 
 
 def _load_hf(folder: str) -> Encoder:
@@ -190,8 +215,10 @@ def _load_hf(folder: str) -> Encoder:
 
     cfg, vocab, params = hf.import_encoder(folder)
     if vocab is None or vocab.name not in VOCABS:
-        raise UserError(f"config.init='hf:{folder}': its vocab.txt matches neither the DNABERT "
-                        "nor the BarcodeBERT id layout; gemsjax tokenizers cannot feed it")
+        raise UserError(
+            f"config.init='hf:{folder}': its vocab.txt matches neither the DNABERT "
+            "nor the BarcodeBERT id layout; gemsjax tokenizers cannot feed it"
+        )
     return Encoder(cfg, vocab.name, params, f"hf:{folder}")
 
 
@@ -207,18 +234,29 @@ def _restore_encoder(state_dir: pathlib.Path, cfg, source: str) -> dict:
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     try:
         with ocp.PyTreeCheckpointer() as checkpointer:
-            out = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-                item=target, restore_args=restore_args, partial_restore=True))
+            out = checkpointer.restore(
+                state_dir,
+                args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=restore_args, partial_restore=True
+                ),
+            )
     except (ValueError, KeyError) as err:
-        raise UserError(f"{source}: the checkpoint's encoder does not fit the size its metadata "
-                        f"names ({err}); the run folder is damaged or mixes runs") from err
+        raise UserError(
+            f"{source}: the checkpoint's encoder does not fit the size its metadata "
+            f"names ({err}); the run folder is damaged or mixes runs"
+        ) from err
     restored = out["params"]["encoder"]
-    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(target["params"]["encoder"]),
-                                 jax.tree.leaves(restored), strict=True):
+    for (path, want), got in zip(
+        jax.tree_util.tree_leaves_with_path(target["params"]["encoder"]),
+        jax.tree.leaves(restored),
+        strict=True,
+    ):
         if tuple(want.shape) != tuple(np.shape(got)):
-            raise UserError(f"{source}: encoder array {jax.tree_util.keystr(path)} has shape "
-                            f"{np.shape(got)}, the size in its metadata needs {want.shape}; the "
-                            "run folder is damaged or mixes runs")
+            raise UserError(
+                f"{source}: encoder array {jax.tree_util.keystr(path)} has shape "
+                f"{np.shape(got)}, the size in its metadata needs {want.shape}; the "
+                "run folder is damaged or mixes runs"
+            )
     return nnx.to_pure_dict(restored)
 
 

@@ -29,6 +29,7 @@ def _frequencies(sequences: Sequence[str], k: int) -> np.ndarray:
     codes = kmer_codes(base_codes("N".join(cleaned) + "N"), k)
     rows = np.repeat(np.arange(len(cleaned)), lengths)[: len(codes)]
     valid = codes >= 0
-    counts = np.bincount(rows[valid] * 4**k + codes[valid],
-                         minlength=len(cleaned) * 4**k).reshape(len(cleaned), 4**k)
+    counts = np.bincount(rows[valid] * 4**k + codes[valid], minlength=len(cleaned) * 4**k).reshape(
+        len(cleaned), 4**k
+    )
     return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)

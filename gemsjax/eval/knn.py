@@ -45,8 +45,9 @@ def nearest_labels(keys: np.ndarray, key_labels: np.ndarray, queries: np.ndarray
     return np.asarray(key_labels)[nearest(keys, queries)]
 
 
-def exact_lookup(key_sequences: Sequence[str], key_labels: np.ndarray,
-                 query_sequences: Sequence[str]) -> np.ndarray:
+def exact_lookup(
+    key_sequences: Sequence[str], key_labels: np.ndarray, query_sequences: Sequence[str]
+) -> np.ndarray:
     """``int[Q]``: the label of the first key (in key order) whose sequence contains the query's
     sequence exactly (equal, or the query is a substring: barcodes of one haplotype are often
     trimmed differently); ``-1`` where no key does. No alignment, no mismatches.
@@ -72,8 +73,10 @@ def exact_lookup(key_sequences: Sequence[str], key_labels: np.ndarray,
                 out[i] = labels[np.searchsorted(starts, at, side="right") - 1]
             continue
         offset = int(clean[0])
-        lo, hi = np.searchsorted(sorted_codes, own[offset], side="left"), \
-            np.searchsorted(sorted_codes, own[offset], side="right")
+        lo, hi = (
+            np.searchsorted(sorted_codes, own[offset], side="left"),
+            np.searchsorted(sorted_codes, own[offset], side="right"),
+        )
         for at in np.sort(order[lo:hi]) - offset:
             if at >= 0 and text.startswith(query, at):
                 out[i] = labels[np.searchsorted(starts, at, side="right") - 1]

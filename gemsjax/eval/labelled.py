@@ -26,8 +26,10 @@ def read_split(path: str | os.PathLike, fmt: str) -> tables.LabelledTable:
         raise UserError(f"{os.fspath(path)}: no such file; check the path in the config")
     table = pipelines.read_labelled(path, fmt)
     if len(table) == 0:
-        raise UserError(f"{os.fspath(path)}: the split is empty (a header and no rows); add rows "
-                        "or point the config at another file")
+        raise UserError(
+            f"{os.fspath(path)}: the split is empty (a header and no rows); add rows "
+            "or point the config at another file"
+        )
     return table
 
 
@@ -42,9 +44,11 @@ def check_labels(table: tables.LabelledTable, num_labels: int, what: str) -> Non
     bad = np.flatnonzero((table.labels < 0) | (table.labels >= num_labels))
     if bad.size:
         row = int(bad[0])
-        raise UserError(f"{table.source}, {row_line(table, row)}: label {table.labels[row]} is "
-                        f"outside the {num_labels} classes 0..{num_labels - 1} of the {what} "
-                        f"({bad.size} such rows); fix the labels or set num_labels")
+        raise UserError(
+            f"{table.source}, {row_line(table, row)}: label {table.labels[row]} is "
+            f"outside the {num_labels} classes 0..{num_labels - 1} of the {what} "
+            f"({bad.size} such rows); fix the labels or set num_labels"
+        )
 
 
 def num_labels_of(*splits: tables.LabelledTable | None) -> int:
@@ -55,14 +59,18 @@ def num_labels_of(*splits: tables.LabelledTable | None) -> int:
 def subset(table: tables.LabelledTable, rows: np.ndarray) -> tables.LabelledTable:
     """The rows ``rows`` of ``table`` (in that order), per-row extras included."""
     rows = np.asarray(rows, np.int64)
-    extra = {name: (np.asarray(v)[rows] if isinstance(v, np.ndarray) else [v[i] for i in rows])
-             for name, v in table.extra.items()}
-    return dataclasses.replace(table, sequences=[table.sequences[i] for i in rows],
-                               labels=table.labels[rows], extra=extra)
+    extra = {
+        name: (np.asarray(v)[rows] if isinstance(v, np.ndarray) else [v[i] for i in rows])
+        for name, v in table.extra.items()
+    }
+    return dataclasses.replace(
+        table, sequences=[table.sequences[i] for i in rows], labels=table.labels[rows], extra=extra
+    )
 
 
-def stratified_draw(table: tables.LabelledTable, shots: int, seed: int,
-                    num_labels: int) -> np.ndarray:
+def stratified_draw(
+    table: tables.LabelledTable, shots: int, seed: int, num_labels: int
+) -> np.ndarray:
     """``int64[num_labels * shots]`` rows: ``shots`` of each class without replacement, drawn
     with ``default_rng(seed)`` (a new seed gives a new draw), in class order then draw order.
 
@@ -72,9 +80,11 @@ def stratified_draw(table: tables.LabelledTable, shots: int, seed: int,
     for label in range(num_labels):
         members = np.flatnonzero(table.labels == label)
         if members.size < shots:
-            raise UserError(f"{table.source}: class {label} has {members.size} rows, fewer than "
-                            f"the {shots} shots asked for; lower the shots or use a larger train "
-                            "file")
+            raise UserError(
+                f"{table.source}: class {label} has {members.size} rows, fewer than "
+                f"the {shots} shots asked for; lower the shots or use a larger train "
+                "file"
+            )
         picked.append(rng.choice(members, shots, replace=False))
     return np.concatenate(picked)
 
@@ -90,8 +100,10 @@ def stratified_subsample(labels: np.ndarray, size: int, seed: int = 0) -> np.nda
     take = np.floor(exact).astype(np.int64)
     take[np.argsort(take - exact)[: size - take.sum()]] += 1
     rng = np.random.default_rng(seed)
-    rows = [rng.choice(np.flatnonzero(labels == c), n, replace=False)
-            for c, n in zip(classes, take, strict=True)]
+    rows = [
+        rng.choice(np.flatnonzero(labels == c), n, replace=False)
+        for c, n in zip(classes, take, strict=True)
+    ]
     return np.sort(np.concatenate(rows))
 
 

@@ -14,8 +14,9 @@ import warnings
 import numpy as np
 
 
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-                 max_iter: int = 300, seed: int = 0) -> np.ndarray:
+def linear_probe(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, max_iter: int = 300, seed: int = 0
+) -> np.ndarray:
     """Predicted labels ``int[M]`` for ``test_x: float[M, D]`` from a logistic regression fitted
     on ``train_x: float[N, D]``, ``train_y: int[N]``."""
     from sklearn.exceptions import ConvergenceWarning

@@ -17,8 +17,11 @@ import numpy as np
 
 def format_cell(value) -> str:
     """A table cell: ``mean ± std`` for pairs, 4 decimals for floats, ``str`` otherwise."""
-    if isinstance(value, tuple | list) and len(value) == 2 and all(
-            isinstance(v, float | int) for v in value):
+    if (
+        isinstance(value, tuple | list)
+        and len(value) == 2
+        and all(isinstance(v, float | int) for v in value)
+    ):
         return f"{value[0]:.4f} ± {value[1]:.4f}"
     if isinstance(value, float):
         return f"{value:.4f}"
@@ -32,9 +35,16 @@ def markdown_table(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def write_report(workdir: str | pathlib.Path, title: str, rows: Sequence[Mapping],
-                 columns: Sequence[str], *, notes: Sequence[str] = (),
-                 extra: Mapping | None = None, echo: bool = True) -> str:
+def write_report(
+    workdir: str | pathlib.Path,
+    title: str,
+    rows: Sequence[Mapping],
+    columns: Sequence[str],
+    *,
+    notes: Sequence[str] = (),
+    extra: Mapping | None = None,
+    echo: bool = True,
+) -> str:
     """Write ``results.json`` and ``results.md`` into ``workdir``; print the table (``echo``).
 
     Returns the markdown text (title, table, notes as a bullet list)."""
@@ -43,8 +53,13 @@ def write_report(workdir: str | pathlib.Path, title: str, rows: Sequence[Mapping
     text = f"## {title}\n\n{markdown_table(rows, columns)}\n"
     if notes:
         text += "\n" + "\n".join(f"- {note}" for note in notes) + "\n"
-    record = dict(title=title, columns=list(columns), rows=[dict(r) for r in rows],
-                  notes=list(notes), **(extra or {}))
+    record = dict(
+        title=title,
+        columns=list(columns),
+        rows=[dict(r) for r in rows],
+        notes=list(notes),
+        **(extra or {}),
+    )
     (workdir / "results.json").write_text(json.dumps(record, indent=1, default=_json_default))
     (workdir / "results.md").write_text(text)
     if echo:
@@ -67,8 +82,12 @@ def _pyplot():
     return plt
 
 
-def plot_curves(path: str | pathlib.Path, curves: Mapping[str, tuple[Sequence, Sequence]],
-                ylabel: str, title: str = "") -> None:
+def plot_curves(
+    path: str | pathlib.Path,
+    curves: Mapping[str, tuple[Sequence, Sequence]],
+    ylabel: str,
+    title: str = "",
+) -> None:
     """Line plot of ``{name: (steps, values)}`` (e.g. training loss per draw)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -84,8 +103,14 @@ def plot_curves(path: str | pathlib.Path, curves: Mapping[str, tuple[Sequence, S
     plt.close(fig)
 
 
-def plot_bars(path: str | pathlib.Path, labels: Sequence[str], means: Sequence[float],
-              stds: Sequence[float], ylabel: str, title: str = "") -> None:
+def plot_bars(
+    path: str | pathlib.Path,
+    labels: Sequence[str],
+    means: Sequence[float],
+    stds: Sequence[float],
+    ylabel: str,
+    title: str = "",
+) -> None:
     """Bars of ``means`` with ``stds`` as error bars (the spread over draws)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(4, 0.7 * len(labels) + 2), 3.5))
@@ -98,8 +123,9 @@ def plot_bars(path: str | pathlib.Path, labels: Sequence[str], means: Sequence[f
     plt.close(fig)
 
 
-def plot_confusion(path: str | pathlib.Path, matrix: np.ndarray, class_names: Sequence[str],
-                   title: str = "") -> None:
+def plot_confusion(
+    path: str | pathlib.Path, matrix: np.ndarray, class_names: Sequence[str], title: str = ""
+) -> None:
     """A confusion matrix (rows true class, columns predicted) with counts in the cells."""
     plt = _pyplot()
     matrix = np.asarray(matrix)

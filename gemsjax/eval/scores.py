@@ -17,8 +17,9 @@ SCORES = ("accuracy", "macro_f1", "mcc", "balanced_accuracy")
 def confusion(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
     """``int64[C, C]``: row = true class, column = predicted class."""
     labels, preds = np.asarray(labels, np.int64), np.asarray(preds, np.int64)
-    return np.bincount(labels * num_classes + preds,
-                       minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    return np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes
+    )
 
 
 def scores_from_confusion(matrix: np.ndarray) -> dict[str, float]:
@@ -28,23 +29,26 @@ def scores_from_confusion(matrix: np.ndarray) -> dict[str, float]:
     true_count, pred_count = m.sum(axis=1), m.sum(axis=0)
     present = (true_count + pred_count) > 0
     f1_denominator = true_count + pred_count
-    f1 = np.divide(2 * np.diag(m), f1_denominator, out=np.zeros_like(f1_denominator),
-                   where=f1_denominator > 0)
-    recall = np.divide(np.diag(m), true_count, out=np.zeros_like(true_count),
-                       where=true_count > 0)
+    f1 = np.divide(
+        2 * np.diag(m), f1_denominator, out=np.zeros_like(f1_denominator), where=f1_denominator > 0
+    )
+    recall = np.divide(np.diag(m), true_count, out=np.zeros_like(true_count), where=true_count > 0)
     # Gorodkin's multi-class MCC, the form scikit-learn computes.
     cov_tp = correct * total - pred_count @ true_count
     cov_pp = total**2 - pred_count @ pred_count
     cov_tt = total**2 - true_count @ true_count
     mcc = cov_tp / np.sqrt(cov_pp * cov_tt) if cov_pp * cov_tt > 0 else 0.0
-    return dict(accuracy=float(correct / total) if total else 0.0,
-                macro_f1=float(f1[present].mean()) if present.any() else 0.0,
-                mcc=float(mcc),
-                balanced_accuracy=float(recall[true_count > 0].mean()) if total else 0.0)
+    return dict(
+        accuracy=float(correct / total) if total else 0.0,
+        macro_f1=float(f1[present].mean()) if present.any() else 0.0,
+        mcc=float(mcc),
+        balanced_accuracy=float(recall[true_count > 0].mean()) if total else 0.0,
+    )
 
 
-def classification_scores(labels: np.ndarray, preds: np.ndarray,
-                          num_classes: int) -> dict[str, float]:
+def classification_scores(
+    labels: np.ndarray, preds: np.ndarray, num_classes: int
+) -> dict[str, float]:
     """:data:`SCORES` of ``preds`` against ``labels`` (both ``int[N]`` in ``[0, num_classes)``)."""
     return scores_from_confusion(confusion(labels, preds, num_classes))
 

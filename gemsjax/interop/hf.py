@@ -94,33 +94,46 @@ def encoder_entries(layers: int, ours: str, theirs: str) -> list[Entry]:
     """The :class:`~gemsjax.models.bert.BertModel` of ``layers`` blocks at gemsjax path prefix
     ``ours`` (``""`` or ``"encoder/"``) and transformers name prefix ``theirs`` (``""`` or
     ``"bert."``)."""
-    entries = (_embed(ours + "word_embeddings", theirs + "embeddings.word_embeddings")
-               + _embed(ours + "embeddings/position", theirs + "embeddings.position_embeddings")
-               + _embed(ours + "embeddings/token_type", theirs + "embeddings.token_type_embeddings")
-               + _norm(ours + "embeddings/norm", theirs + "embeddings.LayerNorm"))
+    entries = (
+        _embed(ours + "word_embeddings", theirs + "embeddings.word_embeddings")
+        + _embed(ours + "embeddings/position", theirs + "embeddings.position_embeddings")
+        + _embed(ours + "embeddings/token_type", theirs + "embeddings.token_type_embeddings")
+        + _norm(ours + "embeddings/norm", theirs + "embeddings.LayerNorm")
+    )
     for i in range(layers):
         a, b = f"{ours}stack/blocks/{i}/", f"{theirs}encoder.layer.{i}."
         for name in ("query", "key", "value"):
             entries += _dense(a + "attention/" + name, b + "attention.self." + name)
-        entries += (_dense(a + "attention/out", b + "attention.output.dense")
-                    + _norm(a + "attention_norm", b + "attention.output.LayerNorm")
-                    + _dense(a + "ffn_in", b + "intermediate.dense")
-                    + _dense(a + "ffn_out", b + "output.dense")
-                    + _norm(a + "ffn_norm", b + "output.LayerNorm"))
+        entries += (
+            _dense(a + "attention/out", b + "attention.output.dense")
+            + _norm(a + "attention_norm", b + "attention.output.LayerNorm")
+            + _dense(a + "ffn_in", b + "intermediate.dense")
+            + _dense(a + "ffn_out", b + "output.dense")
+            + _norm(a + "ffn_norm", b + "output.LayerNorm")
+        )
     return entries
 
 
-MLM_HEAD = (_dense("head/dense", "cls.predictions.transform.dense")
-            + _norm("head/norm", "cls.predictions.transform.LayerNorm")
-            + [("head/bias", "cls.predictions.bias", False)])
+MLM_HEAD = (
+    _dense("head/dense", "cls.predictions.transform.dense")
+    + _norm("head/norm", "cls.predictions.transform.LayerNorm")
+    + [("head/bias", "cls.predictions.bias", False)]
+)
 POOLER = _dense("head/pooler", "bert.pooler.dense")
 CLASSIFIER = _dense("head/out", "classifier")
-TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-        "cls.predictions.decoder.bias": "cls.predictions.bias"}
+TIED = {
+    "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+    "cls.predictions.decoder.bias": "cls.predictions.bias",
+}
 """Copies of tied tensors that older ``transformers`` versions wrote: read, checked, not used."""
 
-ARCHITECTURES = ("BertModel", "BertForMaskedLM", "BertForPreTraining",
-                 "BertForSequenceClassification", "BertForTokenClassification")
+ARCHITECTURES = (
+    "BertModel",
+    "BertForMaskedLM",
+    "BertForPreTraining",
+    "BertForSequenceClassification",
+    "BertForTokenClassification",
+)
 """Folder architectures read; BertForTokenClassification is BarcodeBERT's k-mer classifier."""
 
 
@@ -148,8 +161,9 @@ class Target:
     @property
     def architecture(self) -> str:
         """The transformers class an export is loaded as."""
-        return {"mlm": "BertForMaskedLM",
-                "classifier": "BertForSequenceClassification"}.get(self.kind, "BertModel")
+        return {"mlm": "BertForMaskedLM", "classifier": "BertForSequenceClassification"}.get(
+            self.kind, "BertModel"
+        )
 
     @property
     def theirs(self) -> str:
@@ -186,27 +200,40 @@ def target_of(flat: Mapping[str, Any]) -> Target:
         kind, ours, head = "mae", "encoder/", None
     else:
         raise ValueError(f"not a gemsjax BERT parameter tree: {sorted(flat)[:5]}...")
-    layers = sum(name.startswith(f"{ours}stack/blocks/") and name.endswith("/ffn_in/kernel")
-                 for name in flat)
+    layers = sum(
+        name.startswith(f"{ours}stack/blocks/") and name.endswith("/ffn_in/kernel") for name in flat
+    )
     return Target(kind, ours, layers, head)
 
 
 # --------------------------------------------------------------------------- export
 
 
-def hf_config(config: BertConfig, vocab: Vocab, architecture: str,
-              labels: Sequence[str] | None = None) -> dict[str, Any]:
+def hf_config(
+    config: BertConfig, vocab: Vocab, architecture: str, labels: Sequence[str] | None = None
+) -> dict[str, Any]:
     """``config.json`` of a transformers BERT of ``config``'s size; ``labels``: the class names
     of a ``BertForSequenceClassification``."""
-    out = dict(architectures=[architecture], model_type="bert", vocab_size=config.vocab_size,
-               hidden_size=config.hidden, num_hidden_layers=config.layers,
-               num_attention_heads=config.heads, intermediate_size=config.ffn,
-               hidden_act="gelu", hidden_dropout_prob=config.dropout,
-               attention_probs_dropout_prob=config.attn_dropout,
-               max_position_embeddings=config.max_positions, type_vocab_size=config.type_vocab,
-               layer_norm_eps=config.ln_eps, initializer_range=INIT_STD,
-               position_embedding_type="absolute", pad_token_id=hf_text.pad_id(vocab),
-               tie_word_embeddings=True, dtype="float32")
+    out = dict(
+        architectures=[architecture],
+        model_type="bert",
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        intermediate_size=config.ffn,
+        hidden_act="gelu",
+        hidden_dropout_prob=config.dropout,
+        attention_probs_dropout_prob=config.attn_dropout,
+        max_position_embeddings=config.max_positions,
+        type_vocab_size=config.type_vocab,
+        layer_norm_eps=config.ln_eps,
+        initializer_range=INIT_STD,
+        position_embedding_type="absolute",
+        pad_token_id=hf_text.pad_id(vocab),
+        tie_word_embeddings=True,
+        dtype="float32",
+    )
     if labels is not None:
         out["id2label"] = {str(i): label for i, label in enumerate(labels)}
         out["label2id"] = {label: i for i, label in enumerate(labels)}
@@ -217,20 +244,29 @@ def hf_tensors(flat: Mapping[str, np.ndarray], target: Target) -> dict[str, np.n
     """transformers tensors (float32, contiguous) of an export of ``flat`` (its :class:`Target`
     ``target``). Raises UserError for a model whose head transformers cannot hold."""
     if target.kind == "classifier" and target.head is None:
-        raise UserError("a mean-pooled BertClassifier (pooling='mean') has no transformers "
-                        "counterpart without custom code (BertForSequenceClassification pools "
-                        "[CLS] through a tanh layer); fine-tune with pooling='cls' to export it")
+        raise UserError(
+            "a mean-pooled BertClassifier (pooling='mean') has no transformers "
+            "counterpart without custom code (BertForSequenceClassification pools "
+            "[CLS] through a tanh layer); fine-tune with pooling='cls' to export it"
+        )
     entries = encoder_entries(target.layers, target.ours, target.theirs)
     if target.kind in ("mlm", "classifier"):
         entries += target.head
-    return {theirs: np.ascontiguousarray((flat[ours].T if transposed else flat[ours]),
-                                         dtype=np.float32)
-            for ours, theirs, transposed in entries}
+    return {
+        theirs: np.ascontiguousarray((flat[ours].T if transposed else flat[ours]), dtype=np.float32)
+        for ours, theirs, transposed in entries
+    }
 
 
-def write_folder(flat: Mapping[str, np.ndarray], config: BertConfig, vocab: Vocab,
-                 out_dir: str | os.PathLike, *, labels: Sequence[str] | None = None,
-                 facts: Mapping[str, Any] | None = None) -> pathlib.Path:
+def write_folder(
+    flat: Mapping[str, np.ndarray],
+    config: BertConfig,
+    vocab: Vocab,
+    out_dir: str | os.PathLike,
+    *,
+    labels: Sequence[str] | None = None,
+    facts: Mapping[str, Any] | None = None,
+) -> pathlib.Path:
     """Write the transformers folder of the parameters ``flat`` (:func:`flat_params`) of a model
     of size ``config`` over ``vocab``; ``labels``: class names of a classifier (default
     ``LABEL_i``); ``facts``: what the model card says about training. Returns the folder."""
@@ -242,8 +278,9 @@ def write_folder(flat: Mapping[str, np.ndarray], config: BertConfig, vocab: Voca
         num_labels = flat["head/out/kernel"].shape[1]
         labels = list(labels) if labels is not None else [f"LABEL_{i}" for i in range(num_labels)]
         if len(labels) != num_labels:
-            raise UserError(f"{len(labels)} label names given for a classifier with "
-                            f"{num_labels} outputs")
+            raise UserError(
+                f"{len(labels)} label names given for a classifier with {num_labels} outputs"
+            )
     else:
         labels = None
     out = pathlib.Path(out_dir)
@@ -257,14 +294,21 @@ def write_folder(flat: Mapping[str, np.ndarray], config: BertConfig, vocab: Voca
     return out
 
 
-def export_model(model: nnx.Module, config: BertConfig, vocab: Vocab,
-                 out_dir: str | os.PathLike, *, labels: Sequence[str] | None = None,
-                 facts: Mapping[str, Any] | None = None) -> pathlib.Path:
+def export_model(
+    model: nnx.Module,
+    config: BertConfig,
+    vocab: Vocab,
+    out_dir: str | os.PathLike,
+    *,
+    labels: Sequence[str] | None = None,
+    facts: Mapping[str, Any] | None = None,
+) -> pathlib.Path:
     """Export a gemsjax ``BertForMaskedLM``, ``BertModel``, ``BarcodeMAE`` (its encoder) or
     ``BertClassifier`` (``pooling="cls"``) of size ``config`` over ``vocab`` to ``out_dir``; see
     :func:`write_folder`."""
-    return write_folder(flat_params(nnx.state(model, nnx.Param)), config, vocab, out_dir,
-                        labels=labels, facts=facts)
+    return write_folder(
+        flat_params(nnx.state(model, nnx.Param)), config, vocab, out_dir, labels=labels, facts=facts
+    )
 
 
 def _step_dir(path: pathlib.Path, step: int | None) -> pathlib.Path:
@@ -273,12 +317,17 @@ def _step_dir(path: pathlib.Path, step: int | None) -> pathlib.Path:
     if (path / "state").is_dir():
         return path
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    steps = {int(d.name): d for d in root.iterdir() if d.name.isdigit() and (d / "state").is_dir()
-             } if root.is_dir() else {}
+    steps = (
+        {int(d.name): d for d in root.iterdir() if d.name.isdigit() and (d / "state").is_dir()}
+        if root.is_dir()
+        else {}
+    )
     if not steps:
-        raise UserError(f"{path} holds no gemsjax checkpoint (expected a run folder with "
-                        "checkpoints/<step>/state, or a checkpoint step folder); pass "
-                        "--config.init=<the --workdir of a training run>")
+        raise UserError(
+            f"{path} holds no gemsjax checkpoint (expected a run folder with "
+            "checkpoints/<step>/state, or a checkpoint step folder); pass "
+            "--config.init=<the --workdir of a training run>"
+        )
     if step is None:
         return steps[max(steps)]
     if step not in steps:
@@ -286,8 +335,9 @@ def _step_dir(path: pathlib.Path, step: int | None) -> pathlib.Path:
     return steps[step]
 
 
-def export_run(path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
-               step: int | None = None) -> dict[str, Any]:
+def export_run(
+    path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, step: int | None = None
+) -> dict[str, Any]:
     """Export the model of a gemsjax pretraining run (``--mode=export``).
 
     Args:
@@ -305,26 +355,43 @@ def export_run(path: str | os.PathLike, out_dir: str | os.PathLike | None = None
     step_dir = _step_dir(pathlib.Path(path), step)
     meta = checkpoint.read_meta(step_dir)
     if not meta or not meta.get("config"):
-        raise UserError(f"{step_dir} has no run metadata (meta item with the config); it was not "
-                        "written by gemsjax training")
+        raise UserError(
+            f"{step_dir} has no run metadata (meta item with the config); it was not "
+            "written by gemsjax training"
+        )
     run = meta["config"]
     run_config = ml_collections.ConfigDict(run)
     config, vocab = spec.model_config(run_config), spec.run_vocab(run_config)
     barcode = vocab.name == "barcodebert"
     steps = int(step_dir.name)
     tokens = steps * run["data"]["batch_size"] * run["data"]["max_len"]
-    data = (run["data"]["tsv"] or "the BOLD COI barcode sample shipped with gemsjax") if barcode \
+    data = (
+        (run["data"]["tsv"] or "the BOLD COI barcode sample shipped with gemsjax")
+        if barcode
         else (", ".join(run["data"]["fasta"]) or "the human chr22 sample shipped with gemsjax")
-    facts = dict(recipe=run["recipe"], model_size=run["model"]["name"], steps=steps,
-                 tokens_seen=f"{tokens:,} ({steps} steps x {run['data']['batch_size']} sequences"
-                             f" x {run['data']['max_len']} tokens)",
-                 data=data, trained_with=json.dumps(meta.get("versions", {})), config=run)
+    )
+    facts = dict(
+        recipe=run["recipe"],
+        model_size=run["model"]["name"],
+        steps=steps,
+        tokens_seen=f"{tokens:,} ({steps} steps x {run['data']['batch_size']} sequences"
+        f" x {run['data']['max_len']} tokens)",
+        data=data,
+        trained_with=json.dumps(meta.get("versions", {})),
+        config=run,
+    )
     run_dir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir
     out = pathlib.Path(out_dir) if out_dir else run_dir / "hf"
     flat = flat_params(checkpoint.read_params(step_dir))
     write_folder(flat, config, vocab, out, facts=facts)
-    return dict(folder=str(out), architecture=target_of(flat).architecture, step=steps,
-                tokens_seen=tokens, recipe=run["recipe"], checkpoint=str(step_dir))
+    return dict(
+        folder=str(out),
+        architecture=target_of(flat).architecture,
+        step=steps,
+        tokens_seen=tokens,
+        recipe=run["recipe"],
+        checkpoint=str(step_dir),
+    )
 
 
 # --------------------------------------------------------------------------- import
@@ -366,16 +433,25 @@ def read_folder(folder: str | os.PathLike) -> HfFolder:
         raise UserError(f"{path} is not a transformers model folder (no config.json)")
     config = json.loads((path / "config.json").read_text())
     if config.get("model_type") != "bert":
-        raise UserError(f"{path / 'config.json'}: model_type {config.get('model_type')!r}; "
-                        "gemsjax reads BERT models (model_type 'bert') only")
+        raise UserError(
+            f"{path / 'config.json'}: model_type {config.get('model_type')!r}; "
+            "gemsjax reads BERT models (model_type 'bert') only"
+        )
     architecture = (config.get("architectures") or ["BertModel"])[0]
     if architecture not in ARCHITECTURES:
-        raise UserError(f"{path / 'config.json'}: architecture {architecture!r} is not read; "
-                        f"supported: {', '.join(ARCHITECTURES)}")
+        raise UserError(
+            f"{path / 'config.json'}: architecture {architecture!r} is not read; "
+            f"supported: {', '.join(ARCHITECTURES)}"
+        )
     tensors, weights = _read_tensors(path)
-    renamed = {name.removesuffix(".gamma") + ".weight" if name.endswith("LayerNorm.gamma") else
-               name.removesuffix(".beta") + ".bias" if name.endswith("LayerNorm.beta") else name:
-               value for name, value in tensors.items()}
+    renamed = {
+        name.removesuffix(".gamma") + ".weight"
+        if name.endswith("LayerNorm.gamma")
+        else name.removesuffix(".beta") + ".bias"
+        if name.endswith("LayerNorm.beta")
+        else name: value
+        for name, value in tensors.items()
+    }
     return HfFolder(path, config, renamed, _folder_vocab(path, config), weights)
 
 
@@ -390,8 +466,9 @@ def _read_tensors(path: pathlib.Path) -> tuple[dict[str, np.ndarray], str]:
     if (path / PICKLED_WEIGHTS).is_file():
         return _read_pickled(path / PICKLED_WEIGHTS), PICKLED_WEIGHTS
     found = sorted(p.name for p in path.iterdir())
-    raise UserError(f"{path} has no {WEIGHTS}, {WEIGHTS_INDEX} or {PICKLED_WEIGHTS} "
-                    f"(found: {', '.join(found)})")
+    raise UserError(
+        f"{path} has no {WEIGHTS}, {WEIGHTS_INDEX} or {PICKLED_WEIGHTS} (found: {', '.join(found)})"
+    )
 
 
 def _read_pickled(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -400,15 +477,19 @@ def _read_pickled(path: pathlib.Path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError:
-        raise UserError(f"{path}: reading pytorch_model.bin needs torch (pip install torch); or "
-                        "re-save the folder with safetensors (model.safetensors)") from None
+        raise UserError(
+            f"{path}: reading pytorch_model.bin needs torch (pip install torch); or "
+            "re-save the folder with safetensors (model.safetensors)"
+        ) from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError or RuntimeError, by version
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path} is not a plain tensor state dict; torch.load(weights_only=True) "
-                        f"refused it ({first}). gemsjax never unpickles arbitrary objects: "
-                        "re-save the weights as model.safetensors") from None
+        raise UserError(
+            f"{path} is not a plain tensor state dict; torch.load(weights_only=True) "
+            f"refused it ({first}). gemsjax never unpickles arbitrary objects: "
+            "re-save the weights as model.safetensors"
+        ) from None
     if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
     return {name: (t.float() if t.is_floating_point() else t).numpy() for name, t in state.items()}
@@ -432,24 +513,39 @@ def _folder_vocab(path: pathlib.Path, config: Mapping[str, Any]) -> Vocab | None
     tokens = vocab_txt.read_text(encoding="utf-8").splitlines()
     vocab = layout_of_size(len(tokens))
     if vocab is None:
-        raise UserError(f"{vocab_txt}: {len(tokens)} tokens is neither the DNABERT layout (5 "
-                        "specials + 4^k k-mers) nor the BarcodeBERT one (2 specials + 4^k)")
-    bad = next((i for i, (a, b) in enumerate(zip(tokens, vocab.tokens(), strict=True)) if a != b),
-               None)
+        raise UserError(
+            f"{vocab_txt}: {len(tokens)} tokens is neither the DNABERT layout (5 "
+            "specials + 4^k k-mers) nor the BarcodeBERT one (2 specials + 4^k)"
+        )
+    bad = next(
+        (i for i, (a, b) in enumerate(zip(tokens, vocab.tokens(), strict=True)) if a != b), None
+    )
     if bad is not None:
-        raise UserError(f"{vocab_txt}:{bad + 1}: token {tokens[bad]!r} where the {vocab.name} "
-                        f"k={vocab.k} layout has {vocab.tokens()[bad]!r}; the ids would not match "
-                        "gemsjax's tokenizer")
+        raise UserError(
+            f"{vocab_txt}:{bad + 1}: token {tokens[bad]!r} where the {vocab.name} "
+            f"k={vocab.k} layout has {vocab.tokens()[bad]!r}; the ids would not match "
+            "gemsjax's tokenizer"
+        )
     if vocab.size != config.get("vocab_size"):
-        raise UserError(f"{vocab_txt} has {vocab.size} tokens but config.json says vocab_size "
-                        f"{config.get('vocab_size')}")
+        raise UserError(
+            f"{vocab_txt} has {vocab.size} tokens but config.json says vocab_size "
+            f"{config.get('vocab_size')}"
+        )
     return vocab
 
 
-_HF_DEFAULTS = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12,
-                    num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512,
-                    type_vocab_size=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-                    layer_norm_eps=1e-12)
+_HF_DEFAULTS = dict(
+    vocab_size=30522,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+    layer_norm_eps=1e-12,
+)
 """transformers' BertConfig defaults, for keys a config.json leaves out."""
 
 
@@ -459,24 +555,40 @@ def model_config(folder: str | os.PathLike | HfFolder, **overrides: Any) -> Bert
     hf = folder if isinstance(folder, HfFolder) else read_folder(folder)
     c = {**_HF_DEFAULTS, **hf.config}
     where = hf.path / "config.json"
-    checks = (("hidden_act", "gelu", "exact (erf) GELU"),
-              ("position_embedding_type", "absolute", "learned absolute positions"),
-              ("is_decoder", False, "a bidirectional encoder"))
+    checks = (
+        ("hidden_act", "gelu", "exact (erf) GELU"),
+        ("position_embedding_type", "absolute", "learned absolute positions"),
+        ("is_decoder", False, "a bidirectional encoder"),
+    )
     for key, expected, what in checks:
         if c.get(key, expected) != expected:
-            raise UserError(f"{where}: {key}={c[key]!r}; gemsjax's BERT is {what} "
-                            f"({key}={expected!r})")
-    fields = dict(vocab_size=c["vocab_size"], hidden=c["hidden_size"],
-                  layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
-                  ffn=c["intermediate_size"], max_positions=c["max_position_embeddings"],
-                  type_vocab=c["type_vocab_size"], dropout=c["hidden_dropout_prob"],
-                  attn_dropout=c["attention_probs_dropout_prob"], ln_eps=c["layer_norm_eps"])
+            raise UserError(
+                f"{where}: {key}={c[key]!r}; gemsjax's BERT is {what} ({key}={expected!r})"
+            )
+    fields = dict(
+        vocab_size=c["vocab_size"],
+        hidden=c["hidden_size"],
+        layers=c["num_hidden_layers"],
+        heads=c["num_attention_heads"],
+        ffn=c["intermediate_size"],
+        max_positions=c["max_position_embeddings"],
+        type_vocab=c["type_vocab_size"],
+        dropout=c["hidden_dropout_prob"],
+        attn_dropout=c["attention_probs_dropout_prob"],
+        ln_eps=c["layer_norm_eps"],
+    )
     return BertConfig(**{**fields, **overrides})
 
 
-_COMPARED = dict(hidden="hidden size", layers="layer count", heads="attention heads",
-                 ffn="feed-forward size", max_positions="position limit",
-                 type_vocab="token types", ln_eps="LayerNorm eps")
+_COMPARED = dict(
+    hidden="hidden size",
+    layers="layer count",
+    heads="attention heads",
+    ffn="feed-forward size",
+    max_positions="position limit",
+    type_vocab="token types",
+    ln_eps="LayerNorm eps",
+)
 
 
 def _differences(hf: HfFolder, config: BertConfig) -> list[str]:
@@ -485,14 +597,20 @@ def _differences(hf: HfFolder, config: BertConfig) -> list[str]:
     out = []
     ours_vocab = layout_of_size(config.vocab_size)
     if theirs.vocab_size != config.vocab_size or hf.vocab != ours_vocab:
+
         def describe(size, vocab):
             return f"{size} ids" + (f" ({vocab.name} layout, k={vocab.k})" if vocab else "")
-        what = ("k" if hf.vocab and ours_vocab and hf.vocab.name == ours_vocab.name
-                else "vocabulary")
-        out.append(f"{what}: {describe(theirs.vocab_size, hf.vocab)} in the folder, "
-                   f"{describe(config.vocab_size, ours_vocab)} in the model")
-    out += [f"{label}: {getattr(theirs, key)} in the folder, {getattr(config, key)} in the model"
-            for key, label in _COMPARED.items() if getattr(theirs, key) != getattr(config, key)]
+
+        what = "k" if hf.vocab and ours_vocab and hf.vocab.name == ours_vocab.name else "vocabulary"
+        out.append(
+            f"{what}: {describe(theirs.vocab_size, hf.vocab)} in the folder, "
+            f"{describe(config.vocab_size, ours_vocab)} in the model"
+        )
+    out += [
+        f"{label}: {getattr(theirs, key)} in the folder, {getattr(config, key)} in the model"
+        for key, label in _COMPARED.items()
+        if getattr(theirs, key) != getattr(config, key)
+    ]
     return out
 
 
@@ -506,16 +624,22 @@ def _head_entries(hf: HfFolder, target: Target, flat: Mapping[str, Any]) -> list
         raise UserError(f"{hf.path} ({arch}) cannot hold a {what}; {fix}")
     if target.kind == "mlm":
         if "cls.predictions.transform.dense.weight" not in hf.tensors:
-            raise UserError(f"{hf.path} ({arch}) has no masked-LM head (cls.predictions.*) for "
-                            f"gemsjax's BertForMaskedLM; {fix}")
+            raise UserError(
+                f"{hf.path} ({arch}) has no masked-LM head (cls.predictions.*) for "
+                f"gemsjax's BertForMaskedLM; {fix}"
+            )
         for copy, tied in TIED.items():
             if copy in hf.tensors and not np.array_equal(hf.tensors[copy], hf.tensors[tied]):
-                raise UserError(f"{hf.path}: {copy} differs from {tied}; gemsjax's MLM decoder "
-                                f"is tied to the word embeddings; {fix}")
+                raise UserError(
+                    f"{hf.path}: {copy} differs from {tied}; gemsjax's MLM decoder "
+                    f"is tied to the word embeddings; {fix}"
+                )
     if target.kind == "classifier":
         if arch != "BertForSequenceClassification" or "classifier.weight" not in hf.tensors:
-            raise UserError(f"{hf.path} ({arch}) has no sequence-classification head "
-                            f"(bert.pooler + classifier) for gemsjax's BertClassifier; {fix}")
+            raise UserError(
+                f"{hf.path} ({arch}) has no sequence-classification head "
+                f"(bert.pooler + classifier) for gemsjax's BertClassifier; {fix}"
+            )
         theirs, ours = hf.tensors["classifier.weight"].shape[0], flat["head/out/kernel"].shape[1]
         if theirs != ours:
             raise UserError(f"num_labels: {theirs} in {hf.path}, {ours} in the model")
@@ -526,13 +650,22 @@ def _unplaced(hf: HfFolder, used: set[str]) -> list[str]:
     """Encoder tensors of the folder the load has no place for (another BERT variant). Tensors
     outside the encoder (heads not loaded, a pooler, the NSP head) and buffers are left alone."""
     p = hf.prefix
-    return sorted(name for name in hf.tensors if name not in used
-                  and name.startswith((p + "embeddings.", p + "encoder."))
-                  and not name.endswith("position_ids"))
+    return sorted(
+        name
+        for name in hf.tensors
+        if name not in used
+        and name.startswith((p + "embeddings.", p + "encoder."))
+        and not name.endswith("position_ids")
+    )
 
 
-def load_params(folder: str | os.PathLike | HfFolder, params: Any, config: BertConfig, *,
-                encoder_only: bool = False) -> Any:
+def load_params(
+    folder: str | os.PathLike | HfFolder,
+    params: Any,
+    config: BertConfig,
+    *,
+    encoder_only: bool = False,
+) -> Any:
     """``params`` (the ``nnx.Param`` state of a gemsjax ``BertModel``, ``BertForMaskedLM``,
     ``BertClassifier`` or ``BarcodeMAE`` of size ``config``) with values read from a
     transformers folder: the encoder, and the head unless ``encoder_only`` (then the head keeps
@@ -549,8 +682,10 @@ def load_params(folder: str | os.PathLike | HfFolder, params: Any, config: BertC
     hf = folder if isinstance(folder, HfFolder) else read_folder(folder)
     differences = _differences(hf, config)
     if differences:
-        raise UserError(f"the transformers model in {hf.path} does not fit this gemsjax model: "
-                        + "; ".join(differences))
+        raise UserError(
+            f"the transformers model in {hf.path} does not fit this gemsjax model: "
+            + "; ".join(differences)
+        )
     flat = named_leaves(params)
     target = target_of(flat)
     entries = encoder_entries(target.layers, target.ours, hf.prefix)
@@ -558,33 +693,47 @@ def load_params(folder: str | os.PathLike | HfFolder, params: Any, config: BertC
         entries += _head_entries(hf, target, flat)
     missing = [theirs for _, theirs, _ in entries if theirs not in hf.tensors]
     if missing:
-        raise UserError(f"{hf.path / hf.weights} lacks {len(missing)} tensor(s) of a "
-                        f"{hf.architecture}: {', '.join(missing[:5])}")
+        raise UserError(
+            f"{hf.path / hf.weights} lacks {len(missing)} tensor(s) of a "
+            f"{hf.architecture}: {', '.join(missing[:5])}"
+        )
     unused = _unplaced(hf, {theirs for _, theirs, _ in entries})
     if unused:
-        raise UserError(f"{hf.path / hf.weights} holds tensors gemsjax's BERT has no place for "
-                        f"(another BERT variant?): {', '.join(unused[:5])}")
-    values = {ours: hf.tensors[theirs].T if transposed else hf.tensors[theirs]
-              for ours, theirs, transposed in entries}
+        raise UserError(
+            f"{hf.path / hf.weights} holds tensors gemsjax's BERT has no place for "
+            f"(another BERT variant?): {', '.join(unused[:5])}"
+        )
+    values = {
+        ours: hf.tensors[theirs].T if transposed else hf.tensors[theirs]
+        for ours, theirs, transposed in entries
+    }
 
     def take(path, leaf):
         value = values.get(_path_name(path))
         if value is None:
             return leaf
         if value.shape != leaf.shape:
-            raise UserError(f"{hf.path}: {_path_name(path)} has shape {value.shape} in the folder"
-                            f", {leaf.shape} in the model")
+            raise UserError(
+                f"{hf.path}: {_path_name(path)} has shape {value.shape} in the folder"
+                f", {leaf.shape} in the model"
+            )
         return jnp.asarray(value, leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(take, params)
 
 
-def load_into(model: nnx.Module, folder: str | os.PathLike | HfFolder, config: BertConfig, *,
-              encoder_only: bool = False) -> None:
+def load_into(
+    model: nnx.Module,
+    folder: str | os.PathLike | HfFolder,
+    config: BertConfig,
+    *,
+    encoder_only: bool = False,
+) -> None:
     """Overwrite ``model``'s parameters (a gemsjax model of size ``config``) with a transformers
     folder's; see :func:`load_params`."""
-    nnx.update(model, load_params(folder, nnx.state(model, nnx.Param), config,
-                                  encoder_only=encoder_only))
+    nnx.update(
+        model, load_params(folder, nnx.state(model, nnx.Param), config, encoder_only=encoder_only)
+    )
 
 
 def import_encoder(folder: str | os.PathLike) -> tuple[BertConfig, Vocab | None, dict[str, Any]]:

@@ -22,8 +22,9 @@ from typing import Any
 from gemsjax.tokenizers import KmerTokenizer
 from gemsjax.vocab import Vocab
 
-_BERT_SPECIALS = dict(unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
-                      cls_token="[CLS]", mask_token="[MASK]")
+_BERT_SPECIALS = dict(
+    unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]"
+)
 _BARCODE_SPECIALS = dict(unk_token="[UNK]", pad_token="[UNK]", mask_token="[MASK]")
 
 
@@ -48,27 +49,48 @@ def write_tokenizer(out: pathlib.Path, vocab: Vocab, max_length: int) -> None:
         specials = _BARCODE_SPECIALS
         config = dict(tokenizer_class="PreTrainedTokenizerFast")
         _write_json(out / "tokenizer.json", _word_level_tokenizer(vocab))
-    _write_json(out / "tokenizer_config.json", dict(config, model_max_length=max_length,
-                                                    **specials))
+    _write_json(
+        out / "tokenizer_config.json", dict(config, model_max_length=max_length, **specials)
+    )
     _write_json(out / "special_tokens_map.json", specials)
 
 
 def _word_level_tokenizer(vocab: Vocab) -> dict[str, Any]:
     """A ``tokenizers`` JSON: whitespace split, then each word looked up whole (no sub-words)."""
-    added = [dict(id=i, content=token, single_word=False, lstrip=False, rstrip=False,
-                  normalized=False, special=True) for i, token in enumerate(vocab.specials)]
-    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-            "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"},
-            "post_processor": None, "decoder": None,
-            "model": {"type": "WordLevel", "unk_token": "[UNK]",
-                      "vocab": {token: i for i, token in enumerate(vocab.tokens())}}}
+    added = [
+        dict(
+            id=i,
+            content=token,
+            single_word=False,
+            lstrip=False,
+            rstrip=False,
+            normalized=False,
+            special=True,
+        )
+        for i, token in enumerate(vocab.specials)
+    ]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {
+            "type": "WordLevel",
+            "unk_token": "[UNK]",
+            "vocab": {token: i for i, token in enumerate(vocab.tokens())},
+        },
+    }
 
 
 def _tokens_section(vocab: Vocab) -> str:
     k = vocab.k
     example = "ACGTACGTTAGC"
     if vocab.name == "dnabert":
-        text = " ".join(example[i:i + k] for i in range(len(example) - k + 1))
+        text = " ".join(example[i : i + k] for i in range(len(example) - k + 1))
         return (
             f"Tokens are **overlapping {k}-mers** (stride 1), as in DNABERT: the input text is the "
             f"upper-case sequence written as space-separated {k}-mers (`{example}` → "
@@ -76,8 +98,9 @@ def _tokens_section(vocab: Vocab) -> str:
             f"`[PAD]` (id 0, attention 0). A {k}-mer holding a base outside ACGT (N, IUPAC codes) "
             f"is `[UNK]` (id 1). `vocab.txt` holds the ids in DNABERT's order: `[PAD] [UNK] "
             f"[CLS] [SEP] [MASK]`, then the 4^{k} {k}-mers in A,T,C,G lexicographic order "
-            f"(`{'A' * k}` = 5, `{'A' * (k - 1)}T` = 6, ...).\n")
-    text = " ".join(example[i:i + k] for i in range(0, len(example) - k + 1, k))
+            f"(`{'A' * k}` = 5, `{'A' * (k - 1)}T` = 6, ...).\n"
+        )
+    text = " ".join(example[i : i + k] for i in range(0, len(example) - k + 1, k))
     return (
         f"Tokens are **non-overlapping {k}-mers** (stride {k}), as in BarcodeBERT and BarcodeMAE: "
         f"remove alignment gaps `-`, then write the upper-case sequence as space-separated "
@@ -86,14 +109,16 @@ def _tokens_section(vocab: Vocab) -> str:
         f"outside ACGT (N, IUPAC codes) is `[UNK]` too, with attention 1. `vocab.txt` holds the "
         f"ids: `[MASK]` = 0, `[UNK]` = 1, then the 4^{k} {k}-mers in A,C,G,T lexicographic order "
         f"(`{'A' * k}` = 2, `{'A' * (k - 1)}C` = 3, ...). BarcodeMAE reads at most 660 bases "
-        f"(110 tokens).\n")
+        f"(110 tokens).\n"
+    )
 
 
 def _usage(vocab: Vocab, architecture: str) -> str:
     k = vocab.k
-    auto = {"BertForMaskedLM": "AutoModelForMaskedLM",
-            "BertForSequenceClassification": "AutoModelForSequenceClassification"}.get(
-        architecture, "AutoModel")
+    auto = {
+        "BertForMaskedLM": "AutoModelForMaskedLM",
+        "BertForSequenceClassification": "AutoModelForSequenceClassification",
+    }.get(architecture, "AutoModel")
     stride = "1" if vocab.name == "dnabert" else str(k)
     clean = "s.upper()" if vocab.name == "dnabert" else 's.upper().replace("-", "")'
     return (
@@ -101,15 +126,19 @@ def _usage(vocab: Vocab, architecture: str) -> str:
         f"from transformers import AutoTokenizer, {auto}\n\n"
         "tokenizer = AutoTokenizer.from_pretrained(folder)\n"
         f"model = {auto}.from_pretrained(folder)\n"
-        f"kmers = lambda seq: \" \".join(seq[i:i + {k}] for i in range(0, len(seq) - {k - 1}, "
+        f'kmers = lambda seq: " ".join(seq[i:i + {k}] for i in range(0, len(seq) - {k - 1}, '
         f"{stride}))\n"
         f"batch = tokenizer([kmers({clean}) for s in sequences], padding=True, "
-        "return_tensors=\"pt\")\n"
+        'return_tensors="pt")\n'
         "out = model(**batch)\n"
         "```\n\n"
-        + ("" if architecture == "BertForSequenceClassification" else
-           "For hidden states, `AutoModel.from_pretrained(folder, add_pooling_layer=False)`: "
-           "gemsjax pretraining has no pooler (transformers would initialize one at random).\n"))
+        + (
+            ""
+            if architecture == "BertForSequenceClassification"
+            else "For hidden states, `AutoModel.from_pretrained(folder, add_pooling_layer=False)`: "
+            "gemsjax pretraining has no pooler (transformers would initialize one at random).\n"
+        )
+    )
 
 
 def model_card(vocab: Vocab, architecture: str, facts: Mapping[str, Any]) -> str:
@@ -119,15 +148,37 @@ def model_card(vocab: Vocab, architecture: str, facts: Mapping[str, Any]) -> str
     facts = dict(facts)
     config = facts.pop("config", None)
     recipe = facts.get("recipe", "gemsjax")
-    lines = ["---", "library_name: transformers", "tags:", "- dna", "- gemsjax",
-             f"- {recipe}", "---", "",
-             f"# {recipe} ({architecture}, exported from gemsjax)", "",
-             f"A DNA language model trained with gemsjax (JAX/Flax) and exported as a standard "
-             f"`transformers` `{architecture}` (no custom code, `model.safetensors`).", "",
-             "## Tokens", "", _tokens_section(vocab), "## Use", "", _usage(vocab, architecture),
-             "## Training", ""]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- dna",
+        "- gemsjax",
+        f"- {recipe}",
+        "---",
+        "",
+        f"# {recipe} ({architecture}, exported from gemsjax)",
+        "",
+        f"A DNA language model trained with gemsjax (JAX/Flax) and exported as a standard "
+        f"`transformers` `{architecture}` (no custom code, `model.safetensors`).",
+        "",
+        "## Tokens",
+        "",
+        _tokens_section(vocab),
+        "## Use",
+        "",
+        _usage(vocab, architecture),
+        "## Training",
+        "",
+    ]
     lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in facts.items()]
     if config is not None:
-        lines += ["", "gemsjax config:", "", "```json", json.dumps(config, indent=2, default=str),
-                  "```"]
+        lines += [
+            "",
+            "gemsjax config:",
+            "",
+            "```json",
+            json.dumps(config, indent=2, default=str),
+            "```",
+        ]
     return "\n".join(lines) + "\n"

@@ -55,8 +55,15 @@ def layers(platform: str | None = None) -> Layers:
 # --------------------------------------------------------------------- stock formulations
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, dropout: Any,
-           rngs: nnx.Rngs | None, query_rows: Any = None) -> jax.Array:
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array,
+    dropout: Any,
+    rngs: nnx.Rngs | None,
+    query_rows: Any = None,
+) -> jax.Array:
     """Bidirectional scaled dot-product attention over heads: two einsums around a float32
     softmax (``jax.nn.dot_product_attention``'s XLA path computes the same).
 
@@ -88,12 +95,14 @@ def _keep_mask(key: jax.Array, keep_prob: float, shape: tuple[int, ...]) -> jax.
 
 
 def _unembed(hidden: jax.Array, table: jax.Array) -> jax.Array:
-    return jnp.einsum("...h,vh->...v", hidden, table.astype(hidden.dtype),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+        "...h,vh->...v", hidden, table.astype(hidden.dtype), preferred_element_type=jnp.float32
+    )
 
 
-ACCELERATOR = Layers(dense=nnx.Linear, gelu=_gelu, attention=attend, keep_mask=_keep_mask,
-                     unembed=_unembed)
+ACCELERATOR = Layers(
+    dense=nnx.Linear, gelu=_gelu, attention=attend, keep_mask=_keep_mask, unembed=_unembed
+)
 
 
 # ------------------------------------------------------------------------------------ CPU
@@ -137,8 +146,15 @@ def _gelu_bwd(x: jax.Array, d_out: jax.Array) -> tuple[jax.Array]:
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
-def attend_cpu(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, dropout: Any,
-               rngs: nnx.Rngs | None, query_rows: Any = None) -> jax.Array:
+def attend_cpu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array,
+    dropout: Any,
+    rngs: nnx.Rngs | None,
+    query_rows: Any = None,
+) -> jax.Array:
     """:func:`attend`, through :func:`attend_per_head` when there is no probability dropout."""
     if dropout.rate == 0.0 or dropout.deterministic:
         return attend_per_head(q, k, v, key_mask)
@@ -171,8 +187,9 @@ def _head_scores(q: jax.Array, k: jax.Array, keep: jax.Array) -> jax.Array:
     return jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
 
 
-def _head_forward(q: jax.Array, k: jax.Array, v: jax.Array,
-                  keep: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+def _head_forward(
+    q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """One head's ``softmax(scores) v: float[B, Lq, D]`` in v's dtype and the scores' row maxima
     and ``sum(exp(scores - max))``, ``float32[B, Lq, 1]`` each (a log-sum-exp would lose the
     sum of an all-masked row to rounding); arguments as in :func:`_head_scores`."""
@@ -210,14 +227,15 @@ def _attend_heads_bwd(residuals, d_out):
         keep_t = jnp.swapaxes(keep, 1, 2)
         scores_t = jnp.einsum("bkd,bqd->bkq", hk, hq, preferred_element_type=jnp.float32)
         scores_t = jnp.where(keep_t, scores_t, jnp.finfo(jnp.float32).min)
-        probs_t = (jnp.exp(scores_t - jnp.swapaxes(h_peak, 1, 2))
-                   * jnp.swapaxes(1.0 / h_total, 1, 2))
-        d_v = jnp.einsum("bkq,bqd->bkd", probs_t.astype(h_d.dtype), h_d,
-                         preferred_element_type=jnp.float32)
+        probs_t = jnp.exp(scores_t - jnp.swapaxes(h_peak, 1, 2)) * jnp.swapaxes(1.0 / h_total, 1, 2)
+        d_v = jnp.einsum(
+            "bkq,bqd->bkd", probs_t.astype(h_d.dtype), h_d, preferred_element_type=jnp.float32
+        )
         d_probs_t = jnp.einsum("bkd,bqd->bkq", hv, h_d, preferred_element_type=jnp.float32)
         delta = jnp.sum(h_d.astype(jnp.float32) * h_out.astype(jnp.float32), axis=-1)
-        d_scores_t = jnp.where(keep_t, probs_t * (d_probs_t - delta[:, None, :]),
-                               0.0).astype(hq.dtype)
+        d_scores_t = jnp.where(keep_t, probs_t * (d_probs_t - delta[:, None, :]), 0.0).astype(
+            hq.dtype
+        )
         d_q = jnp.einsum("bkq,bkd->bqd", d_scores_t, hk, preferred_element_type=jnp.float32)
         d_k = jnp.einsum("bkq,bqd->bkd", d_scores_t, hq, preferred_element_type=jnp.float32)
         return d_q.astype(hq.dtype), d_k.astype(hk.dtype), d_v.astype(hv.dtype)
@@ -232,10 +250,16 @@ _attend_heads.defvjp(_attend_heads_fwd, _attend_heads_bwd)
 def _unembed_2d(hidden: jax.Array, table: jax.Array) -> jax.Array:
     """:func:`_unembed` as one 2-D ``[tokens, H] x [H, V]`` matmul (see :class:`Dense2D`)."""
     tokens = hidden.reshape(-1, hidden.shape[-1])
-    logits = jnp.einsum("th,vh->tv", tokens, table.astype(hidden.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum(
+        "th,vh->tv", tokens, table.astype(hidden.dtype), preferred_element_type=jnp.float32
+    )
     return logits.reshape(*hidden.shape[:-1], -1)
 
 
-CPU = Layers(dense=Dense2D, gelu=gelu, attention=attend_cpu, keep_mask=random_bits.bernoulli16,
-             unembed=_unembed_2d)
+CPU = Layers(
+    dense=Dense2D,
+    gelu=gelu,
+    attention=attend_cpu,
+    keep_mask=random_bits.bernoulli16,
+    unembed=_unembed_2d,
+)

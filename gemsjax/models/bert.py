@@ -75,11 +75,19 @@ class BertConfig:
     platform: str | None = None
 
     def __post_init__(self):
-        for key in ("vocab_size", "hidden", "layers", "heads", "ffn", "max_positions",
-                    "type_vocab"):
+        for key in (
+            "vocab_size",
+            "hidden",
+            "layers",
+            "heads",
+            "ffn",
+            "max_positions",
+            "type_vocab",
+        ):
             _require(key, getattr(self, key) >= 1, "must be a positive integer")
-        _require("hidden", self.hidden % self.heads == 0,
-                 f"must be divisible by heads={self.heads}")
+        _require(
+            "hidden", self.hidden % self.heads == 0, f"must be divisible by heads={self.heads}"
+        )
         for key in ("dropout", "attn_dropout"):
             _require(key, 0.0 <= getattr(self, key) < 1.0, "must be in [0, 1)")
         _require("ln_eps", self.ln_eps > 0, "must be positive")
@@ -87,14 +95,23 @@ class BertConfig:
         if self.arch != "mlm":
             for key in ("decoder_layers", "decoder_heads", "num_classes"):
                 _require(key, getattr(self, key) >= 1, f"must be positive for arch={self.arch!r}")
-            _require("hidden", self.hidden % self.decoder_heads == 0,
-                     f"must be divisible by decoder_heads={self.decoder_heads}")
+            _require(
+                "hidden",
+                self.hidden % self.decoder_heads == 0,
+                f"must be divisible by decoder_heads={self.decoder_heads}",
+            )
 
     def decoder(self) -> BertConfig:
         """The MAE decoder stack's own config: same width and FFN, its own depth and heads."""
-        return dataclasses.replace(self, arch="mlm", layers=self.decoder_layers,
-                                   heads=self.decoder_heads, decoder_layers=0, decoder_heads=0,
-                                   num_classes=0)
+        return dataclasses.replace(
+            self,
+            arch="mlm",
+            layers=self.decoder_layers,
+            heads=self.decoder_heads,
+            decoder_layers=0,
+            decoder_heads=0,
+            num_classes=0,
+        )
 
 
 def _require(key: str, ok: bool, what: str) -> None:
@@ -122,16 +139,31 @@ def sharded_init(init: nnx.Initializer, names: Names) -> nnx.Initializer:
     return nnx.with_partitioning(init, names, eager_sharding=eager)
 
 
-def dense(din: int, dout: int, names: Names | None, *, platform: str | None, dtype: Dtype,
-          param_dtype: Dtype, rngs: nnx.Rngs, out_dtype: Dtype | None = None) -> nnx.Linear:
+def dense(
+    din: int,
+    dout: int,
+    names: Names | None,
+    *,
+    platform: str | None,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    rngs: nnx.Rngs,
+    out_dtype: Dtype | None = None,
+) -> nnx.Linear:
     """Linear ``din -> dout`` with BERT init (the ``platform``'s dense class); ``names`` shards
     the kernel (None = replicated); ``out_dtype`` (e.g. float32 for logits) sets the matmul's
     output dtype."""
     init = nnx.initializers.normal(INIT_STD)
     return backend.layers(platform).dense(
-        din, dout, dtype=dtype, param_dtype=param_dtype,
+        din,
+        dout,
+        dtype=dtype,
+        param_dtype=param_dtype,
         kernel_init=sharded_init(init, names) if names else init,
-        bias_init=nnx.initializers.zeros_init(), preferred_element_type=out_dtype, rngs=rngs)
+        bias_init=nnx.initializers.zeros_init(),
+        preferred_element_type=out_dtype,
+        rngs=rngs,
+    )
 
 
 class Rows(NamedTuple):
@@ -153,13 +185,18 @@ class Dropout(nnx.Dropout):
     """``nnx.Dropout`` that can drop rows of a larger tensor exactly as the whole (``rows``),
     drawing its keep masks with the ``platform``'s ``keep_mask``."""
 
-    def __init__(self, rate: float, *, deterministic: bool = False,
-                 platform: str | None = None):
+    def __init__(self, rate: float, *, deterministic: bool = False, platform: str | None = None):
         super().__init__(rate, deterministic=deterministic)
         self.keep_mask = backend.layers(platform).keep_mask
 
-    def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
-                 rngs: nnx.Rngs | None = None, rows: Rows | None = None) -> jax.Array:
+    def __call__(
+        self,
+        inputs: jax.Array,
+        *,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | None = None,
+        rows: Rows | None = None,
+    ) -> jax.Array:
         """``inputs`` with each element zeroed with probability ``rate`` and the rest scaled by
         ``1 / (1 - rate)``; unchanged when deterministic or ``rate == 0``. ``rngs`` as in
         ``nnx.Dropout`` (an ``nnx.Rngs`` with a ``dropout`` stream, a stream or a key).
@@ -174,14 +211,19 @@ class Dropout(nnx.Dropout):
             return jnp.zeros_like(inputs)
         rngs = self.rngs if rngs is None else rngs
         if rngs is None:
-            raise ValueError("dropout is on but no rngs were given; pass "
-                             "rngs=nnx.Rngs(dropout=key) to the model call")
-        key = rngs[self.rng_collection]() if isinstance(rngs, nnx.Rngs) else (
-            rngs() if isinstance(rngs, nnx.RngStream) else rngs)
+            raise ValueError(
+                "dropout is on but no rngs were given; pass "
+                "rngs=nnx.Rngs(dropout=key) to the model call"
+            )
+        key = (
+            rngs[self.rng_collection]()
+            if isinstance(rngs, nnx.Rngs)
+            else (rngs() if isinstance(rngs, nnx.RngStream) else rngs)
+        )
         if rows is None:
             keep = self.keep_mask(key, 1.0 - self.rate, inputs.shape)
         else:
-            full = inputs.shape[:rows.axis] + (rows.length,) + inputs.shape[rows.axis + 1:]
+            full = inputs.shape[: rows.axis] + (rows.length,) + inputs.shape[rows.axis + 1 :]
             keep = rows.take(self.keep_mask(key, 1.0 - self.rate, full))
         return jnp.where(keep, inputs / (1.0 - self.rate), jnp.zeros((), inputs.dtype))
 
@@ -191,28 +233,50 @@ def dropout_layer(rate: float, platform: str | None) -> Dropout:
     return Dropout(rate, deterministic=True, platform=platform)
 
 
-def embed(num: int, features: int, names: Names | None, *, dtype: Dtype, param_dtype: Dtype,
-          rngs: nnx.Rngs) -> nnx.Embed:
+def embed(
+    num: int,
+    features: int,
+    names: Names | None,
+    *,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    rngs: nnx.Rngs,
+) -> nnx.Embed:
     """Embedding table ``float[num, features]`` with N(0, 0.02) init."""
     init = nnx.initializers.normal(INIT_STD)
-    return nnx.Embed(num, features, dtype=dtype, param_dtype=param_dtype,
-                     embedding_init=sharded_init(init, names) if names else init, rngs=rngs)
+    return nnx.Embed(
+        num,
+        features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        embedding_init=sharded_init(init, names) if names else init,
+        rngs=rngs,
+    )
 
 
-def layer_norm(features: int, eps: float, *, dtype: Dtype, param_dtype: Dtype,
-               rngs: nnx.Rngs) -> nnx.LayerNorm:
+def layer_norm(
+    features: int, eps: float, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs
+) -> nnx.LayerNorm:
     """LayerNorm with float32 statistics and the two-pass (exact) variance, as in PyTorch."""
-    return nnx.LayerNorm(features, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
-                         use_fast_variance=False, rngs=rngs)
+    return nnx.LayerNorm(
+        features,
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        rngs=rngs,
+    )
 
 
 def check_mesh() -> None:
     """Raise unless the active mesh (if any) has only ``AxisType.Auto`` axes."""
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and not mesh.are_all_axes_auto:
-        raise ValueError(f"the models need a mesh with AxisType.Auto axes, got {mesh.axis_types}; "
-                         "build it with jax.make_mesh(shape, names, "
-                         "axis_types=(jax.sharding.AxisType.Auto,) * len(names))")
+        raise ValueError(
+            f"the models need a mesh with AxisType.Auto axes, got {mesh.axis_types}; "
+            "build it with jax.make_mesh(shape, names, "
+            "axis_types=(jax.sharding.AxisType.Auto,) * len(names))"
+        )
 
 
 def masked_mean(hidden: jax.Array, attention: jax.Array) -> jax.Array:
@@ -237,14 +301,26 @@ class SelfAttention(nnx.Module):
         self.prob_dropout = dropout_layer(config.attn_dropout, platform)
         self.attend = backend.layers(platform).attention
 
-    def __call__(self, x: jax.Array, key_mask: jax.Array, rngs: nnx.Rngs | None = None,
-                 query_rows: Rows | None = None):
+    def __call__(
+        self,
+        x: jax.Array,
+        key_mask: jax.Array,
+        rngs: nnx.Rngs | None = None,
+        query_rows: Rows | None = None,
+    ):
         """``x: float[B, L, H]``, ``key_mask: bool[B, L]`` -> ``float[B, L, H]``, or
         ``float[B, P, H]`` for the query rows ``query_rows`` only (keys and values: all of x)."""
         split = lambda t: t.reshape(*t.shape[:-1], self.heads, -1)
         xq = x if query_rows is None else query_rows.take(x)
-        ctx = self.attend(split(self.query(xq)), split(self.key(x)), split(self.value(x)),
-                          key_mask, self.prob_dropout, rngs, query_rows)
+        ctx = self.attend(
+            split(self.query(xq)),
+            split(self.key(x)),
+            split(self.value(x)),
+            key_mask,
+            self.prob_dropout,
+            rngs,
+            query_rows,
+        )
         return self.out(ctx.reshape(xq.shape[:-1] + (-1,)))
 
 
@@ -263,8 +339,13 @@ class TransformerBlock(nnx.Module):
         self.ffn_dropout = dropout_layer(config.dropout, platform)
         self.ffn_norm = layer_norm(h, config.ln_eps, **kw)
 
-    def __call__(self, x: jax.Array, key_mask: jax.Array, rngs: nnx.Rngs | None = None,
-                 query_rows: Rows | None = None):
+    def __call__(
+        self,
+        x: jax.Array,
+        key_mask: jax.Array,
+        rngs: nnx.Rngs | None = None,
+        query_rows: Rows | None = None,
+    ):
         """``x: float[B, L, H]``, ``key_mask: bool[B, L]`` -> ``float[B, L, H]``.
 
         With ``query_rows`` (axis 1): the block's output at those rows only, ``float[B, P, H]``
@@ -281,13 +362,20 @@ class TransformerStack(nnx.Module):
     """``config.layers`` post-LN blocks applied in order."""
 
     def __init__(self, config: BertConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
-        self.blocks = nnx.List([
-            TransformerBlock(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            for _ in range(config.layers)
-        ])
+        self.blocks = nnx.List(
+            [
+                TransformerBlock(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for _ in range(config.layers)
+            ]
+        )
 
-    def __call__(self, x: jax.Array, key_mask: jax.Array, rngs: nnx.Rngs | None = None,
-                 positions: jax.Array | None = None):
+    def __call__(
+        self,
+        x: jax.Array,
+        key_mask: jax.Array,
+        rngs: nnx.Rngs | None = None,
+        positions: jax.Array | None = None,
+    ):
         """``x: float[B, L, H]``, ``key_mask: bool[B, L]`` -> ``float[B, L, H]``, or
         ``float[B, P, H]`` at ``positions: int32[B, P]``: the last block then computes only
         those rows (what an output head at ``positions`` needs)."""
@@ -311,8 +399,13 @@ class Embeddings(nnx.Module):
         self.norm = layer_norm(config.hidden, config.ln_eps, **kw)
         self.dropout = dropout_layer(config.dropout, config.platform)
 
-    def __call__(self, x: jax.Array, position_ids: jax.Array, token_type_ids: jax.Array,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        position_ids: jax.Array,
+        token_type_ids: jax.Array,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
         """``x: float[B, L, H]``, ``position_ids, token_type_ids: int32[B, L]`` -> ``[B, L, H]``."""
         x = x + self.position(position_ids) + self.token_type(token_type_ids)
         return self.dropout(self.norm(x), rngs=rngs)
@@ -321,16 +414,29 @@ class Embeddings(nnx.Module):
 class BertModel(nnx.Module):
     """The BERT encoder (no pooler): word embeddings, :class:`Embeddings`, transformer stack."""
 
-    def __init__(self, config: BertConfig, *, dtype: Dtype = jnp.float32,
-                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: BertConfig,
+        *,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.word_embeddings = embed(config.vocab_size, config.hidden, (None, FSDP_AXIS), **kw)
         self.embeddings = Embeddings(config, **kw)
         self.stack = TransformerStack(config, **kw)
 
-    def __call__(self, ids: jax.Array, attention: jax.Array, *,
-                 position_ids: jax.Array | None = None, token_type_ids: jax.Array | None = None,
-                 rngs: nnx.Rngs | None = None, positions: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        ids: jax.Array,
+        attention: jax.Array,
+        *,
+        position_ids: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        rngs: nnx.Rngs | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
         """Last hidden layer ``float[B, L, H]`` (compute dtype), or ``float[B, P, H]`` at
         ``positions`` (the last layer then runs only there; see :class:`TransformerStack`).
 
@@ -356,8 +462,9 @@ class MlmHead(nnx.Module):
     def __init__(self, config: BertConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         ops = backend.layers(config.platform)
-        self.dense = dense(config.hidden, config.hidden, (FSDP_AXIS, None),
-                           platform=config.platform, **kw)
+        self.dense = dense(
+            config.hidden, config.hidden, (FSDP_AXIS, None), platform=config.platform, **kw
+        )
         self.gelu, self.unembed = ops.gelu, ops.unembed
         self.norm = layer_norm(config.hidden, config.ln_eps, **kw)
         self.bias = nnx.Param(jnp.zeros((config.vocab_size,), param_dtype))
@@ -371,20 +478,39 @@ class MlmHead(nnx.Module):
 class BertForMaskedLM(nnx.Module):
     """:class:`BertModel` + :class:`MlmHead` whose decoder is the encoder's word-embedding table."""
 
-    def __init__(self, config: BertConfig, *, dtype: Dtype = jnp.float32,
-                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: BertConfig,
+        *,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.encoder = BertModel(config, **kw)
         self.head = MlmHead(config, **kw)
 
-    def __call__(self, ids: jax.Array, attention: jax.Array, *, positions: jax.Array | None = None,
-                 position_ids: jax.Array | None = None, token_type_ids: jax.Array | None = None,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(
+        self,
+        ids: jax.Array,
+        attention: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
         """MLM logits ``float32[B, L, V]``, or ``float32[B, P, V]`` at ``positions: int32[B, P]``
         (the head and the encoder's last layer then run only there; equal to the full logits
         at those positions). Other arguments as in :meth:`BertModel.__call__`."""
-        hidden = self.encoder(ids, attention, position_ids=position_ids,
-                              token_type_ids=token_type_ids, rngs=rngs, positions=positions)
+        hidden = self.encoder(
+            ids,
+            attention,
+            position_ids=position_ids,
+            token_type_ids=token_type_ids,
+            rngs=rngs,
+            positions=positions,
+        )
         return self.head(hidden, self.encoder.word_embeddings.embedding[...])
 
 
@@ -392,20 +518,31 @@ class ClassifierHead(nnx.Module):
     """Pooling -> dropout -> linear. ``pooling="cls"``: BERT's tanh pooler on position 0
     (DNABERT fine-tuning); ``"mean"``: attention-masked mean of the last hidden layer."""
 
-    def __init__(self, config: BertConfig, num_labels: int, *, pooling: str = "cls",
-                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: BertConfig,
+        num_labels: int,
+        *,
+        pooling: str = "cls",
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; valid: {POOLINGS}")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         h, platform = config.hidden, config.platform
-        self.pooler = (dense(h, h, (FSDP_AXIS, None), platform=platform, **kw)
-                       if pooling == "cls" else None)
+        self.pooler = (
+            dense(h, h, (FSDP_AXIS, None), platform=platform, **kw) if pooling == "cls" else None
+        )
         self.dropout = dropout_layer(config.dropout, platform)
-        self.out = dense(h, num_labels, (FSDP_AXIS, None), platform=platform,
-                         out_dtype=jnp.float32, **kw)
+        self.out = dense(
+            h, num_labels, (FSDP_AXIS, None), platform=platform, out_dtype=jnp.float32, **kw
+        )
 
-    def __call__(self, hidden: jax.Array, attention: jax.Array,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(
+        self, hidden: jax.Array, attention: jax.Array, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
         """``hidden: float[B, L, H]``, ``attention: int[B, L]`` -> ``float32[B, num_labels]``."""
         if self.pooler is not None:
             pooled = jnp.tanh(self.pooler(hidden[:, 0]))
@@ -418,13 +555,22 @@ class BertClassifier(nnx.Module):
     """:class:`BertModel` + :class:`ClassifierHead`, for fine-tuning a pretrained encoder
     (copy it in with ``nnx.update(clf.encoder, nnx.state(pretrained.encoder))``)."""
 
-    def __init__(self, config: BertConfig, num_labels: int, *, pooling: str = "cls",
-                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: BertConfig,
+        num_labels: int,
+        *,
+        pooling: str = "cls",
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.encoder = BertModel(config, **kw)
         self.head = ClassifierHead(config, num_labels, pooling=pooling, **kw)
 
-    def __call__(self, ids: jax.Array, attention: jax.Array, *,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(
+        self, ids: jax.Array, attention: jax.Array, *, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
         """``ids: int32[B, L]``, ``attention: int[B, L]`` -> logits ``float32[B, num_labels]``."""
         return self.head(self.encoder(ids, attention, rngs=rngs), attention, rngs)

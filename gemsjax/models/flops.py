@@ -30,8 +30,9 @@ def transformer_forward_flops(layers: int, hidden: int, ffn: int, tokens: int, k
     return float(layers * (tokens * (8 * d * d + 4 * d * ffn) + 4 * tokens * keys * d))
 
 
-def bert_train_flops(layers: int, hidden: int, ffn: int, vocab: int, seq_len: int,
-                     head_len: int | None = None) -> float:
+def bert_train_flops(
+    layers: int, hidden: int, ffn: int, vocab: int, seq_len: int, head_len: int | None = None
+) -> float:
     """Training FLOPs per sequence of a BERT MLM (module docstring); the MLM head and the last
     layer's queries run on ``head_len`` positions (default all ``seq_len``)."""
     d, s = hidden, seq_len
@@ -41,8 +42,15 @@ def bert_train_flops(layers: int, hidden: int, ffn: int, vocab: int, seq_len: in
     return 3.0 * (encoder + last + head * (2 * d * d + 2 * d * vocab))
 
 
-def mae_train_flops(layers: int, hidden: int, ffn: int, decoder_layers: int, num_classes: int,
-                    seq_len: int, visible_len: int) -> float:
+def mae_train_flops(
+    layers: int,
+    hidden: int,
+    ffn: int,
+    decoder_layers: int,
+    num_classes: int,
+    seq_len: int,
+    visible_len: int,
+) -> float:
     """Training FLOPs per sequence of BarcodeMAE (the decoder has the encoder's width and FFN)::
 
         3 * [ encoder over visible_len tokens (attention over visible_len)
@@ -52,20 +60,30 @@ def mae_train_flops(layers: int, hidden: int, ffn: int, decoder_layers: int, num
 
     ``visible_len`` is the static encoder length (``seq_len`` for the baseline variant).
     """
-    forward = (transformer_forward_flops(layers, hidden, ffn, visible_len, visible_len)
-               + visible_len * 2 * hidden * hidden
-               + transformer_forward_flops(decoder_layers, hidden, ffn, seq_len, seq_len)
-               + seq_len * 2 * hidden * num_classes)
+    forward = (
+        transformer_forward_flops(layers, hidden, ffn, visible_len, visible_len)
+        + visible_len * 2 * hidden * hidden
+        + transformer_forward_flops(decoder_layers, hidden, ffn, seq_len, seq_len)
+        + seq_len * 2 * hidden * num_classes
+    )
     return 3.0 * forward
 
 
-def train_flops(config: BertConfig, seq_len: int, *, head_len: int | None = None,
-                visible_len: int | None = None) -> float:
+def train_flops(
+    config: BertConfig, seq_len: int, *, head_len: int | None = None, visible_len: int | None = None
+) -> float:
     """Training FLOPs per sequence of the model ``config`` describes: :func:`bert_train_flops`
     (MLM head on ``head_len`` positions) or, for the MAE archs, :func:`mae_train_flops`
     (encoder on ``visible_len`` slots; default ``seq_len``, the baseline)."""
     c = config
     if c.arch == "mlm":
         return bert_train_flops(c.layers, c.hidden, c.ffn, c.vocab_size, seq_len, head_len)
-    return mae_train_flops(c.layers, c.hidden, c.ffn, c.decoder_layers, c.num_classes, seq_len,
-                           seq_len if visible_len is None else visible_len)
+    return mae_train_flops(
+        c.layers,
+        c.hidden,
+        c.ffn,
+        c.decoder_layers,
+        c.num_classes,
+        seq_len,
+        seq_len if visible_len is None else visible_len,
+    )

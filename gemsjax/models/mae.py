@@ -41,8 +41,9 @@ MASK_ID = _VOCAB.mask_id
 VARIANTS = ("dropped", "baseline")
 
 
-def compact_visible(ids: jax.Array, attention: jax.Array, mask: jax.Array, num_visible: int,
-                    unk_id: int = UNK_ID) -> tuple[jax.Array, jax.Array, jax.Array]:
+def compact_visible(
+    ids: jax.Array, attention: jax.Array, mask: jax.Array, num_visible: int, unk_id: int = UNK_ID
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Left-compact the visible (unmasked) tokens of each row.
 
     Args:
@@ -85,17 +86,31 @@ def expand_visible(compact: jax.Array, mask: jax.Array, fill: jax.Array) -> jax.
 class MaeDecoder(nnx.Module):
     """Decoder over all positions: embeddings (no word table) -> blocks -> dropout -> linear."""
 
-    def __init__(self, config: BertConfig, num_classes: int, *, dtype: Dtype, param_dtype: Dtype,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: BertConfig,
+        num_classes: int,
+        *,
+        dtype: Dtype,
+        param_dtype: Dtype,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embeddings = Embeddings(config, **kw)
         self.stack = TransformerStack(config, **kw)
         self.dropout = dropout_layer(config.dropout, config.platform)
-        self.classifier = dense(config.hidden, num_classes, (None, FSDP_AXIS),
-                                platform=config.platform, out_dtype=jnp.float32, **kw)
+        self.classifier = dense(
+            config.hidden,
+            num_classes,
+            (None, FSDP_AXIS),
+            platform=config.platform,
+            out_dtype=jnp.float32,
+            **kw,
+        )
 
-    def __call__(self, x: jax.Array, attention: jax.Array,
-                 rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, attention: jax.Array, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
         """``x: float[B, L, H]``, ``attention: int[B, L]`` -> logits ``float32[B, L, C]``."""
         position_ids = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
         h = self.embeddings(x, position_ids, jnp.zeros_like(position_ids), rngs)
@@ -109,26 +124,47 @@ class BarcodeMAE(nnx.Module):
     ``config`` is a BertConfig with ``decoder_layers``, ``decoder_heads`` and ``num_classes``.
     """
 
-    def __init__(self, config: BertConfig, *, variant: str = "dropped",
-                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: BertConfig,
+        *,
+        variant: str = "dropped",
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if variant not in VARIANTS:
             raise ValueError(f"unknown BarcodeMAE variant {variant!r}; valid: {VARIANTS}")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.variant = variant
         self.encoder = BertModel(config, **kw)
-        self.projection = dense(config.hidden, config.hidden, (FSDP_AXIS, None),
-                                platform=config.platform, **kw)
+        self.projection = dense(
+            config.hidden, config.hidden, (FSDP_AXIS, None), platform=config.platform, **kw
+        )
         if variant == "dropped":
             self.mask_vector = nnx.Param(jnp.zeros((config.hidden,), param_dtype))
         self.decoder = MaeDecoder(config.decoder(), config.num_classes, **kw)
 
-    def encode(self, ids: jax.Array, attention: jax.Array, *,
-               position_ids: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
+    def encode(
+        self,
+        ids: jax.Array,
+        attention: jax.Array,
+        *,
+        position_ids: jax.Array | None = None,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
         """The pretrained encoder alone: ``ids, attention: int32[B, L]`` -> ``float[B, L, H]``."""
         return self.encoder(ids, attention, position_ids=position_ids, rngs=rngs)
 
-    def __call__(self, ids: jax.Array, attention: jax.Array, mask: jax.Array, *,
-                 num_visible: int | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(
+        self,
+        ids: jax.Array,
+        attention: jax.Array,
+        mask: jax.Array,
+        *,
+        num_visible: int | None = None,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
         """Logits ``float32[B, L, num_classes]``.
 
         Args:
@@ -143,8 +179,9 @@ class BarcodeMAE(nnx.Module):
             corrupted = jnp.where(mask, MASK_ID, ids)
             x = self.projection(self.encoder(corrupted, attention, rngs=rngs))
         else:
-            slot_ids, slot_pos, key_mask = compact_visible(ids, attention, mask,
-                                                           num_visible or ids.shape[1])
+            slot_ids, slot_pos, key_mask = compact_visible(
+                ids, attention, mask, num_visible or ids.shape[1]
+            )
             hidden = self.encoder(slot_ids, key_mask, position_ids=slot_pos, rngs=rngs)
             x = expand_visible(self.projection(hidden), mask, self.mask_vector[...])
         return self.decoder(x, attention, rngs)

@@ -35,13 +35,15 @@ def get_model_config(name: str, **overrides: Any) -> BertConfig:
     fields = {f.name for f in dataclasses.fields(BertConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"unknown model config key(s) {unknown} for size {name!r}; "
-                         f"valid keys: {sorted(fields)}")
+        raise ValueError(
+            f"unknown model config key(s) {unknown} for size {name!r}; valid keys: {sorted(fields)}"
+        )
     return BertConfig(**{**SIZES[name], **overrides})
 
 
-def build_model(config: BertConfig, rngs: nnx.Rngs, *, dtype: Any = jnp.float32,
-                param_dtype: Any = jnp.float32) -> BertForMaskedLM | BarcodeMAE:
+def build_model(
+    config: BertConfig, rngs: nnx.Rngs, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
+) -> BertForMaskedLM | BarcodeMAE:
     """The pretraining model for ``config``; ``dtype`` is the compute dtype (e.g. bfloat16),
     ``param_dtype`` the parameter dtype (keep float32). ``rngs`` seeds the parameter init."""
     kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)

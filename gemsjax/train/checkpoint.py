@@ -175,8 +175,9 @@ def _fingerprints(leaves: list[jax.Array]) -> list[tuple[jax.Array, jax.Array, j
         # so every single-bit change is caught; a second, nonlinear sum catches most changes
         # of several bits that cancel in the first.
         low = jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
-        high = jnp.sum((bits ^ (index * jnp.uint32(0x9E3779B1))) * (2 * (bits >> 7) + 1),
-                       dtype=jnp.uint32)
+        high = jnp.sum(
+            (bits ^ (index * jnp.uint32(0x9E3779B1))) * (2 * (bits >> 7) + 1), dtype=jnp.uint32
+        )
         checked = jnp.issubdtype(x.dtype, jnp.inexact) and x.ndim > 0
         finite = jnp.all(jnp.isfinite(x)) if checked else True
         out.append((low, high, jnp.asarray(finite)))
@@ -197,22 +198,30 @@ def state_digest(state: Any) -> tuple[dict[str, str], list[str]]:
 
 
 def _text_digest(value: Any) -> str:
-    data = value.tobytes() if isinstance(value, np.ndarray) else json.dumps(
-        value, sort_keys=True, default=repr).encode()
+    data = (
+        value.tobytes()
+        if isinstance(value, np.ndarray)
+        else json.dumps(value, sort_keys=True, default=repr).encode()
+    )
     return hashlib.sha256(data).hexdigest()
 
 
 def _nbytes(tree: Any) -> int:
-    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
-               if hasattr(x, "dtype") and not jnp.issubdtype(x.dtype, jax.dtypes.prng_key))
+    return sum(
+        int(np.prod(x.shape)) * x.dtype.itemsize
+        for x in jax.tree.leaves(tree)
+        if hasattr(x, "dtype") and not jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+    )
 
 
 def _not_disk_full(record: logging.LogRecord) -> bool:
     """Log filter: Orbax logs a full disk once per writer thread, with tracebacks (hundreds of
     lines); :class:`~gemsjax.train.workdir.DiskFullError` says it once instead."""
     err = record.exc_info[1] if record.exc_info else None
-    return not ((err is not None and workdir.is_disk_full(err))
-                or "No space left on device" in record.getMessage())
+    return not (
+        (err is not None and workdir.is_disk_full(err))
+        or "No space left on device" in record.getMessage()
+    )
 
 
 _PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # manager -> (step, bytes)
@@ -262,12 +271,15 @@ def save(
     except Exception as err:
         if workdir.is_disk_full(err):
             pending_step, needed = _PENDING.get(manager, (step, _nbytes(state)))
-            raise workdir.disk_full_error(manager.directory, needed,
-                                  f"checkpoint step {pending_step}") from err
+            raise workdir.disk_full_error(
+                manager.directory, needed, f"checkpoint step {pending_step}"
+            ) from err
         raise
     if started:
-        _PENDING[manager] = (step, _nbytes(state) + (0 if rank_table is None else
-                                                     rank_table.nbytes))
+        _PENDING[manager] = (
+            step,
+            _nbytes(state) + (0 if rank_table is None else rank_table.nbytes),
+        )
     return started
 
 
@@ -296,14 +308,20 @@ def _verify(step: int, restored: Restored) -> None:
         return
     changed = [name for name, value in saved.get("state", {}).items() if digest.get(name) != value]
     if restored.rank_table is not None and saved.get("rank_table") not in (
-            None, _text_digest(np.asarray(restored.rank_table, np.int32))):
+        None,
+        _text_digest(np.asarray(restored.rank_table, np.int32)),
+    ):
         changed.append("rank_table")
     if restored.data_iter is not None and saved.get("data_iter") not in (
-            None, _text_digest(restored.data_iter.get_state())):
+        None,
+        _text_digest(restored.data_iter.get_state()),
+    ):
         changed.append("data_iter")
     if changed:
-        raise CorruptCheckpointError(f"step {step}: {len(changed)} item(s) differ from the "
-                                     f"digests saved with them ({', '.join(changed[:3])})")
+        raise CorruptCheckpointError(
+            f"step {step}: {len(changed)} item(s) differ from the "
+            f"digests saved with them ({', '.join(changed[:3])})"
+        )
 
 
 def restore(
@@ -383,8 +401,12 @@ def restore_latest(
         except UserError:
             raise
         except Exception as err:  # any unreadable step falls back to an older one
-            _log.warning("checkpoint step %d in %s is unreadable (%s); trying an older one",
-                         step, manager.directory, _first_line(err))
+            _log.warning(
+                "checkpoint step %d in %s is unreadable (%s); trying an older one",
+                step,
+                manager.directory,
+                _first_line(err),
+            )
             errors.append(f"step {step}: {_first_line(err)}")
             continue
         _log.info("restored checkpoint step %d from %s", step, manager.directory)
@@ -393,9 +415,12 @@ def restore_latest(
             _move_aside(manager, [s for s in manager.all_steps() if s > step])
         return restored
     if errors:
-        raise UserError(f"no checkpoint in {manager.directory} can be restored ("
-                        + "; ".join(errors) + "); move its checkpoints away to start over, or "
-                        "use another --workdir")
+        raise UserError(
+            f"no checkpoint in {manager.directory} can be restored ("
+            + "; ".join(errors)
+            + "); move its checkpoints away to start over, or "
+            "use another --workdir"
+        )
     return None
 
 
@@ -410,8 +435,10 @@ def read_params(step_dir: str | os.PathLike) -> Any:
     try:
         item = {"params": handler.metadata(path).tree["params"]}
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        restored = handler.restore(path, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True))
+        restored = handler.restore(
+            path,
+            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+        )
     finally:
         handler.close()
     return restored["params"]
@@ -445,8 +472,9 @@ def close(manager: ocp.CheckpointManager) -> None:
     except Exception as err:
         if workdir.is_disk_full(err):
             step, needed = _PENDING.get(manager, (None, None))
-            raise workdir.disk_full_error(manager.directory, needed,
-                                          f"checkpoint step {step}") from err
+            raise workdir.disk_full_error(
+                manager.directory, needed, f"checkpoint step {step}"
+            ) from err
         raise
     finally:
         manager.close()

@@ -111,9 +111,11 @@ def target(topology: str) -> Target:
             devices = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
         except (RuntimeError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"config.compile.topology={topology!r}: {first}; give <chip>:<shape> "
-                            f"such as {TOPOLOGY_EXAMPLES} (libtpu, from pip install "
-                            "'gemsjax[tpu]', compiles for it without a TPU)") from err
+            raise UserError(
+                f"config.compile.topology={topology!r}: {first}; give <chip>:<shape> "
+                f"such as {TOPOLOGY_EXAMPLES} (libtpu, from pip install "
+                "'gemsjax[tpu]', compiles for it without a TPU)"
+            ) from err
     else:
         devices = jax.devices()
     first = devices[0]
@@ -126,9 +128,15 @@ def target(topology: str) -> Target:
         stats = first.memory_stats() or {}
         hbm = stats.get("bytes_limit")
     peak = metrics.peak_flops_per_device(first.device_kind)
-    return Target(name=topology or "local", devices=list(devices), platform=first.platform,
-                  kind=first.device_kind, devices_per_chip=per_chip, hbm_bytes=hbm,
-                  peak_flops=None if peak is None else peak / per_chip)
+    return Target(
+        name=topology or "local",
+        devices=list(devices),
+        platform=first.platform,
+        kind=first.device_kind,
+        devices_per_chip=per_chip,
+        hbm_bytes=hbm,
+        peak_flops=None if peak is None else peak / per_chip,
+    )
 
 
 def check_batch(batch_size: int, grad_accum: int, num_devices: int, where: str) -> int:
@@ -144,13 +152,16 @@ def check_batch(batch_size: int, grad_accum: int, num_devices: int, where: str) 
         f"{batch_size / grad_accum:g} rows, which do not split over the {num_devices} devices of "
         f"{where}; the micro-batch must be a multiple of {num_devices}: e.g. "
         f"data.batch_size={same_accum},train.grad_accum={grad_accum} or "
-        f"data.batch_size={no_accum},train.grad_accum=1")
+        f"data.batch_size={no_accum},train.grad_accum=1"
+    )
 
 
 def _shard_bytes(tree: Any) -> int:
     """Bytes one device holds of a pytree of sharded ``ShapeDtypeStruct``s."""
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(tree))
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(tree)
+    )
 
 
 @dataclasses.dataclass
@@ -175,8 +186,13 @@ class AbstractStep:
         return compiled, time.perf_counter() - started
 
 
-def abstract_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, platform: str,
-                  batch_size: int, grad_accum: int) -> AbstractStep:
+def abstract_step(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    platform: str,
+    batch_size: int,
+    grad_accum: int,
+) -> AbstractStep:
     """The train step of ``config`` over ``mesh`` with ``platform``'s layers and compute dtype,
     for ``batch_size`` rows in ``grad_accum`` micro-batches; nothing is initialised."""
     spec = dataclasses.replace(spec_lib.step_spec(config), grad_accum=grad_accum)
@@ -196,12 +212,17 @@ def abstract_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, pl
     rows = jax.ShapeDtypeStruct((batch_size, config.data.max_len), jnp.int32, sharding=batch_sh)
     batch = {"ids": rows, "attention": rows}
     ranks = jax.ShapeDtypeStruct((spec.vocab.size,), jnp.int32, sharding=repl)
-    step = jax.jit(make_train_step(spec, train_graphdef, tx, lr_schedule),
-                   in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
-                   donate_argnums=0)
-    arg_bytes = dict(params=_shard_bytes(state.params),
-                     optimizer=_shard_bytes((state.opt_state, state.step, state.curriculum)),
-                     batch=_shard_bytes((batch, ranks)))
+    step = jax.jit(
+        make_train_step(spec, train_graphdef, tx, lr_schedule),
+        in_shardings=(state_sh, batch_sh, repl),
+        out_shardings=(state_sh, repl),
+        donate_argnums=0,
+    )
+    arg_bytes = dict(
+        params=_shard_bytes(state.params),
+        optimizer=_shard_bytes((state.opt_state, state.step, state.curriculum)),
+        batch=_shard_bytes((batch, ranks)),
+    )
     return AbstractStep(step, (state, batch, ranks), arg_bytes)
 
 
@@ -210,17 +231,27 @@ def _cost(compiled: Any) -> dict[str, float]:
     return cost[0] if isinstance(cost, list | tuple) else cost
 
 
-def _advice(arg_bytes: dict[str, int], hbm: int, mesh_fsdp: int, num_devices: int,
-            micro_per_device: int, grad_accum: int) -> str:
+def _advice(
+    arg_bytes: dict[str, int],
+    hbm: int,
+    mesh_fsdp: int,
+    num_devices: int,
+    micro_per_device: int,
+    grad_accum: int,
+) -> str:
     """The sharding or batch change to try when a step does not fit."""
     state = arg_bytes["params"] + arg_bytes["optimizer"]
     tips = []
     if state > 0.25 * hbm and mesh_fsdp < num_devices:
-        tips.append(f"shard parameters and optimizer state over more devices: "
-                    f"--config.train.mesh_fsdp={num_devices} (now {mesh_fsdp})")
+        tips.append(
+            f"shard parameters and optimizer state over more devices: "
+            f"--config.train.mesh_fsdp={num_devices} (now {mesh_fsdp})"
+        )
     if micro_per_device > 1:
-        tips.append(f"halve the micro-batch ({micro_per_device} rows per device): "
-                    f"--config.train.grad_accum={2 * grad_accum}")
+        tips.append(
+            f"halve the micro-batch ({micro_per_device} rows per device): "
+            f"--config.train.grad_accum={2 * grad_accum}"
+        )
     else:
         tips.append("use a bigger slice (more devices) or a smaller model / data.max_len")
     return "; or ".join(tips)
@@ -237,8 +268,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
     seq_len = config.data.max_len
     n = len(tgt.devices)
     micro = check_batch(batch_size, accum, n, f"{tgt.name} (mesh {dict(mesh.shape)})")
-    advice = lambda arg_bytes: _advice(arg_bytes, tgt.hbm_bytes, mesh.shape["fsdp"], n,
-                                       micro // n, accum)
+    advice = lambda arg_bytes: _advice(
+        arg_bytes, tgt.hbm_bytes, mesh.shape["fsdp"], n, micro // n, accum
+    )
     full = abstract_step(config, mesh, tgt.platform, batch_size, accum)
     one = full if accum == 1 else abstract_step(config, mesh, tgt.platform, micro, 1)
     try:
@@ -248,28 +280,46 @@ def run(config: ml_collections.ConfigDict) -> dict:
     except Exception as err:  # the TPU compiler stops when the program exceeds HBM
         if not _OOM.search(str(err)):
             raise
-        raise UserError(f"the train step does not fit in the {_gib(tgt.hbm_bytes)} of a "
-                        f"{tgt.kind} device ({str(err).strip().splitlines()[0][:200]}); "
-                        + advice(full.arg_bytes)) from err
+        raise UserError(
+            f"the train step does not fit in the {_gib(tgt.hbm_bytes)} of a "
+            f"{tgt.kind} device ({str(err).strip().splitlines()[0][:200]}); "
+            + advice(full.arg_bytes)
+        ) from err
     mem = full_compiled.memory_analysis()
     args = mem.argument_size_in_bytes
-    total = args + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes \
+    total = (
+        args
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
         + mem.generated_code_size_in_bytes
+    )
     cost = _cost(one_compiled)
-    compiler_flops = accum * cost["flops"]              # per device
+    compiler_flops = accum * cost["flops"]  # per device
     seconds = accum * cost.get("optimal_seconds", -1.0)
     model_flops = loop.flops_per_step(config, batch_size)  # all devices
     loops = len(re.findall(r"\bwhile\(", one_compiled.as_text()))
     report = dict(
-        target=tgt.name, device_kind=tgt.kind, devices=n, devices_per_chip=tgt.devices_per_chip,
-        mesh=dict(mesh.shape), batch_size=batch_size, grad_accum=accum, seq_len=seq_len,
-        compute_dtype=str(jnp.dtype(loop.compute_dtype(config.model.compute_dtype,
-                                                       tgt.platform))),
-        params_bytes=full.arg_bytes["params"], optimizer_bytes=full.arg_bytes["optimizer"],
-        batch_bytes=full.arg_bytes["batch"], argument_bytes=args,
-        temp_bytes=mem.temp_size_in_bytes, total_bytes=total, hbm_bytes=tgt.hbm_bytes,
-        model_flops=model_flops, compiler_flops=compiler_flops * n,
-        estimated_seconds=seconds, loops_in_step=loops,
+        target=tgt.name,
+        device_kind=tgt.kind,
+        devices=n,
+        devices_per_chip=tgt.devices_per_chip,
+        mesh=dict(mesh.shape),
+        batch_size=batch_size,
+        grad_accum=accum,
+        seq_len=seq_len,
+        compute_dtype=str(jnp.dtype(loop.compute_dtype(config.model.compute_dtype, tgt.platform))),
+        params_bytes=full.arg_bytes["params"],
+        optimizer_bytes=full.arg_bytes["optimizer"],
+        batch_bytes=full.arg_bytes["batch"],
+        argument_bytes=args,
+        temp_bytes=mem.temp_size_in_bytes,
+        total_bytes=total,
+        hbm_bytes=tgt.hbm_bytes,
+        model_flops=model_flops,
+        compiler_flops=compiler_flops * n,
+        estimated_seconds=seconds,
+        loops_in_step=loops,
         compile_seconds=seconds_full + seconds_one,
     )
     if seconds <= 0:  # libtpu's cost model has no estimate for this chip (v5e in 0.0.42.1)
@@ -280,9 +330,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
         report["mfu"] = model_flops / n / seconds / tgt.peak_flops
     print(format_report(report, tgt), flush=True)
     if tgt.hbm_bytes is not None and total > tgt.hbm_bytes:
-        raise UserError(f"the train step needs {_gib(total)} per device, more than the "
-                        f"{_gib(tgt.hbm_bytes)} of a {tgt.kind} device; "
-                        + advice(full.arg_bytes))
+        raise UserError(
+            f"the train step needs {_gib(total)} per device, more than the "
+            f"{_gib(tgt.hbm_bytes)} of a {tgt.kind} device; " + advice(full.arg_bytes)
+        )
     return report
 
 
@@ -306,15 +357,21 @@ def format_report(r: dict, tgt: Target) -> str:
         f"{r['compiler_flops']:.3e} (x{r['compiler_flops'] / r['model_flops']:.3f})",
     ]
     if r["estimated_seconds"] is None:
-        lines.append(f"  estimated step time: none (the compiler's cost model gives none for "
-                     f"{r['device_kind']})")
+        lines.append(
+            f"  estimated step time: none (the compiler's cost model gives none for "
+            f"{r['device_kind']})"
+        )
     else:
         mfu = f", MFU {r['mfu']:.1%} of the bf16 peak" if "mfu" in r else ""
-        lines.append(f"  estimated step time {r['estimated_seconds'] * 1e3:.2f} ms (the "
-                     f"compiler's roofline estimate, not a measurement): "
-                     f"{r['tflops_per_device']:.1f} TFLOP/s per device{mfu}")
+        lines.append(
+            f"  estimated step time {r['estimated_seconds'] * 1e3:.2f} ms (the "
+            f"compiler's roofline estimate, not a measurement): "
+            f"{r['tflops_per_device']:.1f} TFLOP/s per device{mfu}"
+        )
     if r["loops_in_step"]:
-        lines.append(f"  note: {r['loops_in_step']} loop(s) in the step (the masking kernels' "
-                     "bisections; on CPU also per-head attention): XLA counts a loop body once, "
-                     "so their share of the FLOPs and time is undercounted")
+        lines.append(
+            f"  note: {r['loops_in_step']} loop(s) in the step (the masking kernels' "
+            "bisections; on CPU also per-head attention): XLA counts a loop body once, "
+            "so their share of the FLOPs and time is undercounted"
+        )
     return "\n".join(lines)

@@ -60,8 +60,11 @@ def flops_per_step(config: ml_collections.ConfigDict, batch_size: int) -> float:
     slots."""
     spec, seq_len = spec_lib.step_spec(config), config.data.max_len
     return batch_size * flops.train_flops(
-        spec_lib.model_config(config), seq_len, head_len=spec.head_slots(seq_len),
-        visible_len=spec.num_visible(seq_len))
+        spec_lib.model_config(config),
+        seq_len,
+        head_len=spec.head_slots(seq_len),
+        visible_len=spec.num_visible(seq_len),
+    )
 
 
 def _scalar_metrics(device_metrics: dict) -> dict:
@@ -75,17 +78,23 @@ def _scalar_metrics(device_metrics: dict) -> dict:
 
 def evaluate(eval_step, state: TrainState, val_batches: list, rank_table) -> dict[str, float]:
     """Masked-LM loss, perplexity and masked accuracy over the fixed validation batches."""
-    totals = [eval_step(state, batch, rank_table, jnp.int32(i))
-              for i, batch in enumerate(val_batches)]
+    totals = [
+        eval_step(state, batch, rank_table, jnp.int32(i)) for i, batch in enumerate(val_batches)
+    ]
     sums = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *totals))
     if sums["count"] == 0:  # exp(0 / 0 -> 0) would read as a perfect perplexity of 1.00
-        raise UserError(f"the {len(val_batches)} validation batch(es) hold no masked token, so "
-                        "there is no validation loss; raise the masking probabilities "
-                        "(config.masking.*_prob), config.data.max_len or "
-                        "config.train.eval_batches")
+        raise UserError(
+            f"the {len(val_batches)} validation batch(es) hold no masked token, so "
+            "there is no validation loss; raise the masking probabilities "
+            "(config.masking.*_prob), config.data.max_len or "
+            "config.train.eval_batches"
+        )
     loss = float(sums["loss_sum"] / sums["count"])
-    return {"val_loss": loss, "val_perplexity": float(np.exp(loss)),
-            "val_masked_accuracy": float(sums["correct"] / sums["count"])}
+    return {
+        "val_loss": loss,
+        "val_perplexity": float(np.exp(loss)),
+        "val_masked_accuracy": float(sums["correct"] / sums["count"]),
+    }
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -93,21 +102,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     config_lib.validate(config)
     sharding.maybe_initialize_distributed()
     mesh = sharding.make_mesh(config.train.mesh_data, config.train.mesh_fsdp)
-    with (workdir_lib.lock(workdir, enabled=jax.process_index() == 0), jax.set_mesh(mesh),
-          checkpoint.sigterm_watch() as sigterm):
+    with (
+        workdir_lib.lock(workdir, enabled=jax.process_index() == 0),
+        jax.set_mesh(mesh),
+        checkpoint.sigterm_watch() as sigterm,
+    ):
         return _train(config, pathlib.Path(workdir), mesh, sigterm)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
-           sigterm: threading.Event) -> dict:
+def _train(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh, sigterm: threading.Event
+) -> dict:
     # Data: raw token batches; masks are made in the step.
     train_iter = pipelines.make_pretraining_iterator(config, "train")
-    val_batches = [sharding.shard_batch(b, mesh) for b in itertools.islice(
-        pipelines.make_pretraining_iterator(config, "validation"),
-        config.train.eval_batches or None)]  # 0: the whole validation split
+    val_batches = [
+        sharding.shard_batch(b, mesh)
+        for b in itertools.islice(
+            pipelines.make_pretraining_iterator(config, "validation"),
+            config.train.eval_batches or None,
+        )
+    ]  # 0: the whole validation split
     if not val_batches:
-        raise ValueError("the validation split is empty; use more data or a smaller "
-                         "config.data.batch_size")
+        raise ValueError(
+            "the validation split is empty; use more data or a smaller config.data.batch_size"
+        )
     corpus = pipelines.corpus_report(config)  # base counts; warns about U and ambiguity codes
 
     # Model, optimizer and the static description of the step.
@@ -129,40 +147,59 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
     repl = sharding.replicated(mesh)
 
     # Resume (state, data position, rank table) or start fresh.
-    manager = checkpoint.make_manager(str((workdir / "checkpoints").resolve()),
-                                      save_every=config.train.checkpoint_every,
-                                      keep_last=config.train.keep_checkpoints)
+    manager = checkpoint.make_manager(
+        str((workdir / "checkpoints").resolve()),
+        save_every=config.train.checkpoint_every,
+        keep_last=config.train.keep_checkpoints,
+    )
     meta = checkpoint.run_metadata(config)
     restored = checkpoint.restore_latest(
-        manager, sharding.with_shardings(abstract_state, state_sh), train_iter,
-        check_meta=lambda saved: workdir_lib.check_resume(saved, meta["config"], workdir))
+        manager,
+        sharding.with_shardings(abstract_state, state_sh),
+        train_iter,
+        check_meta=lambda saved: workdir_lib.check_resume(saved, meta["config"], workdir),
+    )
     if restored is None:
         state = jax.jit(init, out_shardings=state_sh)()
         rank_table = spec_lib.rank_table(config, spec.vocab)
-        say(f"gemsjax: new run in {workdir}: {config.model.name}, "
-            f"{registry.param_count(abstract_model) / 1e6:.2f}M parameters")
+        say(
+            f"gemsjax: new run in {workdir}: {config.model.name}, "
+            f"{registry.param_count(abstract_model) / 1e6:.2f}M parameters"
+        )
     else:
         state, rank_table = restored.state, restored.rank_table
-        say(f"gemsjax: resumed {workdir} at step {restored.step}" + "".join(
-            f" (passed over unreadable {reason})" for reason in restored.skipped))
+        say(
+            f"gemsjax: resumed {workdir} at step {restored.step}"
+            + "".join(f" (passed over unreadable {reason})" for reason in restored.skipped)
+        )
     if jax.process_index() == 0:  # after the resume check: a refused run keeps the old one
         run_files.write_config(workdir, config)
     rank_table_dev = jax.device_put(jnp.asarray(rank_table, jnp.int32), repl)
 
     batch_sh = sharding.batch_sharding(mesh)
-    train_step = jax.jit(make_train_step(spec, train_graphdef, tx, lr_schedule),
-                         in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
-                         donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(spec, eval_graphdef),
-                        in_shardings=(state_sh, batch_sh, repl, repl), out_shardings=repl)
+    train_step = jax.jit(
+        make_train_step(spec, train_graphdef, tx, lr_schedule),
+        in_shardings=(state_sh, batch_sh, repl),
+        out_shardings=(state_sh, repl),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        make_eval_step(spec, eval_graphdef),
+        in_shardings=(state_sh, batch_sh, repl, repl),
+        out_shardings=repl,
+    )
     update_curriculum = jax.jit(spec.curriculum.update, out_shardings=repl)
 
     batch_size, seq_len = config.data.batch_size, config.data.max_len
     writer = metrics.MetricsWriter(
-        workdir, total_steps=config.train.steps, tokens_per_step=batch_size * seq_len,
+        workdir,
+        total_steps=config.train.steps,
+        tokens_per_step=batch_size * seq_len,
         flops_per_step=flops_per_step(config, batch_size),
-        peak_flops=metrics.peak_flops_per_device(), console_every=config.train.log_every,
-        resume_step=int(state.step))
+        peak_flops=metrics.peak_flops_per_device(),
+        console_every=config.train.log_every,
+        resume_step=int(state.step),
+    )
     writer.write_config(config.to_dict())
     buffer = metrics.MetricsBuffer()
     step = int(state.step)
@@ -184,28 +221,46 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh,
                 writer.write(buffer.flush())  # a NaN step raises here, before it is saved
             if evaluated:
                 val = evaluate(eval_step, state, val_batches, rank_table_dev)
-                state = state._replace(curriculum=update_curriculum(
-                    state.curriculum, val["val_perplexity"], step))
+                state = state._replace(
+                    curriculum=update_curriculum(state.curriculum, val["val_perplexity"], step)
+                )
                 writer.write(metrics.StepMetrics(step - 1, val, None))
                 if not switched and (switched := bool(state.curriculum.switched)):
-                    say(f"gemsjax: curriculum switched after the validation at step {step} "
-                        f"(perplexity plateau); Global-PMI masking from step {step + 1}")
-            checkpoint.save(manager, step, state, data_iter=train_iter, rank_table=rank_table,
-                            meta=meta, metrics={"val_loss": val["val_loss"]} if evaluated else None,
-                            force=force)
+                    say(
+                        f"gemsjax: curriculum switched after the validation at step {step} "
+                        f"(perplexity plateau); Global-PMI masking from step {step + 1}"
+                    )
+            checkpoint.save(
+                manager,
+                step,
+                state,
+                data_iter=train_iter,
+                rank_table=rank_table,
+                meta=meta,
+                metrics={"val_loss": val["val_loss"]} if evaluated else None,
+                force=force,
+            )
             if evaluated:
                 buffer.restart_clock()
             if stopped:
-                say(f"gemsjax: {stopped} received; saved step {step} in {workdir} and stopped "
-                    "(run the same command to resume)")
+                say(
+                    f"gemsjax: {stopped} received; saved step {step} in {workdir} and stopped "
+                    "(run the same command to resume)"
+                )
                 break
         writer.write(buffer.flush())
     finally:
         checkpoint.close(manager)
         writer.close()
-    summary = dict(step=step, steps=config.train.steps, stopped=stopped,
-                   seconds=time.perf_counter() - started, steps_this_run=step - first_step,
-                   switched=bool(state.curriculum.switched),
-                   switch_step=int(state.curriculum.switch_step)
-                   if state.curriculum.switched else None, corpus=corpus, **val)
+    summary = dict(
+        step=step,
+        steps=config.train.steps,
+        stopped=stopped,
+        seconds=time.perf_counter() - started,
+        steps_this_run=step - first_step,
+        switched=bool(state.curriculum.switched),
+        switch_step=int(state.curriculum.switch_step) if state.curriculum.switched else None,
+        corpus=corpus,
+        **val,
+    )
     return summary

@@ -175,16 +175,16 @@ def format_progress(
         parts.append(f"val ppl {values['val_perplexity']:.2f}")
     if "val_masked_accuracy" in values:
         parts.append(f"val acc {values['val_masked_accuracy']:.4f}")
-    mix = [f"{k[4:]}={v:.2f}" for k, v in sorted(values.items())
-           if k.startswith("mix/") and v > 0]
+    mix = [f"{k[4:]}={v:.2f}" for k, v in sorted(values.items()) if k.startswith("mix/") and v > 0]
     if mix:
         parts.append("mix " + " ".join(mix))
     if "perf/tokens_per_sec_per_device" in values:
         parts.append(f"{_si(values['perf/tokens_per_sec_per_device'])} tok/s/dev")
     if "perf/tflops_per_sec_per_device" in values:
         tflops = values["perf/tflops_per_sec_per_device"]
-        parts.append(f"{tflops:.1f} TFLOP/s/dev" if tflops >= 1 else
-                     f"{1e3 * tflops:.1f} GFLOP/s/dev")
+        parts.append(
+            f"{tflops:.1f} TFLOP/s/dev" if tflops >= 1 else f"{1e3 * tflops:.1f} GFLOP/s/dev"
+        )
     if "perf/mfu" in values:
         parts.append(f"MFU {100 * values['perf/mfu']:.1f}%")
     if eta_seconds is not None:
@@ -306,8 +306,9 @@ class MetricsWriter:
             return
         from tensorboardX.summary import hparams
 
-        self._tb.add_text("config", "```\n" + json.dumps(config, indent=2, default=str)
-                          + "\n```", 0)
+        self._tb.add_text(
+            "config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", 0
+        )
         flat = {}
 
         def walk(node: Mapping[str, Any], prefix: str) -> None:
@@ -315,8 +316,9 @@ class MetricsWriter:
                 if isinstance(value, Mapping):
                     walk(value, f"{prefix}{key}.")
                 else:
-                    flat[prefix + key] = (value if isinstance(value, bool | int | float | str)
-                                          else str(value))
+                    flat[prefix + key] = (
+                        value if isinstance(value, bool | int | float | str) else str(value)
+                    )
 
         walk(config, "")
         for summary in hparams(flat, {"val_loss": float("nan")}):  # declares the metric's tag

@@ -81,9 +81,12 @@ class StepSpec:
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if self.mlm_head_share is not None and not (
-                self.kind == "mlm" and self.loss_on == "masked" and 0 < self.mlm_head_share <= 1):
-            raise ValueError(f"mlm_head_share={self.mlm_head_share} needs kind='mlm', "
-                             "loss_on='masked' and a value in (0, 1]; use None otherwise")
+            self.kind == "mlm" and self.loss_on == "masked" and 0 < self.mlm_head_share <= 1
+        ):
+            raise ValueError(
+                f"mlm_head_share={self.mlm_head_share} needs kind='mlm', "
+                "loss_on='masked' and a value in (0, 1]; use None otherwise"
+            )
 
     def head_slots(self, length: int) -> int | None:
         """MLM head slots per row of ``length`` tokens, ``ceil(mlm_head_share * L)``; None when
@@ -104,8 +107,9 @@ class StepSpec:
         2,000 BOLD barcodes hold one and 0.10 % (fixed) / 0.13 % (Bernoulli) of rows overflow
         71 slots. With gaps kept, 41 % hold an ``[UNK]`` (99th percentile 58) and 4 % overflow
         under the fixed draw."""
-        return min(length, masking.visible_len(length, self.masking.mae_ratio)
-                   + self.mae_visible_slack)
+        return min(
+            length, masking.visible_len(length, self.masking.mae_ratio) + self.mae_visible_slack
+        )
 
 
 def run_vocab(config: ml_collections.ConfigDict) -> Vocab:
@@ -125,9 +129,11 @@ def model_config(config: ml_collections.ConfigDict) -> BertConfig:
     model_cfg = registry.get_model_config(config.model.name, **overrides)
     vocab = run_vocab(config)
     if model_cfg.vocab_size < vocab.size:
-        raise ValueError(f"config.model.name={config.model.name!r} has vocab_size "
-                         f"{model_cfg.vocab_size} < {vocab.size} ids of the {vocab.name} vocab; "
-                         "choose a size made for this data kind")
+        raise ValueError(
+            f"config.model.name={config.model.name!r} has vocab_size "
+            f"{model_cfg.vocab_size} < {vocab.size} ids of the {vocab.name} vocab; "
+            "choose a size made for this data kind"
+        )
     return model_cfg
 
 
@@ -144,21 +150,37 @@ def step_spec(config: ml_collections.ConfigDict) -> StepSpec:
     m, train = config.masking, config.train
     common = dict(vocab=run_vocab(config), seed=config.seed, grad_accum=train.grad_accum)
     if model_config(config).arch != "mlm":
-        return StepSpec(kind="mae", curriculum=curriculum_lib.constant("mae_drop"),
-                        masking=masking.MaskParams(mae_ratio=m.mae_ratio), mae_draw=m.mae_draw,
-                        mae_visible_slack=train.mae_visible_slack, **common)
+        return StepSpec(
+            kind="mae",
+            curriculum=curriculum_lib.constant("mae_drop"),
+            masking=masking.MaskParams(mae_ratio=m.mae_ratio),
+            mae_draw=m.mae_draw,
+            mae_visible_slack=train.mae_visible_slack,
+            **common,
+        )
     if "curriculum" in m:
         curriculum = curriculum_lib.from_config(m, train.steps)
         params = masking.MaskParams(
-            random_span_prob=m.random_span_prob, genemask_prob=m.genemask_prob,
-            global_pmi_prob=m.global_pmi_prob, mae_ratio=m.mae_ratio,
-            reference_code_compat=m.reference_code_compat)
+            random_span_prob=m.random_span_prob,
+            genemask_prob=m.genemask_prob,
+            global_pmi_prob=m.global_pmi_prob,
+            mae_ratio=m.mae_ratio,
+            reference_code_compat=m.reference_code_compat,
+        )
     else:
         curriculum = curriculum_lib.constant("mae_drop")
         params = masking.MaskParams(mae_ratio=m.mae_ratio)
-    return StepSpec(kind="mlm", curriculum=curriculum, masking=params, mask_frac=m.mask_frac,
-                    random_frac=m.random_frac, random_low=m.random_low, loss_on=m.loss_on,
-                    mlm_head_share=train.get("mlm_head_share") or None, **common)
+    return StepSpec(
+        kind="mlm",
+        curriculum=curriculum,
+        masking=params,
+        mask_frac=m.mask_frac,
+        random_frac=m.random_frac,
+        random_low=m.random_low,
+        loss_on=m.loss_on,
+        mlm_head_share=train.get("mlm_head_share") or None,
+        **common,
+    )
 
 
 def rank_table(config: ml_collections.ConfigDict, vocab: Vocab) -> np.ndarray:
@@ -172,10 +194,13 @@ def rank_table(config: ml_collections.ConfigDict, vocab: Vocab) -> np.ndarray:
     if source == "genemask":
         return pmi.load_genemask_ranks(samples.sample_path(samples.GENEMASK_RANKS), vocab)
     if source == "fasta":
-        return pmi.rank_table_from_fasta(pipelines.fasta_paths(config.data.fasta), k=vocab.k,
-                                         vocab=vocab)
+        return pmi.rank_table_from_fasta(
+            pipelines.fasta_paths(config.data.fasta), k=vocab.k, vocab=vocab
+        )
     table, table_vocab, _ = pmi.load_rank_table(source)
     if table_vocab != vocab:
-        raise ValueError(f"config.masking.rank_table={source!r} is for the {table_vocab.name} "
-                         f"k={table_vocab.k} vocab; this run uses {vocab.name} k={vocab.k}")
+        raise ValueError(
+            f"config.masking.rank_table={source!r} is for the {table_vocab.name} "
+            f"k={table_vocab.k} vocab; this run uses {vocab.name} k={vocab.k}"
+        )
     return table

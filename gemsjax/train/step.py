@@ -47,12 +47,17 @@ class TrainState(NamedTuple):
     curriculum: CurriculumState
 
 
-def init_train_state(model: nnx.Module, tx: optax.GradientTransformation,
-                     spec: StepSpec) -> TrainState:
+def init_train_state(
+    model: nnx.Module, tx: optax.GradientTransformation, spec: StepSpec
+) -> TrainState:
     """Step 0: ``model``'s parameters, the optimizer's initial state, a fresh curriculum."""
     params = nnx.state(model, nnx.Param)
-    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                      curriculum=spec.curriculum.init())
+    return TrainState(
+        step=jnp.int32(0),
+        params=params,
+        opt_state=tx.init(params),
+        curriculum=spec.curriculum.init(),
+    )
 
 
 def step_graphdefs(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.GraphDef]:
@@ -70,9 +75,15 @@ def special_positions(ids: jax.Array, attention: jax.Array, spec: StepSpec) -> j
     return masking.special_mask(ids, range(spec.vocab.num_specials)) | (attention == 0)
 
 
-def masked_batch(spec: StepSpec, key: jax.Array, step: jax.Array,
-                 curriculum_state: CurriculumState, ids: jax.Array, attention: jax.Array,
-                 rank_table: jax.Array) -> dict:
+def masked_batch(
+    spec: StepSpec,
+    key: jax.Array,
+    step: jax.Array,
+    curriculum_state: CurriculumState,
+    ids: jax.Array,
+    attention: jax.Array,
+    rank_table: jax.Array,
+) -> dict:
     """Mask and corrupt one (micro-)batch.
 
     Args:
@@ -91,22 +102,43 @@ def masked_batch(spec: StepSpec, key: jax.Array, step: jax.Array,
     if spec.kind == "mae":
         strategy = jnp.int32(masking.strategy_index("mae_drop"))
         ratio = spec.masking.mae_ratio
-        mask = (masking.mae_drop_fixed(k_mask, ids, special, ratio) if spec.mae_draw == "fixed"
-                else masking.mae_drop(k_mask, ids, special, ratio))
+        mask = (
+            masking.mae_drop_fixed(k_mask, ids, special, ratio)
+            if spec.mae_draw == "fixed"
+            else masking.mae_drop(k_mask, ids, special, ratio)
+        )
         targets = jnp.maximum(ids - spec.vocab.num_specials, 0)
-        return dict(inputs=ids, targets=targets, weights=mask.astype(jnp.float32), mask=mask,
-                    special=special, strategy=strategy)
+        return dict(
+            inputs=ids,
+            targets=targets,
+            weights=mask.astype(jnp.float32),
+            mask=mask,
+            special=special,
+            strategy=strategy,
+        )
     cur = spec.curriculum
     strategy = cur.sample(k_strategy, step, curriculum_state, ids.shape[0])
-    mask = masking.make_mask(k_mask, strategy, ids, special, rank_table, spec.masking,
-                             cur.active)
+    mask = masking.make_mask(k_mask, strategy, ids, special, rank_table, spec.masking, cur.active)
     inputs, targets, weights = masking.corrupt(
-        k_corrupt, ids, mask, spec.vocab.size, spec.vocab.mask_id, mask_frac=spec.mask_frac,
-        random_frac=spec.random_frac, random_low=spec.random_low)
+        k_corrupt,
+        ids,
+        mask,
+        spec.vocab.size,
+        spec.vocab.mask_id,
+        mask_frac=spec.mask_frac,
+        random_frac=spec.random_frac,
+        random_low=spec.random_low,
+    )
     if spec.loss_on == "all":
         weights = (~special).astype(jnp.float32)
-    return dict(inputs=inputs, targets=targets, weights=weights, mask=mask, special=special,
-                strategy=strategy)
+    return dict(
+        inputs=inputs,
+        targets=targets,
+        weights=weights,
+        mask=mask,
+        special=special,
+        strategy=strategy,
+    )
 
 
 def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict:
@@ -122,12 +154,21 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array
     log_norm = jnp.log(jnp.sum(jnp.exp(logits - peak), axis=-1)) + peak[..., 0]
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     hit = (target_logit >= peak[..., 0]).astype(jnp.float32)
-    return dict(loss_sum=((log_norm - target_logit) * weights).sum(),
-                correct=(hit * weights).sum(), count=weights.sum())
+    return dict(
+        loss_sum=((log_norm - target_logit) * weights).sum(),
+        correct=(hit * weights).sum(),
+        count=weights.sum(),
+    )
 
 
-def loss_sums(spec: StepSpec, model: nnx.Module, batch: dict, attention: jax.Array,
-              dropout_key: jax.Array | None, head_slots: int | None = None) -> dict:
+def loss_sums(
+    spec: StepSpec,
+    model: nnx.Module,
+    batch: dict,
+    attention: jax.Array,
+    dropout_key: jax.Array | None,
+    head_slots: int | None = None,
+) -> dict:
     """:func:`cross_entropy_sums` of ``model`` on a masked ``batch``.
 
     ``head_slots`` (MAE): the encoder's slots (:meth:`StepSpec.num_visible`), exact where
@@ -144,8 +185,13 @@ def loss_sums(spec: StepSpec, model: nnx.Module, batch: dict, attention: jax.Arr
         # the reference), in ``head_slots`` slots (None: L); padding is never a key nor a target,
         # so dropping it changes no output. The BERT-style baseline feeds [MASK] instead.
         dropped = batch["mask"] | (attention == 0) if model.variant == "dropped" else batch["mask"]
-        logits = model(batch["inputs"], attention, dropped,
-                       num_visible=head_slots or attention.shape[1], rngs=rngs)
+        logits = model(
+            batch["inputs"],
+            attention,
+            dropped,
+            num_visible=head_slots or attention.shape[1],
+            rngs=rngs,
+        )
         return cross_entropy_sums(logits, targets, weights)
     if head_slots is None:
         return cross_entropy_sums(model(batch["inputs"], attention, rngs=rngs), targets, weights)
@@ -188,13 +234,19 @@ def _strategy_counts(strategy: jax.Array, batch_size: int) -> jax.Array:
 def _micro_batches(x: jax.Array, accum: int) -> jax.Array:
     """``[B, ...] -> [A, B / A, ...]`` with micro-batch ``j`` = rows ``j, j + A, ...``."""
     if x.shape[0] % accum:
-        raise ValueError(f"batch of {x.shape[0]} rows does not split into grad_accum={accum} "
-                         "micro-batches; make data.batch_size a multiple of train.grad_accum")
+        raise ValueError(
+            f"batch of {x.shape[0]} rows does not split into grad_accum={accum} "
+            "micro-batches; make data.batch_size a multiple of train.grad_accum"
+        )
     return jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
 
 
-def make_train_step(spec: StepSpec, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    lr_schedule: optax.Schedule):
+def make_train_step(
+    spec: StepSpec,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+):
     """``train_step(state, batch, rank_table) -> (state, metrics)``, pure (jit it with shardings).
 
     Args of the returned function:
@@ -209,8 +261,9 @@ def make_train_step(spec: StepSpec, graphdef: nnx.GraphDef, tx: optax.GradientTr
     """
 
     def mean_loss(params, batch, attention, dropout_key, head_slots):
-        sums = loss_sums(spec, nnx.merge(graphdef, params), batch, attention, dropout_key,
-                         head_slots)
+        sums = loss_sums(
+            spec, nnx.merge(graphdef, params), batch, attention, dropout_key, head_slots
+        )
         return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0), sums
 
     loss_and_grads = jax.value_and_grad(mean_loss, has_aux=True)
@@ -228,9 +281,13 @@ def make_train_step(spec: StepSpec, graphdef: nnx.GraphDef, tx: optax.GradientTr
             # are never materialized while the masked-only head runs.
             at_masked = lambda: loss_and_grads(params, batch, attention, dropout_key, slots)
             (loss, sums), grads = jax.lax.cond(fits, at_masked, everywhere)
-        aux = dict(sums, masked=batch["mask"].sum(), maskable=(~batch["special"]).sum(),
-                   tokens=(attention != 0).sum(),
-                   strategy=_strategy_counts(batch["strategy"], ids.shape[0]))
+        aux = dict(
+            sums,
+            masked=batch["mask"].sum(),
+            maskable=(~batch["special"]).sum(),
+            tokens=(attention != 0).sum(),
+            strategy=_strategy_counts(batch["strategy"], ids.shape[0]),
+        )
         return (loss, aux), grads
 
     def train_step(state: TrainState, batch: dict, rank_table: jax.Array):
@@ -239,19 +296,34 @@ def make_train_step(spec: StepSpec, graphdef: nnx.GraphDef, tx: optax.GradientTr
 
         def accumulate(carry, inputs):
             index, micro_batch = inputs
-            (loss, aux), grads = micro_grads(state.params, micro_batch,
-                                             jax.random.fold_in(key, index), state.step,
-                                             state.curriculum, rank_table)
+            (loss, aux), grads = micro_grads(
+                state.params,
+                micro_batch,
+                jax.random.fold_in(key, index),
+                state.step,
+                state.curriculum,
+                rank_table,
+            )
             total = jax.tree.map(jnp.add, carry, (grads, loss, aux))
             return total, None
 
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-            lambda: micro_grads(state.params, jax.tree.map(lambda x: x[0], micro), key,
-                                state.step, state.curriculum, rank_table)))
+        zeros = jax.tree.map(
+            jnp.zeros_like,
+            jax.eval_shape(
+                lambda: micro_grads(
+                    state.params,
+                    jax.tree.map(lambda x: x[0], micro),
+                    key,
+                    state.step,
+                    state.curriculum,
+                    rank_table,
+                )
+            ),
+        )
         (_, aux0), grads0 = zeros
         (grads, loss, aux), _ = jax.lax.scan(
-            accumulate, (grads0, jnp.float32(0), aux0),
-            (jnp.arange(spec.grad_accum), micro))
+            accumulate, (grads0, jnp.float32(0), aux0), (jnp.arange(spec.grad_accum), micro)
+        )
         grads = jax.tree.map(lambda g: g / spec.grad_accum, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -280,18 +352,18 @@ def make_eval_step(spec: StepSpec, graphdef: nnx.GraphDef):
     """
 
     def eval_step(state: TrainState, batch: dict, rank_table: jax.Array, batch_index: jax.Array):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(spec.seed + 1), state.step),
-                                 batch_index)
+        key = jax.random.fold_in(
+            jax.random.fold_in(jax.random.key(spec.seed + 1), state.step), batch_index
+        )
         ids, attention = batch["ids"], batch["attention"]
-        masked = masked_batch(spec, key, state.step, state.curriculum, ids, attention,
-                              rank_table)
+        masked = masked_batch(spec, key, state.step, state.curriculum, ids, attention, rank_table)
         model = nnx.merge(graphdef, state.params)
         slots, fits = _slots(spec, masked, attention)
         everywhere = lambda: loss_sums(spec, model, masked, attention, None)
         if slots is None:
             return everywhere()
-        return jax.lax.cond(fits,
-                            lambda: loss_sums(spec, model, masked, attention, None, slots),
-                            everywhere)
+        return jax.lax.cond(
+            fits, lambda: loss_sums(spec, model, masked, attention, None, slots), everywhere
+        )
 
     return eval_step

@@ -40,9 +40,18 @@ from gemsjax.errors import UserError
 
 LOCK_FILE = "gemsjax.lock"
 ALLOW_KEY = "train.allow_config_change"
-OPERATIONAL_KEYS = ("train.log_every", "train.eval_every", "train.checkpoint_every",
-                    "train.keep_checkpoints", "train.mesh_data", "train.mesh_fsdp",
-                    "data.num_threads", "data.prefetch", "data.prepared_dir", ALLOW_KEY)
+OPERATIONAL_KEYS = (
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.mesh_data",
+    "train.mesh_fsdp",
+    "data.num_threads",
+    "data.prefetch",
+    "data.prepared_dir",
+    ALLOW_KEY,
+)
 """Dotted config keys that may differ between a checkpoint and the run resuming it."""
 FIXED_KEYS = ("recipe", "model.name", "data.kind")
 """Dotted config keys that no override can change in a workdir."""
@@ -59,14 +68,19 @@ class ConfigChangedError(UserError):
 
 
 def _holder() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(),
-            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv)}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
 
 
 def _describe(holder: Mapping[str, Any]) -> str:
-    return (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')} "
-            f"({holder.get('command')!r})")
+    return (
+        f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')} "
+        f"({holder.get('command')!r})"
+    )
 
 
 def _read_holder(text: str) -> dict[str, Any] | None:
@@ -105,11 +119,15 @@ def lock(workdir: str | os.PathLike, *, enabled: bool = True) -> Iterator[pathli
             holder = _read_holder(os.pread(fd, 1 << 16, 0).decode("utf-8", "replace")) or {}
             raise WorkdirLockedError(
                 f"{path.parent} is in use by another gemsjax run ({_describe(holder)}); wait for "
-                "it to finish, stop it, or use another --workdir") from None
+                "it to finish, stop it, or use another --workdir"
+            ) from None
         previous = _read_holder(os.pread(fd, 1 << 16, 0).decode("utf-8", "replace"))
         if previous:  # written by a run that ended without releasing: it died
-            _log.warning("%s: taking over the lock of a run that did not exit cleanly (%s)",
-                         path.parent, _describe(previous))
+            _log.warning(
+                "%s: taking over the lock of a run that did not exit cleanly (%s)",
+                path.parent,
+                _describe(previous),
+            )
         _write(fd, json.dumps(_holder()))
         _HELD.add(path.resolve())
         try:
@@ -142,19 +160,24 @@ def _allowed(key: str, allow: list[str]) -> bool:
     return any(key == a or key.startswith(f"{a}.") for a in allow)
 
 
-def config_changes(saved: Mapping[str, Any], requested: Mapping[str, Any]
-                   ) -> dict[str, tuple[Any, Any]]:
+def config_changes(
+    saved: Mapping[str, Any], requested: Mapping[str, Any]
+) -> dict[str, tuple[Any, Any]]:
     """Keys whose values differ, ``{dotted key: (saved, requested)}``, operational keys excluded.
 
     A key present on one side only reads as ``None`` on the other.
     """
     old, new = flatten(saved), flatten(requested)
-    return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
-            if key not in OPERATIONAL_KEYS and old.get(key) != new.get(key)}
+    return {
+        key: (old.get(key), new.get(key))
+        for key in sorted(old.keys() | new.keys())
+        if key not in OPERATIONAL_KEYS and old.get(key) != new.get(key)
+    }
 
 
-def check_resume(saved_meta: Mapping[str, Any] | None, requested: Mapping[str, Any],
-                 source: str) -> dict[str, tuple[Any, Any]]:
+def check_resume(
+    saved_meta: Mapping[str, Any] | None, requested: Mapping[str, Any], source: str
+) -> dict[str, tuple[Any, Any]]:
     """Refuse to resume from a checkpoint whose config differs from ``requested``.
 
     Args:
@@ -180,13 +203,15 @@ def check_resume(saved_meta: Mapping[str, Any] | None, requested: Mapping[str, A
     if fixed:
         raise ConfigChangedError(
             f"{source} was trained with another {'/'.join(fixed)} ({listed}); a checkpoint "
-            "cannot change its model or data kind: use a new --workdir")
+            "cannot change its model or data kind: use a new --workdir"
+        )
     if refused:
         keys = ",".join(refused)
         raise ConfigChangedError(
             f"{source} was trained with other settings ({listed}); resume with the same config, "
             "use a new --workdir, or allow these changes on purpose with "
-            f"--config.{ALLOW_KEY}='{keys}'")
+            f"--config.{ALLOW_KEY}='{keys}'"
+        )
     for key, (old, new) in changes.items():
         _log.warning("%s: resuming with %s changed on purpose: %r -> %r", source, key, old, new)
     return changes
@@ -202,7 +227,8 @@ def is_disk_full(err: BaseException) -> bool:
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or (
-                "No space left on device" in str(err)):
+            "No space left on device" in str(err)
+        ):
             return True
         err = err.__cause__ or err.__context__
     return False
@@ -214,7 +240,9 @@ def disk_full_error(path: Any, needed_bytes: int | None, what: str) -> DiskFullE
     probe = next((p for p in (path, *path.parents) if p.exists()), pathlib.Path("/"))
     free = shutil.disk_usage(probe).free
     need = f"about {needed_bytes / 2**20:,.1f} MiB needed, " if needed_bytes else ""
-    return DiskFullError(f"no space left on the device writing {what} to {path} ({need}"
-                         f"{free / 2**20:,.1f} MiB free); free some space or use a --workdir on "
-                         "a larger disk, then run the same command to resume (the earlier "
-                         "checkpoints are intact)")
+    return DiskFullError(
+        f"no space left on the device writing {what} to {path} ({need}"
+        f"{free / 2**20:,.1f} MiB free); free some space or use a --workdir on "
+        "a larger disk, then run the same command to resume (the earlier "
+        "checkpoints are intact)"
+    )

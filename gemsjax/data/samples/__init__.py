@@ -33,6 +33,8 @@ def sample_path(name: str) -> pathlib.Path:
         raise KeyError(f"unknown sample {name!r}; shipped samples: {NAMES}")
     path = pathlib.Path(str(importlib.resources.files(__name__) / name))
     if not path.is_file():
-        raise FileNotFoundError(f"sample {name!r} is missing at {path}; reinstall gemsjax from a "
-                                "source tree that has gemsjax/data/samples/")
+        raise FileNotFoundError(
+            f"sample {name!r} is missing at {path}; reinstall gemsjax from a "
+            "source tree that has gemsjax/data/samples/"
+        )
     return path
