@@ -43,7 +43,8 @@ def dry_run(*args: str) -> list[str]:
         (
             ("create", "n1", "us-east5-a", "v5litepod-16"),
             [
-                "gcloud compute tpus tpu-vm create n1 --zone us-east5-a --accelerator-type v5litepod-16 "
+                "gcloud compute tpus tpu-vm create n1 --zone us-east5-a "
+                "--accelerator-type v5litepod-16 "
                 "--version v2-alpha-tpuv5-lite"
             ],
         ),
@@ -70,7 +71,8 @@ def dry_run(*args: str) -> list[str]:
         (
             ("data", "n1", "us-east5-a", "gs://bkt/hg38.fa.gz", "local/x.tsv"),
             [
-                f"{SSH} 'mkdir -p gemsjax-data && gcloud storage cp -r gs://bkt/hg38.fa.gz gemsjax-data/'",
+                f"{SSH} 'mkdir -p gemsjax-data && "
+                "gcloud storage cp -r gs://bkt/hg38.fa.gz gemsjax-data/'",
                 f"{SSH} 'mkdir -p gemsjax-data'",
                 f"{SCP} local/x.tsv n1:gemsjax-data/ --zone us-east5-a --worker=all",
             ],
