@@ -88,6 +88,7 @@ def _common(recipe: str, kind: str) -> ml_collections.ConfigDict:
             name="",  # a size in gemsjax.models.sizes.SIZES
             compute_dtype="auto",  # auto: bfloat16 on GPU/TPU, float32 on CPU
             dropout=-1.0,  # -1: the size's own value
+            init="",  # "": random; hf:<folder>: start from a transformers BERT's weights
         )
     )
     c.data = ml_collections.ConfigDict(
@@ -410,6 +411,13 @@ def _dropout(x):
         return "must be -1 (the size's own value) or in [0, 1)"
 
 
+def _hf_init(x):
+    if not (isinstance(x, str) and x.startswith("hf:")):
+        return "must be empty (random init) or hf:<transformers model folder>"
+    if not (pathlib.Path(x.removeprefix("hf:")).expanduser() / "config.json").is_file():
+        return "names no transformers model folder (no config.json there)"
+
+
 def _b1_cycle(x):
     if x is not None and not (
         isinstance(x, tuple) and len(x) == 2 and all(_is_number(b) and 0 <= b < 1 for b in x)
@@ -425,6 +433,7 @@ RULES: dict[str, Callable] = {
     "model.name": _one_of(*SIZES),
     "model.compute_dtype": _dtype,
     "model.dropout": _dropout,
+    "model.init": lambda x: _hf_init(x) if x else None,
     "data.kind": _one_of("genome", "barcode"),
     "data.batch_size": _POSITIVE,
     "data.max_len": _int(1),

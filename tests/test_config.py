@@ -149,6 +149,8 @@ def test_set_key_parses_values_by_the_key_type(tmp_path):
 
 REFUSALS = [  # (presets, what the one-line message must contain)
     ("masking.genemask_prob=1.5", "masking.genemask_prob=1.5 must be a number in [0.0, 1.0]"),
+    ("model.init=runs/x", "must be empty (random init) or hf:<transformers model folder>"),
+    ("model.init=hf:no/such/folder", "names no transformers model folder (no config.json there)"),
     ("masking.random_span_prob=-0.1", "masking.random_span_prob=-0.1 must be a number in"),
     ("train.eval_every=0", "train.eval_every=0 must be an integer >= 1"),
     ("train.steps=abc", "train.steps='abc' must be an integer >= 1"),

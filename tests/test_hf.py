@@ -612,6 +612,21 @@ def test_export_mode_writes_a_trained_run_that_transformers_loads(tmp_path, chr2
     theirs = _loaded(transformers.AutoModelForMaskedLM, run / "hf")
     _same_logits(ours, theirs, ids, attention)
 
+    # Continued pretraining from the export: the first update runs at learning rate 0 (warm-up),
+    # so the checkpoint after it holds exactly the imported weights.
+    again = tmp_path / "again"
+    args = train[:-1] + [
+        f"--workdir={again}",
+        f"--config.model.init=hf:{run / 'hf'}",
+        "--config.train.steps=3",
+        "--config.train.checkpoint_every=1",
+        "--config.downstream.eval=False",
+    ]
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    continued = hf.flat_params(checkpoint.read_params(again / "checkpoints" / "1"))
+    assert all(np.array_equal(continued[name], trained[name]) for name in trained)
+
 
 def test_init_spec_hf_resolves_to_the_exported_encoder(tmp_path):
     """``config.init=hf:<folder>`` (fine-tuning, embedding) gives the folder's encoder exactly,

@@ -161,6 +161,16 @@ def _train(
     )
     if restored is None:
         state = jax.jit(init, out_shardings=state_sh)()
+        if config.model.init:  # continue from a transformers model (gemsjax.interop.hf)
+            from gemsjax.interop import hf
+
+            params = hf.load_params(
+                config.model.init.removeprefix("hf:"),
+                state.params,
+                model_cfg,
+                encoder_only=model_cfg.arch != "mlm",
+            )
+            state = state._replace(params=jax.device_put(params, state_sh.params))
         rank_table = spec_lib.rank_table(config, spec.vocab)
         say(
             f"gemsjax: new run in {workdir}: {config.model.name}, "
