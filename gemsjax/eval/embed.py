@@ -30,6 +30,7 @@ from flax import nnx
 
 from gemsjax.data import fasta, tables
 from gemsjax.errors import UserError
+from gemsjax.eval import labelled
 from gemsjax.models.bert import POOLINGS, BertModel, masked_mean
 from gemsjax.tokenizers import KmerTokenizer, kmer_text_to_sequence
 from gemsjax.train import sharding
@@ -238,11 +239,9 @@ def _format_from_name(path: pathlib.Path) -> str:
 def token_counts(sequences: Sequence[str], vocab: str) -> np.ndarray:
     """``int64[N]``: tokens each sequence needs untruncated (DNABERT: k-mers + CLS + SEP;
     barcodes: whole 6-mer blocks after removing gaps and trailing N)."""
-    if vocab == "dnabert":
-        return np.fromiter((max(len(s) - 5, 0) + 2 for s in sequences), np.int64, len(sequences))
-    return np.fromiter(
-        (len(s.replace("-", "").rstrip("Nn")) // 6 for s in sequences), np.int64, len(sequences)
-    )
+    if vocab != "dnabert":
+        sequences = [s.replace("-", "").rstrip("Nn") for s in sequences]
+    return labelled.tokens_needed(list(sequences), vocab)
 
 
 def write_embeddings(
