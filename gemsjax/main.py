@@ -63,15 +63,18 @@ def help_text() -> str:
         "",
         "modes:",
     ]
-    lines += [f"  {name:<7} {what}" for name, what in MODES.items()]
+    width = max(map(len, MODES))
+    lines += [f"  {name:<{width}} {what}" for name, what in MODES.items()]
     lines += ["", f"recipes ({config_lib.CONFIGS_DIR.name}/<recipe>.py) and their presets:"]
-    for name in config_lib.recipes():
+    recipes = config_lib.recipes()
+    indent = " " * (3 + max(map(len, recipes)))
+    for name in recipes:
         module = config_lib.load_module(config_lib.CONFIGS_DIR / f"{name}.py")
         summary = " ".join(module.__doc__.split("\n\n")[0].replace("``", "").split())
         lines += textwrap.wrap(
-            summary, 96, initial_indent=f"  {name:<15}", subsequent_indent=" " * 17
+            summary, 96, initial_indent=f"  {name:<{len(indent) - 3}} ", subsequent_indent=indent
         )
-        lines.append(" " * 17 + "presets: " + ", ".join(module.PRESETS))
+        lines.append(indent + "presets: " + ", ".join(module.PRESETS))
     lines += [
         "",
         "--config also takes a bare recipe name: --config=cm_gems:smoke.",

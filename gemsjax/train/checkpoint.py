@@ -227,6 +227,35 @@ def _not_disk_full(record: logging.LogRecord) -> bool:
 _PENDING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # manager -> (step, bytes)
 
 
+def _tree_bytes(folder: pathlib.Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _check_room(manager: ocp.CheckpointManager, step: int, state_bytes: int) -> None:
+    """Refuse a save that cannot fit before writing a byte of it.
+
+    A save that runs out of space midway leaves Orbax's writer threads failing one by one (and
+    printing from threads the caller cannot silence), so a local disk with less free space than
+    twice the state first lets a save in flight finish, then compares the free space with the
+    size of the newest checkpoint on disk (the next one has the same arrays). Remote or unknown
+    filesystems are left to the write itself.
+
+    Raises:
+      workdir.DiskFullError: the newest checkpoint is larger than the free space.
+    """
+    directory = pathlib.Path(str(manager.directory))
+    try:
+        if shutil.disk_usage(directory).free >= 2 * state_bytes:
+            return
+    except OSError:
+        return
+    wait(manager)
+    latest = manager.latest_step()
+    needed = state_bytes if latest is None else _tree_bytes(directory / str(latest))
+    if shutil.disk_usage(directory).free < needed:
+        raise workdir.disk_full_error(directory, needed, f"checkpoint step {step}")
+
+
 def save(
     manager: ocp.CheckpointManager,
     step: int,
@@ -250,6 +279,7 @@ def save(
     """
     if not force and not manager.should_save(step):
         return False
+    _check_room(manager, step, _nbytes(state))
     digest = {"state": state_digest(state)[0]}
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
@@ -461,11 +491,11 @@ def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
     manager.reload()
 
 
-def close(manager: ocp.CheckpointManager) -> None:
-    """Wait for pending async saves, then release the manager's resources.
+def wait(manager: ocp.CheckpointManager) -> None:
+    """Wait for pending async saves.
 
     Raises:
-      workdir.DiskFullError: the last save ran out of space (the manager is released all the same).
+      workdir.DiskFullError: the last save ran out of space.
     """
     try:
         manager.wait_until_finished()
@@ -476,6 +506,12 @@ def close(manager: ocp.CheckpointManager) -> None:
                 manager.directory, needed, f"checkpoint step {step}"
             ) from err
         raise
+
+
+def close(manager: ocp.CheckpointManager) -> None:
+    """:func:`wait`, then release the manager's resources (also when the wait raises)."""
+    try:
+        wait(manager)
     finally:
         manager.close()
 
