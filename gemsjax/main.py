@@ -26,9 +26,9 @@ MODES = {
     "compile": "compile the train step for --config.compile.topology (a TPU slice, e.g. "
     "v5p:4x4x2; default the local devices) and print per-chip memory, FLOPs and "
     "the compiler's step-time estimate",
-    "export": "write a trained run as a Hugging Face transformers folder: --config.init=<run "
-    "folder or checkpoint> [--config.step=N] (no --config; --workdir default: "
-    "<run folder>/hf)",
+    "export": "write a trained or fine-tuned run as a Hugging Face transformers folder: "
+    "--config.init=<run folder, fine-tuning arm folder or checkpoint> [--config.step=N] (no "
+    "--config; --workdir default: <run folder>/hf)",
     "finetune": "fine-tune a classifier on one labelled task (configs/eval/finetune.py)",
     "evaluate": "run a downstream protocol, write its report (configs/eval/fewshot.py, gue.py, "
     "barcodes.py)",

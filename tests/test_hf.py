@@ -235,6 +235,49 @@ def test_classifier_export_is_bert_for_sequence_classification(tmp_path, chr22):
     _close(model(jnp.asarray(ids), jnp.asarray(attention)), _torch_out(clf, ids, attention).logits)
 
 
+def test_fine_tuned_run_exports_its_best_state_as_bert_for_sequence_classification(
+    tmp_path, chr22
+):
+    """A fine-tuning arm folder (checkpoints + dev history) -> ``hf.export_run`` picks the
+    best-dev-loss checkpoint (the state the test split was scored with), not the newest, and
+    transformers gives the logits of that state. The dev split is the training rows with their
+    labels swapped, so learning the training split raises the dev loss: the best is epoch 1."""
+    from gemsjax.eval import finetune as ft
+    from gemsjax.eval import init, labelled
+    from gemsjax.train import sharding
+
+    train = labelled.read_split(samples.sample_path(samples.PROM_CORE_TRAIN), "genemask")
+    swapped = dataclasses.replace(train, labels=1 - train.labels)
+    encoder = init.load_encoder("random", model_name="test", vocab="dnabert")
+    hyper = ft.Hyper(learning_rate=3e-3, epochs=4, batch_size=5, dropout=0.0)
+    mesh = sharding.make_mesh()
+    tuner = ft.Finetuner(encoder, 2, hyper, 72, ft.steps_per_epoch(20, 5) * 4, mesh)
+    arm = tmp_path / "prom_core" / "pretrained"
+    with jax.set_mesh(mesh):
+        facts = dict(task="prom_core", labels=["non-promoter", "promoter"])
+        out = ft.finetune(tuner, train, swapped, swapped, arm, facts=facts)
+    losses = [h["loss"] for h in out["dev_history"]]
+    assert losses == sorted(losses) and out["best_step"] == 4, losses
+
+    summary = hf.export_run(arm)
+    assert summary["step"] == 4 and summary["num_labels"] == 2
+    assert summary["architecture"] == "BertForSequenceClassification"
+    assert summary["folder"] == str(arm / "hf") and summary["task"] == "prom_core"
+    readme = (arm / "hf" / "README.md").read_text()
+    assert "- task: prom_core" in readme and "cls pooling, 72 tokens per row" in readme
+    theirs = _loaded(transformers.AutoModelForSequenceClassification, arm / "hf")
+    assert theirs.config.num_labels == 2 and theirs.config.id2label[1] == "promoter"
+    ours = BertClassifier(SMALL, 2, rngs=nnx.Rngs(0))
+    hf.load_into(ours, arm / "hf", SMALL)
+    best = hf.flat_params(checkpoint.read_params(arm / "checkpoints" / "4"))
+    loaded = hf.flat_params(nnx.state(ours, nnx.Param))
+    assert loaded.keys() == best.keys()
+    assert all(np.array_equal(loaded[name], best[name]) for name in best)
+    _same_logits(ours, theirs, *_dnabert_batch(chr22))
+    newest = hf.export_run(arm, tmp_path / "newest", step=16)
+    assert newest["step"] == 16 and newest["folder"] == str(tmp_path / "newest")
+
+
 def test_mean_pooled_classifier_is_refused(tmp_path):
     model = BertClassifier(SMALL, 2, pooling="mean", rngs=nnx.Rngs(0))
     with pytest.raises(UserError, match="mean-pooled BertClassifier"):

@@ -28,6 +28,7 @@ import json
 import math
 import pathlib
 import time
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -140,6 +141,7 @@ class Finetuner:
         pooling = hyper.pooling
         if pooling == "auto":
             pooling = "cls" if encoder.vocab == "dnabert" else "mean"
+        self.pooling = pooling
         cfg = dataclasses.replace(
             encoder.model_cfg, dropout=hyper.dropout, attn_dropout=hyper.dropout
         )
@@ -219,6 +221,20 @@ class Finetuner:
             out_shardings=batch_sh,
         )
         self.local_shards = len(mesh.local_devices)
+
+    def meta(self) -> dict[str, Any]:
+        """What rebuilds this classifier from a checkpoint (JSON): ``kind="classifier"``, the
+        encoder's size (``model``, a ``BertConfig`` as a dict) and ``vocab``, ``num_labels``,
+        ``pooling``, ``max_len`` and the hyper-parameters."""
+        return dict(
+            kind="classifier",
+            model={**dataclasses.asdict(self.encoder.model_cfg), "platform": None},
+            vocab=self.encoder.vocab,
+            num_labels=self.num_labels,
+            pooling=self.pooling,
+            max_len=self.max_len,
+            hyper=dataclasses.asdict(self.hyper),
+        )
 
     def init(self, seed: int, encoder_params: Any = _OWN) -> ClassifierState:
         """A fresh state for ``seed``: a new head on the encoder's weights, or on
@@ -327,10 +343,13 @@ def finetune(
     checkpoint_every: int = 500,
     log_every: int = 50,
     sigterm=None,
+    facts: Mapping[str, Any] | None = None,
 ) -> dict:
     """Fine-tune with checkpoints in ``workdir`` (resumed when present); returns a summary.
 
-    ``encoder_params`` as in :meth:`Finetuner.init` (another arm of the same shapes).
+    ``encoder_params`` as in :meth:`Finetuner.init` (another arm of the same shapes); ``facts``
+    (JSON values: task, init source, ...) go into every checkpoint's metadata with what
+    ``--mode=export`` needs to rebuild the classifier (:meth:`Finetuner.meta`).
 
     The dev split (when given) is evaluated after every epoch and its loss ranks the
     checkpoints; the test split is scored with the best-dev-loss state (the last state without
@@ -409,6 +428,7 @@ def finetune(
                 step,
                 state,
                 data_iter=train_iter,
+                meta={**tuner.meta(), **(facts or {})},
                 metrics={"val_loss": val["loss"]} if val else None,
                 force=epoch_end or stopped is not None,
             )

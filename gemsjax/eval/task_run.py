@@ -91,6 +91,9 @@ def run_task(
             checkpoint_every=checkpoint_every,
             log_every=log_every,
             sigterm=sigterm,
+            facts=dict(
+                task=splits.name, arm=arm, source=encoder.source, labels=_label_names(splits)
+            ),
         )
         results.append(
             dict(
@@ -106,6 +109,14 @@ def run_task(
         if jax.process_index() == 0 and out["test"] is not None:
             _plots(workdir, splits, arm, out)
     return results
+
+
+def _label_names(splits: Splits) -> list[str]:
+    """The class names of the training file when it names every class, else ``LABEL_<i>``."""
+    names = splits.train.label_names
+    if len(names) == splits.num_labels:
+        return list(names)
+    return [f"LABEL_{i}" for i in range(splits.num_labels)]
 
 
 def _plots(workdir: pathlib.Path, splits: Splits, arm: str, out: dict) -> None:

@@ -338,36 +338,66 @@ def _step_dir(path: pathlib.Path, step: int | None) -> pathlib.Path:
 def export_run(
     path: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, step: int | None = None
 ) -> dict[str, Any]:
-    """Export the model of a gemsjax pretraining run (``--mode=export``).
+    """Export the model of a gemsjax pretraining or fine-tuning run (``--mode=export``).
+
+    A pretraining run becomes ``BertForMaskedLM`` (or the encoder as ``BertModel``); a fine-tuned
+    classifier (an arm folder of ``--mode=finetune``, e.g. ``<workdir>/pretrained``) becomes
+    ``BertForSequenceClassification`` with its label count.
 
     Args:
-      path: the run folder (``--workdir`` of training), its ``checkpoints`` folder or one
-        checkpoint step folder.
+      path: the run folder (``--workdir`` of training, or a fine-tuning arm folder), its
+        ``checkpoints`` folder or one checkpoint step folder.
       out_dir: where to write; default ``<run folder>/hf``.
-      step: the checkpoint step (default: the newest).
+      step: the checkpoint step (default: the newest; for a classifier, the best-dev-loss one,
+        the state its test scores came from).
     Returns:
-      A JSON-able summary: the folder, architecture, step, tokens seen.
+      A JSON-able summary: the folder, architecture, step, tokens seen (pretraining) or task
+      (fine-tuning).
     """
-    import ml_collections
-
-    from gemsjax.train import checkpoint, spec
+    from gemsjax.train import checkpoint
 
     step_dir = _step_dir(pathlib.Path(path), step)
     meta = checkpoint.read_meta(step_dir)
-    if not meta or not meta.get("config"):
+    run_dir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir
+    if meta and meta.get("kind") == "classifier":
+        if step is None:
+            step_dir = _best_step_dir(step_dir, run_dir)
+            meta = checkpoint.read_meta(step_dir)
+        config, vocab, facts, extra = _classifier_facts(meta, run_dir, int(step_dir.name))
+    elif meta and meta.get("config"):
+        config, vocab, facts, extra = _pretraining_facts(meta, int(step_dir.name))
+    else:
         raise UserError(
             f"{step_dir} has no run metadata (meta item with the config); it was not "
-            "written by gemsjax training"
+            "written by gemsjax training or fine-tuning"
         )
+    out = pathlib.Path(out_dir) if out_dir else run_dir / "hf"
+    flat = flat_params(checkpoint.read_params(step_dir))
+    write_folder(flat, config, vocab, out, labels=meta.get("labels"), facts=facts)
+    return dict(
+        folder=str(out),
+        architecture=target_of(flat).architecture,
+        step=int(step_dir.name),
+        checkpoint=str(step_dir),
+        **extra,
+    )
+
+
+def _pretraining_facts(
+    meta: Mapping[str, Any], steps: int
+) -> tuple[BertConfig, Vocab, dict[str, Any], dict[str, Any]]:
+    """Size, vocab, model-card facts and summary entries of a pretraining checkpoint."""
+    import ml_collections
+
+    from gemsjax.train import spec
+
     run = meta["config"]
     run_config = ml_collections.ConfigDict(run)
     config, vocab = spec.model_config(run_config), spec.run_vocab(run_config)
-    barcode = vocab.name == "barcodebert"
-    steps = int(step_dir.name)
     tokens = steps * run["data"]["batch_size"] * run["data"]["max_len"]
     data = (
         (run["data"]["tsv"] or "the BOLD COI barcode sample shipped with gemsjax")
-        if barcode
+        if vocab.name == "barcodebert"
         else (", ".join(run["data"]["fasta"]) or "the human chr22 sample shipped with gemsjax")
     )
     facts = dict(
@@ -380,18 +410,41 @@ def export_run(
         trained_with=json.dumps(meta.get("versions", {})),
         config=run,
     )
-    run_dir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir
-    out = pathlib.Path(out_dir) if out_dir else run_dir / "hf"
-    flat = flat_params(checkpoint.read_params(step_dir))
-    write_folder(flat, config, vocab, out, facts=facts)
-    return dict(
-        folder=str(out),
-        architecture=target_of(flat).architecture,
-        step=steps,
-        tokens_seen=tokens,
-        recipe=run["recipe"],
-        checkpoint=str(step_dir),
+    return config, vocab, facts, dict(tokens_seen=tokens, recipe=run["recipe"])
+
+
+def _best_step_dir(step_dir: pathlib.Path, run_dir: pathlib.Path) -> pathlib.Path:
+    """The checkpoint of the lowest dev loss in ``run_dir/dev_history.jsonl`` (fine-tuning
+    writes one line per epoch), or ``step_dir`` (the newest) without a dev split."""
+    history = run_dir / "dev_history.jsonl"
+    if not history.is_file():
+        return step_dir
+    losses = {}
+    for line in history.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            losses[int(record["step"])] = float(record["loss"])
+    kept = [s for s in losses if (step_dir.parent / str(s) / "state").is_dir()]
+    return step_dir.parent / str(min(kept, key=losses.get)) if kept else step_dir
+
+
+def _classifier_facts(
+    meta: Mapping[str, Any], run_dir: pathlib.Path, steps: int
+) -> tuple[BertConfig, Vocab, dict[str, Any], dict[str, Any]]:
+    """Size, vocab, model-card facts and summary entries of a fine-tuning checkpoint."""
+    config = BertConfig(**meta["model"])
+    hyper = meta["hyper"]
+    facts = dict(
+        recipe="finetune",
+        task=meta.get("task", run_dir.name),
+        encoder=meta.get("source", "?"),
+        steps=steps,
+        fine_tuning=f"lr {hyper['learning_rate']}, {hyper['epochs']} epochs, batch "
+        f"{hyper['batch_size']}, {meta['pooling']} pooling, {meta['max_len']} tokens per row",
+        config=dict(meta),
     )
+    extra = dict(task=facts["task"], num_labels=meta["num_labels"])
+    return config, get_vocab(meta["vocab"]), facts, extra
 
 
 # --------------------------------------------------------------------------- import
