@@ -235,9 +235,7 @@ def test_classifier_export_is_bert_for_sequence_classification(tmp_path, chr22):
     _close(model(jnp.asarray(ids), jnp.asarray(attention)), _torch_out(clf, ids, attention).logits)
 
 
-def test_fine_tuned_run_exports_its_best_state_as_bert_for_sequence_classification(
-    tmp_path, chr22
-):
+def test_fine_tuned_run_exports_its_best_state_as_bert_for_sequence_classification(tmp_path, chr22):
     """A fine-tuning arm folder (checkpoints + dev history) -> ``hf.export_run`` picks the
     best-dev-loss checkpoint (the state the test split was scored with), not the newest, and
     transformers gives the logits of that state. The dev split is the training rows with their
