@@ -159,3 +159,61 @@ def test_init_specs_refused_with_the_fix(tmp_path):
     assert init.parse_spec("hf:models/DNA_bert_6") == ("hf", "models/DNA_bert_6", "")
     assert init.parse_spec("runs/x:step=200") == ("run", "runs/x", "step=200")
     assert init.parse_spec("random:runs/x:best") == ("random", "runs/x:best", "")
+
+
+def test_fewshot_task_folder_brings_its_own_test_file_and_name(shared_data, tmp_path):
+    """A task folder's test file and name are used unless ``task.test`` / ``task.name`` are
+    given; without a folder the shipped sample is the default."""
+    from gemsjax.eval import config as eval_config
+    from gemsjax.eval import fewshot
+
+    folder = shared_data / "genemask_fewshot" / "Prom-core"
+    config = eval_config.load("configs/eval/fewshot.py", {"task.dir": str(folder)}, "evaluate")
+    pool, test = fewshot.task_files(config)
+    assert test == folder / "test.tsv.gz" and fewshot.task_name(config) == "Prom-core"
+    assert [p.parent.name for p in pool] == ["10", "50", "100", "500", "1000"]
+    mine = tmp_path / "my_test.tsv"
+    mine.write_text("sequence\tlabel\n")
+    config = eval_config.load(
+        "configs/eval/fewshot.py",
+        {"task.dir": str(folder), "task.test": str(mine), "task.name": "mine"},
+        "evaluate",
+    )
+    assert fewshot.task_files(config)[1] == mine and fewshot.task_name(config) == "mine"
+    config = eval_config.load("configs/eval/fewshot.py", {}, "evaluate")
+    pool, test = fewshot.task_files(config)
+    assert pool == [samples.sample_path(samples.PROM_CORE_TRAIN)]
+    assert test == samples.sample_path(samples.PROM_CORE_TEST)
+    assert fewshot.task_name(config) == "prom_core_sample"
+
+
+def test_sigterm_saves_and_the_same_call_resumes_bit_exactly(prom_core, tmp_path):
+    """A real SIGTERM (the fine-tuning command's handler) stops fine-tuning after the current
+    update with a checkpoint; running again resumes there (state, data order, dropout keys) and
+    ends with exactly the parameters and test scores of an uninterrupted run."""
+    import os
+    import signal
+
+    from gemsjax.interop import hf
+    from gemsjax.train import checkpoint
+
+    train, test = prom_core
+    test = labelled.subset(test, np.arange(40))
+    tuner, mesh = _tuner(epochs=2)
+    with jax.set_mesh(mesh):
+        whole = ft.finetune(tuner, train, None, test, tmp_path / "whole")
+        with checkpoint.sigterm_watch() as sigterm:
+            os.kill(os.getpid(), signal.SIGTERM)
+            stopped = ft.finetune(tuner, train, None, test, tmp_path / "cut", sigterm=sigterm)
+        assert stopped["stopped"] == "SIGTERM" and stopped["test"] is None
+        assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["1"]
+        resumed = ft.finetune(tuner, train, None, test, tmp_path / "cut")
+    assert resumed["stopped"] is None and len(resumed["train_losses"]) == 7
+    assert stopped["train_losses"] + resumed["train_losses"] == whole["train_losses"]
+    assert resumed["test"]["accuracy"] == whole["test"]["accuracy"]
+    assert resumed["test"]["loss"] == whole["test"]["loss"]
+    last = [
+        hf.flat_params(checkpoint.read_params(tmp_path / run / "checkpoints" / "8"))
+        for run in ("whole", "cut")
+    ]
+    assert all(np.array_equal(last[0][k], last[1][k]) for k in last[0])

@@ -81,16 +81,12 @@ def finetune_base() -> ml_collections.ConfigDict:
 
 
 def fewshot_base() -> ml_collections.ConfigDict:
-    """GeneMask few-shot: ``task.dir`` (a GeneMask task folder) or ``task.pool`` + ``task.test``
-    files; ``shots`` per class, ``draws`` per setting, ``test_subsample`` rows (0 = all)."""
+    """GeneMask few-shot: ``task.dir`` (a GeneMask task folder; ``task.test`` overrides its test
+    file) or ``task.pool`` + ``task.test`` files (default: the shipped Prom-core sample);
+    ``task.name`` defaults to the folder's or the pool file's name; ``shots`` per class,
+    ``draws`` per setting, ``test_subsample`` rows (0 = all)."""
     c = _common("fewshot")
-    c.task = dict(
-        dir="",
-        pool=str(samples.sample_path(samples.PROM_CORE_TRAIN)),
-        test=str(samples.sample_path(samples.PROM_CORE_TEST)),
-        name="prom_core_sample",
-        num_labels=0,
-    )
+    c.task = dict(dir="", pool="", test="", name="", num_labels=0)
     c.shots = (10,)
     c.draws = 10
     c.test_subsample = 0

@@ -34,7 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gemsjax.data import tables
+from gemsjax.data import samples, tables
 from gemsjax.errors import UserError
 from gemsjax.eval import finetune as ft
 from gemsjax.eval import init as init_lib
@@ -71,7 +71,9 @@ def task_files(config: ml_collections.ConfigDict) -> tuple[list[pathlib.Path], p
     """``(pool files, test file)`` of the task (see the module docstring)."""
     t = config.task
     if not t.dir:
-        return [pathlib.Path(t.pool)], pathlib.Path(t.test)
+        return [pathlib.Path(t.pool or samples.sample_path(samples.PROM_CORE_TRAIN))], (
+            pathlib.Path(t.test or samples.sample_path(samples.PROM_CORE_TEST))
+        )
     folder = pathlib.Path(t.dir)
     if not folder.is_dir():
         raise UserError(
@@ -99,6 +101,14 @@ def task_files(config: ml_collections.ConfigDict) -> tuple[list[pathlib.Path], p
             " has none for this task (Prom-300, Cohn-enh): set task.test to a file"
         )
     return pool, test
+
+
+def task_name(config: ml_collections.ConfigDict) -> str:
+    """``task.name``, else the task folder's name, the pool file's stem or the sample's name."""
+    t = config.task
+    if t.name or t.dir:
+        return t.name or pathlib.Path(t.dir).name
+    return pathlib.Path(t.pool).name.split(".")[0] if t.pool else "prom_core_sample"
 
 
 def read_pool(paths: list[pathlib.Path]) -> tables.LabelledTable:
@@ -156,7 +166,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
         pool=labelled.truncated(needed[: len(pool)], max_len),
         test=labelled.truncated(needed[len(pool) :], max_len),
     )
-    name = config.task.name or (pathlib.Path(config.task.dir).name if config.task.dir else "task")
+    name = task_name(config)
     task_dir = workdir / name
     task_dir.mkdir(parents=True, exist_ok=True)
     draws_path = task_dir / "draws.jsonl"
