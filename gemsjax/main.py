@@ -290,6 +290,13 @@ def main(argv):
         raise UserError(f"unexpected argument(s) {argv[1:]}; flags are --name=value, see --help")
     if not flags.FLAGS["verbosity"].present:  # Orbax / XLA info lines drown the progress line
         logging.set_verbosity(logging.WARNING)
+    if os.environ.get("GEMSJAX_DISTRIBUTED", "0") != "0":  # before anything starts JAX
+        from gemsjax.train import sharding
+
+        try:
+            sharding.maybe_initialize_distributed()
+        except ValueError as err:
+            raise UserError(str(err)) from None
     if _MODE.value == "export":
         if _CONFIG.value:
             raise UserError(

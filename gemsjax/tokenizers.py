@@ -177,15 +177,22 @@ class KmerTokenizer:
             f.write("\n".join(self._vocab.tokens()) + "\n")
 
     def encode(
-        self, seqs: Sequence[str], max_len: int, rng: np.random.Generator | int | None = None
+        self,
+        seqs: Sequence[str],
+        max_len: int,
+        rng: np.random.Generator | int | None = None,
+        *,
+        offsets: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Tokenize a batch of sequences.
 
         Args:
           seqs: B DNA strings (any length; lower case, N, IUPAC codes and gaps allowed).
           max_len: L, tokens per row (dnabert: >= 3, including CLS and SEP).
-          rng: numpy Generator or seed for the reading-frame offsets; required when the tokenizer
-            was built with ``randomize_offset=True``, ignored otherwise.
+          rng: numpy Generator or seed for the reading-frame offsets; with
+            ``randomize_offset=True`` it or ``offsets`` is required; ignored otherwise.
+          offsets: ``int[B]`` in ``0..k-1``: the offsets themselves (the data pipeline draws
+            them per global batch).
 
         Returns:
           ``(ids, attention)``, both ``int32[B, L]``.
@@ -208,12 +215,16 @@ class KmerTokenizer:
         if self.strip_trailing_n:
             lengths = _rstrip_lengths(buf, starts, lengths, b"Nn")
         if self.randomize_offset:
-            if rng is None:
+            if offsets is None and rng is None:
                 raise ValueError(
                     "this tokenizer has randomize_offset=True: pass rng "
-                    "(a numpy Generator or an int seed) to encode()"
+                    "(a numpy Generator or an int seed) or offsets to encode()"
                 )
-            offsets = np.random.default_rng(rng).integers(0, self.k, size=len(starts))
+            if offsets is None:
+                offsets = np.random.default_rng(rng).integers(0, self.k, size=len(starts))
+            offsets = np.asarray(offsets)
+            if offsets.shape != starts.shape or offsets.min(initial=0) < 0:
+                raise ValueError(f"offsets must be {len(starts)} values in 0..{self.k - 1}")
             offsets = np.minimum(offsets, lengths)  # dropping more bases than there are is moot
             starts = starts + offsets
             lengths = np.maximum(lengths - offsets, 0)

@@ -69,10 +69,13 @@ def committed_steps(workdir: pathlib.Path) -> list[int]:
 
 
 def restore_state(workdir: pathlib.Path, step: int) -> dict:
-    """A checkpoint's train state as a plain pytree (host arrays), without a target."""
-    with ocp.StandardCheckpointer() as checkpointer:
-        state = checkpointer.restore(workdir / "checkpoints" / str(step) / "state")
-    return jax.device_get(state)
+    """A checkpoint's train state as a plain pytree of numpy arrays, without a target (so also
+    a checkpoint saved by another device topology, e.g. another process count)."""
+    path = workdir / "checkpoints" / str(step) / "state"
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(path).item_metadata.tree
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
 def flat(tree) -> dict[str, np.ndarray]:

@@ -176,3 +176,73 @@ def test_worker_runs_detached_and_stop_ends_only_its_run(tmp_path, genome, jax_c
     assert cli_runs.committed_steps(tmp_path / "run") == [step]
     assert call("status").startswith(f"{host}: exited 0 | === ")
     assert call("stop") == f"{host}: nothing running\n"
+
+
+@pytest.mark.slow
+def test_two_process_run_equals_one_process_and_resumes_after_a_kill(tmp_path, genome, jax_cache):
+    """The multi-host rehearsal: ``launch/local_multiprocess.sh 2`` (two JAX processes of one CPU
+    device each, gloo collectives) trains what one process with two devices trains from the same
+    global batches: every loss within 1e-5 and the same final checkpoint. The two-process run is
+    killed (SIGKILL to both) after its first checkpoint and the same command resumes it."""
+    import json
+    import signal
+    import socket
+
+    import numpy as np
+
+    presets = ("data.max_len=64", "train.steps=8", "train.checkpoint_every=2", *genome)
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = cli_runs.env(jax_cache)
+    single = cli_runs.run(
+        cli_runs.cli("cm_gems", one, *presets),
+        {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **env,
+        "GEMSJAX_COORDINATOR_PORT": str(port),
+        "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    launch = [
+        "bash",
+        "launch/local_multiprocess.sh",
+        "2",
+        *cli_runs.cli("cm_gems", two, *presets)[3:],
+    ]
+    killed = subprocess.Popen(
+        launch,
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + cli_runs.TIMEOUT
+        while not cli_runs.committed_steps(two):
+            assert killed.poll() is None, "the two-process run ended before it was killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait(timeout=60)
+    saved = cli_runs.committed_steps(two)
+    assert saved and max(saved) < 8, saved
+    resumed = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert re.search(rf"resumed .* at step {max(saved)}", resumed.stdout), resumed.stdout
+
+    train = [{x["step"]: x["loss"] for x in cli_runs.metrics(w)[0]} for w in (one, two)]
+    assert sorted(train[0]) == sorted(train[1]) == list(range(1, 9))
+    np.testing.assert_allclose(
+        [train[1][s] for s in range(1, 9)], [train[0][s] for s in range(1, 9)], rtol=0, atol=1e-5
+    )
+    finals = [cli_runs.flat(cli_runs.restore_state(w, 8)) for w in (one, two)]
+    assert finals[0].keys() == finals[1].keys()
+    for key, value in finals[0].items():
+        np.testing.assert_allclose(finals[1][key], value, rtol=0, atol=1e-5, err_msg=key)
+    assert json.loads((two / "config.json").read_text())["train"]["steps"] == 8

@@ -41,26 +41,35 @@ def _assert_batches_equal(a, b):
             np.testing.assert_array_equal(x[key], y[key])
 
 
-def test_batch_plan_training_epochs_are_permutations_of_the_process_rows():
-    plan = pipelines.BatchPlan(
-        103, 10, training=True, seed=4, num_epochs=3, process_index=1, process_count=2
-    )
-    assert plan.batches_per_epoch == 5 and len(plan) == 15  # 51 rows owned, 1 dropped per epoch
-    epochs = [np.concatenate([plan(b) for b in range(e * 5, e * 5 + 5)]) for e in range(3)]
-    owned = set(range(1, 103, 2))
+def test_batch_plan_training_epochs_are_permutations_split_into_process_slices():
+    """Global batch b is the same rows for any number of processes; process i holds its
+    i-th slice of it. Each epoch is a new permutation; the remainder is dropped."""
+    plans = [
+        pipelines.BatchPlan(
+            103, 10, training=True, seed=4, num_epochs=3, process_index=i, process_count=2
+        )
+        for i in (0, 1)
+    ]
+    single = pipelines.BatchPlan(103, 20, training=True, seed=4, num_epochs=3)
+    assert plans[1].batches_per_epoch == 5 and len(plans[1]) == 15  # 103 // 20; 3 dropped
+    for b in range(15):
+        np.testing.assert_array_equal(np.concatenate([plans[0](b), plans[1](b)]), single(b))
+    epochs = [np.concatenate([single(b) for b in range(e * 5, e * 5 + 5)]) for e in range(3)]
     for rows in epochs:
-        assert len(set(rows.tolist())) == 50 and set(rows.tolist()) <= owned
+        assert len(set(rows.tolist())) == 100 and set(rows.tolist()) <= set(range(103))
     assert not np.array_equal(epochs[0], epochs[1])
     again = pipelines.BatchPlan(
         103, 10, training=True, seed=4, num_epochs=3, process_index=1, process_count=2
     )
-    np.testing.assert_array_equal(again(7), plan(7))
+    np.testing.assert_array_equal(again(7), plans[1](7))
     assert not np.array_equal(
         pipelines.BatchPlan(103, 10, True, seed=5)(0), pipelines.BatchPlan(103, 10, True, seed=4)(0)
     )
     assert len(pipelines.BatchPlan(103, 10, training=True)) > 10**15  # endless
     with pytest.raises(IndexError):
-        plan(15)
+        plans[0](15)
+    with pytest.raises(ValueError, match="no whole global batch of 120 .10 for each of 12"):
+        pipelines.BatchPlan(103, 10, True, process_index=0, process_count=12)
 
 
 def test_batch_plan_evaluation_pads_or_cuts_to_global_batches():
@@ -71,11 +80,11 @@ def test_batch_plan_evaluation_pads_or_cuts_to_global_batches():
     assert [len(p) for p in padded] == [3, 3]  # 23 rows -> 24 = 3 global batches of 8
     np.testing.assert_array_equal(
         np.concatenate([padded[1](b) for b in range(3)]),
-        [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, -1],
+        [4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, -1],
     )
     cut = pipelines.BatchPlan(23, 4, training=False, process_index=0, process_count=2)
     assert len(cut) == 2
-    np.testing.assert_array_equal(np.concatenate([cut(0), cut(1)]), [0, 2, 4, 6, 8, 10, 12, 14])
+    np.testing.assert_array_equal(np.concatenate([cut(0), cut(1)]), [0, 1, 2, 3, 8, 9, 10, 11])
 
 
 def test_genome_batches_are_fixed_shape_chunks_of_the_train_split(chr22_dir):
@@ -205,8 +214,9 @@ def test_two_processes_see_disjoint_complete_data(chr22_dir):
         )
         seen.append([s for b in ds for s in pipelines.dnabert_tokenizer().decode(b["ids"])])
     assert len(seen[0]) == len(seen[1]) == len(val) // 32 * 16
-    assert seen[0] == [val[i] for i in range(0, len(val) // 32 * 32, 2)]
-    assert seen[1] == [val[i] for i in range(1, len(val) // 32 * 32, 2)]
+    halves = [(i // 16) % 2 for i in range(len(val) // 32 * 32)]  # rows 0-15 -> 0, 16-31 -> 1
+    for p in (0, 1):
+        assert seen[p] == [val[i] for i, half in enumerate(halves) if half == p]
     train = [
         _take(
             pipelines.genome_pipeline(
@@ -279,9 +289,14 @@ def test_labelled_barcodes_by_split_and_two_processes():
     ]
     assert len(per_process[0]) == len(per_process[1])
     rows = [np.concatenate([b["labels"][b["valid"] == 1] for b in p]) for p in per_process]
-    merged = np.empty(len(test), np.int32)
-    merged[0::2], merged[1::2] = rows[0], rows[1]
-    np.testing.assert_array_equal(merged, test.labels)
+    merged = np.concatenate(  # global batch b = process 0's 16 rows, then process 1's
+        [np.concatenate([a["labels"], b["labels"]]) for a, b in zip(*per_process, strict=True)]
+    )
+    valid = np.concatenate(
+        [np.concatenate([a["valid"], b["valid"]]) for a, b in zip(*per_process, strict=True)]
+    )
+    assert sum(map(len, rows)) == len(test) == valid.sum() and valid[: len(test)].all()
+    np.testing.assert_array_equal(merged[: len(test)], test.labels)
     batch = _take(
         pipelines.labelled_pipeline(
             train, vocab="barcodebert", batch_size=32, max_len=110, training=True, seed=0
@@ -304,9 +319,9 @@ def test_labelled_pipeline_rejects_unlabelled_rows():
 def test_errors_name_the_problem(chr22_dir, barcodes):
     with pytest.raises(ValueError, match="process_index=2"):
         pipelines.genome_pipeline(chr22_dir, batch_size=8, process_index=2, process_count=2)
-    with pytest.raises(ValueError, match="50 examples make no whole batch of 100"):
+    with pytest.raises(ValueError, match="50 examples make no whole global batch of 100"):
         pipelines.barcode_pipeline(barcodes.sequences[:50], batch_size=100, training=True)
-    with pytest.raises(ValueError, match="150 examples make no whole batch of 200"):
+    with pytest.raises(ValueError, match="150 examples make no whole global batch of 200"):
         pipelines.barcode_pipeline(
             barcodes.sequences[:150], batch_size=100, training=False, process_count=2
         )

@@ -4,12 +4,13 @@ Every pipeline is a grain ``MapDataset`` whose elements are whole batches, so it
 given its seed and its iterator state is a small JSON (``get_state()`` / ``set_state()``, saved with
 Orbax through ``grain.checkpoint.CheckpointSave`` / ``CheckpointRestore``)::
 
-    MapDataset.range(number of batches).seed(seed)
-      .map / .random_map(FetchBatch: BatchPlan(b) → rows → source[rows] → one tokenizer call)
+    MapDataset.range(number of batches)
+      .map(FetchBatch: BatchPlan(b) → rows → source[rows] → one tokenizer call)
       .to_iter_dataset(ReadOptions)
 
-:class:`BatchPlan` does per-process slicing (``process_index::process_count``), per-epoch
-shuffling, repetition and batching as vectorized index arithmetic. grain's own per-element chain
+:class:`BatchPlan` does per-epoch shuffling, repetition, batching and the per-process slice of
+each global batch as vectorized index arithmetic; the global batches (and the reading-frame
+offsets of barcode training) do not depend on the number of processes. grain's own per-element chain
 (``source → [i::n] → shuffle → repeat → batch``) costs 25-40 µs per example in grain's per-element
 bookkeeping (index shuffle, stats), more than tokenizing the example; at the batch level the
 pipeline runs at the speed of the vectorized tokenizer (see ``benchmarks/bench_pipeline.py``).
@@ -73,8 +74,8 @@ class EncodeSequences:
     tokenizer: KmerTokenizer
     max_len: int
 
-    def __call__(self, seqs: list, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-        ids, attention = self.tokenizer.encode(_as_str(seqs), self.max_len, rng=rng)
+    def __call__(self, seqs: list, offsets: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        ids, attention = self.tokenizer.encode(_as_str(seqs), self.max_len, offsets=offsets)
         return {"ids": ids, "attention": attention}
 
 
@@ -89,10 +90,10 @@ class EncodeLabelled:
     max_len: int
 
     def __call__(
-        self, rows: list[Mapping], rng: np.random.Generator | None = None
+        self, rows: list[Mapping], offsets: np.ndarray | None = None
     ) -> dict[str, np.ndarray]:
         ids, attention = self.tokenizer.encode(
-            _as_str([r["sequence"] for r in rows]), self.max_len, rng=rng
+            _as_str([r["sequence"] for r in rows]), self.max_len, offsets=offsets
         )
         labels = np.fromiter((r["label"] for r in rows), np.int32, len(rows))
         valid = np.fromiter((r.get("valid", 1) for r in rows), np.int32, len(rows))
@@ -138,15 +139,16 @@ _ENDLESS = 2**62
 class BatchPlan:
     """Which source rows form batch ``b`` of this process; index arithmetic only, vectorized.
 
-    This process owns rows ``process_index::process_count`` of ``num_examples``.
+    Global batch ``b`` is ``batch_size * process_count`` rows; this process takes its
+    ``process_index``-th slice of ``batch_size`` rows. The global batches do not depend on the
+    number of processes, so a run on 2 hosts sees the batches of the same run on 1 (and resumes
+    on another host count read the same data).
 
-    - ``training``: epoch ``e`` is a permutation of the owned rows drawn from
-      ``default_rng([seed, e])`` (a new order every epoch); each epoch yields
-      ``len(owned) // batch_size`` batches (the remainder is dropped); ``num_epochs`` epochs, or
-      endless when None.
-    - evaluation: one ordered pass over a whole number of global batches
-      (``batch_size * process_count`` rows): the rows are padded up to it with ``-1`` (``pad``)
-      or cut down to it, so every process yields the same number of batches.
+    - ``training``: epoch ``e`` is a permutation of all rows drawn from ``default_rng([seed, e])``
+      (a new order every epoch); each epoch yields ``num_examples // global batch`` batches (the
+      remainder is dropped); ``num_epochs`` epochs, or endless when None.
+    - evaluation: one ordered pass over a whole number of global batches: the rows are padded up
+      to it with ``-1`` (``pad``) or cut down to it.
     """
 
     num_examples: int
@@ -168,45 +170,42 @@ class BatchPlan:
             raise ValueError(
                 f"batch_size ({self.batch_size}) and num_epochs ({self.num_epochs}) must be >= 1"
             )
-        global_batch = self.batch_size * self.process_count
         if self.batches_per_epoch == 0:
-            need = self.batch_size if self.training else global_batch
             raise ValueError(
-                f"{self.num_examples} examples make no whole batch of {need} for "
-                f"process {self.process_index} of {self.process_count}; lower the "
-                "batch size"
+                f"{self.num_examples} examples make no whole global batch of "
+                f"{self.global_batch} ({self.batch_size} for each of {self.process_count} "
+                "processes); lower the batch size"
             )
 
     @property
-    def _rows_per_epoch(self) -> int:
-        """Rows read per epoch by all processes together (evaluation: padded or cut)."""
-        if self.training:
-            return self.num_examples
-        global_batch = self.batch_size * self.process_count
-        if self.pad:
-            return -(-self.num_examples // global_batch) * global_batch
-        return self.num_examples // global_batch * global_batch
+    def global_batch(self) -> int:
+        return self.batch_size * self.process_count
 
     @property
     def batches_per_epoch(self) -> int:
-        owned = len(range(self.process_index, self._rows_per_epoch, self.process_count))
-        return owned // self.batch_size
+        if self.training or not self.pad:
+            return self.num_examples // self.global_batch
+        return -(-self.num_examples // self.global_batch)
 
     def __len__(self) -> int:
         if not self.training:
             return self.batches_per_epoch
         return self.batches_per_epoch * self.num_epochs if self.num_epochs else _ENDLESS
 
-    def __call__(self, batch: int) -> np.ndarray:
-        """``int64[batch_size]`` source rows of batch ``batch``; ``-1`` marks padding."""
+    def global_rows(self, batch: int) -> np.ndarray:
+        """``int64[global batch]`` source rows of global batch ``batch``; ``-1`` marks padding."""
         if not 0 <= batch < len(self):
             raise IndexError(f"batch {batch} out of range for {self}")
         epoch, within = divmod(batch, self.batches_per_epoch)
-        rows = np.arange(self.process_index, self._rows_per_epoch, self.process_count)
+        span = np.arange(within * self.global_batch, (within + 1) * self.global_batch)
         if self.training:
-            rows = rows[_permutation(rows.size, self.seed, epoch)]
-        rows = rows[within * self.batch_size : (within + 1) * self.batch_size]
-        return np.where(rows < self.num_examples, rows, -1)
+            return _permutation(self.num_examples, self.seed, epoch)[span]
+        return np.where(span < self.num_examples, span, -1)
+
+    def __call__(self, batch: int) -> np.ndarray:
+        """``int64[batch_size]``: this process's slice of :meth:`global_rows`."""
+        first = self.process_index * self.batch_size
+        return self.global_rows(batch)[first : first + self.batch_size]
 
 
 @functools.lru_cache(maxsize=2)
@@ -229,12 +228,26 @@ class FetchBatch:
     plan: BatchPlan
     encode: EncodeSequences | EncodeLabelled
 
-    def __call__(self, batch: int, rng: np.random.Generator | None = None) -> dict:
+    def __call__(self, batch: int) -> dict:
         rows = self.plan(int(batch))
         real = rows[rows >= 0].tolist()
         getitems = getattr(self.source, "__getitems__", None)
         elements = list(getitems(real)) if getitems else [self.source[i] for i in real]
-        return self.encode(elements + [PAD_ROW] * (rows.size - len(real)), rng)
+        return self.encode(elements + [PAD_ROW] * (rows.size - len(real)), self.offsets(batch))
+
+    def offsets(self, batch: int) -> np.ndarray | None:
+        """``int64[batch_size]`` reading-frame offsets of this process's rows, drawn for the
+        whole global batch from ``default_rng([seed, batch])`` (so they do not depend on the
+        number of processes either), or None when the tokenizer takes none."""
+        tokenizer = self.encode.tokenizer
+        if not tokenizer.randomize_offset:
+            return None
+        plan = self.plan
+        drawn = np.random.default_rng([plan.seed, int(batch)]).integers(
+            0, tokenizer.k, plan.global_batch
+        )
+        first = plan.process_index * plan.batch_size
+        return drawn[first : first + plan.batch_size]
 
 
 def make_batches(
@@ -256,13 +269,14 @@ def make_batches(
       source: a random-access source (``__len__``, ``__getitem__``): a list of sequences, a
         :class:`~gemsjax.data.genome.GenomeChunkSource`, a :class:`TableSource` or a TFDS
         ``data_source`` of ``{"sequence", "label"}`` dicts.
-      encode: the batch transform; it draws randomness (``random_map``) iff its tokenizer has
-        ``randomize_offset``.
+      encode: the batch transform; it gets reading-frame offsets (:meth:`FetchBatch.offsets`)
+        iff its tokenizer has ``randomize_offset``.
       batch_size: per-process batch size B.
       training: shuffle every epoch and repeat (``num_epochs``, None = forever); else one ordered
         pass. See :class:`BatchPlan`.
       seed: shuffle and augmentation seed.
-      process_index, process_count: this process reads rows ``process_index::process_count``.
+      process_index, process_count: this process reads its slice of each global batch of
+        ``batch_size * process_count`` rows.
       pad: evaluation of labelled data: pad to whole global batches with ``valid == 0`` rows
         (otherwise evaluation keeps ``len // (B * process_count)`` global batches).
       read_options: grain read threads / prefetch (default 2 threads, 4 batches).
@@ -285,8 +299,7 @@ def make_batches(
         pad and not training,
     )
     fetch = FetchBatch(source, plan, encode)
-    ds = grain.MapDataset.range(len(plan)).seed(seed)
-    ds = ds.random_map(fetch) if encode.tokenizer.randomize_offset else ds.map(fetch)
+    ds = grain.MapDataset.range(len(plan)).map(fetch)
     return ds.to_iter_dataset(
         read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
     )

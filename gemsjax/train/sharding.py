@@ -40,7 +40,8 @@ def maybe_initialize_distributed(environ: Mapping[str, str] | None = None) -> bo
     Must run before any other JAX call. On TPU VMs, SLURM and MPI the cluster is auto-detected.
     Elsewhere (e.g. several local processes) set ``GEMSJAX_COORDINATOR`` (host:port),
     ``GEMSJAX_NUM_PROCESSES`` and ``GEMSJAX_PROCESS_ID``; they are passed through unchanged.
-    Unset or ``0`` means single-process; any other value is an error.
+    Unset or ``0`` means single-process; any other value is an error. A second call (the command
+    line calls it first thing, the training loop again) does nothing and returns True.
     """
     env = os.environ if environ is None else environ
     flag = env.get(DISTRIBUTED_ENV, "0")
@@ -48,6 +49,8 @@ def maybe_initialize_distributed(environ: Mapping[str, str] | None = None) -> bo
         raise ValueError(f"{DISTRIBUTED_ENV}={flag!r}: expected 0 or 1")
     if flag == "0":
         return False
+    if jax.distributed.is_initialized():
+        return True
     kwargs: dict[str, Any] = {}
     if "GEMSJAX_COORDINATOR" in env:
         kwargs["coordinator_address"] = env["GEMSJAX_COORDINATOR"]
