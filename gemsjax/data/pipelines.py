@@ -141,8 +141,7 @@ class BatchPlan:
 
     Global batch ``b`` is ``batch_size * process_count`` rows; this process takes its
     ``process_index``-th slice of ``batch_size`` rows. The global batches do not depend on the
-    number of processes, so a run on 2 hosts sees the batches of the same run on 1 (and resumes
-    on another host count read the same data).
+    number of processes, so a run on 2 hosts sees the batches of the same run on 1.
 
     - ``training``: epoch ``e`` is a permutation of all rows drawn from ``default_rng([seed, e])``
       (a new order every epoch); each epoch yields ``num_examples // global batch`` batches (the
