@@ -7,21 +7,24 @@ parameters shapes; the batch is the first ``--batch`` BOLD COI barcodes of the s
 110 non-overlapping 6-mers each. Each is trained with ``gemsjax.train.step.make_train_step``
 under ``jax.jit``, built from ``configs/barcode_mae.py`` by the loop's builder (exactly half of
 each barcode's maskable tokens dropped, ``masking.mae_drop_fixed``, inside the step; AdamW
-one-cycle over 10K steps), ``--warmup`` untimed steps then ``--steps`` timed ones
-(``jax.block_until_ready``); medians are reported with the speed-up of the visible-only encoder
-and the ratio of model FLOPs (``gemsjax.models.flops.train_flops``: encoder over
-``visible_len(110, 0.5) = 55`` slots vs all 110 positions).
+one-cycle over 10K steps), timed to completion (``jax.block_until_ready``). The two take
+turns (``benchutil.interleaved_medians``: each round, each contender one untimed step then
+``--steps`` timed ones), so drift in the load of a shared machine hits both alike; medians are
+reported with the speed-up of the visible-only encoder and the ratio of model FLOPs
+(``gemsjax.models.flops.train_flops``: encoder over ``visible_len(110, 0.5) = 55`` slots vs all
+110 positions).
 
-Run: ``python benchmarks/bench_mae.py`` (``--batch``, ``--steps``, ``--warmup``).
+Run: ``python benchmarks/bench_mae.py`` (``--batch``, ``--rounds``, ``--steps``).
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from benchutil import barcode_batch, machine_info, median_seconds
+from benchutil import barcode_batch, interleaved_medians, machine_info
 from flax import nnx
 
 from gemsjax import config as config_lib
@@ -38,8 +41,9 @@ def recipe(size: str, batch_size: int):
     )
 
 
-def time_mae(size: str, batch: dict, warmup: int, steps: int) -> tuple[float, dict]:
-    """Median seconds of the jitted train step of MAE model ``size`` on ``batch``."""
+def mae_runner(size: str, batch: dict) -> tuple[Callable[[int], None], dict]:
+    """``(run, box)``: ``run(i)`` takes one jitted train step of MAE model ``size`` on ``batch``
+    and waits for it; ``box["metrics"]`` holds the last step's metrics."""
     config = recipe(size, batch["ids"].shape[0])
     spec = spec_lib.step_spec(config)
     tx, lr_schedule = optim.make_optimizer(config.optimizer, config.train.steps)
@@ -52,15 +56,14 @@ def time_mae(size: str, batch: dict, warmup: int, steps: int) -> tuple[float, di
         box["state"], box["metrics"] = step(box["state"], batch, None)
         jax.block_until_ready(box)
 
-    seconds = median_seconds(run, steps, warmup)
-    return seconds, jax.device_get(box["metrics"])
+    return run, box
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
     args = parser.parse_args()
     host = barcode_batch(args.batch)
     batch = {k: jnp.asarray(v) for k, v in host.items()}
@@ -71,10 +74,14 @@ def main() -> None:
     print(
         f"batch {args.batch} x {length} barcode tokens ({host['attention'].sum(1).mean():.0f} "
         f"real per row), mask ratio {spec.masking.mae_ratio}, encoder slots {visible}; medians "
-        f"of {args.steps} steps after {args.warmup} warm-up steps; float32"
+        f"over {args.rounds} rounds of turns (1 untimed + {args.steps} timed steps each); float32"
     )
-    t_mae, out_mae = time_mae("barcode_mae", batch, args.warmup, args.steps)
-    t_base, out_base = time_mae("barcode_mae_baseline", batch, args.warmup, args.steps)
+    (run_mae, box_mae), (run_base, box_base) = (
+        mae_runner(size, batch) for size in ("barcode_mae", "barcode_mae_baseline")
+    )
+    times = interleaved_medians({"mae": run_mae, "base": run_base}, args.rounds, args.steps)
+    t_mae, t_base = times["mae"], times["base"]
+    out_mae, out_base = (jax.device_get(box["metrics"]) for box in (box_mae, box_base))
     f_mae = flops.train_flops(registry.get_model_config("barcode_mae"), length, visible_len=visible)
     f_base = flops.train_flops(registry.get_model_config("barcode_mae_baseline"), length)
     tokens = host["ids"].size
