@@ -409,3 +409,18 @@ def test_genemask_2023_compat_is_six_spans_plus_one_stale_window(chr22, ranks):
             assert set(extra) <= set(range(last - 5, last + 6))
             window = slice(max(last - 5, 0), last + 6)
             assert got[row, window][~special[row, window]].all()
+
+
+def test_unrolled_bisection_gives_the_same_masks():
+    """The cost-estimate tracing (every bisection pass unrolled) computes the same mask."""
+    rng = np.random.default_rng(0)
+    keys = jnp.asarray(np.stack([rng.permutation(512) for _ in range(8)]).astype(np.int16))
+    count = jnp.asarray(rng.integers(0, 60, 8).astype(np.int32))
+    looped = jax.jit(lambda k, c: masking._smallest(k, c, 10))
+    with masking.unrolled_bisection():
+        unrolled = jax.jit(lambda k, c: masking._smallest(k, c, 10)).lower(keys, count)
+    assert "while" in looped.lower(keys, count).as_text()
+    assert "while" not in unrolled.as_text()
+    expected = looped(keys, count)
+    np.testing.assert_array_equal(unrolled.compile()(keys, count), expected)
+    np.testing.assert_array_equal(expected.sum(axis=1), count)

@@ -36,6 +36,7 @@ Rules and caveats it enforces:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -49,11 +50,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from gemsjax import masking
 from gemsjax.errors import UserError
 from gemsjax.models import registry
 from gemsjax.train import loop, metrics, optim, sharding
 from gemsjax.train import spec as spec_lib
-from gemsjax.train.step import init_train_state, make_train_step, step_graphdefs
+from gemsjax.train.step import init_train_state, make_train_step, masked_batch, step_graphdefs
 
 GIB = 2**30
 # HBM per chip, matched in order against device_kind like metrics.PEAK_BF16_FLOPS (the bf16
@@ -173,11 +175,27 @@ class AbstractStep:
       args: ``(state, batch, rank_table)`` as sharded ``jax.ShapeDtypeStruct`` pytrees.
       arg_bytes: bytes one device holds of ``params``, ``optimizer`` (its state, the step and
         the curriculum state) and ``batch`` (with the rank table).
+      spec: the step's masking and corruption settings.
     """
 
     step: Any
     args: tuple
     arg_bytes: dict[str, int]
+    spec: spec_lib.StepSpec
+
+    def compile_masking(self) -> Any:
+        """Masking + corruption of this step's batch alone (``step.masked_batch``), compiled
+        with the same shardings, the bisection passes unrolled so the cost model counts them
+        all (:func:`gemsjax.masking.unrolled_bisection`)."""
+        state, batch, ranks = self.args
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=ranks.sharding)
+        program = jax.jit(functools.partial(masked_batch, self.spec))
+        with masking.unrolled_bisection():
+            lowered = program.lower(
+                key, state.step, state.curriculum, batch["ids"], batch["attention"], ranks
+            )
+        return lowered.compile()
 
     def compile(self) -> tuple[Any, float]:
         """``(jax.stages.Compiled, seconds it took)``."""
@@ -223,7 +241,7 @@ def abstract_step(
         optimizer=_shard_bytes((state.opt_state, state.step, state.curriculum)),
         batch=_shard_bytes((batch, ranks)),
     )
-    return AbstractStep(step, (state, batch, ranks), arg_bytes)
+    return AbstractStep(step, (state, batch, ranks), arg_bytes, spec)
 
 
 def _cost(compiled: Any) -> dict[str, float]:
@@ -322,10 +340,15 @@ def run(config: ml_collections.ConfigDict) -> dict:
         loops_in_step=loops,
         compile_seconds=seconds_full + seconds_one,
     )
+    with jax.set_mesh(mesh):
+        masking_seconds = _cost(one.compile_masking()).get("optimal_seconds", -1.0)
     if seconds <= 0:  # libtpu's cost model has no estimate for this chip (v5e in 0.0.42.1)
         report["estimated_seconds"] = None
     else:
         report["tflops_per_device"] = model_flops / n / seconds / 1e12
+        if masking_seconds > 0:  # per micro-batch, against one micro-batch's step
+            report["masking_seconds"] = accum * masking_seconds
+            report["masking_share"] = masking_seconds / (seconds / accum)
     if seconds > 0 and tgt.peak_flops:
         report["mfu"] = model_flops / n / seconds / tgt.peak_flops
     print(format_report(report, tgt), flush=True)
@@ -368,6 +391,11 @@ def format_report(r: dict, tgt: Target) -> str:
             f"compiler's roofline estimate, not a measurement): "
             f"{r['tflops_per_device']:.1f} TFLOP/s per device{mfu}"
         )
+        if "masking_share" in r:
+            lines.append(
+                f"  masking + corruption alone (compiled apart, same batch and shardings): "
+                f"{r['masking_seconds'] * 1e3:.3f} ms, {r['masking_share']:.2%} of the step"
+            )
     if r["loops_in_step"]:
         lines.append(
             f"  note: {r['loops_in_step']} loop(s) in the step (the masking kernels' "
