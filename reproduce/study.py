@@ -28,9 +28,6 @@ RESULTS = ROOT / "RESULTS.md"
 CMGEMS_ARMS = ("dnabert_random", "genemask", "global_pmi", "cm_gems", "cm_step", "untrained")
 BARCODE_ARMS = ("barcode_mae", "barcode_bert", "barcode_bert_5m")
 FEWSHOT_TASKS = ("Prom-core", "Splice-40")  # Prom-300 has no test file in the GeneMask release
-# named explicitly: the few-shot config's default task.test (the shipped Prom-core sample) would
-# otherwise replace the task folder's own test file
-FEWSHOT_TEST = {"Prom-core": "test.tsv.gz", "Splice-40": "full-dataset/test.tsv.gz"}
 
 # Per scale: pretraining overrides (same for every arm of a family) and evaluation settings.
 SCALES = {
@@ -122,7 +119,6 @@ def cmgems_commands(arm: str, scale: dict, data: pathlib.Path, out: pathlib.Path
                     f"--workdir={work}",
                     f"--config.task.dir={data / 'genemask_fewshot' / task}",
                     f"--config.task.name={task}",
-                    f"--config.task.test={data / 'genemask_fewshot' / task / FEWSHOT_TEST[task]}",
                     f"--config.shots={few['shots'][task]}",
                     f"--config.draws={few['draws']}",
                     f"--config.test_subsample={few['test_subsample']}",
