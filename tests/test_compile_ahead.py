@@ -20,16 +20,16 @@ GIB = 2**30
 
 
 def test_pod_batch_rule_names_batches_that_split():
-    assert compile_ahead.check_batch(256, 1, 8, "v5p:2x2x2") == 256
-    assert compile_ahead.check_batch(400, 25, 8, "v5p:2x2x2") == 16
+    assert sharding.check_batch(256, 1, 8, "v5p:2x2x2") == 256
+    assert sharding.check_batch(400, 25, 8, "v5p:2x2x2") == 16
     with pytest.raises(UserError) as err:  # :paper's 10 x 25 on 8 chips
-        compile_ahead.check_batch(250, 25, 8, "v5p:2x2x2")
+        sharding.check_batch(250, 25, 8, "v5p:2x2x2")
     message = str(err.value)
     assert "micro-batches of 10 rows" in message and "8 devices of v5p:2x2x2" in message
     assert "data.batch_size=400,train.grad_accum=25" in message
     assert "data.batch_size=248,train.grad_accum=1" in message
     for batch, accum in ((400, 25), (248, 1)):  # both proposals obey the rule
-        assert compile_ahead.check_batch(batch, accum, 8, "v5p:2x2x2") == batch // accum
+        assert sharding.check_batch(batch, accum, 8, "v5p:2x2x2") == batch // accum
 
 
 @pytest.mark.parametrize(

@@ -555,3 +555,31 @@ def test_validation_without_a_masked_token_is_refused(tmp_path):
             ),
             tmp_path / "run",
         )
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_refused_before_training(tmp_path):
+    """The pod batch rule, enforced by the loop: 12 rows in 2 micro-batches of 6 on the 8 test
+    devices stop with one UserError proposing batches that split, before the run folder holds
+    anything; the proposal trains. A mesh that does not cover the devices is a UserError too."""
+    run = tmp_path / "run"
+    with pytest.raises(
+        UserError,
+        match=r"micro-batches of 6 rows, which do not split over the 8 devices of the mesh "
+        r"\{'data': 8, 'fsdp': 1\}.*data.batch_size=16,train.grad_accum=2",
+    ):
+        loop.train_and_evaluate(_config(tmp_path, "data.batch_size=12", "train.grad_accum=2"), run)
+    assert not (run / "checkpoints").exists()
+    with pytest.raises(UserError, match=r"train.mesh_data=2 x train.mesh_fsdp=1 .* 8 devices"):
+        loop.train_and_evaluate(_config(tmp_path, "train.mesh_data=2"), run)
+    summary = loop.train_and_evaluate(
+        _config(
+            tmp_path,
+            "data.batch_size=16",
+            "train.grad_accum=2",
+            "train.steps=1",
+            "optimizer.warmup_steps=0",
+            "downstream.eval=False",
+        ),
+        run,
+    )
+    assert summary["step"] == 1

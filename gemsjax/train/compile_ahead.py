@@ -141,23 +141,6 @@ def target(topology: str) -> Target:
     )
 
 
-def check_batch(batch_size: int, grad_accum: int, num_devices: int, where: str) -> int:
-    """The micro-batch ``batch_size / grad_accum``; raises :class:`UserError` unless it is a
-    whole multiple of ``num_devices`` (the module's pod batch rule), proposing batch sizes."""
-    micro, rest = divmod(batch_size, grad_accum)
-    if rest == 0 and micro % num_devices == 0:
-        return micro
-    same_accum = grad_accum * num_devices * max(1, math.ceil(batch_size / grad_accum / num_devices))
-    no_accum = num_devices * max(1, round(batch_size / num_devices))
-    raise UserError(
-        f"data.batch_size={batch_size} with train.grad_accum={grad_accum} gives micro-batches of "
-        f"{batch_size / grad_accum:g} rows, which do not split over the {num_devices} devices of "
-        f"{where}; the micro-batch must be a multiple of {num_devices}: e.g. "
-        f"data.batch_size={same_accum},train.grad_accum={grad_accum} or "
-        f"data.batch_size={no_accum},train.grad_accum=1"
-    )
-
-
 def _shard_bytes(tree: Any) -> int:
     """Bytes one device holds of a pytree of sharded ``ShapeDtypeStruct``s."""
     return sum(
@@ -285,7 +268,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     batch_size, accum = config.data.batch_size, config.train.grad_accum
     seq_len = config.data.max_len
     n = len(tgt.devices)
-    micro = check_batch(batch_size, accum, n, f"{tgt.name} (mesh {dict(mesh.shape)})")
+    micro = sharding.check_batch(batch_size, accum, n, f"{tgt.name} (mesh {dict(mesh.shape)})")
     advice = lambda arg_bytes: _advice(
         arg_bytes, tgt.hbm_bytes, mesh.shape["fsdp"], n, micro // n, accum
     )

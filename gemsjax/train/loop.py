@@ -101,7 +101,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints); returns a summary."""
     config_lib.validate(config)
     sharding.maybe_initialize_distributed()
-    mesh = sharding.make_mesh(config.train.mesh_data, config.train.mesh_fsdp)
+    try:
+        mesh = sharding.make_mesh(config.train.mesh_data, config.train.mesh_fsdp)
+    except ValueError as err:
+        raise UserError(
+            f"train.mesh_data={config.train.mesh_data} x train.mesh_fsdp="
+            f"{config.train.mesh_fsdp} does not cover the {jax.device_count()} devices ({err}); "
+            "set train.mesh_data=-1 (every device fsdp leaves) or a product equal to the "
+            "device count"
+        ) from None
+    sharding.check_batch(
+        config.data.batch_size, config.train.grad_accum, mesh.size, f"the mesh {dict(mesh.shape)}"
+    )
     with (
         workdir_lib.lock(workdir, enabled=jax.process_index() == 0),
         jax.set_mesh(mesh),

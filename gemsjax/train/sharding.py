@@ -25,6 +25,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from gemsjax.errors import UserError
+
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 # Tensors smaller than this stay replicated under the FSDP rule (big_vision uses 4 MiB).
@@ -69,6 +71,24 @@ def maybe_initialize_distributed(environ: Mapping[str, str] | None = None) -> bo
         jax.device_count(),
     )
     return True
+
+
+def check_batch(batch_size: int, grad_accum: int, num_devices: int, where: str) -> int:
+    """The micro-batch ``batch_size / grad_accum``; raises :class:`UserError` unless it is a
+    whole multiple of ``num_devices`` (the pod batch rule: every device holds a distinct slice
+    of every micro-batch), proposing batch sizes that split."""
+    micro, rest = divmod(batch_size, grad_accum)
+    if rest == 0 and micro % num_devices == 0:
+        return micro
+    same_accum = grad_accum * num_devices * max(1, math.ceil(batch_size / grad_accum / num_devices))
+    no_accum = num_devices * max(1, round(batch_size / num_devices))
+    raise UserError(
+        f"data.batch_size={batch_size} with train.grad_accum={grad_accum} gives micro-batches of "
+        f"{batch_size / grad_accum:g} rows, which do not split over the {num_devices} devices of "
+        f"{where}; the micro-batch must be a multiple of {num_devices}: e.g. "
+        f"data.batch_size={same_accum},train.grad_accum={grad_accum} or "
+        f"data.batch_size={no_accum},train.grad_accum=1"
+    )
 
 
 def make_mesh(
