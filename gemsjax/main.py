@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import pathlib
+import re
 import sys
 import textwrap
 
@@ -167,6 +168,18 @@ def default_workdir(config) -> pathlib.Path:
     return pathlib.Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
+def local_workdir(value: str) -> pathlib.Path:
+    """``--workdir`` as a local path. A URL (``gs://bucket/run``) is refused: ``pathlib`` would
+    collapse it into a local folder ``gs:/bucket/run`` and the run would land on this disk."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+        raise UserError(
+            f"--workdir={value}: remote workdirs are not supported yet (checkpoints, metrics and "
+            "TensorBoard would be written to a local folder named after the URL); use a local "
+            "folder, or a bucket mounted as one (e.g. gcsfuse), and copy the run folder up"
+        )
+    return pathlib.Path(value)
+
+
 def run_pmi(config, workdir: pathlib.Path) -> dict:
     """Count n-grams of ``config.fasta_paths`` (default: the shipped genome sample), rank 6-mers."""
     from gemsjax import pmi
@@ -304,11 +317,11 @@ def main(argv):
                 "the run with --config.init=<run folder or checkpoint>"
             )
         _print_summary(
-            run_export(_OVERRIDES, pathlib.Path(_WORKDIR.value) if _WORKDIR.value else None)
+            run_export(_OVERRIDES, local_workdir(_WORKDIR.value) if _WORKDIR.value else None)
         )
         return
     config = load_config(_CONFIG.value, _MODE.value, _OVERRIDES)
-    workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(config)
+    workdir = local_workdir(_WORKDIR.value) if _WORKDIR.value else default_workdir(config)
     if _MODE.value == "train":
         run_train(config, workdir)
     elif _MODE.value in DOWNSTREAM_MODES:

@@ -18,10 +18,10 @@ from gemsjax.train import run_files
 from gemsjax.vocab import get_vocab
 
 
-def _gemsjax(*args: str, env=None) -> subprocess.CompletedProcess:
+def _gemsjax(*args: str, env=None, cwd=cli_runs.ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "gemsjax.main", *args],
-        cwd=cli_runs.ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=cli_runs.TIMEOUT,
@@ -216,3 +216,16 @@ def test_a_run_folder_describes_itself(tmp_path, genome):
     assert b'"threshold_mode": "absolute"' in recorded and b"masking.threshold_mode" in recorded
     assert summary["curves"] == str(tmp_path / run_files.CURVES_FILE)
     assert _png_size(tmp_path / run_files.CURVES_FILE) == (960, 840)
+
+
+def test_a_url_workdir_is_refused_not_written_to_a_local_folder_named_after_it(tmp_path):
+    """``--workdir=gs://...`` would become the local folder ``gs:/...`` under pathlib; it is
+    refused in one line before anything is written."""
+    config = f"--config={cli_runs.ROOT / 'configs' / 'cm_gems.py'}:smoke"
+    done = _gemsjax(config, "--workdir=gs://bucket/runs/x", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(
+        "gemsjax: --workdir=gs://bucket/runs/x: remote workdirs are not supported yet"
+    )
+    assert list(tmp_path.iterdir()) == []
