@@ -73,7 +73,7 @@ def compile_row(row: dict) -> dict:
     started = time.perf_counter()
     try:
         report = compile_ahead.run(config_lib.load(row["spec"], overrides))
-        return {**row, **report, "error": None}
+        return {**report, "mesh_shape": report["mesh"], **row, "error": None}
     except UserError as err:
         return {**row, "error": str(err), "wall_seconds": time.perf_counter() - started}
 
