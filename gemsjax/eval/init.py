@@ -38,6 +38,7 @@ from gemsjax.errors import UserError
 from gemsjax.models import registry
 from gemsjax.models.bert import BertModel
 from gemsjax.models.sizes import SIZES
+from gemsjax.train import checkpoint
 
 VOCABS = ("dnabert", "barcodebert")
 
@@ -162,17 +163,13 @@ def _pick_step(folder: pathlib.Path, which: str) -> int:
     if which == "latest":
         return steps[-1]
     if which == "best":
-        scored = []
-        for step in steps:
-            metrics = folder / "checkpoints" / str(step) / "metrics" / "metrics"
-            if metrics.is_file():
-                scored.append((json.loads(metrics.read_text()).get("val_loss", np.inf), step))
-        if not scored:
+        best = checkpoint.best_step(folder / "checkpoints", steps)
+        if best is None:
             raise UserError(
                 f"{folder}: no checkpoint carries a validation loss, so there is no "
                 "best one; use :latest or :step=N"
             )
-        return min(scored)[1]
+        return best
     try:
         step = int(which.removeprefix("step="))
     except ValueError:

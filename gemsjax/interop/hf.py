@@ -360,8 +360,10 @@ def export_run(
     meta = checkpoint.read_meta(step_dir)
     run_dir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir
     if meta and meta.get("kind") == "classifier":
-        if step is None:
-            step_dir = _best_step_dir(step_dir, run_dir)
+        kept = [int(d.name) for d in step_dir.parent.iterdir() if d.name.isdigit()]
+        best = checkpoint.best_step(step_dir.parent, kept) if step is None else None
+        if best is not None:  # the best-dev-loss state; without a dev split, the newest
+            step_dir = step_dir.parent / str(best)
             meta = checkpoint.read_meta(step_dir)
         config, vocab, facts, extra = _classifier_facts(meta, run_dir, int(step_dir.name))
     elif meta and meta.get("config"):
@@ -411,21 +413,6 @@ def _pretraining_facts(
         config=run,
     )
     return config, vocab, facts, dict(tokens_seen=tokens, recipe=run["recipe"])
-
-
-def _best_step_dir(step_dir: pathlib.Path, run_dir: pathlib.Path) -> pathlib.Path:
-    """The checkpoint of the lowest dev loss in ``run_dir/dev_history.jsonl`` (fine-tuning
-    writes one line per epoch), or ``step_dir`` (the newest) without a dev split."""
-    history = run_dir / "dev_history.jsonl"
-    if not history.is_file():
-        return step_dir
-    losses = {}
-    for line in history.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            losses[int(record["step"])] = float(record["loss"])
-    kept = [s for s in losses if (step_dir.parent / str(s) / "state").is_dir()]
-    return step_dir.parent / str(min(kept, key=losses.get)) if kept else step_dir
 
 
 def _classifier_facts(

@@ -474,6 +474,18 @@ def read_params(step_dir: str | os.PathLike) -> Any:
     return restored["params"]
 
 
+def best_step(directory: str | os.PathLike, steps: list[int]) -> int | None:
+    """Of ``steps`` (checkpoint steps under ``directory``, a ``checkpoints`` folder), the one
+    whose saved metrics (``save(..., metrics=...)``) hold the lowest ``val_loss``; None when no
+    step carries one."""
+    scored = []
+    for step in steps:
+        path = pathlib.Path(directory) / str(step) / "metrics" / "metrics"
+        if path.is_file():
+            scored.append((json.loads(path.read_text()).get("val_loss", np.inf), step))
+    return min(scored)[1] if scored else None
+
+
 def read_meta(step_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The ``meta`` item (:func:`run_metadata`) of a checkpoint step directory, or None."""
     path = epath.Path(step_dir) / "meta"
