@@ -223,7 +223,7 @@ class KmerTokenizer:
             if offsets is None:
                 offsets = np.random.default_rng(rng).integers(0, self.k, size=len(starts))
             offsets = np.asarray(offsets)
-            if offsets.shape != starts.shape or offsets.min(initial=0) < 0:
+            if offsets.shape != starts.shape or not np.all((offsets >= 0) & (offsets < self.k)):
                 raise ValueError(f"offsets must be {len(starts)} values in 0..{self.k - 1}")
             offsets = np.minimum(offsets, lengths)  # dropping more bases than there are is moot
             starts = starts + offsets

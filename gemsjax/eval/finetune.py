@@ -437,7 +437,7 @@ def finetune(
         if (last := buffer.flush()) is not None:
             writer.write(last)
             losses.append(last.values["loss"])
-        manager.wait_until_finished()
+        checkpoint.wait(manager)
         best_step = manager.best_step() if dev is not None else None
         if stopped is None and best_step is not None and best_step != step:
             state = checkpoint.restore(manager, best_step, tuner.abstract_state).state
