@@ -49,13 +49,14 @@ SCALES = {
                 "data.max_len": 512,
                 "model.name": "logo",
                 "train.eval_every": 50,
+                "downstream.eval": False,  # the study evaluates every arm itself
             }
         ),
         fewshot=dict(
             shots={"Prom-core": "(10,50)", "Splice-40": "(10,)"}, draws=3, test_subsample=500
         ),
         gue=dict(tasks='("prom/prom_core_all","tf/0")', max_train_rows=2000, max_eval_rows=500),
-        barcode_train=dict(**{"train.steps": 600, "data.batch_size": 32}),
+        barcode_train=dict(**{"train.steps": 600, "data.batch_size": 32, "downstream.eval": False}),
         eval_presets="",
         barcode_eval_presets="",
     ),
@@ -229,9 +230,10 @@ def _rows(path: pathlib.Path) -> list[dict]:
 
 
 def _cell(value) -> str:
+    """A table cell; paths inside the repository are written relative to it."""
     if isinstance(value, list) and len(value) == 2:
         return f"{value[0]:.4f} ± {value[1]:.4f}"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return f"{value:.4f}" if isinstance(value, float) else str(value).replace(f"{ROOT}/", "")
 
 
 def _table(title: str, runs: dict[str, pathlib.Path]) -> str:
