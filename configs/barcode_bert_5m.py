@@ -21,7 +21,6 @@ def get_config(arg=None):
     c.masking.mae_ratio = 0.5  # share of tokens masked
     c.masking.mask_frac, c.masking.random_frac = 1.0, 0.0  # all of them become [MASK]
     c.masking.loss_on = "all"  # loss on every non-special token
-    c.downstream.eval = False  # the evaluation reads 6-mers only
     c.optimizer = ml_collections.ConfigDict(
         dict(  # BarcodeBERT's AdamW + one-cycle
             schedule="onecycle",

@@ -97,3 +97,49 @@ def test_embed_command_smoke(tmp_path):
         for line in (tmp_path / "index.tsv").read_text().splitlines()[1:]
     )
     assert np.load(tmp_path / "embeddings.npy").shape == (4000, 64)
+
+
+@pytest.mark.slow
+def test_an_8mer_run_is_embedded_and_evaluated_in_8mers(tmp_path):
+    """BarcodeBERT-5M's k = 8 reaches every evaluation path: the run's own downstream table, the
+    loaded encoder, its embeddings (equal to pooling the model over 8-mer ids of 82 tokens) and
+    the barcode protocol command."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from gemsjax.data import samples, tables
+    from gemsjax.eval import barcodes, embed, init
+    from gemsjax.eval.config import barcodes_base as barcodes_config
+    from gemsjax.tokenizers import KmerTokenizer
+
+    run = tmp_path / "run"
+    done = _main(
+        "--config=configs/barcode_bert_5m.py:smoke,downstream.eval=True", f"--workdir={run}"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "## Downstream: genus of unseen species (1-NN)" in done.stdout
+    encoder = init.load_encoder(str(run))
+    assert (encoder.vocab, encoder.k, encoder.model_cfg.vocab_size) == ("barcodebert", 8, 65538)
+    assert barcodes.tokens_per_row(encoder, barcodes_config()) == 82
+    model = init.build_encoder(encoder, nnx.Rngs(0))
+    seqs = tables.read_barcode_tsv(
+        samples.sample_path(samples.BARCODES), ("species_name",), splits=("val",)
+    )["species_name"].sequences[:12]
+    got = embed.embed_sequences(model, seqs, vocab="barcodebert", k=8, max_len=82, batch_size=8)
+    ids, attention = KmerTokenizer(8, stride=8, vocab="barcodebert", strip_gaps=True).encode(
+        seqs, 82
+    )
+    assert attention.sum(axis=1).max() == 82  # whole 660-bp rows fill the 82 8-mer slots
+    hidden = model(jnp.asarray(ids), jnp.asarray(attention))
+    weights = jnp.asarray(attention, jnp.float32)[..., None]
+    want = (hidden * weights).sum(axis=1) / weights.sum(axis=1)
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-5)
+    evaluated = _main(
+        "--mode=evaluate",
+        "--config=configs/eval/barcodes.py:smoke",
+        f"--config.init={run}",
+        f"--workdir={tmp_path / 'eval'}",
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
+    assert rows[0]["method"] == f"{run}@step=6" and 0.0 <= rows[0]["genus 1-NN acc"] <= 1.0

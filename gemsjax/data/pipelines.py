@@ -375,6 +375,7 @@ def labelled_pipeline(
     batch_size: int,
     max_len: int,
     training: bool,
+    k: int = 6,
     seed: int = 0,
     num_epochs: int | None = None,
     process_index: int = 0,
@@ -387,7 +388,8 @@ def labelled_pipeline(
       data: a :class:`~gemsjax.data.tables.LabelledTable` or any random-access source of
         ``{"sequence": str | bytes, "label": int}`` (e.g. ``tfds.data_source(...)``).
       vocab: ``"dnabert"`` (GUE, GeneMask: overlapping 6-mers with CLS/SEP) or ``"barcodebert"``
-        (barcodes: non-overlapping 6-mers, random offset when training).
+        (barcodes: non-overlapping ``k``-mers, random offset when training).
+      k: the barcode k-mer length (6; 8 for BarcodeBERT-5M); DNABERT's is always 6.
       training: shuffle, repeat ``num_epochs`` (None = forever), random offsets; else one ordered
         pass padded to whole global batches.
 
@@ -397,7 +399,7 @@ def labelled_pipeline(
     if vocab not in ("dnabert", "barcodebert"):
         raise ValueError(f"vocab must be 'dnabert' or 'barcodebert', got {vocab!r}")
     source = TableSource(data) if isinstance(data, tables.LabelledTable) else data
-    tokenizer = dnabert_tokenizer() if vocab == "dnabert" else barcode_tokenizer(training)
+    tokenizer = dnabert_tokenizer() if vocab == "dnabert" else barcode_tokenizer(training, k)
     return make_batches(
         source,
         EncodeLabelled(tokenizer, max_len),

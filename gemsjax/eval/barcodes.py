@@ -248,11 +248,18 @@ def exact_lookup_row(sets: BarcodeSets) -> dict:
     }
 
 
-def embed_sets(model, sets: BarcodeSets, config) -> dict[str, np.ndarray]:
-    """Embeddings of the three sets with one compiled step."""
+def tokens_per_row(encoder, config) -> int:
+    """``config.max_len``, or when 0 the whole k-mers of a 660-bp barcode for the encoder's k."""
+    return config.max_len or embed.default_max_len("barcodebert", encoder.k)
+
+
+def embed_sets(model, encoder, sets: BarcodeSets, config) -> dict[str, np.ndarray]:
+    """Embeddings of the three sets with one compiled step (``encoder``: the
+    :class:`~gemsjax.eval.init.Encoder` ``model`` was built from; its k-mer length)."""
     kw = dict(
         vocab="barcodebert",
-        max_len=config.max_len,
+        k=encoder.k,
+        max_len=tokens_per_row(encoder, config),
         batch_size=config.batch_size,
         layer=config.layer,
         pooling=config.pooling,
@@ -278,7 +285,7 @@ def _finetuned_accuracy(encoder, sets: BarcodeSets, config, workdir: pathlib.Pat
     mesh = sharding.make_mesh()
     with jax.set_mesh(mesh):
         tuner = finetune.Finetuner(
-            encoder, len(sets.species_names), hyper, config.max_len, steps, mesh
+            encoder, len(sets.species_names), hyper, tokens_per_row(encoder, config), steps, mesh
         )
         out = finetune.finetune(
             tuner, table(sets.train), None, table(sets.test), workdir, log_every=max(steps // 4, 1)
@@ -312,7 +319,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     rows, picture = [], None
     for i, encoder in enumerate(encoders):
         model = init.build_encoder(encoder, nnx.Rngs(config.seed))
-        vectors = embed_sets(model, sets, config)
+        vectors = embed_sets(model, encoder, sets, config)
         row = score_representation(encoder.source, vectors, sets, **kw)
         if config.full_finetune:
             row["species acc (fine-tuned)"] = _finetuned_accuracy(
@@ -395,7 +402,7 @@ def after_pretraining(config: ml_collections.ConfigDict, workdir: str | os.PathL
     rows = []
     for encoder in (pretrained, pretrained.random_baseline()):
         model = init.build_encoder(encoder, nnx.Rngs(config.seed))
-        kw = dict(vocab="barcodebert", max_len=config.data.max_len)
+        kw = dict(vocab="barcodebert", k=encoder.k, max_len=config.data.max_len)
         train_x = embed.embed_sequences(model, sets.train.sequences, **kw)
         unseen_x = embed.embed_sequences(model, sets.unseen.sequences, **kw)
         rows.append({"method": encoder.source} | genus_knn(train_x, unseen_x, sets))

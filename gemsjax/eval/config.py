@@ -113,7 +113,7 @@ def barcodes_base() -> ml_collections.ConfigDict:
     c = _common("barcodes")
     c.model.name = "barcode_mae_small"
     c.tsv = ""
-    c.max_len = 110
+    c.max_len = 0  # tokens per row; 0: a 660-bp barcode's k-mers (110 6-mers, 82 8-mers)
     c.batch_size, c.layer, c.pooling = 64, -1, "mean"
     c.probe, c.probe_max_iter = True, 300
     c.cluster, c.umap_components = True, 64
@@ -125,8 +125,9 @@ def barcodes_base() -> ml_collections.ConfigDict:
 
 def embed_base() -> ml_collections.ConfigDict:
     """Embeddings (``--mode=embed``, :mod:`gemsjax.eval.embed`): ``input`` (FASTA / CSV / TSV),
-    ``format``, ``layer``, ``pooling``, ``batch_size``, ``max_len`` (0: 110 barcodes, 512
-    DNABERT) and ``vocab`` (for ``init=random``; a run knows its own)."""
+    ``format``, ``layer``, ``pooling``, ``batch_size``, ``max_len`` (0: 512 DNABERT,
+    a 660-bp barcode's k-mers for barcodes) and ``vocab`` (for ``init=random``; a run knows its
+    own)."""
     c = ml_collections.ConfigDict(
         dict(
             protocol="embed",

@@ -41,14 +41,20 @@ SEQUENCE_COLUMNS = ("sequence", "nucleotides", "dna_barcode")
 ID_COLUMNS = ("processid", "id", "name")
 
 
-def tokenizer_for(vocab: str) -> KmerTokenizer:
-    """The 6-mer tokenizer of ``vocab`` (``"dnabert"`` overlapping, ``"barcodebert"`` blocks of 6
-    with gaps stripped, no reading-frame offset: embeddings are for evaluation)."""
+def tokenizer_for(vocab: str, k: int = 6) -> KmerTokenizer:
+    """The k-mer tokenizer of ``vocab`` (``"dnabert"``: overlapping 6-mers; ``"barcodebert"``:
+    blocks of ``k`` with gaps stripped, no reading-frame offset: embeddings are for evaluation)."""
     if vocab == "dnabert":
         return KmerTokenizer(6, vocab="dnabert")
     if vocab == "barcodebert":
-        return KmerTokenizer(6, vocab="barcodebert", strip_gaps=True)
+        return KmerTokenizer(k, stride=k, vocab="barcodebert", strip_gaps=True)
     raise UserError(f"embedding vocab {vocab!r}; expected 'dnabert' or 'barcodebert'")
+
+
+def default_max_len(vocab: str, k: int = 6) -> int:
+    """Tokens per row when the config leaves ``max_len`` at 0: DNABERT's 512, or a 660-bp COI
+    barcode's whole k-mers (110 6-mers, 82 8-mers)."""
+    return 512 if vocab == "dnabert" else 660 // k
 
 
 def encoder_of(model: nnx.Module) -> BertModel:
@@ -84,7 +90,7 @@ def pool(hidden: jax.Array, attention: jax.Array, pooling: str) -> jax.Array:
     return hidden[:, 0].astype(jnp.float32)
 
 
-def check_options(encoder: BertModel, vocab: str, layer: int, pooling: str) -> None:
+def check_options(encoder: BertModel, vocab: str, layer: int, pooling: str, k: int = 6) -> None:
     """Raise :class:`UserError` for a layer the encoder lacks, an unknown pooling, CLS pooling
     without a CLS token, or a vocab larger than the model's table."""
     n_layers = len(encoder.stack.blocks)
@@ -99,7 +105,7 @@ def check_options(encoder: BertModel, vocab: str, layer: int, pooling: str) -> N
         raise UserError(
             "pooling='cls' needs a [CLS] token; the barcodebert vocab has none: use pooling='mean'"
         )
-    size = tokenizer_for(vocab).vocab_size
+    size = tokenizer_for(vocab, k).vocab_size
     table = encoder.word_embeddings.embedding.shape[0]
     if table < size:
         raise UserError(
@@ -125,6 +131,7 @@ def embed_sequences(
     *,
     vocab: str,
     max_len: int,
+    k: int = 6,
     batch_size: int = 64,
     layer: int = -1,
     pooling: str = "mean",
@@ -138,13 +145,14 @@ def embed_sequences(
         pretrained encoder, :meth:`~gemsjax.models.mae.BarcodeMAE.encode`'s path).
       vocab: ``"dnabert"`` or ``"barcodebert"``.
       max_len: tokens per row (DNABERT: including CLS and SEP; barcodes: 110 for 660 bp).
+      k: the barcode k-mer length the encoder was trained on (6; 8 for BarcodeBERT-5M).
       batch_size: rows per step (rounded up to a multiple of the number of devices).
       layer, pooling: see :func:`hidden_states`, :func:`pool`.
       mesh: a ``("data", "fsdp")`` mesh; default: all devices on the data axis.
     """
     encoder = encoder_of(model)
-    check_options(encoder, vocab, layer, pooling)
-    tokenizer = tokenizer_for(vocab)
+    check_options(encoder, vocab, layer, pooling, k)
+    tokenizer = tokenizer_for(vocab, k)
     mesh = mesh or sharding.make_mesh()
     n_shards = mesh.devices.size
     batch_size = -(-batch_size // n_shards) * n_shards
@@ -236,12 +244,12 @@ def _format_from_name(path: pathlib.Path) -> str:
     )
 
 
-def token_counts(sequences: Sequence[str], vocab: str) -> np.ndarray:
+def token_counts(sequences: Sequence[str], vocab: str, k: int = 6) -> np.ndarray:
     """``int64[N]``: tokens each sequence needs untruncated (DNABERT: k-mers + CLS + SEP;
-    barcodes: whole 6-mer blocks after removing gaps and trailing N)."""
+    barcodes: whole k-mer blocks after removing gaps and trailing N)."""
     if vocab != "dnabert":
         sequences = [s.replace("-", "").rstrip("Nn") for s in sequences]
-    return labelled.tokens_needed(list(sequences), vocab)
+    return labelled.tokens_needed(list(sequences), vocab, k)
 
 
 def write_embeddings(
@@ -275,19 +283,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     )
     model = init.build_encoder(spec, nnx.Rngs(config.seed))
     sequences, index = read_sequences(config.input, config.format)
-    max_len = config.max_len or (110 if spec.vocab == "barcodebert" else 512)
+    max_len = config.max_len or default_max_len(spec.vocab, spec.k)
     started = time.perf_counter()
     embeddings = embed_sequences(
         model,
         sequences,
         vocab=spec.vocab,
         max_len=max_len,
+        k=spec.k,
         batch_size=config.batch_size,
         layer=config.layer,
         pooling=config.pooling,
     )
     seconds = time.perf_counter() - started
-    truncated = token_counts(sequences, spec.vocab) > max_len
+    truncated = token_counts(sequences, spec.vocab, spec.k) > max_len
     npy, tsv = write_embeddings(workdir, embeddings, index, truncated)
     summary = dict(
         embeddings=str(npy),

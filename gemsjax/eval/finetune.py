@@ -224,12 +224,13 @@ class Finetuner:
 
     def meta(self) -> dict[str, Any]:
         """What rebuilds this classifier from a checkpoint (JSON): ``kind="classifier"``, the
-        encoder's size (``model``, a ``BertConfig`` as a dict) and ``vocab``, ``num_labels``,
+        encoder's size (``model``, a ``BertConfig`` as a dict), ``vocab`` and ``k``, ``num_labels``,
         ``pooling``, ``max_len`` and the hyper-parameters."""
         return dict(
             kind="classifier",
             model={**dataclasses.asdict(self.encoder.model_cfg), "platform": None},
             vocab=self.encoder.vocab,
+            k=self.encoder.k,
             num_labels=self.num_labels,
             pooling=self.pooling,
             max_len=self.max_len,
@@ -250,6 +251,7 @@ class Finetuner:
             pipelines.labelled_pipeline(
                 table,
                 vocab=self.encoder.vocab,
+                k=self.encoder.k,
                 batch_size=self.hyper.batch_size // jax.process_count(),
                 max_len=self.max_len,
                 training=True,
@@ -277,6 +279,7 @@ class Finetuner:
         batches = pipelines.labelled_pipeline(
             table,
             vocab=self.encoder.vocab,
+            k=self.encoder.k,
             batch_size=per_process,
             max_len=self.max_len,
             training=False,

@@ -39,6 +39,7 @@ from gemsjax.models import registry
 from gemsjax.models.bert import BertModel
 from gemsjax.models.sizes import SIZES
 from gemsjax.train import checkpoint
+from gemsjax.vocab import get_vocab
 
 VOCABS = ("dnabert", "barcodebert")
 
@@ -55,6 +56,7 @@ class Encoder:
         built under any mesh), or None for random init.
       source: what to call it in a table (``runs/x@step=300``, ``random (logo)``).
       step: the checkpoint's step, or None.
+      k: the k-mer length of its tokens (6; 8 for BarcodeBERT-5M's barcode 8-mers).
     """
 
     model_cfg: Any
@@ -62,6 +64,7 @@ class Encoder:
     params: Any
     source: str
     step: int | None = None
+    k: int = 6
 
     def random_baseline(self) -> Encoder:
         """The same size and vocab, randomly initialized."""
@@ -106,7 +109,7 @@ def load_encoder(spec: str, *, model_name: str = "", vocab: str = "") -> Encoder
                 f"{', '.join(SIZES)}) and a vocab {VOCABS}"
             )
         cfg = registry.get_model_config(model_name)
-        return Encoder(cfg, vocab, None, f"random ({model_name})")
+        return Encoder(cfg, vocab, None, f"random ({model_name})", k=_k_of_size(cfg, vocab))
     if kind == "hf" or target.startswith("hf:"):
         run = _load_hf(target.removeprefix("hf:"))
     else:
@@ -123,6 +126,15 @@ def load_encoder(spec: str, *, model_name: str = "", vocab: str = "") -> Encoder
             "pick a run pretrained on the same kind of data"
         )
     return run if kind != "random" else run.random_baseline()
+
+
+def _k_of_size(cfg, vocab: str) -> int:
+    """The k-mer length whose ``vocab`` layout fills the size's embedding table (barcode sizes
+    exist for 6- and 8-mers); 6 when none does (a table larger than the vocab is allowed)."""
+    for k in (6, 8):
+        if get_vocab(vocab, k).size == cfg.vocab_size:
+            return k
+    return 6
 
 
 def _size(cfg) -> tuple[int, ...]:
@@ -189,22 +201,14 @@ def _load_run(target: str, which: str, *, params: bool) -> Encoder:
         overrides = dict(dropout=model["dropout"], attn_dropout=model["dropout"])
     cfg = registry.get_model_config(model["name"], **overrides)
     vocab = "barcodebert" if config["data"]["kind"] == "barcode" else "dnabert"
-    if config["data"].get("k", 6) != 6:  # e.g. BarcodeBERT-5M's 8-mers
-        raise UserError(
-            f"config.init={target!r} was trained on {config['data']['k']}-mers "
-            "(data.k); the evaluation tokenizes 6-mers only, so it cannot score "
-            "this model yet"
-        )
+    k = int(config["data"].get("k", 6))  # 8 for BarcodeBERT-5M's barcode 8-mers
     source = f"{target}@step={step}"
-    if not params:
-        return Encoder(cfg, vocab, None, source, step)
-    return Encoder(
-        cfg,
-        vocab,
-        _restore_encoder(folder / "checkpoints" / str(step) / "state", cfg, source),
-        source,
-        step,
+    weights = (
+        _restore_encoder(folder / "checkpoints" / str(step) / "state", cfg, source)
+        if params
+        else None
     )
+    return Encoder(cfg, vocab, weights, source, step, k)
 
 
 def _load_hf(folder: str) -> Encoder:
@@ -216,7 +220,7 @@ def _load_hf(folder: str) -> Encoder:
             f"config.init='hf:{folder}': its vocab.txt matches neither the DNABERT "
             "nor the BarcodeBERT id layout; gemsjax tokenizers cannot feed it"
         )
-    return Encoder(cfg, vocab.name, params, f"hf:{folder}")
+    return Encoder(cfg, vocab.name, params, f"hf:{folder}", k=vocab.k)
 
 
 def _abstract_encoder(cfg) -> nnx.State:

@@ -107,13 +107,13 @@ def stratified_subsample(labels: np.ndarray, size: int, seed: int = 0) -> np.nda
     return np.sort(np.concatenate(rows))
 
 
-def tokens_needed(sequences: list[str], vocab: str) -> np.ndarray:
+def tokens_needed(sequences: list[str], vocab: str, k: int = 6) -> np.ndarray:
     """``int64[N]`` tokens each sequence needs untruncated: ``[CLS]`` + overlapping 6-mers +
-    ``[SEP]`` (dnabert), or whole non-overlapping 6-mers (barcodebert)."""
+    ``[SEP]`` (dnabert), or whole non-overlapping k-mers (barcodebert)."""
     lengths = np.fromiter(map(len, sequences), np.int64, len(sequences))
     if vocab == "dnabert":
         return np.maximum(lengths - _K + 1, 0) + 2
-    return lengths // _K
+    return lengths // k
 
 
 def choose_max_len(requested: int, needed: np.ndarray, max_positions: int) -> int:

@@ -431,7 +431,7 @@ def _classifier_facts(
         config=dict(meta),
     )
     extra = dict(task=facts["task"], num_labels=meta["num_labels"])
-    return config, get_vocab(meta["vocab"]), facts, extra
+    return config, get_vocab(meta["vocab"], meta.get("k", 6)), facts, extra
 
 
 # --------------------------------------------------------------------------- import
