@@ -215,13 +215,11 @@ def run_data(config) -> dict:
     import numpy as np
 
     from gemsjax.data import pipelines
-    from gemsjax.tokenizers import KmerTokenizer
+    from gemsjax.tokenizers import data_tokenizer
 
     batch = next(pipelines.make_pretraining_iterator(config, "train"))
     ids, attention = batch["ids"], batch["attention"]
-    tokenizer = KmerTokenizer(
-        6, vocab="barcodebert" if config.data.kind == "barcode" else "dnabert"
-    )
+    tokenizer = data_tokenizer(config.data.kind, config.data.get("k", 6))
     first = tokenizer.decode(ids[:1])[0]
     unk = (ids == tokenizer.vocab.unk_id) & (attention > 0)
     return dict(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from gemsjax import config as config_lib
-from gemsjax import main, pmi
+from gemsjax import main, pmi, tokenizers
 from gemsjax.data import pipelines, samples
 from gemsjax.train import run_files
 from gemsjax.vocab import get_vocab
@@ -144,6 +144,18 @@ def test_data_mode_counts_barcode_unk_without_padding():
     assert (~real).sum() > 200 and (ids[~real] == 1).all()  # padding is [UNK]
     unk = int(((ids == 1) & real).sum())
     assert summary["unk_fraction"] == unk / real.sum() < (ids == 1).sum() / real.sum()
+
+
+def test_data_mode_decodes_8mer_barcodes_with_their_own_vocabulary():
+    """BarcodeBERT-5M's 8-mer ids (up to 65,537) are decoded with the run's vocabulary (the
+    data mode used to assume 6-mers and failed on them)."""
+    config = config_lib.load("barcode_bert_5m")
+    summary = main.run_data(config)
+    batch = next(pipelines.make_pretraining_iterator(config, "train"))
+    assert summary["shape"] == [32, 82] and batch["ids"].max() > 4097
+    first = tokenizers.data_tokenizer("barcode", 8).decode(batch["ids"][:1])[0]
+    assert summary["first_sequence"] == first[:60] + "..."
+    assert re.fullmatch(r"[ACGTN]{60}\.\.\.", summary["first_sequence"])
 
 
 def test_pmi_mode_writes_a_rank_table(tmp_path):

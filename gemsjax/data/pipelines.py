@@ -47,7 +47,7 @@ import numpy as np
 
 from gemsjax.data import genome, genome_cache, samples, tables
 from gemsjax.data.fasta import resolve_paths
-from gemsjax.tokenizers import KmerTokenizer
+from gemsjax.tokenizers import KmerTokenizer, data_tokenizer
 
 GENOME_MAX_LEN = 512
 """DNABERT's 512 positions: [CLS] + up to 506 6-mers of a 511 bp chunk + [SEP] fit."""
@@ -57,14 +57,14 @@ LABELLED_FORMATS = ("gue", "genemask", "barcode")
 
 
 def dnabert_tokenizer() -> KmerTokenizer:
-    """Overlapping 6-mers, DNABERT ids, ``[CLS] ... [SEP]``."""
-    return KmerTokenizer(k=6, stride=1, vocab="dnabert")
+    """Overlapping 6-mers, DNABERT ids, ``[CLS] ... [SEP]`` (genome data)."""
+    return data_tokenizer("genome")
 
 
 def barcode_tokenizer(randomize_offset: bool = False, k: int = 6) -> KmerTokenizer:
     """Non-overlapping k-mers (6: BarcodeMAE, 8: BarcodeBERT-5M), BarcodeBERT ids;
     ``randomize_offset`` (a frame offset 0..k-1) for training only."""
-    return KmerTokenizer(k=k, stride=k, vocab="barcodebert", randomize_offset=randomize_offset)
+    return data_tokenizer("barcode", k, randomize_offset=randomize_offset)
 
 
 @dataclasses.dataclass(frozen=True)

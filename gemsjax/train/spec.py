@@ -19,7 +19,8 @@ from gemsjax import masking, pmi
 from gemsjax.data import pipelines, samples
 from gemsjax.models import registry
 from gemsjax.models.bert import BertConfig
-from gemsjax.vocab import Vocab, get_vocab
+from gemsjax.tokenizers import data_tokenizer
+from gemsjax.vocab import Vocab
 
 KINDS = ("mlm", "mae")
 LOSS_ON = ("masked", "all")
@@ -114,10 +115,8 @@ class StepSpec:
 
 def run_vocab(config: ml_collections.ConfigDict) -> Vocab:
     """The run's vocabulary: BarcodeBERT's non-overlapping ``data.k``-mers for barcode data,
-    DNABERT's overlapping 6-mers for genomes."""
-    if config.data.kind == "barcode":
-        return get_vocab("barcodebert", config.data.k)
-    return get_vocab("dnabert", 6)
+    DNABERT's overlapping 6-mers for genomes (:func:`gemsjax.tokenizers.data_tokenizer`'s)."""
+    return data_tokenizer(config.data.kind, config.data.get("k", 6)).vocab
 
 
 def model_config(config: ml_collections.ConfigDict) -> BertConfig:
