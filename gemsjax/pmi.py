@@ -14,9 +14,9 @@ The pipeline (GeneMask Code-C; ``shared/reference/cmgems.md`` section 1):
    than ``min_count`` times) get the worst rank ``4**k``. The masking kernels look ranks up by id.
 
 The published GeneMask table (``Data-A_norm-pmi-score-ranking.csv``) is read by
-:func:`load_genemask_ranks` and :func:`load_genemask_columns`; :func:`recover_genemask_counts`
-inverts its normalisation to get the exact 6-mer counts behind it, which makes it a parity test for
-all of the above.
+:func:`load_genemask_ranks` and :func:`load_genemask_columns`; the tests invert its normalisation
+to get the exact 6-mer counts behind it (``tests/genemask_formats.py``), which makes it a parity
+test for all of the above.
 """
 
 from __future__ import annotations
@@ -38,9 +38,6 @@ from gemsjax.vocab import INVALID_BASE, Vocab, base_codes, get_vocab, rolling_km
 
 MAX_N = 10
 """Longest n-gram :func:`count_kmers` counts (4**10 bins of int64 = 8 MiB)."""
-
-GENEMASK_N_BASES = 669_129_375
-"""Non-N bases of GRCh38 chr1-3: the N of GeneMask's ``p = count / (2 N)``."""
 
 GENEMASK_MIN_COUNT = 101
 """GeneMask's ``min_occurrences``: k-mers seen fewer times get no score."""
@@ -463,40 +460,6 @@ def load_genemask_columns(
                     f"{path}:{line_no}: {row[c]!r} in column {c!r} is not a number"
                 ) from None
     return out
-
-
-def recover_genemask_counts(
-    csv_path: str | pathlib.Path,
-    n_bases: int = GENEMASK_N_BASES,
-    min_count: int = GENEMASK_MIN_COUNT,
-) -> NgramCounts:
-    """The exact 6-mer counts behind the published GeneMask table, by inverting its normalisation.
-
-    ``norm = dp * ln f / (ln f + ln min_count)`` gives ``f = exp(r ln min_count / (1 - r))`` with
-    ``r = norm / dp``; counts of shorter n-grams are sums over the trailing bases, so they miss
-    the n-grams in the last bases of each run of the original corpus: the 6-mer counts sum to
-    669,128,271, 1,104 less than :data:`GENEMASK_N_BASES`. Either N reproduces the published
-    PMI columns to within 0.004 (``tests/test_pmi.py``).
-
-    Args:
-      csv_path: ``Data-A_norm-pmi-score-ranking.csv[.gz]``.
-      n_bases: the N of ``p = count / (2 N)``; GeneMask's is the non-N bases of GRCh38 chr1-3.
-      min_count: the table's minimum count (101).
-
-    Returns:
-      :class:`NgramCounts` with ``max_n = 6``.
-    """
-    cols = load_genemask_columns(csv_path, ["dp.true.pmi", "norm_dp_true_pmi"])
-    ratio = cols["norm_dp_true_pmi"] / cols["dp.true.pmi"]
-    f = np.exp(ratio * np.log(min_count) / (1 - ratio))
-    counts6 = np.rint(f).astype(np.int64)
-    if np.isnan(f).any() or np.abs(f - counts6).max() > 1e-3:
-        raise ValueError(
-            f"{csv_path}: scores do not invert to integer counts with min_count = "
-            f"{min_count}; is this a complete GeneMask 6-mer table?"
-        )
-    counts = {n: counts6.reshape(4**n, -1).sum(axis=1) for n in range(1, 7)}
-    return NgramCounts(counts=counts, n_bases=n_bases)
 
 
 # ------------------------------------------------------------------------ rank table files

@@ -6,8 +6,8 @@ single byte buffer, cleaned there (gaps, trailing ``N``, reading-frame offsets) 
 counts, gathered into one padded base-code matrix ``uint8[B, bases]`` and turned into k-mer ids
 with :meth:`gemsjax.vocab.Vocab.kmer_ids`. The id layouts are those of :mod:`gemsjax.vocab`.
 
-Also here: the DNABERT / GeneMask k-mer text format (space-separated overlapping k-mers), read by
-:func:`kmer_text_to_sequence` and written by :func:`sequence_to_kmer_text`.
+Also here: the reader of the DNABERT / GeneMask k-mer text format (space-separated overlapping
+k-mers), :func:`kmer_text_to_sequence`.
 """
 
 from __future__ import annotations
@@ -21,18 +21,6 @@ from gemsjax.vocab import INVALID_BASE, Vocab, as_bytes, get_vocab
 
 _GATHER_CHUNK = 1 << 22
 """Bases gathered per step when building the padded matrix (bounds the index array's memory)."""
-
-
-def sequence_to_kmer_text(seq: str, k: int = 6, stride: int = 1) -> str:
-    """A sequence as space-separated k-mers starting every ``stride`` bases: overlapping with
-    ``stride=1`` (DNABERT's ``seq2kmer``), non-overlapping with ``stride=k`` (BarcodeBERT; a
-    trailing partial k-mer is left out).
-
-    ``"ACGTACG", k=6`` -> ``"ACGTAC CGTACG"``. Raises ValueError if ``len(seq) < k``.
-    """
-    if len(seq) < k:
-        raise ValueError(f"sequence of length {len(seq)} is shorter than k={k}")
-    return " ".join(seq[i : i + k] for i in range(0, len(seq) - k + 1, stride))
 
 
 def kmer_text_to_sequence(text: str) -> str:

@@ -31,7 +31,7 @@ def chr22_dir(shared_data, tmp_path_factory):
 
 
 def test_chunk_lengths_follow_the_recipe():
-    starts, lengths = genome.chunk_index(60_000_000, seed=3)
+    starts, lengths = genome.chunk_index(60_000_000, np.random.default_rng(3))
     assert starts.dtype == np.int64 and lengths.dtype == np.int32
     n = lengths.size
     assert 150_000 < n < 160_000  # 60e6 / mean length 384.75 = 155,945
@@ -48,7 +48,7 @@ def test_chunk_lengths_follow_the_recipe():
 
 def test_chunks_are_contiguous_non_overlapping_and_inside_the_sequence():
     total = 2_345_678
-    starts, lengths = genome.chunk_index(total, seed=11)
+    starts, lengths = genome.chunk_index(total, np.random.default_rng(11))
     ends = starts + lengths
     assert 0 <= starts[0] < genome.MAX_START_OFFSET
     np.testing.assert_array_equal(starts[1:], ends[:-1])
@@ -57,19 +57,19 @@ def test_chunks_are_contiguous_non_overlapping_and_inside_the_sequence():
 
 
 def test_chunk_index_is_deterministic_per_seed():
-    a = genome.chunk_index(1_000_000, seed=5)
-    b = genome.chunk_index(1_000_000, seed=5)
-    c = genome.chunk_index(1_000_000, seed=6)
+    a = genome.chunk_index(1_000_000, np.random.default_rng(5))
+    b = genome.chunk_index(1_000_000, np.random.default_rng(5))
+    c = genome.chunk_index(1_000_000, np.random.default_rng(6))
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
     assert a[0].size != c[0].size or not np.array_equal(a[0], c[0])
-    offsets = {int(genome.chunk_index(10_000, seed=s)[0][0]) for s in range(200)}
+    offsets = {int(genome.chunk_index(10_000, np.random.default_rng(s))[0][0]) for s in range(200)}
     assert len(offsets) > 150 and max(offsets) < genome.MAX_START_OFFSET
 
 
 @pytest.mark.parametrize("total", [0, 5, 800, 1005])
 def test_chunk_index_of_short_sequences(total):
-    starts, lengths = genome.chunk_index(total, seed=0)
+    starts, lengths = genome.chunk_index(total, np.random.default_rng(0))
     assert np.all(starts + lengths <= total)
     assert np.all(lengths >= genome.MIN_CHUNK_BASES)
     if total < genome.MIN_CHUNK_BASES:

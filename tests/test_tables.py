@@ -4,6 +4,7 @@ import csv
 import gzip
 import statistics
 
+import genemask_formats
 import numpy as np
 import pytest
 
@@ -14,7 +15,6 @@ from gemsjax.data.tables import (
     read_genemask_tsv,
     read_gue_csv,
 )
-from gemsjax.tokenizers import sequence_to_kmer_text
 
 BOLD = "bold_insect_coi_barcodes/insect_coi_barcodes.tsv.gz"
 LABELS = ("species_name", "genus_name", "bin_uri", "order_name")
@@ -60,7 +60,7 @@ def test_genemask_prom_core_quoted_and_unquoted(shared_data, rel, rows, counts):
     assert {len(s) for s in table.sequences} == {70}
     with gzip.open(path, "rt") as fh:
         raw = [line.split("\t")[0].strip('"') for line in fh.read().splitlines()[1:]]
-    assert [sequence_to_kmer_text(s, 6) for s in table.sequences] == raw
+    assert [genemask_formats.sequence_to_kmer_text(s, 6) for s in table.sequences] == raw
 
 
 def test_genemask_splice40_three_classes(shared_data):

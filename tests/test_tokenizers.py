@@ -13,8 +13,9 @@ import itertools
 
 import numpy as np
 import pytest
+from genemask_formats import sequence_to_kmer_text
 
-from gemsjax.tokenizers import KmerTokenizer, kmer_text_to_sequence, sequence_to_kmer_text
+from gemsjax.tokenizers import KmerTokenizer, kmer_text_to_sequence
 from gemsjax.vocab import get_vocab, kmer_codes
 
 DNABERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -54,9 +55,14 @@ def read_fasta(path, max_lines: int | None = None) -> str:
 
 
 def read_table_column(path, column: str, delimiter: str = ",") -> list[str]:
-    csv.field_size_limit(1 << 24)
-    with gzip.open(path, "rt", newline="") as f:
-        return [row[column] for row in csv.DictReader(f, delimiter=delimiter)]
+    """One column of a table with long fields (the csv module's limit is raised while reading and
+    restored after: it is process-wide, and test_tables checks the default)."""
+    default = csv.field_size_limit(1 << 24)
+    try:
+        with gzip.open(path, "rt", newline="") as f:
+            return [row[column] for row in csv.DictReader(f, delimiter=delimiter)]
+    finally:
+        csv.field_size_limit(default)
 
 
 def read_kmer_tsv(path) -> list[str]:

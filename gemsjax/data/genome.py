@@ -82,7 +82,7 @@ _ACGT = np.frombuffer(b"ACGT", np.uint8)  # base code -> ASCII byte
 _log = logging.getLogger(__name__)
 
 
-def chunk_index(total_length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def chunk_index(total_length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Chunk one contiguous sequence with the GeneMask recipe.
 
     Lengths are drawn in bulk (blocks of the expected chunk count) and turned into starts with a
@@ -90,17 +90,13 @@ def chunk_index(total_length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
     Args:
       total_length: number of bases in the sequence.
-      seed: any int; the same seed gives the same chunks.
+      rng: the draws' generator; the same generator state gives the same chunks.
 
     Returns:
       ``(starts int64[N], lengths int32[N])``: chunk ``i`` is ``seq[starts[i]:starts[i] +
       lengths[i]]``; ``lengths`` in 6..511; ``starts[i + 1] == starts[i] + lengths[i]``; every
       chunk ends at or before ``total_length``.
     """
-    return _chunk_index(total_length, np.random.default_rng(seed))
-
-
-def _chunk_index(total_length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     if total_length < 0:
         raise ValueError(f"total_length must be >= 0, got {total_length}")
     pos = int(rng.integers(0, MAX_START_OFFSET))
@@ -138,7 +134,7 @@ def genome_chunks(record_lengths: Sequence[int], seed: int) -> tuple[np.ndarray,
     offset = 0
     for record, length in enumerate(record_lengths):
         rng = np.random.default_rng([seed, _CHUNK_STREAM, record])
-        s, n = _chunk_index(int(length), rng)
+        s, n = chunk_index(int(length), rng)
         starts.append(s + offset)
         lengths.append(n)
         offset += int(length)

@@ -1,8 +1,8 @@
 """The text files of an exported Hugging Face folder: tokenizer files and the README model card.
 
 Tokenizers use only classes that ship with ``transformers`` (no ``trust_remote_code``) and give
-the ids of :class:`~gemsjax.tokenizers.KmerTokenizer` for text made by
-:func:`~gemsjax.tokenizers.sequence_to_kmer_text`:
+the ids of :class:`~gemsjax.tokenizers.KmerTokenizer` for space-separated k-mer text (DNABERT's
+input format):
 
 - ``dnabert`` layout: DNABERT-6's own files (``vocab.txt``, ``tokenizer_config.json``,
   ``special_tokens_map.json``): a ``BertTokenizer`` without lower-casing over space-separated

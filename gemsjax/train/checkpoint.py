@@ -529,17 +529,6 @@ def close(manager: ocp.CheckpointManager) -> None:
 
 
 @contextlib.contextmanager
-def open_manager(directory: str, **options: Any) -> Iterator[ocp.CheckpointManager]:
-    """``with open_manager(dir, save_every=...) as manager:`` -- :func:`make_manager` that is
-    always :func:`close`\\ d (pending saves finished) on exit, also on error."""
-    manager = make_manager(directory, **options)
-    try:
-        yield manager
-    finally:
-        close(manager)
-
-
-@contextlib.contextmanager
 def sigterm_watch() -> Iterator[threading.Event]:
     """``with sigterm_watch() as sigterm:`` -- an event set by the first SIGTERM; the loop polls
     it (:func:`stop_requested`) at step boundaries, saves with ``force=True`` and returns. A second
