@@ -123,8 +123,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
 
-    ranks = load_genemask_ranks(args.data / ref.RANKS)
-    ids, special = ref.dnabert_batch(ref.chr22_chunks(args.data, args.batch))
+    ranks = load_genemask_ranks(ref.RANKS)
+    ids, special = ref.dnabert_batch(ref.chr22_chunks(args.batch))
     data = dict(
         ids=ids,
         special=special,

@@ -1,6 +1,8 @@
 """``python -m gemsjax.main`` in subprocesses and the run folders it writes: command lines, the
-subprocess environment, the summary line, metrics.jsonl, committed checkpoints."""
+subprocess environment, the summary line, metrics.jsonl, committed checkpoints (and a checkpoint
+manager opened the way the loop opens it)."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -14,9 +16,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from gemsjax import config as config_lib
+from gemsjax.data import samples
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CHR22 = "human_chr22_20-21Mb/22_20-21M.fa.gz"
+CHR22 = samples.sample_path(samples.GENOME)  # = ../shared/data/human_chr22_20-21Mb
 PLASMODIUM = "plasmodium_falciparum/Pfalciparum_genome_1.fa.gz"
 LAMBDA = "phage_lambda/lambda_virus.fa.gz"
 SUMMARY = "gemsjax summary: "
@@ -135,3 +138,16 @@ class Run:
     @property
     def stderr(self) -> str:
         return self.stderr_path.read_text()[-3000:]
+
+
+@contextlib.contextmanager
+def open_manager(directory, **options):
+    """:func:`checkpoint.make_manager`, closed (pending saves finished) on exit, as the loop's
+    ``try / finally`` does."""
+    from gemsjax.train import checkpoint
+
+    manager = checkpoint.make_manager(str(directory), **options)
+    try:
+        yield manager
+    finally:
+        checkpoint.close(manager)

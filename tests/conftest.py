@@ -14,9 +14,10 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "d
 
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
-    """The real data folder `../shared/data` beside the project root."""
+    """The real data folder `../shared/data` beside the project root; the tests that need more than
+    the package's shipped samples are skipped, with the reason, where it is absent (CI has it)."""
     if not SHARED_DATA.is_dir():
-        pytest.fail(f"shared data not found at {SHARED_DATA}; clone the project beside ../shared")
+        pytest.skip(f"needs ../shared/data (not found at {SHARED_DATA}); clone beside ../shared")
     return SHARED_DATA
 
 

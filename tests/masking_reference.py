@@ -23,13 +23,16 @@ import pathlib
 
 import numpy as np
 
+from gemsjax.data import samples
 from gemsjax.tokenizers import KmerTokenizer
 from gemsjax.vocab import get_vocab
 
 SPAN6 = (-2, -1, 1, 2, 3)
 WIDE = tuple(range(-5, 6))
-CHR22 = "human_chr22_20-21Mb/22_20-21M.fa.gz"
-RANKS = "genemask_pmi_ranking/Data-A_norm-pmi-score-ranking.csv.gz"
+CHR22 = samples.sample_path(
+    samples.GENOME
+)  # the shipped copy of ../shared/data/human_chr22_20-21Mb
+RANKS = samples.sample_path(samples.GENEMASK_RANKS)  # the published GeneMask ranking, shipped
 VOCAB = get_vocab("dnabert", 6)
 
 
@@ -40,10 +43,10 @@ def read_fasta(path: pathlib.Path) -> str:
         return "".join(line.strip() for line in f if not line.startswith(">")).upper()
 
 
-def chr22_chunks(data_dir: pathlib.Path, count: int, bp: int = 510) -> list[str]:
+def chr22_chunks(count: int, bp: int = 510) -> list[str]:
     """``count`` consecutive ``bp``-base chunks of the chr22 segment with every N deleted (the
     GeneMask pretraining-corpus recipe, Code-A); 510 bp give 505 6-mers, L = 507 with CLS/SEP."""
-    seq = read_fasta(data_dir / CHR22).replace("N", "")
+    seq = read_fasta(CHR22).replace("N", "")
     if count * bp > len(seq):
         raise ValueError(f"the chr22 segment has {len(seq)} non-N bases, fewer than {count}x{bp}")
     return [seq[i * bp : (i + 1) * bp] for i in range(count)]

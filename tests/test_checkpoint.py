@@ -1,12 +1,12 @@
 """Orbax checkpoints of a sharded NNX state + a grain iterator; fallback, retention, SIGTERM."""
 
-import contextlib
 import json
 import logging
 import os
 import signal
 import time
 
+import cli_runs
 import grain
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from gemsjax.data import samples
 from gemsjax.errors import UserError
 from gemsjax.pmi import load_genemask_ranks
 from gemsjax.train import checkpoint, sharding
@@ -26,17 +27,6 @@ class Toy(nnx.Module):
         init = nnx.with_partitioning(nnx.initializers.normal(1.0), ("fsdp", None))
         self.emb = nnx.Embed(16, 8, embedding_init=init, rngs=rngs)
         self.ln = nnx.LayerNorm(8, rngs=rngs)
-
-
-@contextlib.contextmanager
-def open_manager(directory, **options):
-    """:func:`checkpoint.make_manager`, closed (pending saves finished) on exit, as the loop's
-    ``try / finally`` does."""
-    manager = checkpoint.make_manager(str(directory), **options)
-    try:
-        yield manager
-    finally:
-        checkpoint.close(manager)
 
 
 def _iterator():
@@ -67,22 +57,20 @@ def _assert_same(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_round_trip_onto_another_mesh(tmp_path, shared_data):
-    ranks = load_genemask_ranks(
-        shared_data / "genemask_pmi_ranking" / "Data-A_norm-pmi-score-ranking.csv.gz"
-    )
+def test_round_trip_onto_another_mesh(tmp_path):
+    ranks = load_genemask_ranks(samples.sample_path(samples.GENEMASK_RANKS))
     mesh_a, mesh_b = sharding.make_mesh(4, 2), sharding.make_mesh(2, 4)
     state = _state(mesh_a, seed=3)
     it = _iterator()
     for _ in range(5):
         next(it)
     meta = checkpoint.run_metadata({"model": "logo", "lr": 8e-4})
-    with open_manager(tmp_path / "ckpt", save_every=1000) as manager:
+    with cli_runs.open_manager(tmp_path / "ckpt", save_every=1000) as manager:
         assert checkpoint.save(
             manager, 5, state, data_iter=it, rank_table=ranks, meta=meta, force=True
         )
         expected = [next(it) for _ in range(3)]  # advancing after save() must not leak in
-    with open_manager(tmp_path / "ckpt", save_every=1000) as manager:
+    with cli_runs.open_manager(tmp_path / "ckpt", save_every=1000) as manager:
         fresh = _iterator()
         restored = checkpoint.restore_latest(manager, _abstract(state, mesh_b), fresh)
     assert restored.step == 5 and restored.data_iter is fresh
@@ -103,7 +91,7 @@ def test_round_trip_onto_another_mesh(tmp_path, shared_data):
 def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog):
     mesh = sharding.make_mesh(8, 1)
     it = _iterator()
-    with open_manager(tmp_path, save_every=2) as manager:
+    with cli_runs.open_manager(tmp_path, save_every=2) as manager:
         states = {}
         for step in range(5):
             next(it)
@@ -114,7 +102,7 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog):
     batch_after_step_2 = [next(reference) for _ in range(4)][3]  # step 2 saved after 3 batches
     for blob in (tmp_path / "4" / "state" / "d").iterdir():
         blob.write_bytes(b"not a tensorstore chunk")
-    with open_manager(tmp_path, save_every=2) as manager:
+    with cli_runs.open_manager(tmp_path, save_every=2) as manager:
         fresh = _iterator()
         with caplog.at_level(logging.WARNING, logger="gemsjax.train.checkpoint"):
             restored = checkpoint.restore_latest(manager, _abstract(states[2], mesh), fresh)
@@ -127,10 +115,10 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog):
 def test_restore_latest_without_or_with_only_bad_checkpoints(tmp_path):
     mesh = sharding.make_mesh(8, 1)
     state = _state(mesh)
-    with open_manager(tmp_path, save_every=1) as manager:
+    with cli_runs.open_manager(tmp_path, save_every=1) as manager:
         assert checkpoint.restore_latest(manager, _abstract(state, mesh)) is None
         checkpoint.save(manager, 1, state)  # no iterator saved
-    with open_manager(tmp_path, save_every=1) as manager:
+    with cli_runs.open_manager(tmp_path, save_every=1) as manager:
         with pytest.raises(ValueError, match="no data_iter item"):
             checkpoint.restore(manager, 1, _abstract(state, mesh), _iterator())
         with pytest.raises(UserError, match=r"can be restored \(step 1: ValueError: .*no data_it"):
@@ -140,7 +128,7 @@ def test_restore_latest_without_or_with_only_bad_checkpoints(tmp_path):
 
 def test_save_decision_interval_and_force(tmp_path):
     state = {"w": jnp.arange(4.0)}
-    with open_manager(tmp_path, save_every=4) as manager:
+    with cli_runs.open_manager(tmp_path, save_every=4) as manager:
         saved = [checkpoint.save(manager, step, state) for step in range(10)]
         assert saved == [s % 4 == 0 for s in range(10)]
         assert checkpoint.save(manager, 9, state, force=True)  # e.g. final or SIGTERM save
@@ -153,7 +141,9 @@ def test_save_decision_interval_and_force(tmp_path):
 def test_keep_last_and_best(tmp_path, mode, best):
     state = {"w": jnp.zeros(3)}
     losses = [5.0, 1.0, 4.0, 3.0, 2.0]  # best (min) is step 1, best (max) is step 0
-    with open_manager(tmp_path, save_every=1, keep_last=2, keep_best=1, best_mode=mode) as manager:
+    with cli_runs.open_manager(
+        tmp_path, save_every=1, keep_last=2, keep_best=1, best_mode=mode
+    ) as manager:
         for step, loss in enumerate(losses):
             checkpoint.save(manager, step, state, metrics={"val_loss": loss})
         manager.wait_until_finished()
@@ -162,7 +152,7 @@ def test_keep_last_and_best(tmp_path, mode, best):
         checkpoint.save(manager, 5, state, force=True)  # no metrics: counts only as latest
         manager.wait_until_finished()
         assert manager.all_steps() == [best, 4, 5]
-    with open_manager(tmp_path, save_every=1, keep_last=2, best_mode=mode) as manager:
+    with cli_runs.open_manager(tmp_path, save_every=1, keep_last=2, best_mode=mode) as manager:
         assert manager.best_step() == best  # metrics survive a restart
 
 

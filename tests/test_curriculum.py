@@ -165,11 +165,11 @@ def test_state_round_trips_through_orbax(tmp_path):
     assert bool(restored.switched)
 
 
-def test_curriculum_drives_the_mask_inside_jit(shared_data):
+def test_curriculum_drives_the_mask_inside_jit():
     """A jitted step: strategies drawn from the curriculum at a traced step, masks made on device;
     at step 0 CM-STEP is all DNABERT spans, at max_steps all Global-PMI."""
-    rank_table = jnp.asarray(load_genemask_ranks(shared_data / ref.RANKS))
-    ids, special = map(jnp.asarray, ref.dnabert_batch(ref.chr22_chunks(shared_data, 32)))
+    rank_table = jnp.asarray(load_genemask_ranks(ref.RANKS))
+    ids, special = map(jnp.asarray, ref.dnabert_batch(ref.chr22_chunks(32)))
     params = masking.MaskParams()
 
     def step_masks(cur, key, step, state):

@@ -32,7 +32,7 @@ from flax import nnx
 
 from gemsjax import config as config_lib
 from gemsjax import main, pmi
-from gemsjax.data import genome, genome_cache
+from gemsjax.data import genome, genome_cache, samples
 from gemsjax.data.rawio import open_binary
 from gemsjax.errors import UserError
 from gemsjax.models import registry
@@ -40,7 +40,7 @@ from gemsjax.tokenizers import KmerTokenizer
 from gemsjax.train import checkpoint, loop, sharding, workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CHR22 = "human_chr22_20-21Mb/22_20-21M.fa.gz"
+CHR22 = samples.sample_path(samples.GENOME)  # = ../shared/data/human_chr22_20-21Mb
 LAMBDA = "phage_lambda/lambda_virus.fa.gz"
 FLIPS = 30
 
@@ -85,7 +85,7 @@ def _same(a, b) -> bool:
 
 def _save_two_steps(directory: pathlib.Path, states: dict) -> None:
     it = _iterator()
-    with checkpoint.open_manager(directory, save_every=1) as manager:
+    with cli_runs.open_manager(directory, save_every=1) as manager:
         for step, state in states.items():
             next(it)
             checkpoint.save(
@@ -128,7 +128,7 @@ def test_flipped_bits_in_saved_arrays_never_restore_silently(tmp_path, capsys):
         data = bytearray(target.read_bytes())
         data[rng.integers(len(data))] ^= 1 << int(rng.integers(8))
         target.write_bytes(bytes(data))
-        with checkpoint.open_manager(work, save_every=1) as manager:
+        with cli_runs.open_manager(work, save_every=1) as manager:
             restored = checkpoint.restore_latest(manager, _abstract(states[4]), _iterator())
         if restored.step == 2:
             assert _same(restored.state, states[2]) and restored.skipped
@@ -156,7 +156,7 @@ def test_nan_state_on_restore_falls_back(tmp_path, caplog):
     leaves[index] = leaves[index].at[3, 5].set(jnp.nan)
     bad["params"] = jax.tree.unflatten(treedef, leaves)
     _save_two_steps(tmp_path, {2: good, 4: bad})
-    with checkpoint.open_manager(tmp_path, save_every=1) as manager:
+    with cli_runs.open_manager(tmp_path, save_every=1) as manager:
         with caplog.at_level(logging.WARNING, logger="gemsjax.train.checkpoint"):
             restored = checkpoint.restore_latest(manager, _abstract(good), _iterator())
     assert restored.step == 2 and _same(restored.state, good)
@@ -172,7 +172,7 @@ def test_no_restorable_checkpoint_is_one_user_error(tmp_path):
     _save_two_steps(tmp_path, {1: state})
     for blob in (tmp_path / "1" / "state" / "ocdbt.process_0" / "d").iterdir():
         blob.write_bytes(b"\0" * blob.stat().st_size)
-    with checkpoint.open_manager(tmp_path, save_every=1) as manager:
+    with cli_runs.open_manager(tmp_path, save_every=1) as manager:
         with pytest.raises(
             UserError,
             match=r"no checkpoint in .* can be restored \(step 1: .*\); "
@@ -502,7 +502,7 @@ def test_orphaned_temporary_folders_are_removed_and_the_cache_cli_works(
     assert not tmp_path.exists()
 
 
-def test_rna_and_iupac_input_follow_the_documented_rule(tmp_path, shared_data, caplog):
+def test_rna_and_iupac_input_follow_the_documented_rule(tmp_path, caplog):
     """``U`` reads as ``T`` (counted, warned); IUPAC codes are deleted (counted; warned above
     0.1 %); ``N`` is deleted and counted. Tokenizers and PMI counts read ``U`` as ``T`` too."""
     dna = "ACGTTGCAAGCTTACG" * 40

@@ -9,10 +9,10 @@ import grain
 import numpy as np
 import pytest
 
-from gemsjax.data import genome
+from gemsjax.data import genome, samples
 from gemsjax.data.fasta import read_fasta
 
-CHR22 = "human_chr22_20-21Mb/22_20-21M.fa.gz"
+CHR22 = samples.sample_path(samples.GENOME)  # = ../shared/data/human_chr22_20-21Mb
 LAMBDA = "phage_lambda/lambda_virus.fa.gz"
 VIBRIO = "bacterial_genomes/Vibrio_cholerae_O1_N16961.fasta.gz"
 CHRX = "human_grch37_chrX_0-70Mb/hs37chrXtrunc.fa.gz"
@@ -26,8 +26,8 @@ def _acgt_only(fasta_gz) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def chr22_dir(shared_data, tmp_path_factory):
-    return genome.prepare_genome(shared_data / CHR22, tmp_path_factory.mktemp("g") / "chr22")
+def chr22_dir(tmp_path_factory):
+    return genome.prepare_genome(CHR22, tmp_path_factory.mktemp("g") / "chr22")
 
 
 def test_chunk_lengths_follow_the_recipe():
@@ -98,15 +98,15 @@ def test_split_fraction_and_determinism():
         genome.split_chunks(10, seed=0, train_fraction=1.5)
 
 
-def test_prepare_genome_removes_n_and_matches_the_fasta(shared_data, chr22_dir):
-    expected = _acgt_only(shared_data / CHR22)
+def test_prepare_genome_removes_n_and_matches_the_fasta(chr22_dir):
+    expected = _acgt_only(CHR22)
     manifest = json.loads((chr22_dir / genome.MANIFEST_FILE).read_text())
     assert len(expected) == 900_000  # 1,000,000 bp with 100,000 N
     assert manifest["total_length"] == len(expected)
     assert manifest["records"] == [
         {
             "name": "22:20000001-21000000",
-            "source": str((shared_data / CHR22).resolve()),
+            "source": str((CHR22).resolve()),
             "offset": 0,
             "length": 900_000,
             "removed": 100_000,
@@ -115,12 +115,12 @@ def test_prepare_genome_removes_n_and_matches_the_fasta(shared_data, chr22_dir):
         }
     ]
     source = manifest["sources"][0]
-    assert source["bytes"] == (shared_data / CHR22).stat().st_size and len(source["sha256"]) == 64
+    assert source["bytes"] == (CHR22).stat().st_size and len(source["sha256"]) == 64
     assert (chr22_dir / genome.BASES_FILE).read_bytes() == expected
 
 
-def test_prepare_genome_streams_small_chunks_identically(shared_data, chr22_dir, tmp_path):
-    out = genome.prepare_genome(shared_data / CHR22, tmp_path / "small", chunk_bases=4099)
+def test_prepare_genome_streams_small_chunks_identically(chr22_dir, tmp_path):
+    out = genome.prepare_genome(CHR22, tmp_path / "small", chunk_bases=4099)
     assert (out / genome.BASES_FILE).read_bytes() == (chr22_dir / genome.BASES_FILE).read_bytes()
 
 
@@ -152,11 +152,11 @@ def test_prepare_genome_memory_stays_flat(shared_data, tmp_path):
 def test_prepare_genome_rerun_is_a_noop_and_other_inputs_fail(shared_data, chr22_dir, tmp_path):
     bases = chr22_dir / genome.BASES_FILE
     before = bases.stat().st_mtime_ns
-    assert genome.prepare_genome(shared_data / CHR22, chr22_dir) == chr22_dir
+    assert genome.prepare_genome(CHR22, chr22_dir) == chr22_dir
     assert bases.stat().st_mtime_ns == before
     with pytest.raises(genome.PreparedGenomeError, match="other inputs.*overwrite=True"):
         genome.prepare_genome(shared_data / LAMBDA, chr22_dir)
-    other = genome.prepare_genome(shared_data / CHR22, tmp_path / "o")
+    other = genome.prepare_genome(CHR22, tmp_path / "o")
     genome.prepare_genome(shared_data / LAMBDA, other, overwrite=True)
     assert genome.load_manifest(other)["total_length"] == len(_acgt_only(shared_data / LAMBDA))
     (tmp_path / "junk").mkdir()

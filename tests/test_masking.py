@@ -20,14 +20,14 @@ KEY = jax.random.key(20240807)
 
 
 @pytest.fixture(scope="module")
-def ranks(shared_data):
-    return load_genemask_ranks(shared_data / ref.RANKS)
+def ranks():
+    return load_genemask_ranks(ref.RANKS)
 
 
 @pytest.fixture(scope="module")
-def chr22(shared_data):
+def chr22():
     """1024 rows: CLS + 505 6-mers of real chr22 sequence + SEP + 5 PAD."""
-    return ref.dnabert_batch(ref.chr22_chunks(shared_data, 1024))
+    return ref.dnabert_batch(ref.chr22_chunks(1024))
 
 
 def _gue(shared_data, task, rows, max_len):

@@ -13,13 +13,13 @@ from gemsjax import config as config_lib
 from gemsjax.data import genome, pipelines, samples, tables
 from gemsjax.train import sharding
 
-CHR22 = "human_chr22_20-21Mb/22_20-21M.fa.gz"
+CHR22 = samples.sample_path(samples.GENOME)  # = ../shared/data/human_chr22_20-21Mb
 SYNC = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
 @pytest.fixture(scope="module")
-def chr22_dir(shared_data, tmp_path_factory):
-    return genome.prepare_genome(shared_data / CHR22, tmp_path_factory.mktemp("g") / "chr22")
+def chr22_dir(tmp_path_factory):
+    return genome.prepare_genome(CHR22, tmp_path_factory.mktemp("g") / "chr22")
 
 
 @pytest.fixture(scope="module")

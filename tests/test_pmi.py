@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 
 from gemsjax import pmi
+from gemsjax.data import samples
 from gemsjax.data.fasta import read_fasta
 from gemsjax.errors import UserError
 from gemsjax.vocab import get_vocab
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-PUBLISHED = "genemask_pmi_ranking/Data-A_norm-pmi-score-ranking.csv.gz"
+PUBLISHED = samples.sample_path(samples.GENEMASK_RANKS)  # the published GeneMask table
 LAMBDA = "phage_lambda/lambda_virus.fa.gz"
-CHR22 = "human_chr22_20-21Mb/22_20-21M.fa.gz"
+CHR22 = samples.sample_path(samples.GENOME)  # = ../shared/data/human_chr22_20-21Mb
 ECOLI = "bacterial_genomes/Escherichia_coli_K-12_MG1655.fasta.gz"
 CHR22_N_RUN = (509_431, 609_431)  # the one N run of the chr22 segment
 
@@ -53,8 +54,8 @@ def lambda_seq(shared_data):
 
 
 @pytest.fixture(scope="module")
-def chr22_seq(shared_data):
-    ((_, seq),) = read_fasta(shared_data / CHR22)
+def chr22_seq():
+    ((_, seq),) = read_fasta(CHR22)
     return seq
 
 
@@ -270,14 +271,14 @@ def test_ranks_from_scores_ties_and_nan():
 
 
 @pytest.fixture(scope="module")
-def published(shared_data):
+def published():
     columns = [*pmi.GENEMASK_COLUMNS.values(), "norm_pmi_rank_rel"]
-    return pmi.load_genemask_columns(shared_data / PUBLISHED, columns)
+    return pmi.load_genemask_columns(PUBLISHED, columns)
 
 
 @pytest.fixture(scope="module")
-def recovered(shared_data):
-    return genemask_formats.recover_genemask_counts(shared_data / PUBLISHED)
+def recovered():
+    return genemask_formats.recover_genemask_counts(PUBLISHED)
 
 
 def test_recovered_counts(recovered):
@@ -305,7 +306,7 @@ def test_scores_reproduce_published_columns(recovered, published, n_bases):
     assert np.abs(per_length - published["naive.pmi"]).min() > 1
 
 
-def test_ranks_reproduce_published_order(recovered, published, shared_data):
+def test_ranks_reproduce_published_order(recovered, published):
     published_rank = published["norm_pmi_rank_rel"].astype(np.int32)
     # ranking the published scores gives the published ranks exactly
     np.testing.assert_array_equal(
@@ -330,7 +331,7 @@ def test_ranks_reproduce_published_order(recovered, published, shared_data):
         n_swaps += swapped.sum()
     assert 0 < n_swaps < 1000
     table = pmi.rank_table(recovered, 6)
-    loaded = pmi.load_genemask_ranks(shared_data / PUBLISHED)
+    loaded = pmi.load_genemask_ranks(PUBLISHED)
     assert np.abs(table - loaded).max() <= 4 and (table[:5] == loaded[:5]).all()
 
 
@@ -338,20 +339,20 @@ def test_ranks_reproduce_published_order(recovered, published, shared_data):
 
 
 @pytest.mark.parametrize("name", ["ranks.tsv", "ranks.tsv.gz"])
-def test_save_load_round_trip(tmp_path, shared_data, name):
+def test_save_load_round_trip(tmp_path, name):
     vocab = get_vocab("dnabert", 6)
-    table = pmi.load_genemask_ranks(shared_data / PUBLISHED)
-    meta = {"source": PUBLISHED, "k": 6}
+    table = pmi.load_genemask_ranks(PUBLISHED)
+    meta = {"source": str(PUBLISHED), "k": 6}
     pmi.save_rank_table(tmp_path / name, table, vocab, meta)
     loaded, loaded_vocab, loaded_meta = pmi.load_rank_table(tmp_path / name)
     np.testing.assert_array_equal(loaded, table)
     assert loaded.dtype == np.int32 and loaded_vocab == vocab and loaded_meta == meta
 
 
-def test_load_rank_table_errors(tmp_path, shared_data):
+def test_load_rank_table_errors(tmp_path):
     vocab = get_vocab("dnabert", 6)
     path = tmp_path / "ranks.tsv"
-    pmi.save_rank_table(path, pmi.load_genemask_ranks(shared_data / PUBLISHED), vocab)
+    pmi.save_rank_table(path, pmi.load_genemask_ranks(PUBLISHED), vocab)
     lines = path.read_text().splitlines()
     lines[10] = lines[10].replace("\t5\t", "\t6\t")
     path.write_text("\n".join(lines) + "\n")

@@ -202,7 +202,7 @@ def test_bioscan_global_dedup_and_partitions(tmp_path, bold_raw):
     assert len(pretrain) == sum(r[3] == "pretrain" for r in rows) > 0
 
 
-def test_unknown_split_and_missing_split_column(tmp_path, shared_data, bold_raw):
+def test_unknown_split_and_missing_split_column(tmp_path, bold_raw):
     path = tmp_path / "bioscan.tsv"
     write_bioscan_tsv(path, bold_raw, n_rows=50)
     with pytest.raises(TableFormatError, match=r"bioscan.tsv: no rows in split\(s\) \['test_seen"):

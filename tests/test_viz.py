@@ -19,9 +19,9 @@ def _assert_png(path: pathlib.Path, min_bytes: int):
     assert data[:8] == PNG_SIGNATURE and len(data) > min_bytes
 
 
-def test_plot_masks_over_a_chr22_window(shared_data, tmp_path):
-    ranks = load_genemask_ranks(shared_data / ref.RANKS)
-    seq = ref.read_fasta(shared_data / ref.CHR22).replace("N", "")[:517]  # 512 6-mers
+def test_plot_masks_over_a_chr22_window(tmp_path):
+    ranks = load_genemask_ranks(ref.RANKS)
+    seq = ref.read_fasta(ref.CHR22).replace("N", "")[:517]  # 512 6-mers
     ids, special = viz.tokenize(seq)
     assert ids.shape == (1, 512) and (~special).sum() == 510  # truncated to CLS + 510 + SEP
     fig = viz.plot_masks(seq, ranks, path=tmp_path / "figs" / "masks.png")
