@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
+from gemsjax.data import samples
 from gemsjax.models import backend
 from gemsjax.models.bert import BertClassifier, Dropout, dropout_layer, masked_mean
 from gemsjax.models.mae import compact_visible, expand_visible
@@ -26,10 +27,11 @@ BARCODE_LEN = 660  # BarcodeMAE pads / truncates barcodes to 660 nt = 110 non-ov
 # Real data, tokenized with the published vocab layouts.
 
 
-def _lambda_batch(shared_data, lengths, max_len):
-    """DNABERT layout ``[CLS] 6-mers [SEP] [PAD]...`` of chunks of phage lambda (bp ``lengths``)."""
+def _dna_batch(lengths, max_len):
+    """DNABERT layout ``[CLS] 6-mers [SEP] [PAD]...`` of chunks of DNA (bp ``lengths``; the
+    shipped human chr22 segment, whose first 500 kb hold no N)."""
     vocab = get_vocab("dnabert", 6)
-    with gzip.open(shared_data / "phage_lambda" / "lambda_virus.fa.gz", "rt") as f:
+    with gzip.open(samples.sample_path(samples.GENOME), "rt") as f:
         genome = "".join(line.strip() for line in f if not line.startswith(">"))
     ids = np.zeros((len(lengths), max_len), np.int32)
     for row, n in enumerate(lengths):
@@ -40,10 +42,11 @@ def _lambda_batch(shared_data, lengths, max_len):
     return jnp.asarray(ids), jnp.asarray((ids != 0).astype(np.int32))
 
 
-def _barcode_batch(shared_data, rows):
-    """BarcodeBERT layout of the first ``rows`` BOLD barcodes: 110 6-mers, [UNK] padding."""
+def _barcode_batch(rows):
+    """BarcodeBERT layout of the first ``rows`` BOLD barcodes (the shipped sample): 110 6-mers,
+    [UNK] padding."""
     vocab = get_vocab("barcodebert", 6)
-    with gzip.open(shared_data / "bold_insect_coi_barcodes" / "insect_coi_barcodes.tsv.gz") as f:
+    with gzip.open(samples.sample_path(samples.BARCODES)) as f:
         reader = csv.DictReader(io.TextIOWrapper(f), delimiter="\t")
         seqs = [next(reader)["nucleotides"].replace("-", "").rstrip("N") for _ in range(rows)]
     codes = np.stack([vocab.base_codes(s[:BARCODE_LEN].ljust(BARCODE_LEN, "N")) for s in seqs])
@@ -60,13 +63,13 @@ def _mae_mask(ids, seed=0):
 
 
 @pytest.fixture(scope="module")
-def lambda_batch(shared_data):
-    return _lambda_batch(shared_data, lengths=[120, 60, 90, 30, 100, 45, 75, 110], max_len=128)
+def dna_batch():
+    return _dna_batch(lengths=[120, 60, 90, 30, 100, 45, 75, 110], max_len=128)
 
 
 @pytest.fixture(scope="module")
-def barcodes(shared_data):
-    ids, attention = _barcode_batch(shared_data, rows=6)
+def barcodes():
+    ids, attention = _barcode_batch(rows=6)
     mask = _mae_mask(ids)
     assert int(attention.sum()) < attention.size, "need some padded barcodes"
     return ids, attention, mask
@@ -193,8 +196,8 @@ def test_registry_errors_and_overrides():
 # MLM head.
 
 
-def test_mlm_decoder_is_the_word_embedding_table(mlm, lambda_batch):
-    ids, attention = lambda_batch
+def test_mlm_decoder_is_the_word_embedding_table(mlm, dna_batch):
+    ids, attention = dna_batch
     assert set(nnx.state(mlm.head, nnx.Param)) == {"dense", "norm", "bias"}
     hidden = _call(mlm.encoder, ids, attention)
     transformed = mlm.head.norm(jax.nn.gelu(mlm.head.dense(hidden), approximate=False))
@@ -203,9 +206,9 @@ def test_mlm_decoder_is_the_word_embedding_table(mlm, lambda_batch):
     np.testing.assert_allclose(_call(mlm, ids, attention), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_gradient_through_logits_reaches_unseen_embedding_rows(mlm, lambda_batch):
+def test_gradient_through_logits_reaches_unseen_embedding_rows(mlm, dna_batch):
     """Rows of tokens absent from the input get gradient only through the tied decoder."""
-    ids, attention = lambda_batch
+    ids, attention = dna_batch
     graphdef, params, rest = nnx.split(mlm, nnx.Param, ...)
     loss = lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(ids, attention) ** 2)
     grad_table = jax.jit(jax.grad(loss))(params)["encoder"]["word_embeddings"]["embedding"][...]
@@ -214,8 +217,8 @@ def test_gradient_through_logits_reaches_unseen_embedding_rows(mlm, lambda_batch
     assert np.all(np.abs(np.asarray(grad_table)[unseen]).sum(axis=1) > 0)
 
 
-def test_logits_at_positions_equal_gathered_full_logits(mlm, lambda_batch):
-    ids, attention = lambda_batch
+def test_logits_at_positions_equal_gathered_full_logits(mlm, dna_batch):
+    ids, attention = dna_batch
     positions = jnp.asarray(np.random.default_rng(0).integers(0, ids.shape[1], (8, 3)), jnp.int32)
     full = _call(mlm, ids, attention)
     picked = _logits_at(mlm, ids, attention, positions)
@@ -225,11 +228,11 @@ def test_logits_at_positions_equal_gathered_full_logits(mlm, lambda_batch):
     )
 
 
-def test_last_layer_at_positions_drops_what_the_full_layer_drops(lambda_batch):
+def test_last_layer_at_positions_drops_what_the_full_layer_drops(dna_batch):
     """With dropout on (hidden and attention probabilities, 0.1), logits at ``positions`` (the
     last layer run at those rows only) equal the full logits there, for the same dropout key;
     padding positions and repeated positions included."""
-    ids, attention = lambda_batch
+    ids, attention = dna_batch
     model = build_model(get_model_config("test"), nnx.Rngs(0))
     model.train()
     positions = jnp.asarray(np.random.default_rng(1).integers(0, ids.shape[1], (8, 5)), jnp.int32)
@@ -246,8 +249,8 @@ def test_last_layer_at_positions_drops_what_the_full_layer_drops(lambda_batch):
     assert float(jnp.max(jnp.abs(other - full))) > 1e-2  # dropout is really on
 
 
-def test_padding_is_never_a_key_in_mlm(mlm, lambda_batch):
-    ids, attention = lambda_batch
+def test_padding_is_never_a_key_in_mlm(mlm, dna_batch):
+    ids, attention = dna_batch
     noise = jax.random.randint(jax.random.key(3), ids.shape, 5, 4101)
     changed = jnp.where(attention == 0, noise, ids)
     assert int((changed != ids).sum()) > 100
@@ -259,8 +262,8 @@ def test_padding_is_never_a_key_in_mlm(mlm, lambda_batch):
     )
 
 
-def test_position_ids_default_to_arange(mlm, lambda_batch):
-    ids, attention = lambda_batch
+def test_position_ids_default_to_arange(mlm, dna_batch):
+    ids, attention = dna_batch
     arange = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
     default = _encode(mlm.encoder, ids, attention)
     np.testing.assert_array_equal(_encode(mlm.encoder, ids, attention, arange), default)
@@ -340,8 +343,8 @@ def test_mae_baseline_feeds_mask_tokens_to_the_encoder(barcodes):
 # Classifier head.
 
 
-def test_classifier_pools_and_reuses_a_pretrained_encoder(mlm, lambda_batch):
-    ids, attention = lambda_batch
+def test_classifier_pools_and_reuses_a_pretrained_encoder(mlm, dna_batch):
+    ids, attention = dna_batch
     config = get_model_config("test")
     hidden = _call(mlm.encoder, ids, attention)
     weights = np.asarray(attention, np.float32)[..., None]
@@ -361,8 +364,8 @@ def test_classifier_pools_and_reuses_a_pretrained_encoder(mlm, lambda_batch):
 # Precision, dropout, split / merge.
 
 
-def test_bf16_compute_keeps_fp32_params_and_logits(lambda_batch, barcodes):
-    ids, attention = lambda_batch
+def test_bf16_compute_keeps_fp32_params_and_logits(dna_batch, barcodes):
+    ids, attention = dna_batch
     config = get_model_config("test")
     fp32 = build_model(config, nnx.Rngs(0))
     bf16 = build_model(config, nnx.Rngs(0), dtype=jnp.bfloat16)
@@ -409,7 +412,7 @@ def test_attention_equals_jax_dot_product_attention():
     np.testing.assert_allclose(einsum, fused, atol=1e-5)
 
 
-def test_a_model_built_for_another_platform_computes_the_same(lambda_batch):
+def test_a_model_built_for_another_platform_computes_the_same(dna_batch):
     """``platform="tpu"`` on this CPU host builds the accelerator layers (stock dense, GELU,
     einsum attention, tied decoder); same parameters, same logits and gradients as the CPU
     model, dropout off."""
@@ -424,7 +427,7 @@ def test_a_model_built_for_another_platform_computes_the_same(lambda_batch):
 
     def loss(params, model):
         graphdef, _ = nnx.split(model, nnx.Param)
-        return jnp.mean(nnx.merge(graphdef, params)(*lambda_batch) ** 2)
+        return jnp.mean(nnx.merge(graphdef, params)(*dna_batch) ** 2)
 
     (cpu_loss, cpu_grads), (tpu_loss, tpu_grads) = (
         jax.value_and_grad(loss)(nnx.state(m, nnx.Param), m) for m in models.values()
@@ -434,9 +437,9 @@ def test_a_model_built_for_another_platform_computes_the_same(lambda_batch):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
-def test_jitted_pure_function_over_split_state(lambda_batch):
+def test_jitted_pure_function_over_split_state(dna_batch):
     """The train-step pattern: split once, jit a pure function of (state, batch, key)."""
-    ids, attention = lambda_batch
+    ids, attention = dna_batch
     model = build_model(get_model_config("test"), nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     train_graphdef, _ = nnx.split(nnx.view(model, deterministic=False))
@@ -464,8 +467,8 @@ def _auto_mesh():
     return jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
 
 
-def test_annotations_shard_params_and_forward_runs_on_mesh(mlm, lambda_batch):
-    ids, attention = lambda_batch
+def test_annotations_shard_params_and_forward_runs_on_mesh(mlm, dna_batch):
+    ids, attention = dna_batch
     expected = _call(mlm, ids, attention)
     graphdef, state = nnx.split(mlm)
     specs = nnx.get_partition_spec(state)
@@ -497,10 +500,10 @@ def test_models_built_under_a_mesh_are_born_sharded(barcodes):
     assert logits.shape == barcodes[0].shape + (4096,)
 
 
-def test_explicit_axis_mesh_is_refused_with_a_clear_error(mlm, lambda_batch):
+def test_explicit_axis_mesh_is_refused_with_a_clear_error(mlm, dna_batch):
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Explicit,) * 2)
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="AxisType.Auto"):
-        mlm(*lambda_batch)
+        mlm(*dna_batch)
 
 
 def test_per_head_attention_values_and_gradients_match_the_plain_formula():
