@@ -67,15 +67,15 @@ def help_text() -> str:
     width = max(map(len, MODES))
     lines += [f"  {name:<{width}} {what}" for name, what in MODES.items()]
     lines += ["", f"recipes ({config_lib.CONFIGS_DIR.name}/<recipe>.py) and their presets:"]
-    recipes = config_lib.recipes()
-    indent = " " * (3 + max(map(len, recipes)))
-    for name in recipes:
-        module = config_lib.load_module(config_lib.CONFIGS_DIR / f"{name}.py")
-        summary = " ".join(module.__doc__.split("\n\n")[0].replace("``", "").split())
-        lines += textwrap.wrap(
-            summary, 96, initial_indent=f"  {name:<{len(indent) - 3}} ", subsequent_indent=indent
-        )
-        lines.append(indent + "presets: " + ", ".join(module.PRESETS))
+    lines += _config_entries(config_lib.CONFIGS_DIR / f"{name}.py" for name in config_lib.recipes())
+    lines += [
+        "",
+        "downstream configs (configs/eval/<name>.py, with the mode that runs them) and their "
+        "presets:",
+    ]
+    lines += _config_entries(
+        sorted((config_lib.CONFIGS_DIR / "eval").glob("*.py")), eval_modes=True
+    )
     lines += [
         "",
         "--config also takes a bare recipe name: --config=cm_gems:smoke.",
@@ -91,6 +91,30 @@ def help_text() -> str:
         flags.FLAGS.module_help(sys.modules[__name__].__name__) or "",
     ]
     return "\n".join(lines)
+
+
+def _config_entries(paths, eval_modes: bool = False) -> list[str]:
+    """``--help`` lines for config files: name (and the ``--mode`` of a downstream config), the
+    first paragraph of its docstring, its presets."""
+    from gemsjax.eval import config as eval_config
+
+    modes = {p: m for m, protocols in eval_config.MODE_PROTOCOLS.items() for p in protocols}
+    entries = []
+    for path in paths:
+        module = config_lib.load_module(path)
+        name = path.stem
+        if eval_modes:
+            name += f" (--mode={modes[module.get_config().protocol]})"
+        summary = " ".join(module.__doc__.split("\n\n")[0].replace("``", "").split())
+        entries.append((name, summary, module.PRESETS))
+    indent = " " * (3 + max(len(name) for name, _, _ in entries))
+    lines = []
+    for name, summary, presets in entries:
+        lines += textwrap.wrap(
+            summary, 96, initial_indent=f"  {name:<{len(indent) - 3}} ", subsequent_indent=indent
+        )
+        lines.append(indent + "presets: " + ", ".join(presets))
+    return lines
 
 
 def parse_flags(argv: list[str]) -> list[str]:

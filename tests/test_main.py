@@ -101,7 +101,7 @@ def test_traceback_flag_shows_where_a_usage_error_came_from():
     assert "train.steps=0 must be an integer >= 1" in done.stderr
 
 
-def test_help_lists_modes_recipes_presets_and_how_to_resume():
+def test_help_lists_modes_recipes_downstream_configs_presets_and_how_to_resume():
     done = _gemsjax("--help")
     assert done.returncode == 0, done.stderr
     text = done.stdout
@@ -111,6 +111,15 @@ def test_help_lists_modes_recipes_presets_and_how_to_resume():
         assert re.search(rf"^  {name} ", text, re.M), name
     assert text.count("presets: paper, smoke") == len(config_lib.recipes()) - 1
     assert "presets: smoke, chrX" in text
+    for name, mode in [
+        ("barcodes", "evaluate"),
+        ("embed", "embed"),
+        ("fewshot", "evaluate"),
+        ("finetune", "finetune"),
+        ("gue", "evaluate"),
+    ]:  # every downstream config with the mode that runs it
+        assert re.search(rf"^  {name} \(--mode={mode}\) ", text, re.M), name
+    assert "presets: smoke, genemask" in text and "presets: smoke, finetune" in text
     assert "--workdir=runs/cm_gems-<date>-<time>" in text and "resume" in text
     assert "--[no]traceback" in text and "--config.<key>=<value>" in text and "``" not in text
 
