@@ -284,21 +284,29 @@ def valid_keys(c: Mapping, prefix: str = "") -> list[str]:
     return keys
 
 
-def _key_error(c: Mapping, message: str) -> ConfigKeyError:
-    return ConfigKeyError(f"{message}; valid keys: {', '.join(sorted(valid_keys(c)))}")
-
-
 def set_key(c: ml_collections.ConfigDict, dotted: str, text: str) -> None:
     """Set ``c.<dotted>`` from the command-line text ``text`` (:func:`parse_value`; a single
     value for a tuple key becomes a 1-tuple, an int for a float key a float). Its range is
-    checked later, by :func:`validate`, with everything else."""
+    checked later, by :func:`validate`, with everything else; so is the key itself: an unknown
+    key is set as a new one, for :func:`check_keys` to report."""
     *parents, leaf = dotted.split(".")
     node = c
     for part in parents:
-        node = node.get(part) if _is_dict(node) else None
-    if not _is_dict(node) or leaf not in node or _is_dict(node[leaf]):
-        raise _key_error(c, f"unknown config key {dotted!r}")
-    current, value = node[leaf], parse_value(text)
+        if not _is_dict(node):
+            break
+        if part not in node:
+            node[part] = ml_collections.ConfigDict()
+        node = node[part]
+    value = parse_value(text)
+    if not _is_dict(node) or _is_dict(node.get(leaf)):  # below a value, or a whole section
+        raise ConfigKeyError(
+            f"config key {dotted!r} is not a single value; valid keys: "
+            + ", ".join(sorted(valid_keys(c)))
+        )
+    if leaf not in node:
+        node[leaf] = value
+        return
+    current = node[leaf]
     if isinstance(current, str) and not isinstance(value, str):
         value = text  # e.g. a file named 123
     elif isinstance(current, tuple) and value is not None:
@@ -573,11 +581,11 @@ def _cross_checks(c: ml_collections.ConfigDict) -> list[str]:
     return problems
 
 
-def validate(c: ml_collections.ConfigDict, source: str = "config") -> None:
-    """The one check of a config: its keys are its kind's (no unknown, none missing) and every
-    value is in range (:data:`RULES`, :data:`PMI_RULES`, then checks between keys). Raises one
-    :class:`UserError` naming ``source``, each bad key with its value, and the fix."""
-    expected, got = _schema(c), set(valid_keys(c))
+def check_keys(c: ml_collections.ConfigDict, expected: set[str], source: str) -> None:
+    """The one key check (training and downstream configs alike): ``c``'s dotted keys are
+    ``expected``, none unknown (a typo in a file or a ``--config.<key>``), none missing. Raises
+    :class:`ConfigKeyError` naming ``source``, the keys and the valid ones."""
+    got = set(valid_keys(c))
     if got != expected:
         unknown, missing = sorted(got - expected), sorted(expected - got)
         raise ConfigKeyError(
@@ -588,6 +596,14 @@ def validate(c: ml_collections.ConfigDict, source: str = "config") -> None:
             )
             + f"; valid keys: {', '.join(sorted(expected))}"
         )
+
+
+def validate(c: ml_collections.ConfigDict, source: str = "config") -> None:
+    """The one check of a config: its keys are its kind's (no unknown, none missing) and every
+    value is in range (:data:`RULES`, :data:`PMI_RULES`, then checks between keys). Raises one
+    :class:`UserError` naming ``source``, each bad key with its value, and the fix."""
+    check_keys(c, _schema(c), source)
+    got = set(valid_keys(c))
     rules = PMI_RULES if c.recipe == PMI_RECIPE else RULES
     problems = []
     for key in sorted(got):

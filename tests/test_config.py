@@ -8,7 +8,7 @@ import ml_collections
 import pytest
 
 from gemsjax import config as config_lib
-from gemsjax import masking
+from gemsjax import curriculum, masking
 from gemsjax.errors import UserError
 from gemsjax.models import registry
 from gemsjax.train import optim
@@ -90,7 +90,9 @@ def test_barcode_recipes_offer_only_the_keys_their_step_reads(name):
         "random_low",
     ]
     assert "mlm_head_share" not in config.train and "fasta" not in config.data
-    with pytest.raises(config_lib.ConfigKeyError, match="unknown config key 'masking.strategy'"):
+    with pytest.raises(
+        config_lib.ConfigKeyError, match=r"unknown config key\(s\) \['masking.strategy'\]"
+    ):
         config_lib.load(f"{name}:masking.strategy=genemask")
 
 
@@ -119,7 +121,10 @@ def test_loading_a_config_imports_no_jax():
 
 
 def test_names_match_the_modules_that_use_them():
+    """config.py stays free of jax, so it names these itself; they must be the modules' own."""
     assert config_lib.STRATEGIES == masking.STRATEGIES
+    assert sorted(config_lib.CURRICULA) == sorted(curriculum.CURRICULA)
+    assert config_lib.THRESHOLD_MODES == curriculum.THRESHOLD_MODES
     assert config_lib.SCHEDULES == optim.SCHEDULES and config_lib.DECAY_MASKS == optim.DECAY_MASKS
 
 
@@ -177,7 +182,8 @@ REFUSALS = [  # (presets, what the one-line message must contain)
     ("model.name=logo2", "model.name='logo2' must be one of"),
     ("model.dropout=1.0", "model.dropout=1.0 must be -1"),
     ("model.compute_dtype=int8", "model.compute_dtype='int8' must be auto"),
-    ("train.stepz=5", "unknown config key 'train.stepz'; valid keys: compile.topology, data."),
+    ("train.stepz=5", "unknown config key(s) ['train.stepz']; valid keys: compile.topology, data."),
+    ("train=5", "config key 'train' is not a single value; valid keys: compile.topology"),
     ("papr", "unknown preset 'papr'; valid: paper, smoke, a model size (dnabert6"),
 ]
 
@@ -243,3 +249,25 @@ def test_validate_takes_plain_config_dicts():
     config.data.fasta = ["missing.fa"]
     with pytest.raises(UserError, match=r"config: data.fasta=\('missing.fa',\) names missing"):
         config_lib.validate(config)
+
+
+def test_downstream_configs_get_the_same_key_check(tmp_path):
+    """configs/eval/ files and their --config.<key> overrides go through config.check_keys too:
+    a misspelled key on the command line or a key a file adds is one error naming the key."""
+    from gemsjax.eval import config as eval_config
+
+    with pytest.raises(
+        config_lib.ConfigKeyError,
+        match=r"fewshot:smoke: unknown config key\(s\) \['drawz'\]; valid keys: baseline, draws",
+    ):
+        eval_config.load("fewshot:smoke", {"drawz": "3"}, "evaluate")
+    source = (config_lib.CONFIGS_DIR / "eval" / "gue.py").read_text()
+    added = tmp_path / "gue_typo.py"
+    added.write_text(
+        source + "\n\n_gue = get_config\n\n\ndef get_config(arg=None):\n"
+        "    c = _gue(arg)\n    c.max_eval_rowz = 5\n    return c\n"
+    )
+    with pytest.raises(
+        config_lib.ConfigKeyError, match=r"unknown config key\(s\) \['max_eval_rowz'\]"
+    ):
+        eval_config.load(str(added), {}, "evaluate")

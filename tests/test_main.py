@@ -70,11 +70,11 @@ USAGE_ERRORS = [  # (arguments, what the one line must say)
     ),
     (
         ("--config=configs/cm_gems.py:smoke", "--config.train.stepz=5"),
-        "unknown config key 'train.stepz'; valid keys: compile.topology, data.batch_size",
+        "unknown config key(s) ['train.stepz']; valid keys: compile.topology, data.batch_size",
     ),
     (
         ("--config=configs/cm_gems.py:smoke,train.stepz=5",),
-        "unknown config key 'train.stepz'; valid keys: compile.topology, data.batch_size",
+        "unknown config key(s) ['train.stepz']; valid keys: compile.topology, data.batch_size",
     ),
     (
         ("--config=configs/cm_gems.py", "--config.train.steps"),

@@ -210,6 +210,7 @@ def validate(c: ml_collections.ConfigDict, source: str = "config") -> None:
     key and the fix."""
     if c.get("protocol") not in PROTOCOLS:
         raise UserError(f"{source}: protocol={c.get('protocol')!r} must be one of {PROTOCOLS}")
+    config_lib.check_keys(c, set(config_lib.valid_keys(_BASES[c.protocol]())), source)
     problems = _type_problems(c)
     if problems:
         raise UserError(f"{source}: " + "; ".join(problems))

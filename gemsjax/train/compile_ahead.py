@@ -170,13 +170,13 @@ class AbstractStep:
         """Masking + corruption of this step's batch alone (``step.masked_batch``), compiled
         with the same shardings, the bisection passes unrolled so the cost model counts them
         all (:func:`gemsjax.masking.unrolled_bisection`)."""
-        state, batch, ranks = self.args
+        state, batch, rank_table = self.args
         key = jax.eval_shape(lambda: jax.random.key(0))
-        key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=ranks.sharding)
+        key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rank_table.sharding)
         program = jax.jit(functools.partial(masked_batch, self.spec))
         with masking.unrolled_bisection():
             lowered = program.lower(
-                key, state.step, state.curriculum, batch["ids"], batch["attention"], ranks
+                key, state.step, state.curriculum, batch["ids"], batch["attention"], rank_table
             )
         return lowered.compile()
 
@@ -212,7 +212,7 @@ def abstract_step(
     batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     rows = jax.ShapeDtypeStruct((batch_size, config.data.max_len), jnp.int32, sharding=batch_sh)
     batch = {"ids": rows, "attention": rows}
-    ranks = jax.ShapeDtypeStruct((spec.vocab.size,), jnp.int32, sharding=repl)
+    rank_table = jax.ShapeDtypeStruct((spec.vocab.size,), jnp.int32, sharding=repl)
     step = jax.jit(
         make_train_step(spec, train_graphdef, tx, lr_schedule),
         in_shardings=(state_sh, batch_sh, repl),
@@ -222,9 +222,9 @@ def abstract_step(
     arg_bytes = dict(
         params=_shard_bytes(state.params),
         optimizer=_shard_bytes((state.opt_state, state.step, state.curriculum)),
-        batch=_shard_bytes((batch, ranks)),
+        batch=_shard_bytes((batch, rank_table)),
     )
-    return AbstractStep(step, (state, batch, ranks), arg_bytes, spec)
+    return AbstractStep(step, (state, batch, rank_table), arg_bytes, spec)
 
 
 def _cost(compiled: Any) -> dict[str, float]:
