@@ -229,17 +229,23 @@ def _rows(path: pathlib.Path) -> list[dict]:
     return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
-def _cell(value) -> str:
-    """A table cell; paths inside the repository are written relative to it."""
+def _cell(value, root: pathlib.Path) -> str:
+    """A table cell; paths under ``root`` (the folder holding ``runs/study``) are relative."""
     if isinstance(value, list) and len(value) == 2:
         return f"{value[0]:.4f} ± {value[1]:.4f}"
-    return f"{value:.4f}" if isinstance(value, float) else str(value).replace(f"{ROOT}/", "")
+    return f"{value:.4f}" if isinstance(value, float) else str(value).replace(f"{root}/", "")
 
 
-def _table(title: str, runs: dict[str, pathlib.Path]) -> str:
+def _table(title: str, runs: dict[str, pathlib.Path], root: pathlib.Path) -> str:
     """One markdown table: a row per arm per result row; "not run yet" for arms without one."""
     lines = [f"#### {title}", ""]
-    found = {arm: _rows(path) for arm, path in runs.items()}
+    # a result row's own "arm" (pretrained / random) is the encoder; its task is in the title
+    found = {
+        arm: [
+            {("encoder" if k == "arm" else k): v for k, v in r.items() if k != "task"} for r in rows
+        ]
+        for arm, rows in ((arm, _rows(path)) for arm, path in runs.items())
+    }
     columns = []
     for rows in found.values():
         for row in rows:
@@ -250,7 +256,9 @@ def _table(title: str, runs: dict[str, pathlib.Path]) -> str:
         if not rows:
             lines.append(f"| {arm} | not run yet |" + " |" * (len(columns) - 1))
         for row in rows:
-            lines.append(f"| {arm} | " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |")
+            lines.append(
+                f"| {arm} | " + " | ".join(_cell(row.get(c, ""), root) for c in columns) + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -261,7 +269,7 @@ def write_tables(out: pathlib.Path) -> None:
         start, end = f"<!-- tables:{scale} -->", f"<!-- /tables:{scale} -->"
         if start not in text:
             continue
-        base = out / scale
+        base, root = out / scale, out.parent.parent  # out: <root>/runs/study
         parts = [
             _table(
                 f"Few-shot {task} (macro-F1 / MCC, mean ± std over draws)",
@@ -269,6 +277,7 @@ def write_tables(out: pathlib.Path) -> None:
                     arm: base / "cmgems" / arm / f"fewshot_{task}" / "results.json"
                     for arm in CMGEMS_ARMS
                 },
+                root,
             )
             for task in FEWSHOT_TASKS
         ]
@@ -276,12 +285,14 @@ def write_tables(out: pathlib.Path) -> None:
             _table(
                 "GUE (MCC)",
                 {arm: base / "cmgems" / arm / "gue" / "results.json" for arm in CMGEMS_ARMS},
+                root,
             )
         )
         parts.append(
             _table(
                 "Barcode protocol",
                 {arm: base / "barcode" / arm / "eval" / "results.json" for arm in BARCODE_ARMS},
+                root,
             )
         )
         head, rest = text.split(start, 1)
