@@ -12,7 +12,10 @@ v5litepod-16 (``v5e:4x4``), v5p-64 (``v5p:4x4x2``, 32 chips) and v6e-256 (``v6e:
 data-parallel (``mesh_fsdp=1``) and FSDP over every chip (``mesh_data=1``). Pod batch rule
 (``gemsjax.train.compile_ahead``): the micro-batch splits over the chips, so DNABERT-6 runs
 256 x 512 (``:paper``'s 10 x 25 = 250 does not split) and BarcodeMAE its ``:paper`` 128 x 110,
-256 on the 256-chip slice. The step times are the compiler's estimates, not measurements.
+256 on the 256-chip slice. The DNABERT-6 data-parallel rows also run with the fused (Pallas
+splash) attention, :data:`FUSED`. The step times are the compiler's estimates, not measurements;
+XLA's cost model does not see inside a Pallas kernel, so the fused rows' FLOPs and estimates leave
+out the attention's matmuls (compare their memory, not their times).
 """
 
 from __future__ import annotations
@@ -39,21 +42,30 @@ RECIPES = {
     "barcode_mae:paper": lambda chips: f"data.batch_size={max(128, chips)},train.grad_accum=1",
 }
 MESHES = {"data-parallel": lambda chips: (-1, 1), "FSDP": lambda chips: (1, chips)}
+FUSED = "fused, dropout 0"
+"""The attention variant of the DNABERT-6 data-parallel rows: the Pallas splash kernel, which
+has no attention dropout (``model.attention=fused,model.dropout=0``); the other rows keep the
+recipe's dropout 0.1 and so XLA's einsum attention."""
 
 
 def rows() -> list[dict]:
     """Every row of the table, cheapest slices first."""
-    return [
-        dict(recipe=recipe, slice=name, mesh=mesh, spec=f"{recipe},{batch(chips)}", topology=topo)
-        | dict(mesh_data=MESHES[mesh](chips)[0], mesh_fsdp=MESHES[mesh](chips)[1])
-        for name, (topo, chips) in SLICES.items()
-        for recipe, batch in RECIPES.items()
-        for mesh in MESHES
-    ]
+    table = []
+    for name, (topo, chips) in SLICES.items():
+        for recipe, batch in RECIPES.items():
+            for mesh in MESHES:
+                data, fsdp = MESHES[mesh](chips)
+                row = dict(recipe=recipe, slice=name, mesh=mesh, topology=topo)
+                row |= dict(mesh_data=data, mesh_fsdp=fsdp, attention="einsum")
+                table.append(row | dict(spec=f"{recipe},{batch(chips)}"))
+                if recipe.startswith("cm_gems") and mesh == "data-parallel":
+                    fused = f"{recipe},{batch(chips)},model.attention=fused,model.dropout=0"
+                    table.append(row | dict(attention=FUSED, spec=fused))
+    return table
 
 
 def key(row: dict) -> tuple:
-    return row["recipe"], row["slice"], row["mesh"]
+    return row["recipe"], row["slice"], row["mesh"], row.get("attention", "einsum")
 
 
 def done() -> dict[tuple, dict]:
@@ -94,14 +106,15 @@ def markdown(records: dict[tuple, dict]) -> str:
         if r is None:
             continue
         where = f"{row['slice']} ({r.get('devices', '?')} devices, {row['mesh']})"
+        config = f"`{row['recipe']}`" + ("" if row["attention"] == "einsum" else f", {FUSED}")
         if r["error"]:
-            lines.append(f"| `{row['recipe']}` | {where} | | does not fit: {r['error']} |||||")
+            lines.append(f"| {config} | {where} | | does not fit: {r['error']} |||||")
             continue
         est = r["estimated_seconds"]
         mfu = f"{r['mfu']:.1%}" if "mfu" in r else "–"
         share = f"{r['masking_share']:.2%}" if "masking_share" in r else "–"
         lines.append(
-            f"| `{row['recipe']}` | {where} | {r['batch_size']} × {r['seq_len']} "
+            f"| {config} | {where} | {r['batch_size']} × {r['seq_len']} "
             f"| {_gib(r['argument_bytes'])} / {_gib(r['temp_bytes'])} / "
             f"{_gib(r['total_bytes'])} of {_gib(r['hbm_bytes'])} "
             f"| {r['compiler_flops'] / r['model_flops']:.3f} "

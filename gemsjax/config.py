@@ -34,6 +34,7 @@ CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 STRATEGIES = ("random_span", "genemask", "global_pmi", "mae_drop")
 """Masking strategies, in :data:`gemsjax.masking.STRATEGIES` order."""
 CURRICULA = ("constant", "cm_gems", "cm_step")
+ATTENTIONS = ("auto", "xla", "fused")
 THRESHOLD_MODES = ("absolute", "relative")
 SCHEDULES = ("warmup_linear", "onecycle")
 DECAY_MASKS = ("matrices", "all")
@@ -88,6 +89,10 @@ def _common(recipe: str, kind: str) -> ml_collections.ConfigDict:
             name="",  # a size in gemsjax.models.sizes.SIZES
             compute_dtype="auto",  # auto: bfloat16 on GPU/TPU, float32 on CPU
             dropout=-1.0,  # -1: the size's own value
+            # auto: a fused attention kernel on GPU / TPU where the attention probabilities get
+            # no dropout, XLA's einsums otherwise; xla: always the einsums; fused: the kernel
+            # throughout (needs dropout 0.0). gemsjax.models.backend
+            attention="auto",
             init="",  # "": random; hf:<folder>: start from a transformers BERT's weights
         )
     )
@@ -441,6 +446,7 @@ RULES: dict[str, Callable] = {
     "model.name": _one_of(*SIZES),
     "model.compute_dtype": _dtype,
     "model.dropout": _dropout,
+    "model.attention": _one_of(*ATTENTIONS),
     "model.init": lambda x: _hf_init(x) if x else None,
     "data.kind": _one_of("genome", "barcode"),
     "data.batch_size": _POSITIVE,
@@ -535,6 +541,12 @@ def _cross_checks(c: ml_collections.ConfigDict) -> list[str]:
     """Problems between keys, as ``key=value: what to do`` lines."""
     d, t, m, o = c.data, c.train, c.masking, c.optimizer
     problems = []
+    if c.model.attention == "fused" and c.model.dropout != 0.0:
+        problems.append(
+            f"model.attention='fused' with model.dropout={c.model.dropout}: the fused kernels "
+            "have no dropout on the attention probabilities; set model.dropout=0.0, or "
+            "model.attention=auto (fused wherever no dropout applies)"
+        )
     keys = valid_keys(c)
     unknown = [
         name

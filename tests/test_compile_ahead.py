@@ -67,6 +67,17 @@ def test_the_step_is_built_for_the_target_platform_not_the_host():
     loops = {p: t.count("stablehlo.while") for p, t in text.items()}
     assert loops["cpu"] - loops["tpu"] == 2 * layers, loops
     assert "bf16" in text["tpu"] and "bf16" not in text["cpu"]
+    # With no attention dropout the TPU step runs the Pallas splash kernels (forward, and the
+    # backward's dq and dkv: three, shared by the layers in the lowered module);
+    # model.attention=xla keeps XLA's einsums.
+    assert text["tpu"].count("@tpu_custom_call") == 3
+    assert "@tpu_custom_call" not in text["cpu"]
+    xla = config_lib.load(
+        "cm_gems:smoke,model.dropout=0,train.mlm_head_share=0,model.attention=xla"
+    )
+    step = compile_ahead.abstract_step(xla, mesh, "tpu", 8, 1)
+    with jax.set_mesh(mesh):
+        assert "@tpu_custom_call" not in step.step.lower(*step.args).as_text()
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import pytest
 from gemsjax import config as config_lib
 from gemsjax import curriculum, masking
 from gemsjax.errors import UserError
-from gemsjax.models import registry
+from gemsjax.models import backend, registry
 from gemsjax.train import optim
 
 TRAINING = [name for name in config_lib.recipes() if name != "pmi"]
@@ -125,6 +125,8 @@ def test_names_match_the_modules_that_use_them():
     assert config_lib.STRATEGIES == masking.STRATEGIES
     assert sorted(config_lib.CURRICULA) == sorted(curriculum.CURRICULA)
     assert config_lib.THRESHOLD_MODES == curriculum.THRESHOLD_MODES
+    assert config_lib.ATTENTIONS == backend.ATTENTIONS
+    assert config_lib.load("cm_gems:model.attention=fused,model.dropout=0").model.attention
     assert config_lib.SCHEDULES == optim.SCHEDULES and config_lib.DECAY_MASKS == optim.DECAY_MASKS
 
 
@@ -185,6 +187,8 @@ REFUSALS = [  # (presets, what the one-line message must contain)
     ("train.stepz=5", "unknown config key(s) ['train.stepz']; valid keys: compile.topology, data."),
     ("train=5", "config key 'train' is not a single value; valid keys: compile.topology"),
     ("papr", "unknown preset 'papr'; valid: paper, smoke, a model size (dnabert6"),
+    ("model.attention=fused", "model.attention='fused' with model.dropout=-1.0: the fused kernels"),
+    ("model.attention=flash", "model.attention='flash' must be one of"),
 ]
 
 

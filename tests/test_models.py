@@ -544,3 +544,80 @@ def test_gelu_is_exact_erf_gelu_with_its_exact_derivative():
     g = jax.random.normal(jax.random.key(0), x.shape)
     _, vjp = jax.vjp(gelu, x)
     np.testing.assert_allclose(vjp(g)[0], g * want, atol=2e-6, rtol=1e-6)
+
+
+def _splash(*args, **kw):
+    return backend.attend_splash(*args, interpret=True, **kw)
+
+
+def test_splash_attention_equals_the_einsums_with_padding_query_rows_and_a_mesh():
+    """The TPU splash kernel (run by the Pallas interpreter on this CPU) computes what the
+    einsum attention computes, values and gradients: padded keys (a row with no key at all stays
+    finite), queries that are a subset of the rows (the masked-token head's last layer), and
+    under an 8-device mesh, where it runs per device through shard_map."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((8, 256, 2, 32)), jnp.float32) for _ in range(3))
+    lengths = np.array([256, 200, 17, 0, 256, 128, 255, 1])
+    key_mask = jnp.asarray(np.arange(256)[None, :] < lengths[:, None])
+    real = lengths > 0
+    off = Dropout(0.1, deterministic=True)
+    for queries in (q, q[:, 64:192]):  # every row; 128 query rows of 256 keys
+
+        def loss(f, q, k, v, queries=queries):
+            out = f(q if queries is q else q[:, 64:192], k, v, key_mask, off, None)
+            return jnp.sum(jnp.where(real[:, None, None, None], out, 0.0) ** 2), out
+
+        (_, want), grads = jax.value_and_grad(
+            lambda *a: loss(backend.attend, *a), argnums=(0, 1, 2), has_aux=True
+        )(q, k, v)
+        (_, got), got_grads = jax.jit(
+            jax.value_and_grad(lambda *a: loss(_splash, *a), argnums=(0, 1, 2), has_aux=True)
+        )(q, k, v)
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got[real], want[real], atol=2e-6)
+        for a, b in zip(got_grads, grads, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-4)  # gradients are O(1e-2)
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+    rows = jax.sharding.NamedSharding(mesh, P(("data", "fsdp")))
+    with jax.set_mesh(mesh):
+        args = [jax.device_put(t, rows) for t in (q, k, v, key_mask)]
+        sharded = jax.jit(lambda q, k, v, m: _splash(q, k, v, m, off, None))(*args)
+    alone = jax.jit(lambda q, k, v, m: _splash(q, k, v, m, off, None))(q, k, v, key_mask)
+    np.testing.assert_allclose(sharded, alone, atol=1e-6)
+
+
+def test_splash_attention_falls_back_where_the_kernel_cannot_run():
+    """Attention-probability dropout (the kernel has none) and lengths that are not whole
+    128-position blocks (a barcode's 110 tokens) take the einsum attention, bit for bit."""
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 110, 2, 16)), jnp.float32) for _ in range(3))
+    key_mask = jnp.ones((2, 110), bool)
+    off = Dropout(0.0)
+    np.testing.assert_array_equal(
+        _splash(q, k, v, key_mask, off, None), backend.attend(q, k, v, key_mask, off, None)
+    )
+    q, k, v = (jnp.pad(t, ((0, 0), (0, 18), (0, 0), (0, 0))) for t in (q, k, v))
+    key_mask = jnp.pad(key_mask, ((0, 0), (0, 18)))
+    dropout = Dropout(0.1, deterministic=False)
+    got = nnx.jit(lambda d, *a: _splash(*a, d, nnx.Rngs(dropout=3)))(dropout, q, k, v, key_mask)
+    want = nnx.jit(lambda d, *a: backend.attend(*a, d, nnx.Rngs(dropout=3)))(
+        dropout, q, k, v, key_mask
+    )
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_fused_attention_model_computes_what_the_einsum_model_computes(dna_batch):
+    """``attention="fused"`` (on CPU: the splash kernel, interpreted) and ``"xla"`` models with
+    the same parameters give the same hidden states on real DNA (128 tokens: one kernel block)."""
+    ids, attention = dna_batch
+    models = {
+        a: build_model(
+            get_model_config("test", attention=a, dropout=0.0, attn_dropout=0.0), nnx.Rngs(0)
+        )
+        for a in ("xla", "fused")
+    }
+    hidden = {a: np.asarray(m.encoder(ids, attention)) for a, m in models.items()}
+    real = np.asarray(attention) != 0
+    np.testing.assert_allclose(hidden["fused"][real], hidden["xla"][real], atol=1e-5)
+    with pytest.raises(ValueError, match="attention"):
+        get_model_config("test", attention="flash")

@@ -8,8 +8,19 @@ compute the same functions with the same parameters, so checkpoints move between
   avoid its slow paths (timings in BENCHMARKS.md): 2-D matmuls, an ``erf`` GELU whose derivative
   is computed in the backward pass, attention one head at a time with a recomputing backward
   pass, and 16-bit dropout draws.
-- every other platform (``"gpu"``, ``"tpu"``): the stock formulations, left to XLA's fusion. A
-  fused attention kernel plugs in here.
+- every other platform (``"gpu"``, ``"tpu"``): the stock formulations, left to XLA's fusion.
+
+Attention has a second switch, ``attention`` (``BertConfig.attention``, ``model.attention``):
+
+- ``"xla"``: :func:`attend`, two einsums around a float32 softmax (the CPU per-head version on
+  CPU is its exact equivalent);
+- ``"fused"``: one fused kernel, wherever the attention probabilities get no dropout (evaluation,
+  embeddings, and training with ``attn_dropout`` 0; the kernels have no dropout): on GPU
+  ``jax.nn.dot_product_attention`` (XLA picks cuDNN's fused kernel for bf16 / fp16), on TPU
+  jax's Pallas splash-attention kernel (:func:`attend_splash`; sequence lengths a multiple of
+  128, others take :func:`attend`), on CPU the same splash kernel run by the Pallas interpreter
+  (slow: for tests of the TPU kernel);
+- ``"auto"`` (default): ``fused`` on GPU and TPU, the CPU versions above on CPU.
 
 The platform defaults to ``jax.default_backend()``; naming it lets a CPU host build the model it
 would compile for a TPU.
@@ -17,6 +28,7 @@ would compile for a TPU.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -47,9 +59,22 @@ class Layers(NamedTuple):
     unembed: Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def layers(platform: str | None = None) -> Layers:
-    """The implementations for ``platform`` (default ``jax.default_backend()``)."""
-    return CPU if (platform or jax.default_backend()) == "cpu" else ACCELERATOR
+ATTENTIONS = ("auto", "xla", "fused")
+
+
+def layers(platform: str | None = None, attention: str = "auto") -> Layers:
+    """The implementations for ``platform`` (default ``jax.default_backend()``), with the
+    ``attention`` choice of the module docstring (one of :data:`ATTENTIONS`)."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention={attention!r}; valid: {ATTENTIONS}")
+    platform = platform or jax.default_backend()
+    chosen = CPU if platform == "cpu" else ACCELERATOR
+    if attention == "xla":
+        return chosen._replace(attention=attend)
+    if attention == "fused" or (attention == "auto" and platform != "cpu"):
+        fused = attend_dot_product if platform == "gpu" else attend_splash
+        return chosen._replace(attention=functools.partial(fused, interpret=platform == "cpu"))
+    return chosen
 
 
 # --------------------------------------------------------------------- stock formulations
@@ -103,6 +128,89 @@ def _unembed(hidden: jax.Array, table: jax.Array) -> jax.Array:
 ACCELERATOR = Layers(
     dense=nnx.Linear, gelu=_gelu, attention=attend, keep_mask=_keep_mask, unembed=_unembed
 )
+
+
+# ----------------------------------------------------------------------------- fused kernels
+
+
+def _dropout_on(dropout: Any) -> bool:
+    return dropout.rate > 0.0 and not dropout.deterministic
+
+
+def attend_dot_product(q, k, v, key_mask, dropout, rngs, query_rows=None, *, interpret=False):
+    """:func:`attend` through ``jax.nn.dot_product_attention`` (on GPU, XLA runs cuDNN's fused
+    kernel for bf16 / fp16 inputs); with probability dropout on, :func:`attend` itself.
+    ``interpret`` is unused (the signature of :func:`attend_splash`)."""
+    if _dropout_on(dropout):
+        return attend(q, k, v, key_mask, dropout, rngs, query_rows)
+    return jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :])
+
+
+SPLASH_BLOCK = 128
+"""Splash attention tiles queries and keys in blocks of this many positions."""
+
+
+def attend_splash(q, k, v, key_mask, dropout, rngs, query_rows=None, *, interpret=False):
+    """:func:`attend` through jax's Pallas splash-attention kernel (TPU; ``interpret``: the
+    Pallas interpreter, any platform). Padding is a second segment: queries are segment 1 and
+    attend to the keys ``key_mask`` marks as segment 1 (a row without any such key attends to
+    all of its keys instead; its output is unused, and the kernel then divides by no zero).
+
+    Falls back to :func:`attend` with probability dropout on (the kernel has none), when a
+    sequence length is not a multiple of :data:`SPLASH_BLOCK`, and (without ``interpret``) when
+    the program is lowered for another platform than TPU. Under a mesh the kernel runs per
+    device on its rows of the batch (``shard_map`` over every mesh axis, the batch sharding of
+    :func:`gemsjax.train.sharding.batch_sharding`).
+    """
+    (_, len_q, heads, depth), len_k = q.shape, k.shape[1]
+    if _dropout_on(dropout) or len_q % SPLASH_BLOCK or len_k % SPLASH_BLOCK:
+        return attend(q, k, v, key_mask, dropout, rngs, query_rows)
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    block = SPLASH_BLOCK * math.gcd(len_q // SPLASH_BLOCK, len_k // SPLASH_BLOCK, 4)
+    sizes = dict(block_q=block, block_kv=block, block_kv_compute=block)
+    kernel = splash.make_splash_mha(
+        masks.MultiHeadMask([masks.FullMask((len_q, len_k))] * heads),
+        block_sizes=splash.BlockSizes(
+            **sizes,
+            block_q_dkv=block,
+            block_kv_dkv=block,
+            block_kv_dkv_compute=block,
+            block_q_dq=block,
+            block_kv_dq=block,
+        ),
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+    )
+    keys = key_mask | ~key_mask.any(axis=1, keepdims=True)
+
+    def run(q, k, v, keys):
+        segments = splash.SegmentIds(q=jnp.ones(q.shape[:2], jnp.int32), kv=keys.astype(jnp.int32))
+        heads_first = lambda t: jnp.swapaxes(t, 1, 2)  # [B, L, N, D] -> [B, N, L, D]
+        scale = jnp.asarray(1.0 / math.sqrt(depth), q.dtype)
+        out = jax.vmap(kernel)(heads_first(q * scale), heads_first(k), heads_first(v), segments)
+        return heads_first(out).astype(v.dtype)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not (mesh.empty or mesh.size == 1):
+        rows = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+        run = jax.shard_map(run, mesh=mesh, in_specs=(rows,) * 4, out_specs=rows, check_vma=False)
+    if interpret:
+        return run(q, k, v, keys)
+    # The Mosaic kernel lowers for TPU only: a model built for TPU but run elsewhere (a CPU
+    # host checking it) takes the einsums, chosen when the program is lowered.
+    return jax.lax.platform_dependent(
+        q,
+        k,
+        v,
+        keys,
+        tpu=run,
+        default=lambda q, k, v, keys: attend(q, k, v, key_mask, dropout, rngs, query_rows),
+    )
 
 
 # ------------------------------------------------------------------------------------ CPU

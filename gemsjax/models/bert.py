@@ -56,6 +56,8 @@ class BertConfig:
       num_classes: MAE output classes (the 4^k k-mers; target = token id - number of specials).
       platform: whose layer implementations to build (:func:`gemsjax.models.backend.layers`);
         None: ``jax.default_backend()``.
+      attention: ``"auto"``, ``"xla"`` or ``"fused"`` (:mod:`gemsjax.models.backend`: a fused
+        kernel on GPU / TPU where the attention probabilities get no dropout).
     """
 
     vocab_size: int
@@ -73,6 +75,7 @@ class BertConfig:
     decoder_heads: int = 0
     num_classes: int = 0
     platform: str | None = None
+    attention: str = "auto"
 
     def __post_init__(self):
         for key in (
@@ -92,6 +95,11 @@ class BertConfig:
             _require(key, 0.0 <= getattr(self, key) < 1.0, "must be in [0, 1)")
         _require("ln_eps", self.ln_eps > 0, "must be positive")
         _require("arch", self.arch in ARCHS, f"must be one of {ARCHS}")
+        _require(
+            "attention",
+            self.attention in backend.ATTENTIONS,
+            f"must be one of {backend.ATTENTIONS}",
+        )
         if self.arch != "mlm":
             for key in ("decoder_layers", "decoder_heads", "num_classes"):
                 _require(key, getattr(self, key) >= 1, f"must be positive for arch={self.arch!r}")
@@ -299,7 +307,7 @@ class SelfAttention(nnx.Module):
         self.value = dense(h, h, (FSDP_AXIS, None), **kw)
         self.out = dense(h, h, (FSDP_AXIS, None), **kw)
         self.prob_dropout = dropout_layer(config.attn_dropout, platform)
-        self.attend = backend.layers(platform).attention
+        self.attend = backend.layers(platform, config.attention).attention
 
     def __call__(
         self,

@@ -121,10 +121,10 @@ def run_vocab(config: ml_collections.ConfigDict) -> Vocab:
 
 def model_config(config: ml_collections.ConfigDict) -> BertConfig:
     """The size ``config.model.name`` with ``config.model.dropout`` (when >= 0) on both dropout
-    rates; its vocabulary must hold the run's."""
-    overrides = {}
+    rates and ``config.model.attention``; its vocabulary must hold the run's."""
+    overrides = dict(attention=config.model.attention)
     if config.model.dropout >= 0:
-        overrides = dict(dropout=config.model.dropout, attn_dropout=config.model.dropout)
+        overrides |= dict(dropout=config.model.dropout, attn_dropout=config.model.dropout)
     model_cfg = registry.get_model_config(config.model.name, **overrides)
     vocab = run_vocab(config)
     if model_cfg.vocab_size < vocab.size:
