@@ -20,6 +20,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from genemask_formats import sequence_to_kmer_text
 
 from gemsjax import main
 from gemsjax.data import samples
@@ -28,7 +29,7 @@ from gemsjax.interop import hf
 from gemsjax.models import registry
 from gemsjax.models.bert import BertClassifier, BertConfig, BertForMaskedLM, BertModel
 from gemsjax.models.mae import BarcodeMAE
-from gemsjax.tokenizers import KmerTokenizer, sequence_to_kmer_text
+from gemsjax.tokenizers import KmerTokenizer
 from gemsjax.train import checkpoint
 from gemsjax.vocab import get_vocab
 
