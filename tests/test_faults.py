@@ -278,6 +278,14 @@ def test_check_resume_on_saved_metadata():
         match="optimizer.learning_rate: 0.001 -> 0.002; optimizer.warmup_steps: 2 -> 4",
     ):
         workdir.check_resume(saved, {**bigger, "train": same["train"]}, "run")
+    # A checkpoint from before a key existed resumes while the key keeps its default.
+    requested = json.loads(config_lib.load("cm_gems:smoke").to_json())
+    older = json.loads(json.dumps(requested))
+    del older["model"]["attention"]  # added to gemsjax after this checkpoint was saved
+    assert workdir.check_resume({"config": older}, requested, "run") == {}
+    requested["model"]["attention"] = "xla"
+    with pytest.raises(workdir.ConfigChangedError, match="model.attention: None -> 'xla'"):
+        workdir.check_resume({"config": older}, requested, "run")
     with pytest.raises(
         UserError,
         match=r"train.allow_config_change names \['trian.steps'\], "

@@ -165,14 +165,31 @@ def config_changes(
 ) -> dict[str, tuple[Any, Any]]:
     """Keys whose values differ, ``{dotted key: (saved, requested)}``, operational keys excluded.
 
-    A key present on one side only reads as ``None`` on the other.
+    A key present on one side only reads as ``None`` on the other, except a key the saved config
+    lacks because the checkpoint predates it (a newer gemsjax added it): while it holds its
+    recipe base's default, which keeps the older behaviour, it is no change.
     """
     old, new = flatten(saved), flatten(requested)
+    added = _base_defaults(requested)
     return {
         key: (old.get(key), new.get(key))
         for key in sorted(old.keys() | new.keys())
-        if key not in OPERATIONAL_KEYS and old.get(key) != new.get(key)
+        if key not in OPERATIONAL_KEYS
+        and old.get(key) != new.get(key)
+        and not (key not in old and key in added and new[key] == added[key])
     }
+
+
+def _base_defaults(requested: Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened base config of ``requested``'s data kind (its keys' defaults), or {} when
+    ``requested`` names no training recipe."""
+    from gemsjax import config as config_lib
+
+    bases = {"genome": config_lib.genome_base, "barcode": config_lib.barcode_base}
+    kind = requested.get("data", {}).get("kind")
+    if "recipe" not in requested or kind not in bases:
+        return {}
+    return flatten(json.loads(json.dumps(bases[kind](requested["recipe"]).to_dict())))
 
 
 def check_resume(
