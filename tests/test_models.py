@@ -586,6 +586,19 @@ def test_splash_attention_equals_the_einsums_with_padding_query_rows_and_a_mesh(
     np.testing.assert_allclose(sharded, alone, atol=1e-6)
 
 
+def test_the_gpu_attention_call_equals_the_einsums():
+    """``jax.nn.dot_product_attention`` as the GPU path calls it (on CPU: its XLA version): the
+    same outputs on padded rows, finite on a row without keys."""
+    rng = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(rng.standard_normal((3, 40, 2, 16)), jnp.float32) for _ in range(3))
+    key_mask = jnp.asarray(np.arange(40)[None, :] < np.array([[40], [7], [0]]))
+    off = Dropout(0.0)
+    got = backend.attend_dot_product(q, k, v, key_mask, off, None)
+    want = backend.attend(q, k, v, key_mask, off, None)
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(got[:2], want[:2], atol=1e-5)
+
+
 def test_splash_attention_falls_back_where_the_kernel_cannot_run():
     """Attention-probability dropout (the kernel has none) and lengths that are not whole
     128-position blocks (a barcode's 110 tokens) take the einsum attention, bit for bit."""

@@ -139,11 +139,14 @@ def _dropout_on(dropout: Any) -> bool:
 
 def attend_dot_product(q, k, v, key_mask, dropout, rngs, query_rows=None, *, interpret=False):
     """:func:`attend` through ``jax.nn.dot_product_attention`` (on GPU, XLA runs cuDNN's fused
-    kernel for bf16 / fp16 inputs); with probability dropout on, :func:`attend` itself.
-    ``interpret`` is unused (the signature of :func:`attend_splash`)."""
+    kernel for bf16 / fp16 inputs); with probability dropout on, :func:`attend` itself. A row
+    without any key (a padding row of an evaluation batch) attends to all of its keys, as in
+    :func:`attend_splash`; its output is unused. ``interpret`` is unused (the signature of
+    :func:`attend_splash`)."""
     if _dropout_on(dropout):
         return attend(q, k, v, key_mask, dropout, rngs, query_rows)
-    return jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :])
+    keys = key_mask | ~key_mask.any(axis=1, keepdims=True)  # an empty row: no all-masked softmax
+    return jax.nn.dot_product_attention(q, k, v, mask=keys[:, None, None, :])
 
 
 SPLASH_BLOCK = 128
