@@ -393,15 +393,19 @@ def test_dropout_drops_the_rate_and_rescales_the_rest():
 
 
 def test_attention_equals_jax_dot_product_attention():
-    """Every platform's attention computes the same: per-head (CPU), einsums (GPU/TPU, and
-    attention dropout on CPU)."""
+    """Every platform's attention computes the same: per-head (CPU), einsums (``xla``, and
+    attention dropout on CPU), the fused GPU call and the TPU kernel's path as a CPU host runs it
+    (the einsums: the Mosaic kernel lowers for TPU only)."""
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(key, (2, 7, 3, 8)) for key in keys)
     key_mask = jnp.arange(7)[None, :] < jnp.array([[7], [4]])
     fused = jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :])
     assert backend.layers("cpu").attention is backend.attend_cpu
-    assert backend.layers("tpu").attention is backend.layers("gpu").attention is backend.attend
-    for platform in ("cpu", "tpu"):
+    xla = {backend.layers(p, "xla").attention for p in ("cpu", "gpu", "tpu")}
+    assert xla == {backend.attend}
+    assert backend.layers("tpu").attention.func is backend.attend_splash
+    assert backend.layers("gpu").attention.func is backend.attend_dot_product
+    for platform in ("cpu", "tpu", "gpu"):
         attend = backend.layers(platform).attention
         got = jax.jit(lambda *a, f=attend: f(*a, Dropout(0.0), None))(q, k, v, key_mask)
         np.testing.assert_allclose(got, fused, atol=1e-5, err_msg=platform)
