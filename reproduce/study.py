@@ -236,13 +236,17 @@ def _cell(value, root: pathlib.Path) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value).replace(f"{root}/", "")
 
 
-def _table(title: str, runs: dict[str, pathlib.Path], root: pathlib.Path) -> str:
+def _table(
+    title: str, runs: dict[str, pathlib.Path], root: pathlib.Path, drop: tuple[str, ...] = ()
+) -> str:
     """One markdown table: a row per arm per result row; "not run yet" for arms without one."""
     lines = [f"#### {title}", ""]
-    # a result row's own "arm" (pretrained / random) is the encoder; its task is in the title
+    # a result row's own "arm" (pretrained / random) is the encoder; ``drop``: columns the
+    # title already says
     found = {
         arm: [
-            {("encoder" if k == "arm" else k): v for k, v in r.items() if k != "task"} for r in rows
+            {("encoder" if k == "arm" else k): v for k, v in r.items() if k not in drop}
+            for r in rows
         ]
         for arm, rows in ((arm, _rows(path)) for arm, path in runs.items())
     }
@@ -278,6 +282,7 @@ def write_tables(out: pathlib.Path) -> None:
                     for arm in CMGEMS_ARMS
                 },
                 root,
+                drop=("task",),
             )
             for task in FEWSHOT_TASKS
         ]
