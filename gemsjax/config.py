@@ -593,10 +593,10 @@ def _cross_checks(c: ml_collections.ConfigDict) -> list[str]:
     return problems
 
 
-def check_keys(c: ml_collections.ConfigDict, expected: set[str], source: str) -> None:
+def check_keys(c: ml_collections.ConfigDict, expected: set[str], source: str) -> set[str]:
     """The one key check (training and downstream configs alike): ``c``'s dotted keys are
     ``expected``, none unknown (a typo in a file or a ``--config.<key>``), none missing. Raises
-    :class:`ConfigKeyError` naming ``source``, the keys and the valid ones."""
+    :class:`ConfigKeyError` naming ``source``, the keys and the valid ones. Returns the keys."""
     got = set(valid_keys(c))
     if got != expected:
         unknown, missing = sorted(got - expected), sorted(expected - got)
@@ -608,14 +608,14 @@ def check_keys(c: ml_collections.ConfigDict, expected: set[str], source: str) ->
             )
             + f"; valid keys: {', '.join(sorted(expected))}"
         )
+    return got
 
 
 def validate(c: ml_collections.ConfigDict, source: str = "config") -> None:
     """The one check of a config: its keys are its kind's (no unknown, none missing) and every
     value is in range (:data:`RULES`, :data:`PMI_RULES`, then checks between keys). Raises one
     :class:`UserError` naming ``source``, each bad key with its value, and the fix."""
-    check_keys(c, _schema(c), source)
-    got = set(valid_keys(c))
+    got = check_keys(c, _schema(c), source)
     rules = PMI_RULES if c.recipe == PMI_RECIPE else RULES
     problems = []
     for key in sorted(got):

@@ -281,20 +281,29 @@ class KmerTokenizer:
 DATA_KINDS = ("genome", "barcode")
 
 
-def data_tokenizer(kind: str, k: int = 6, *, randomize_offset: bool = False) -> KmerTokenizer:
+def data_tokenizer(
+    kind: str, k: int = 6, *, randomize_offset: bool = False, strip_gaps: bool = False
+) -> KmerTokenizer:
     """The tokenizer of a pretraining data kind: the one place where a run's data picks its ids.
 
     ``"genome"``: DNABERT's overlapping 6-mers with ``[CLS]`` / ``[SEP]`` (GeneMask, CM-GEMS;
     ``k`` must be 6). ``"barcode"``: BarcodeBERT's non-overlapping ``k``-mers (6: BarcodeMAE,
     8: BarcodeBERT-5M), a random reading-frame offset ``0..k-1`` per row with
-    ``randomize_offset`` (training only). Raises ValueError on another kind, or a genome k != 6.
+    ``randomize_offset`` (training only), alignment gaps removed first with ``strip_gaps``.
+    Raises ValueError on another kind, or a genome k != 6.
     """
     if kind == "genome":
         if k != 6:
             raise ValueError(f"genome data reads DNABERT 6-mers; got k={k}")
         return KmerTokenizer(6, stride=1, vocab="dnabert")
     if kind == "barcode":
-        return KmerTokenizer(k, stride=k, vocab="barcodebert", randomize_offset=randomize_offset)
+        return KmerTokenizer(
+            k,
+            stride=k,
+            vocab="barcodebert",
+            randomize_offset=randomize_offset,
+            strip_gaps=strip_gaps,
+        )
     raise ValueError(f"data kind {kind!r}; expected one of {DATA_KINDS}")
 
 

@@ -32,7 +32,7 @@ from gemsjax.data import fasta, tables
 from gemsjax.errors import UserError
 from gemsjax.eval import labelled
 from gemsjax.models.bert import POOLINGS, BertModel, masked_mean
-from gemsjax.tokenizers import KmerTokenizer, kmer_text_to_sequence
+from gemsjax.tokenizers import KmerTokenizer, data_tokenizer, kmer_text_to_sequence
 from gemsjax.train import sharding
 
 FORMATS = ("auto", "fasta", "csv", "tsv")
@@ -45,9 +45,9 @@ def tokenizer_for(vocab: str, k: int = 6) -> KmerTokenizer:
     """The k-mer tokenizer of ``vocab`` (``"dnabert"``: overlapping 6-mers; ``"barcodebert"``:
     blocks of ``k`` with gaps stripped, no reading-frame offset: embeddings are for evaluation)."""
     if vocab == "dnabert":
-        return KmerTokenizer(6, vocab="dnabert")
+        return data_tokenizer("genome")
     if vocab == "barcodebert":
-        return KmerTokenizer(k, stride=k, vocab="barcodebert", strip_gaps=True)
+        return data_tokenizer("barcode", k, strip_gaps=True)
     raise UserError(f"embedding vocab {vocab!r}; expected 'dnabert' or 'barcodebert'")
 
 

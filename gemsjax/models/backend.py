@@ -174,17 +174,10 @@ def attend_splash(q, k, v, key_mask, dropout, rngs, query_rows=None, *, interpre
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
     block = SPLASH_BLOCK * math.gcd(len_q // SPLASH_BLOCK, len_k // SPLASH_BLOCK, 4)
-    sizes = dict(block_q=block, block_kv=block, block_kv_compute=block)
+    tiles = ("q", "kv", "kv_compute", "q_dkv", "kv_dkv", "kv_dkv_compute", "q_dq", "kv_dq")
     kernel = splash.make_splash_mha(
         masks.MultiHeadMask([masks.FullMask((len_q, len_k))] * heads),
-        block_sizes=splash.BlockSizes(
-            **sizes,
-            block_q_dkv=block,
-            block_kv_dkv=block,
-            block_kv_dkv_compute=block,
-            block_q_dq=block,
-            block_kv_dq=block,
-        ),
+        block_sizes=splash.BlockSizes(**{f"block_{tile}": block for tile in tiles}),
         head_shards=1,
         q_seq_shards=1,
         interpret=interpret,

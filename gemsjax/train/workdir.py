@@ -189,7 +189,7 @@ def _base_defaults(requested: Mapping[str, Any]) -> dict[str, Any]:
     kind = requested.get("data", {}).get("kind")
     if "recipe" not in requested or kind not in bases:
         return {}
-    return flatten(json.loads(json.dumps(bases[kind](requested["recipe"]).to_dict())))
+    return flatten(bases[kind](requested["recipe"]).to_dict())
 
 
 def check_resume(
