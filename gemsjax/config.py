@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 
 import ml_collections
 
+from gemsjax import remote
 from gemsjax.errors import UserError
 from gemsjax.models.sizes import SIZES
 
@@ -664,6 +665,7 @@ def load(spec: str, overrides: Mapping[str, str] = ()) -> ml_collections.ConfigD
         config = load_module(path).get_config(arg or None)
         for key, text in dict(overrides).items():
             set_key(config, key, text)
+        remote.localize_config(config)
     except UserError as err:
         raise type(err)(f"{spec}: {err}") from None
     validate(config, spec)

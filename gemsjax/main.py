@@ -7,17 +7,18 @@ exit with status 2 (``--traceback`` shows where).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import pathlib
-import re
 import sys
 import textwrap
 
 from absl import app, flags, logging
 
 from gemsjax import config as config_lib
+from gemsjax import remote
 from gemsjax.errors import UserError
 
 MODES = {
@@ -192,18 +193,6 @@ def default_workdir(config) -> pathlib.Path:
     return pathlib.Path("runs") / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
-def local_workdir(value: str) -> pathlib.Path:
-    """``--workdir`` as a local path. A URL (``gs://bucket/run``) is refused: ``pathlib`` would
-    collapse it into a local folder ``gs:/bucket/run`` and the run would land on this disk."""
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
-        raise UserError(
-            f"--workdir={value}: remote workdirs are not supported yet (checkpoints, metrics and "
-            "TensorBoard would be written to a local folder named after the URL); use a local "
-            "folder, or a bucket mounted as one (e.g. gcsfuse), and copy the run folder up"
-        )
-    return pathlib.Path(value)
-
-
 def run_pmi(config, workdir: pathlib.Path) -> dict:
     """Count n-grams of ``config.fasta_paths`` (default: the shipped genome sample), rank 6-mers."""
     from gemsjax import pmi
@@ -286,7 +275,7 @@ def run_train(config, workdir: pathlib.Path) -> dict:
     # by the loop once the checkpoint's settings are accepted).
     with workdir_lib.lock(workdir, enabled=lead), run_files.tee_log(workdir, enabled=lead):
         summary = train_and_evaluate(config, workdir)
-        summary["workdir"] = str(workdir)
+        summary["workdir"] = remote.url_of(workdir) or str(workdir)
         if lead:
             summary["curves"] = str(run_files.plot_curves(workdir, summary["switch_step"]))
         if config.downstream.eval and not summary["stopped"]:
@@ -338,22 +327,35 @@ def main(argv):
                 "--mode=export reads the run's own config; drop --config and name "
                 "the run with --config.init=<run folder or checkpoint>"
             )
-        _print_summary(
-            run_export(_OVERRIDES, local_workdir(_WORKDIR.value) if _WORKDIR.value else None)
-        )
+        with _workdir(_WORKDIR.value) as workdir:
+            _print_summary(run_export(_OVERRIDES, workdir))
         return
     config = load_config(_CONFIG.value, _MODE.value, _OVERRIDES)
-    workdir = local_workdir(_WORKDIR.value) if _WORKDIR.value else default_workdir(config)
-    if _MODE.value == "train":
-        run_train(config, workdir)
-    elif _MODE.value in DOWNSTREAM_MODES:
-        _print_summary(run_downstream(_MODE.value, config, workdir))
-    elif _MODE.value == "compile":
-        from gemsjax.train import compile_ahead
+    with _workdir(_WORKDIR.value or str(default_workdir(config))) as workdir:
+        if _MODE.value == "train":
+            run_train(config, workdir)
+        elif _MODE.value in DOWNSTREAM_MODES:
+            _print_summary(run_downstream(_MODE.value, config, workdir))
+        elif _MODE.value == "compile":
+            from gemsjax.train import compile_ahead
 
-        _print_summary(compile_ahead.run(config))
-    else:
-        _print_summary(run_pmi(config, workdir) if _MODE.value == "pmi" else run_data(config))
+            _print_summary(compile_ahead.run(config))
+        else:
+            _print_summary(run_pmi(config, workdir) if _MODE.value == "pmi" else run_data(config))
+
+
+@contextlib.contextmanager
+def _workdir(value: str | None):
+    """``--workdir`` as the local folder the command writes in: the path itself, or for a URL
+    (``gs://bucket/run``) its staging copy, pushed to the URL when the command ends
+    (:mod:`gemsjax.remote`); None stays None (``--mode=export``'s default)."""
+    if value is None or not remote.is_url(value):
+        yield None if value is None else pathlib.Path(value)
+        return
+    import jax
+
+    with remote.staged_workdir(value, lead=jax.process_index() == 0) as local:
+        yield local
 
 
 def run(argv):

@@ -5,7 +5,7 @@
 #
 #   create NAME ZONE ACCELERATOR [FLAGS]  e.g. v5p-64 --spot; the runtime image follows the chip
 #   copy   NAME ZONE              this checkout's code -> ~/gemsjax on every worker
-#   setup  NAME ZONE              on every worker: Python 3.11 (uv), ~/gemsjax/.venv, '.[tpu]';
+#   setup  NAME ZONE              on every worker: Python 3.11 (uv), ~/gemsjax/.venv, '.[tpu,gcs]';
 #                                 done once, redone only when pyproject.toml changed
 #   data   NAME ZONE SOURCE...    -> ~/gemsjax-data/ on every worker's local disk: local files are
 #                                 copied from here (scp), gs:// objects are fetched by each worker

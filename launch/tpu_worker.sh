@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The worker side of launch/tpu_vm.sh: runs on each TPU VM worker, inside the copied checkout.
 #
-#   launch/tpu_worker.sh setup                 Python 3.11 (uv-managed) + .venv + '.[tpu]'; skipped
+#   launch/tpu_worker.sh setup                 Python 3.11 (uv-managed) + .venv + '.[tpu,gcs]'; skipped
 #                                              while pyproject.toml is unchanged since the last setup
 #   launch/tpu_worker.sh start ARGS...         python -m gemsjax.main ARGS, detached (own session,
 #                                              survives the SSH connection), appending to the log
@@ -43,7 +43,7 @@ case "$cmd" in
       || curl -LsSf https://astral.sh/uv/install.sh | sh
     uv python install 3.11
     uv venv --allow-existing --python 3.11 "$root/.venv"
-    uv pip install -q --python "$root/.venv/bin/python" -e "${root}[tpu]"
+    uv pip install -q --python "$root/.venv/bin/python" -e "${root}[tpu,gcs]"
     echo "$want" > "$stamp"
     echo "$host: set up ($("$root/.venv/bin/python" --version))" ;;
   start)

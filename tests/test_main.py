@@ -237,16 +237,3 @@ def test_a_run_folder_describes_itself(tmp_path, genome):
     assert b'"threshold_mode": "absolute"' in recorded and b"masking.threshold_mode" in recorded
     assert summary["curves"] == str(tmp_path / run_files.CURVES_FILE)
     assert _png_size(tmp_path / run_files.CURVES_FILE) == (960, 840)
-
-
-def test_a_url_workdir_is_refused_not_written_to_a_local_folder_named_after_it(tmp_path):
-    """``--workdir=gs://...`` would become the local folder ``gs:/...`` under pathlib; it is
-    refused in one line before anything is written."""
-    config = f"--config={cli_runs.ROOT / 'configs' / 'cm_gems.py'}:smoke"
-    done = _gemsjax(config, "--workdir=gs://bucket/runs/x", cwd=tmp_path)
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.count("\n") == 1, done.stderr
-    assert done.stderr.startswith(
-        "gemsjax: --workdir=gs://bucket/runs/x: remote workdirs are not supported yet"
-    )
-    assert list(tmp_path.iterdir()) == []

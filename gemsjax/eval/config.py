@@ -29,6 +29,7 @@ from collections.abc import Mapping
 import ml_collections
 
 from gemsjax import config as config_lib
+from gemsjax import remote
 from gemsjax.data import samples
 from gemsjax.errors import UserError
 from gemsjax.models.sizes import SIZES
@@ -175,6 +176,7 @@ def load(spec: str, overrides: Mapping[str, str], mode: str) -> ml_collections.C
         if "protocol" in c:
             for key, text in dict(overrides).items():
                 config_lib.set_key(c, key, text)
+            remote.localize_config(c)
     except UserError as err:
         raise type(err)(f"{spec}: {err}") from None
     wanted = MODE_PROTOCOLS[mode]

@@ -39,6 +39,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from gemsjax import remote
 from gemsjax.data import pipelines, tables
 from gemsjax.errors import UserError
 from gemsjax.eval import scores
@@ -368,7 +369,7 @@ def finetune(
         )
     train_iter = tuner.train_batches(train, tuner.hyper.seed, tuner.hyper.epochs)
     manager = checkpoint.make_manager(
-        str((workdir / "checkpoints").resolve()),
+        remote.checkpoint_dir(workdir),
         save_every=checkpoint_every,
         keep_last=1,
         keep_best=1,
@@ -426,7 +427,7 @@ def finetune(
                 buffer.restart_clock()
             if sigterm is not None and checkpoint.stop_requested(manager, step, sigterm):
                 stopped = "SIGTERM"
-            checkpoint.save(
+            if checkpoint.save(
                 manager,
                 step,
                 state,
@@ -434,7 +435,8 @@ def finetune(
                 meta={**tuner.meta(), **(facts or {})},
                 metrics={"val_loss": val["loss"]} if val else None,
                 force=epoch_end or stopped is not None,
-            )
+            ):
+                writer.sync()
             if stopped:
                 break
         if (last := buffer.flush()) is not None:

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from gemsjax.errors import UserError
@@ -142,7 +142,7 @@ def _size(cfg) -> tuple[int, ...]:
     return cfg.vocab_size, cfg.hidden, cfg.layers, cfg.heads, cfg.ffn, cfg.max_positions
 
 
-def _run_meta(folder: pathlib.Path, step: int) -> dict:
+def _run_meta(folder: epath.Path, step: int) -> dict:
     path = folder / "checkpoints" / str(step) / "meta" / "metadata"
     if not path.is_file():
         raise UserError(
@@ -152,7 +152,7 @@ def _run_meta(folder: pathlib.Path, step: int) -> dict:
     return json.loads(path.read_text())
 
 
-def _steps(folder: pathlib.Path) -> list[int]:
+def _steps(folder: epath.Path) -> list[int]:
     ckpt = folder / "checkpoints"
     if not ckpt.is_dir():
         raise UserError(
@@ -170,7 +170,7 @@ def _steps(folder: pathlib.Path) -> list[int]:
     return steps
 
 
-def _pick_step(folder: pathlib.Path, which: str) -> int:
+def _pick_step(folder: epath.Path, which: str) -> int:
     steps = _steps(folder)
     if which == "latest":
         return steps[-1]
@@ -192,7 +192,7 @@ def _pick_step(folder: pathlib.Path, which: str) -> int:
 
 
 def _load_run(target: str, which: str, *, params: bool) -> Encoder:
-    folder = pathlib.Path(target)
+    folder = epath.Path(target)  # a local folder or a URL (gs://...), read in place
     step = _pick_step(folder, which)
     config = _run_meta(folder, step)["config"]
     model = config["model"]
@@ -228,7 +228,7 @@ def _abstract_encoder(cfg) -> nnx.State:
     return nnx.split(model, nnx.Param)[1]
 
 
-def _restore_encoder(state_dir: pathlib.Path, cfg, source: str) -> dict:
+def _restore_encoder(state_dir: epath.Path, cfg, source: str) -> dict:
     """The ``params["encoder"]`` sub-tree of a saved train state, as a pure dict of numpy
     arrays."""
     target = {"params": {"encoder": _abstract_encoder(cfg)}}

@@ -62,9 +62,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 import gemsjax
+from gemsjax import remote
 from gemsjax.errors import UserError
 from gemsjax.interop import hf_text
 from gemsjax.models.bert import INIT_STD, BertConfig
@@ -311,7 +313,7 @@ def export_model(
     )
 
 
-def _step_dir(path: pathlib.Path, step: int | None) -> pathlib.Path:
+def _step_dir(path: epath.Path, step: int | None) -> epath.Path:
     """The checkpoint step directory that ``path`` (a run folder, its ``checkpoints`` folder or a
     step directory) names: ``step``, or the newest."""
     if (path / "state").is_dir():
@@ -356,7 +358,7 @@ def export_run(
     """
     from gemsjax.train import checkpoint
 
-    step_dir = _step_dir(pathlib.Path(path), step)
+    step_dir = _step_dir(epath.Path(path), step)  # a local folder or a URL, read in place
     meta = checkpoint.read_meta(step_dir)
     run_dir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir
     if meta and meta.get("kind") == "classifier":
@@ -373,11 +375,12 @@ def export_run(
             f"{step_dir} has no run metadata (meta item with the config); it was not "
             "written by gemsjax training or fine-tuning"
         )
-    out = pathlib.Path(out_dir) if out_dir else run_dir / "hf"
+    out = str(out_dir) if out_dir else str(run_dir / "hf")
     flat = flat_params(checkpoint.read_params(step_dir))
-    write_folder(flat, config, vocab, out, labels=meta.get("labels"), facts=facts)
+    with remote.staged_workdir(out) as local:  # a URL: written here, then pushed
+        write_folder(flat, config, vocab, local, labels=meta.get("labels"), facts=facts)
     return dict(
-        folder=str(out),
+        folder=remote.url_of(out) or out,
         architecture=target_of(flat).architecture,
         step=int(step_dir.name),
         checkpoint=str(step_dir),
@@ -416,7 +419,7 @@ def _pretraining_facts(
 
 
 def _classifier_facts(
-    meta: Mapping[str, Any], run_dir: pathlib.Path, steps: int
+    meta: Mapping[str, Any], run_dir: epath.Path, steps: int
 ) -> tuple[BertConfig, Vocab, dict[str, Any], dict[str, Any]]:
     """Size, vocab, model-card facts and summary entries of a fine-tuning checkpoint."""
     config = BertConfig(**meta["model"])

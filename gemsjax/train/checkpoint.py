@@ -53,6 +53,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from gemsjax import remote
 from gemsjax.errors import UserError
 from gemsjax.train import workdir
 
@@ -136,7 +137,11 @@ def run_metadata(config: Any = None) -> dict[str, Any]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    return {"config": config, "versions": versions, "python": platform.python_version()}
+    return {
+        "config": remote.sources(config),
+        "versions": versions,
+        "python": platform.python_version(),
+    }
 
 
 class CorruptCheckpointError(ValueError):
@@ -243,6 +248,8 @@ def _check_room(manager: ocp.CheckpointManager, step: int, state_bytes: int) -> 
     Raises:
       workdir.DiskFullError: the newest checkpoint is larger than the free space.
     """
+    if remote.is_url(str(manager.directory)):
+        return
     directory = pathlib.Path(str(manager.directory))
     try:
         if shutil.disk_usage(directory).free >= 2 * state_bytes:
@@ -480,7 +487,7 @@ def best_step(directory: str | os.PathLike, steps: list[int]) -> int | None:
     step carries one."""
     scored = []
     for step in steps:
-        path = pathlib.Path(directory) / str(step) / "metrics" / "metrics"
+        path = epath.Path(directory) / str(step) / "metrics" / "metrics"
         if path.is_file():
             scored.append((json.loads(path.read_text()).get("val_loss", np.inf), step))
     return min(scored)[1] if scored else None
@@ -495,11 +502,12 @@ def read_meta(step_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
-    directory = pathlib.Path(str(manager.directory))
+    directory = epath.Path(str(manager.directory))
     for step in steps:
         target = directory / f"unreadable-{step}"
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(directory / str(step), target)
+        if target.exists():
+            target.rmtree()
+        (directory / str(step)).rename(target)
     manager.reload()
 
 

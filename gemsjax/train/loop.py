@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from gemsjax import config as config_lib
-from gemsjax import masking
+from gemsjax import masking, remote
 from gemsjax.data import pipelines
 from gemsjax.errors import UserError
 from gemsjax.models import flops, registry
@@ -159,7 +159,7 @@ def _train(
 
     # Resume (state, data position, rank table) or start fresh.
     manager = checkpoint.make_manager(
-        str((workdir / "checkpoints").resolve()),
+        remote.checkpoint_dir(workdir),
         save_every=config.train.checkpoint_every,
         keep_last=config.train.keep_checkpoints,
     )
@@ -168,7 +168,9 @@ def _train(
         manager,
         sharding.with_shardings(abstract_state, state_sh),
         train_iter,
-        check_meta=lambda saved: workdir_lib.check_resume(saved, meta["config"], workdir),
+        check_meta=lambda saved: workdir_lib.check_resume(
+            saved, meta["config"], remote.url_of(workdir) or str(workdir)
+        ),
     )
     if restored is None:
         state = jax.jit(init, out_shardings=state_sh)()
@@ -251,7 +253,7 @@ def _train(
                         f"gemsjax: curriculum switched after the validation at step {step} "
                         f"(perplexity plateau); Global-PMI masking from step {step + 1}"
                     )
-            checkpoint.save(
+            if checkpoint.save(
                 manager,
                 step,
                 state,
@@ -260,12 +262,14 @@ def _train(
                 meta=meta,
                 metrics={"val_loss": val["val_loss"]} if evaluated else None,
                 force=force,
-            )
+            ):
+                writer.sync()
             if evaluated:
                 buffer.restart_clock()
             if stopped:
                 say(
-                    f"gemsjax: {stopped} received; saved step {step} in {workdir} and stopped "
+                    f"gemsjax: {stopped} received; saved step {step} in "
+                    f"{remote.url_of(workdir) or workdir} and stopped "
                     "(run the same command to resume)"
                 )
                 break

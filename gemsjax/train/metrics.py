@@ -31,6 +31,7 @@ from typing import Any, TextIO
 import jax
 import numpy as np
 
+from gemsjax import remote
 from gemsjax.train import workdir as workdir_lib
 
 # Dense bf16 peak FLOP/s per chip, matched in order against jax.devices()[0].device_kind.
@@ -324,8 +325,17 @@ class MetricsWriter:
         for summary in hparams(flat, {"val_loss": float("nan")}):  # declares the metric's tag
             self._tb.file_writer.add_summary(summary)
 
+    def sync(self) -> None:
+        """Flush TensorBoard and, for a URL run, push the staging copy to the URL
+        (:func:`gemsjax.remote.push`): called after each checkpoint save, so the URL holds the
+        metrics of every saved step."""
+        if self.enabled:
+            self._tb.flush()
+            remote.push(self._path.parent)
+
     def close(self) -> None:
-        """Flush and close the files."""
+        """Flush and close the files (and push them, for a URL run)."""
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+            remote.push(self._path.parent)

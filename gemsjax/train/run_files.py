@@ -22,6 +22,8 @@ from collections.abc import Iterator
 
 import ml_collections
 
+from gemsjax import remote
+
 CONFIG_FILE = "config.json"
 LOG_FILE = "train.log"
 CURVES_FILE = "curves.png"
@@ -31,7 +33,8 @@ def write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> pa
     """Write ``config`` as ``<workdir>/config.json``; returns the path."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / CONFIG_FILE
-    path.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2) + "\n")
+    resolved = remote.sources(json.loads(config.to_json_best_effort()))
+    path.write_text(json.dumps(resolved, indent=2) + "\n")
     return path
 
 
