@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -225,7 +226,9 @@ def localize(url: str, what: str) -> str:
         if target.is_file() and have.get(rel) == _version(info):
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(f"{url}/{rel}" if rel else url, str(target))
+        partial = target.with_name(f"{target.name}.part-{os.getpid()}")
+        fs.get_file(f"{url}/{rel}" if rel else url, str(partial))
+        os.replace(partial, target)  # atomic: processes sharing the cache never read half a file
         have[rel] = _version(info)
     manifest.write_text(json.dumps(have))
     return str(local)
