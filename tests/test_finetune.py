@@ -190,12 +190,13 @@ def test_fewshot_task_folder_brings_its_own_test_file_and_name(shared_data, tmp_
 def test_sigterm_saves_and_the_same_call_resumes_bit_exactly(prom_core, tmp_path):
     """A real SIGTERM (the fine-tuning command's handler) stops fine-tuning after the current
     update with a checkpoint; running again resumes there (state, data order, dropout keys) and
-    ends with exactly the parameters and test scores of an uninterrupted run."""
+    ends with exactly the parameters and test scores of an uninterrupted run, and the same
+    ``metrics.jsonl`` steps."""
     import os
     import signal
 
     from gemsjax.interop import hf
-    from gemsjax.train import checkpoint
+    from gemsjax.train import checkpoint, run_files
 
     train, test = prom_core
     test = labelled.subset(test, np.arange(40))
@@ -217,3 +218,7 @@ def test_sigterm_saves_and_the_same_call_resumes_bit_exactly(prom_core, tmp_path
         for run in ("whole", "cut")
     ]
     assert all(np.array_equal(last[0][k], last[1][k]) for k in last[0])
+    logged = [
+        [r["step"] for r in run_files.read_metrics(tmp_path / run)] for run in ("whole", "cut")
+    ]
+    assert logged[0] == logged[1] and logged[0][-1] == 8  # the stopped run's records are kept

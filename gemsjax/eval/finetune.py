@@ -374,29 +374,19 @@ def finetune(
         keep_last=1,
         keep_best=1,
     )
-    writer = metrics.MetricsWriter(
-        workdir,
-        total_steps=total,
-        tokens_per_step=tuner.hyper.batch_size * tuner.max_len,
-        flops_per_step=tuner.hyper.batch_size
-        * 3
-        * flops.transformer_forward_flops(
-            tuner.encoder.model_cfg.layers,
-            tuner.encoder.model_cfg.hidden,
-            tuner.encoder.model_cfg.ffn,
-            tuner.max_len,
-            tuner.max_len,
-        ),
-        peak_flops=metrics.peak_flops_per_device(),
-        console_every=log_every,
-    )
     history_path = workdir / "dev_history.jsonl"
     started = time.perf_counter()
     stopped, losses = None, []
+    writer = None
     try:
         restored = checkpoint.restore_latest(manager, tuner.abstract_state, train_iter)
         state = tuner.init(tuner.hyper.seed, encoder_params) if restored is None else restored.state
         step = int(state.step)
+        # Records past the restored step were written by the interrupted run: they go, and the
+        # resumed run writes them again (one record per step, as in pretraining).
+        writer = _metrics_writer(workdir, tuner, total, log_every, resume_step=step)
+        if jax.process_index() == 0:
+            metrics.drop_records_after(history_path, step)
         buffer = metrics.MetricsBuffer()
         while step < total:
             state, out = tuner.step(state, next(train_iter))
@@ -449,7 +439,8 @@ def finetune(
         test_scores = None if stopped else evaluate_split(tuner, state, test)
     finally:
         checkpoint.close(manager)
-        writer.close()
+        if writer is not None:
+            writer.close()
     history = _read_jsonl(history_path)
     return dict(
         test=test_scores,
@@ -459,6 +450,30 @@ def finetune(
         steps=total,
         stopped=stopped,
         seconds=time.perf_counter() - started,
+    )
+
+
+def _metrics_writer(
+    workdir: pathlib.Path, tuner: Finetuner, total: int, log_every: int, *, resume_step: int
+) -> metrics.MetricsWriter:
+    """The fine-tuning run's ``metrics.jsonl`` / TensorBoard / console writer (model FLOPs from
+    the encoder's size and the padded length)."""
+    return metrics.MetricsWriter(
+        workdir,
+        total_steps=total,
+        tokens_per_step=tuner.hyper.batch_size * tuner.max_len,
+        flops_per_step=tuner.hyper.batch_size
+        * 3
+        * flops.transformer_forward_flops(
+            tuner.encoder.model_cfg.layers,
+            tuner.encoder.model_cfg.hidden,
+            tuner.encoder.model_cfg.ffn,
+            tuner.max_len,
+            tuner.max_len,
+        ),
+        peak_flops=metrics.peak_flops_per_device(),
+        console_every=log_every,
+        resume_step=resume_step,
     )
 
 
