@@ -234,14 +234,23 @@ def localize(url: str, what: str) -> str:
     return str(local)
 
 
+def _split_hf(value: str) -> tuple[str, str]:
+    """``"hf:<folder>"`` (a transformers folder, ``model.init``) -> ``("hf:", folder)``."""
+    return ("hf:", value[3:]) if value.startswith("hf:") else ("", value)
+
+
 def source_of(value: Any) -> Any:
-    """The URL that a local copy made by :func:`localize` stands for; other values unchanged."""
+    """The URL that a local copy made by :func:`localize` stands for (``hf:`` kept); other
+    values unchanged."""
     from gemsjax.data.genome_cache import cache_root
 
+    if not isinstance(value, str):
+        return value
+    head, path = _split_hf(value)
     root = f"{cache_root() / 'remote'}/"
-    if isinstance(value, str) and value.startswith(root):
-        scheme, _, rest = value.removeprefix(root).partition("/")
-        return f"{scheme}://{rest}"
+    if path.startswith(root):
+        scheme, _, rest = path.removeprefix(root).partition("/")
+        return f"{head}{scheme}://{rest}"
     return value
 
 
@@ -256,9 +265,19 @@ def sources(tree: Any) -> Any:
 
 
 def localize_config(config, skip: tuple[str, ...] = ("init",)) -> list[tuple[str, str]]:
-    """Replace every URL string value of ``config`` (tuples of paths included; keys in ``skip``,
-    read in place, excepted) by its local copy (:func:`localize`); returns ``[(key, url)]``."""
+    """Replace every URL string value of ``config`` (``hf:<URL>`` and tuples of paths included;
+    keys in ``skip``, read in place, excepted) by its local copy (:func:`localize`); returns
+    ``[(key, url)]``."""
     done = []
+
+    def local(value, name: str):
+        if not isinstance(value, str):
+            return value
+        head, path = _split_hf(value)
+        if not is_url(path):
+            return value
+        done.append((name, value))
+        return head + localize(path, f"config.{name}")
 
     def walk(node, prefix: str) -> None:
         for key in list(node.keys()):
@@ -267,12 +286,10 @@ def localize_config(config, skip: tuple[str, ...] = ("init",)) -> list[tuple[str
                 walk(value, f"{name}.")
             elif name in skip:
                 continue
-            elif is_url(value):
-                node[key] = localize(value, f"config.{name}")
-                done.append((name, value))
-            elif isinstance(value, tuple) and any(map(is_url, value)):
-                node[key] = tuple(localize(v, f"config.{name}") if is_url(v) else v for v in value)
-                done.append((name, ", ".join(filter(is_url, value))))
+            elif isinstance(value, tuple):
+                node[key] = tuple(local(v, name) for v in value)
+            elif (new := local(value, name)) is not value:
+                node[key] = new
 
     walk(config, "")
     return done

@@ -15,6 +15,7 @@ import socket
 import sys
 
 import cli_runs
+import ml_collections
 import pytest
 
 from gemsjax import remote
@@ -178,7 +179,8 @@ def test_a_missing_object_or_filesystem_package_is_one_line(gcs, tmp_path):
 
 def test_localized_copies_are_refetched_when_the_object_changes(gcs, tmp_path, monkeypatch):
     """A data URL is downloaded once into the cache; a changed object is fetched again; a
-    folder comes down whole; config values map back to their URLs."""
+    folder comes down whole; config values (tuples and ``hf:`` folders too) are localized and
+    map back to their URLs."""
     fs, env = gcs
     for key in ("STORAGE_EMULATOR_HOST", "GEMSJAX_CACHE", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
         monkeypatch.setenv(key, env[key])
@@ -192,5 +194,11 @@ def test_localized_copies_are_refetched_when_the_object_changes(gcs, tmp_path, m
     folder = remote.localize(f"gs://{BUCKET}/tasks/t", "config.task.dir")
     assert open(os.path.join(folder, "sub", "test.tsv")).read() == "b\t1\n"
     assert remote.sources({"a": [folder, "x"]}) == {"a": [f"gs://{BUCKET}/tasks/t", "x"]}
+    config = ml_collections.ConfigDict(
+        dict(data=dict(fasta=(url, "local.fa")), model=dict(init=f"hf:gs://{BUCKET}/tasks/t"))
+    )
+    assert [key for key, _ in remote.localize_config(config)] == ["data.fasta", "model.init"]
+    assert config.data.fasta == (local, "local.fa") and config.model.init == f"hf:{folder}"
+    assert remote.sources(config.to_dict())["model"]["init"] == f"hf:gs://{BUCKET}/tasks/t"
     with pytest.raises(UserError, match="reading s3:// needs s3fs"):
         remote.filesystem("s3://b/x", "--workdir")
