@@ -275,7 +275,7 @@ def run_train(config, workdir: pathlib.Path) -> dict:
     # by the loop once the checkpoint's settings are accepted).
     with workdir_lib.lock(workdir, enabled=lead), run_files.tee_log(workdir, enabled=lead):
         summary = train_and_evaluate(config, workdir)
-        summary["workdir"] = remote.url_of(workdir) or str(workdir)
+        summary["workdir"] = remote.shown(workdir)
         if lead:
             summary["curves"] = str(run_files.plot_curves(workdir, summary["switch_step"]))
         if config.downstream.eval and not summary["stopped"]:

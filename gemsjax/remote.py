@@ -42,7 +42,6 @@ from gemsjax.errors import UserError
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.+)$")
 MARKER = ".gemsjax-remote.json"  # in a staging copy's root: its URL and what was pushed
 CHECKPOINTS = "checkpoints"
-_LOCAL_ONLY = (MARKER, "gemsjax.lock")  # never pushed: the marker and the machine's lock
 _PACKAGES = {"gs": "gcsfs (pip install 'gemsjax[gcs]')", "gcs": "gcsfs", "s3": "s3fs"}
 
 
@@ -118,6 +117,19 @@ def url_of(path: str | pathlib.Path) -> str | None:
     return marker["url"] if rel == "." else f"{marker['url']}/{rel}"
 
 
+def shown(path: str | pathlib.Path) -> str:
+    """``path`` as messages and summaries name it: the URL a staging copy stands for, else the
+    path itself."""
+    return url_of(path) or str(path)
+
+
+def _local_only() -> tuple[str, ...]:
+    """Entries of a staging copy's root that never travel: its marker and the machine's lock."""
+    from gemsjax.train.workdir import LOCK_FILE  # not at the top: workdir imports config
+
+    return MARKER, LOCK_FILE
+
+
 def checkpoint_dir(workdir: pathlib.Path) -> str:
     """Where the run in ``workdir`` keeps its checkpoints: ``<URL>/checkpoints`` for a staging
     copy, else the absolute local ``<workdir>/checkpoints``."""
@@ -125,16 +137,16 @@ def checkpoint_dir(workdir: pathlib.Path) -> str:
     return f"{url}/{CHECKPOINTS}" if url else str((pathlib.Path(workdir) / CHECKPOINTS).resolve())
 
 
-def stage(url: str, keep: tuple[str, ...] = ()) -> pathlib.Path:
+def stage(url: str) -> pathlib.Path:
     """Rebuild the local staging copy of the run folder ``url`` (every file but its
-    checkpoints), keeping the entries named in ``keep`` (the lock file); returns the local
-    folder. The URL need not exist yet."""
+    checkpoints; the lock file is kept); returns the local folder. The URL need not exist
+    yet."""
     url = url.rstrip("/")
     fs = filesystem(url, "--workdir")
     local = _cache_path("staging", url)
     local.mkdir(parents=True, exist_ok=True)
     for child in local.iterdir():
-        if child.name in keep:
+        if child.name in _local_only():
             continue
         if child.is_dir():
             shutil.rmtree(child)
@@ -165,7 +177,7 @@ def push(workdir: pathlib.Path) -> int:
     pushed, count = marker["pushed"], 0
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
-        if rel in _LOCAL_ONLY or rel.split("/")[0] == CHECKPOINTS:
+        if rel in _local_only() or rel.split("/")[0] == CHECKPOINTS:
             continue
         if pushed.get(rel) == (stamp := _stamp(path)):
             continue
@@ -196,7 +208,7 @@ def staged_workdir(value: str, *, lead: bool = True) -> Iterator[pathlib.Path]:
         yield local
         return
     with workdir_lib.lock(_cache_path("staging", url)):
-        local = stage(url, keep=(workdir_lib.LOCK_FILE,))
+        local = stage(url)
         try:
             yield local
         finally:

@@ -380,7 +380,7 @@ def export_run(
     with remote.staged_workdir(out) as local:  # a URL: written here, then pushed
         write_folder(flat, config, vocab, local, labels=meta.get("labels"), facts=facts)
     return dict(
-        folder=remote.url_of(out) or out,
+        folder=remote.shown(out),
         architecture=target_of(flat).architecture,
         step=int(step_dir.name),
         checkpoint=str(step_dir),

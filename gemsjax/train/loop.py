@@ -169,7 +169,7 @@ def _train(
         sharding.with_shardings(abstract_state, state_sh),
         train_iter,
         check_meta=lambda saved: workdir_lib.check_resume(
-            saved, meta["config"], remote.url_of(workdir) or str(workdir)
+            saved, meta["config"], remote.shown(workdir)
         ),
     )
     if restored is None:
@@ -269,7 +269,7 @@ def _train(
             if stopped:
                 say(
                     f"gemsjax: {stopped} received; saved step {step} in "
-                    f"{remote.url_of(workdir) or workdir} and stopped "
+                    f"{remote.shown(workdir)} and stopped "
                     "(run the same command to resume)"
                 )
                 break
