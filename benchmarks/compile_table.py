@@ -28,7 +28,7 @@ import traceback
 
 from gemsjax import config as config_lib
 from gemsjax.errors import UserError
-from gemsjax.train import compile_ahead
+from gemsjax.train import compile_ahead, loop
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "compile_table.jsonl"
 SLICES = {  # Cloud TPU name -> topology, chips
@@ -94,11 +94,22 @@ def _gib(n) -> str:
     return f"{n / 2**30:.2f}"
 
 
+def every_position_flops(record: dict) -> float:
+    """The formula's FLOPs of the row's step with the head and encoder on every position (the
+    ``lax.cond`` branch XLA costs); computed from the row's spec for rows written before the
+    report carried it."""
+    if "every_position_flops" in record:
+        return record["every_position_flops"]
+    config = config_lib.load(record["spec"])
+    return loop.flops_per_step(config, record["batch_size"], every_position=True)
+
+
 def markdown(records: dict[tuple, dict]) -> str:
     """The table of the rows done so far, in :func:`rows` order."""
     lines = [
         "| config | slice (mesh) | batch | per chip: arguments / temporaries / total GiB "
-        "| compiler FLOPs / model | est. step | MFU | masking share | compile |",
+        "| compiler FLOPs / model (/ every position) | est. step | MFU | masking share "
+        "| compile |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows():
@@ -118,6 +129,7 @@ def markdown(records: dict[tuple, dict]) -> str:
             f"| {_gib(r['argument_bytes'])} / {_gib(r['temp_bytes'])} / "
             f"{_gib(r['total_bytes'])} of {_gib(r['hbm_bytes'])} "
             f"| {r['compiler_flops'] / r['model_flops']:.3f} "
+            f"({r['compiler_flops'] / every_position_flops(r):.3f}) "
             f"| {'none' if est is None else f'{est * 1e3:.1f} ms'} "
             f"| {mfu} | {share} "
             f"| {r['compile_seconds']:,.0f} s |"

@@ -107,6 +107,7 @@ def test_paper_step_compiles_for_a_v5p_slice_and_fits(capsys):
     slots = math.ceil(0.375 * 512)
     assert report["model_flops"] == 16 * flops.bert_train_flops(layers, d, ffn, vocab, 512, slots)
     full_head = 16 * flops.bert_train_flops(layers, d, ffn, vocab, 512)
+    assert report["every_position_flops"] == full_head
     assert 1.0 <= report["compiler_flops"] / full_head < 1.1
     assert report["estimated_seconds"] > 0 and 0.01 < report["mfu"] < 1.0
     # Masking + corruption compiled apart for the same chips (bisection passes unrolled, so all

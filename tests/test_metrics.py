@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from gemsjax import config as config_lib
 from gemsjax.models import flops
 from gemsjax.models.registry import get_model_config
-from gemsjax.train import metrics
+from gemsjax.train import loop, metrics
 
 
 def test_bert_flops_match_hand_calculation():
@@ -33,6 +34,18 @@ def test_bert_flops_match_hand_calculation():
     assert saved == 3 * 432 * (
         2 * 768**2 + 2 * 768 * 4101 + 4 * 768**2 + 4 * 768 * 3072 + 4 * 512 * 768
     )
+
+
+def test_step_flops_count_the_slots_and_the_fallback_counts_every_position():
+    """``:paper`` BarcodeMAE: 128 x 110 with the encoder on 71 slots (55 for the fixed draw's
+    bound + 16 slack); the every-position fallback (what XLA costs the ``lax.cond`` at) is the
+    baseline variant's count, 1.212x: BENCHMARKS.md's compile table."""
+    config = config_lib.load("barcode_mae:paper")
+    slotted = loop.flops_per_step(config, 128)
+    everywhere = loop.flops_per_step(config, 128, every_position=True)
+    assert slotted == 128 * flops.mae_train_flops(6, 768, 3072, 6, 4096, 110, 71)
+    assert everywhere == 128 * flops.mae_train_flops(6, 768, 3072, 6, 4096, 110, 110)
+    assert everywhere / slotted == pytest.approx(1.2119, abs=1e-4)
 
 
 def test_mae_flops_match_reference_estimate():

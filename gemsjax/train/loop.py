@@ -54,16 +54,19 @@ def compute_dtype(name: str, platform: str | None = None) -> Any:
     return jnp.dtype(name)
 
 
-def flops_per_step(config: ml_collections.ConfigDict, batch_size: int) -> float:
+def flops_per_step(
+    config: ml_collections.ConfigDict, batch_size: int, *, every_position: bool = False
+) -> float:
     """Model FLOPs of one optimizer step over ``batch_size`` rows (:mod:`gemsjax.models.flops`),
     counting what the step computes: the MLM head on its slots, the MAE encoder on its visible
-    slots."""
+    slots. ``every_position``: the step's fallback branch instead (head and encoder on all
+    ``data.max_len`` positions; what XLA's cost model charges for the ``lax.cond``)."""
     spec, seq_len = spec_lib.step_spec(config), config.data.max_len
     return batch_size * flops.train_flops(
         spec_lib.model_config(config),
         seq_len,
-        head_len=spec.head_slots(seq_len),
-        visible_len=spec.num_visible(seq_len),
+        head_len=None if every_position else spec.head_slots(seq_len),
+        visible_len=None if every_position else spec.num_visible(seq_len),
     )
 
 
