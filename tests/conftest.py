@@ -1,10 +1,21 @@
-"""Test set-up: 8 fake CPU devices, set before JAX starts."""
+"""Test set-up, before JAX starts: 8 fake CPU devices, and one persistent compilation cache for
+the whole session (every compile, however short), shared by the in-process tests and the
+subprocesses: most tests compile the same smoke-size programs, and a cached executable loads in
+milliseconds where compiling it takes up to seconds."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="gemsjax-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import cli_runs  # noqa: E402
 import pytest  # noqa: E402
@@ -29,10 +40,10 @@ def genome(tmp_path_factory) -> tuple[str, ...]:
     return (f"data.prepared_dir={prepared}",)
 
 
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory) -> pathlib.Path:
-    """A persistent compilation cache shared by the subprocesses of a module."""
-    return tmp_path_factory.mktemp("jax_cache")
+@pytest.fixture(scope="session")
+def jax_cache() -> pathlib.Path:
+    """The session's persistent compilation cache (set above), for the subprocesses."""
+    return cli_runs.session_jax_cache()
 
 
 @pytest.fixture

@@ -7,11 +7,11 @@ Commands run in subprocesses on 1 CPU device sharing a compilation cache (as tes
 does); the GUE protocol runs in this process on the 8 fake devices."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
+import cli_runs
 import pytest
 
 from gemsjax.errors import UserError
@@ -24,16 +24,8 @@ TIMEOUT = 600
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    cache = tmp_path_factory.mktemp("jax_cache")
-    return dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
+def env() -> dict[str, str]:
+    return cli_runs.env()
 
 
 def _run(env, *args) -> subprocess.CompletedProcess:

@@ -131,7 +131,7 @@ def test_data_mode_prints_the_first_batch(tmp_path):
         "--config=configs/genemask.py:smoke",
         "--config.data.max_len=64",
         f"--config.data.prepared_dir={prepared}",
-        env=cli_runs.env(tmp_path / "jax_cache"),
+        env=cli_runs.env(),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = cli_runs.summary(done.stdout)
@@ -206,9 +206,7 @@ def test_a_run_folder_describes_itself(tmp_path, genome):
     leaves config.json, train.log, metrics.jsonl numbered like its checkpoints and time-stamped,
     TensorBoard config text, and curves.png; console and summary name the switch step."""
     presets = ("train.steps=9", "masking.threshold_mode=absolute", "masking.threshold=1e9", *genome)
-    done = cli_runs.run(
-        cli_runs.cli("cm_gems", tmp_path, *presets), cli_runs.env(tmp_path / "jax_cache")
-    )
+    done = cli_runs.run(cli_runs.cli("cm_gems", tmp_path, *presets), cli_runs.env())
     assert done.returncode == 0, done.stderr[-3000:]
     summary = cli_runs.summary(done.stdout)
     assert (summary["switched"], summary["switch_step"]) == (True, 6)

@@ -67,7 +67,7 @@ def gcs(tmp_path_factory):
     server.start()
     url = f"http://localhost:{port}"
     env = dict(
-        cli_runs.env(tmp_path_factory.mktemp("jax_cache")),
+        cli_runs.env(),
         STORAGE_EMULATOR_HOST=url,  # gcsfs
         TENSORSTORE_GCS_HTTP_URL=url,  # tensorstore (Orbax's arrays)
         GOOGLE_AUTH_TOKEN_FOR_TESTING="emulator",  # tensorstore: no metadata-server lookup
