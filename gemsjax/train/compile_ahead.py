@@ -364,8 +364,8 @@ def format_report(r: dict, tgt: Target) -> str:
         f"{_gib(r['total_bytes'])} of {_gib(r['hbm_bytes'])} HBM{share}",
         f"  FLOPs per step: model {r['model_flops']:.3e} (formula), compiler "
         f"{r['compiler_flops']:.3e} (x{r['compiler_flops'] / r['model_flops']:.3f}; "
-        f"x{r['compiler_flops'] / r['every_position_flops']:.3f} of the formula with the head "
-        "and encoder on every position, the branch XLA costs a lax.cond at)",
+        f"x{r['compiler_flops'] / r['every_position_flops']:.3f} against the formula with the "
+        "head and encoder on every position: XLA costs a lax.cond at its dearer branch)",
     ]
     if r["estimated_seconds"] is None:
         lines.append(
