@@ -36,14 +36,14 @@ def session_jax_cache() -> pathlib.Path:
     return pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
-def env(jax_cache: pathlib.Path | None = None) -> dict[str, str]:
-    """The subprocess environment: 1 CPU device, every compile cached in ``jax_cache`` (default:
-    the session's cache)."""
+def env() -> dict[str, str]:
+    """The subprocess environment: 1 CPU device, every compile cached in the session's
+    persistent compilation cache."""
     return dict(
         os.environ,
         XLA_FLAGS="--xla_force_host_platform_device_count=1",
         JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(jax_cache or session_jax_cache()),
+        JAX_COMPILATION_CACHE_DIR=str(session_jax_cache()),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     )

@@ -40,12 +40,6 @@ def genome(tmp_path_factory) -> tuple[str, ...]:
     return (f"data.prepared_dir={prepared}",)
 
 
-@pytest.fixture(scope="session")
-def jax_cache() -> pathlib.Path:
-    """The session's persistent compilation cache (set above), for the subprocesses."""
-    return cli_runs.session_jax_cache()
-
-
 @pytest.fixture
 def background(tmp_path):
     """``start(args, env) -> Run``; runs still alive at teardown (a failed test) are killed."""

@@ -131,10 +131,10 @@ def test_a_step_too_big_for_its_chips_fails_naming_the_fix():
 
 
 @pytest.mark.slow
-def test_compile_mode_on_the_local_devices(tmp_path, jax_cache):
+def test_compile_mode_on_the_local_devices(tmp_path):
     """``python -m gemsjax.main --mode=compile`` without a topology: the 8 fake CPU devices,
     float32 (the CPU's compute dtype), no HBM figure; the summary line carries the report."""
-    env = dict(cli_runs.env(jax_cache), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(cli_runs.env(), XLA_FLAGS="--xla_force_host_platform_device_count=8")
     args = cli_runs.cli("cm_gems", tmp_path, "data.batch_size=16")
     out = cli_runs.run(args + ["--mode=compile"], env)
     assert out.returncode == 0, out.stderr[-3000:]

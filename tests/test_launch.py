@@ -129,12 +129,12 @@ def test_scripts_parse_and_pass_shellcheck(script):
 
 
 @pytest.mark.slow
-def test_worker_runs_detached_and_stop_ends_only_its_run(tmp_path, genome, jax_cache):
+def test_worker_runs_detached_and_stop_ends_only_its_run(tmp_path, genome):
     """tpu_worker.sh start returns at once while training goes on in its own session; status and
     logs follow it; stop sends SIGTERM to that run only (it saves and exits 0), not to another
     process whose command line says gemsjax.main (what `pkill -f gemsjax.main` would kill)."""
     logs = tmp_path / "logs"
-    env = dict(cli_runs.env(jax_cache), GEMSJAX_LOG_DIR=str(logs), GEMSJAX_PYTHON=sys.executable)
+    env = dict(cli_runs.env(), GEMSJAX_LOG_DIR=str(logs), GEMSJAX_PYTHON=sys.executable)
     worker = ["bash", str(ROOT / "launch/tpu_worker.sh")]
 
     def call(*args: str) -> str:
@@ -179,7 +179,7 @@ def test_worker_runs_detached_and_stop_ends_only_its_run(tmp_path, genome, jax_c
 
 
 @pytest.mark.slow
-def test_two_process_run_equals_one_process_and_resumes_after_a_kill(tmp_path, genome, jax_cache):
+def test_two_process_run_equals_one_process_and_resumes_after_a_kill(tmp_path, genome):
     """The multi-host rehearsal: ``launch/local_multiprocess.sh 2`` (two JAX processes of one CPU
     device each, gloo collectives) trains what one process with two devices trains from the same
     global batches: every loss within 1e-5 and the same final checkpoint. The two-process run is
@@ -192,7 +192,7 @@ def test_two_process_run_equals_one_process_and_resumes_after_a_kill(tmp_path, g
 
     presets = ("data.max_len=64", "train.steps=8", "train.checkpoint_every=2", *genome)
     one, two = tmp_path / "one", tmp_path / "two"
-    env = cli_runs.env(jax_cache)
+    env = cli_runs.env()
     single = cli_runs.run(
         cli_runs.cli("cm_gems", one, *presets),
         {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},

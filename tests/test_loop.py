@@ -26,12 +26,12 @@ Global-PMI after it; validation and a checkpoint every 2 steps."""
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_is_exact(tmp_path, genome, jax_cache, background):
+def test_resume_after_sigkill_is_exact(tmp_path, genome, background):
     """Run A trains 16 steps straight. Run B is killed with SIGKILL once a checkpoint at step >= 6
     is committed (after the curriculum switched), then the same command finishes it. Every loss
     line B wrote (before and after the kill) equals A's, and both final states are bitwise equal,
     curriculum state included."""
-    env = cli_runs.env(jax_cache)
+    env = cli_runs.env()
     run_a, run_b = tmp_path / "a", tmp_path / "b"
     done = cli_runs.run(cli_runs.cli("cm_gems", run_a, *RESUME, *genome), env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -95,7 +95,7 @@ def _stop_with_sigterm(run: cli_runs.Run, after: int) -> int:
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_step_and_the_rerun_resumes_it(tmp_path, genome, jax_cache, background):
+def test_sigterm_saves_the_step_and_the_rerun_resumes_it(tmp_path, genome, background):
     """SIGTERM in a 1000-step run: exit 0 after saving the current step (the only checkpoint:
     checkpoint_every=1000); the same command resumes there and can be stopped the same way."""
     args = cli_runs.cli(
@@ -107,7 +107,7 @@ def test_sigterm_saves_the_step_and_the_rerun_resumes_it(tmp_path, genome, jax_c
         "train.checkpoint_every=1000",
         *genome,
     )
-    env = cli_runs.env(jax_cache)
+    env = cli_runs.env()
     first = _stop_with_sigterm(background(args, env), after=2)
     assert cli_runs.committed_steps(tmp_path) == [first]
 
@@ -120,7 +120,7 @@ def test_sigterm_saves_the_step_and_the_rerun_resumes_it(tmp_path, genome, jax_c
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_with_an_error_and_keeps_a_finite_checkpoint(tmp_path, genome, jax_cache):
+def test_nan_loss_stops_with_an_error_and_keeps_a_finite_checkpoint(tmp_path, genome):
     """A learning rate of 1e6 (no clipping) blows up within 3 steps: the run exits non-zero with a
     FloatingPointError naming the step; the checkpoints (every step) stop before it and are
     finite."""
@@ -136,7 +136,7 @@ def test_nan_loss_stops_with_an_error_and_keeps_a_finite_checkpoint(tmp_path, ge
         "optimizer.warmup_steps=0",
         *genome,
     )
-    done = cli_runs.run(args, cli_runs.env(jax_cache))
+    done = cli_runs.run(args, cli_runs.env())
     assert done.returncode != 0
     match = re.search(
         r"FloatingPointError: (loss|grad_norm) is (nan|inf|-inf) at step (\d+)", done.stderr
@@ -156,7 +156,7 @@ def test_nan_loss_stops_with_an_error_and_keeps_a_finite_checkpoint(tmp_path, ge
 
 
 @pytest.mark.slow
-def test_short_run_on_a_real_genome_lowers_the_masked_lm_loss(tmp_path, shared_data, jax_cache):
+def test_short_run_on_a_real_genome_lowers_the_masked_lm_loss(tmp_path, shared_data):
     """60 steps of the DNABERT random-span recipe (test size) on P. falciparum (80.6 % AT):
     validation loss falls well below the uniform ln(4101) = 8.32 and clearly below its first
     value."""
@@ -174,7 +174,7 @@ def test_short_run_on_a_real_genome_lowers_the_masked_lm_loss(tmp_path, shared_d
         f"data.fasta={shared_data / cli_runs.PLASMODIUM}",
         f"data.prepared_dir={tmp_path / 'genome'}",
     )
-    done = cli_runs.run(args, cli_runs.env(jax_cache))
+    done = cli_runs.run(args, cli_runs.env())
     assert done.returncode == 0, done.stderr[-3000:]
     _, val = cli_runs.metrics(tmp_path)
     losses = [x["val_loss"] for x in val]
