@@ -510,13 +510,20 @@ def test_explicit_axis_mesh_is_refused_with_a_clear_error(mlm, dna_batch):
         mlm(*dna_batch)
 
 
-def test_per_head_attention_values_and_gradients_match_the_plain_formula():
-    """The custom-VJP per-head path equals softmax(QK^T/sqrt(d) masked) V, gradients included,
-    also for a row whose keys are all padding."""
+@pytest.mark.parametrize("pairs_per_tile", [1, 2, 4, None])
+@pytest.mark.parametrize("devices", [1, 4])
+def test_tiled_attention_values_and_gradients_match_the_plain_formula(
+    pairs_per_tile, devices, monkeypatch
+):
+    """The custom-VJP tiled path equals softmax(QK^T/sqrt(d) masked) V, gradients included,
+    also for a row whose keys are all padding: tiles of 1, 2 and 4 (row, head) pairs or the
+    default size (one tile here), with no mesh and with the rows spread over 4 devices."""
+    if pairs_per_tile:
+        monkeypatch.setattr(backend, "TILE_ELEMENTS", pairs_per_tile * 9 * 9)
     keys = jax.random.split(jax.random.key(1), 4)
-    q, k, v = (jax.random.normal(key, (3, 9, 2, 8)) for key in keys[:3])
-    weights = jax.random.normal(keys[3], (3, 9, 2, 8))
-    key_mask = jnp.arange(9)[None, :] < jnp.array([[9], [4], [0]])
+    q, k, v = (jax.random.normal(key, (4, 9, 2, 8)) for key in keys[:3])
+    weights = jax.random.normal(keys[3], (4, 9, 2, 8))
+    key_mask = jnp.arange(9)[None, :] < jnp.array([[9], [4], [0], [7]])
 
     def plain(q, k, v):
         scores = jnp.einsum("bqnd,bknd->bnqk", q, k) / jnp.sqrt(8.0)
@@ -526,9 +533,14 @@ def test_per_head_attention_values_and_gradients_match_the_plain_formula():
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
 
-    per_head = lambda q, k, v: backend.attend_per_head(q, k, v, key_mask)
-    np.testing.assert_allclose(per_head(q, k, v), plain(q, k, v), atol=1e-6)
-    got = jax.jit(jax.grad(loss(per_head), argnums=(0, 1, 2)))(q, k, v)
+    tiled = lambda q, k, v: backend.attend_tiled(q, k, v, key_mask)
+    mesh = jax.make_mesh((devices,), ("data",), axis_types=(AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        np.testing.assert_allclose(jax.jit(tiled)(q, k, v), plain(q, k, v), atol=1e-6)
+        got = jax.jit(jax.grad(loss(tiled), argnums=(0, 1, 2)))(q, k, v)
+        if devices > 1:  # each device looped over its own rows
+            text = jax.jit(tiled).lower(q, k, v).as_text()
+            assert "shard_map" in text or "manual" in text, text[:2000]
     want = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=2e-5)

@@ -6,13 +6,13 @@ compute the same functions with the same parameters, so checkpoints move between
 
 - ``"cpu"``: XLA's CPU backend is memory-bound on the shapes a BERT step makes; these versions
   avoid its slow paths (timings in BENCHMARKS.md): 2-D matmuls, an ``erf`` GELU whose derivative
-  is computed in the backward pass, attention one head at a time with a recomputing backward
-  pass, and 16-bit dropout draws.
+  is computed in the backward pass, attention a few (row, head) pairs at a time with a recomputing
+  backward pass, and 16-bit dropout draws.
 - every other platform (``"gpu"``, ``"tpu"``): the stock formulations, left to XLA's fusion.
 
 Attention has a second switch, ``attention`` (``BertConfig.attention``, ``model.attention``):
 
-- ``"xla"``: :func:`attend`, two einsums around a float32 softmax (the CPU per-head version on
+- ``"xla"``: :func:`attend`, two einsums around a float32 softmax (the CPU tiled version on
   CPU is its exact equivalent);
 - ``"fused"``: one fused kernel, wherever the attention probabilities get no dropout (evaluation,
   embeddings, and training with ``attn_dropout`` 0; the kernels have no dropout): on GPU
@@ -191,12 +191,9 @@ def attend_splash(q, k, v, key_mask, dropout, rngs, query_rows=None, *, interpre
         out = jax.vmap(kernel)(heads_first(q * scale), heads_first(k), heads_first(v), segments)
         return heads_first(out).astype(v.dtype)
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if not (mesh.empty or mesh.size == 1):
-        rows = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
-        run = jax.shard_map(run, mesh=mesh, in_specs=(rows,) * 4, out_specs=rows, check_vma=False)
+    per_rows = functools.partial(per_device_rows, run)
     if interpret:
-        return run(q, k, v, keys)
+        return per_rows(q, k, v, keys)
     # The Mosaic kernel lowers for TPU only: a model built for TPU but run elsewhere (a CPU
     # host checking it) takes the einsums, chosen when the program is lowered.
     return jax.lax.platform_dependent(
@@ -204,7 +201,7 @@ def attend_splash(q, k, v, key_mask, dropout, rngs, query_rows=None, *, interpre
         k,
         v,
         keys,
-        tpu=run,
+        tpu=per_rows,
         default=lambda q, k, v, keys: attend(q, k, v, key_mask, dropout, rngs, query_rows),
     )
 
@@ -259,45 +256,76 @@ def attend_cpu(
     rngs: nnx.Rngs | None,
     query_rows: Any = None,
 ) -> jax.Array:
-    """:func:`attend`, through :func:`attend_per_head` when there is no probability dropout."""
+    """:func:`attend`, through :func:`attend_tiled` when there is no probability dropout."""
     if dropout.rate == 0.0 or dropout.deterministic:
-        return attend_per_head(q, k, v, key_mask)
+        return attend_tiled(q, k, v, key_mask)
     return attend(q, k, v, key_mask, dropout, rngs, query_rows)
 
 
-def attend_per_head(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> jax.Array:
-    """:func:`attend` without dropout, one head at a time, with a recomputing backward pass.
+TILE_ELEMENTS = 1 << 16
+""":func:`attend_tiled` scores this many (query, key) pairs per loop step at most (one
+(row, head) pair's ``[Lq, Lk]`` tile when that is larger)."""
+
+
+def attend_tiled(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> jax.Array:
+    """:func:`attend` without dropout, a few (row, head) pairs at a time, with a recomputing
+    backward pass.
 
     XLA's CPU backend writes every ``[B, N, Lq, Lk]`` intermediate (scores, exponentials, their
-    gradients) to memory. A ``jax.lax.map`` over heads keeps each to one head's ``[B, Lq, Lk]``
-    tile (a cache optimisation that would only serialise work on a GPU or TPU); the forward pass
-    saves only the softmax's row maxima and sums (``float32[N, B, Lq, 1]`` each) and the backward
-    pass recomputes the probabilities; the scale is folded into ``q`` and the normalisation
-    divides the ``[B, Lq, D]`` output rather than the probabilities.
+    gradients) to memory. A ``jax.lax.map`` over tiles of ``c`` (row, head) pairs keeps each to
+    ``[c, Lq, Lk]`` with ``c * Lq * Lk`` near :data:`TILE_ELEMENTS`, in cache (a cache
+    optimisation that would only serialise work on a GPU or TPU); the forward pass saves only the
+    softmax's row maxima and sums (``float32[.., Lq, 1]`` each) and the backward pass recomputes
+    the probabilities; the scale is folded into ``q`` and the normalisation divides the
+    ``[c, Lq, D]`` output rather than the probabilities. Under a mesh each device loops over its
+    own rows of the batch (:func:`per_device_rows`).
 
     Args and result as in :func:`attend` (``q, k, v: float[B, L, N, D]``, ``key_mask: bool[B, L]``
     -> ``float[B, Lq, N, D]`` in ``v``'s dtype).
     """
-    q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-    heads_first = lambda t: jnp.moveaxis(t, 2, 0)
-    out = _attend_heads(heads_first(q), heads_first(k), heads_first(v), key_mask[:, None, :])
-    return jnp.moveaxis(out, 0, 2)
+
+    def run(q, k, v, key_mask):
+        (rows, len_q, heads, depth), len_k = q.shape, k.shape[1]
+        per_tile = max(1, TILE_ELEMENTS // (len_q * len_k))
+        per_tile = max(c for c in range(1, per_tile + 1) if (rows * heads) % c == 0)
+        tiles = lambda t: jnp.moveaxis(t, 2, 0).reshape(-1, per_tile, *t.shape[1:2], depth)
+        keep = jnp.broadcast_to(key_mask[None, :, None, :], (heads, rows, 1, len_k))
+        q = q * jnp.asarray(1.0 / math.sqrt(depth), q.dtype)
+        out = _attend_tiles(tiles(q), tiles(k), tiles(v), keep.reshape(-1, per_tile, 1, len_k))
+        return jnp.moveaxis(out.reshape(heads, rows, len_q, depth), 0, 2)
+
+    return per_device_rows(run, q, k, v, key_mask)
 
 
-def _head_scores(q: jax.Array, k: jax.Array, keep: jax.Array) -> jax.Array:
-    """One head's masked scores: ``q: float[B, Lq, D]``, ``k: float[B, Lk, D]``,
-    ``keep: bool[B, 1, Lk]`` -> ``float32[B, Lq, Lk]`` (the float32 minimum off ``keep``)."""
+def per_device_rows(fn: Callable[..., jax.Array], *args: jax.Array) -> jax.Array:
+    """``fn(*args)`` (batch-major arguments and result) run by each device on its own rows of the
+    batch under the active mesh: ``shard_map`` with the batch over every mesh axis (the batch
+    sharding of :func:`gemsjax.train.sharding.batch_sharding`). Without a mesh, on one device,
+    or for a batch the devices do not divide, ``fn(*args)`` itself."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or args[0].shape[0] % mesh.size:
+        return fn(*args)
+    rows = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+    run = jax.shard_map(
+        fn, mesh=mesh, in_specs=(rows,) * len(args), out_specs=rows, check_vma=False
+    )
+    return run(*args)
+
+
+def _tile_scores(q: jax.Array, k: jax.Array, keep: jax.Array) -> jax.Array:
+    """One tile's masked scores: ``q: float[c, Lq, D]``, ``k: float[c, Lk, D]``,
+    ``keep: bool[c, 1, Lk]`` -> ``float32[c, Lq, Lk]`` (the float32 minimum off ``keep``)."""
     scores = jnp.einsum("bqd,bkd->bqk", q, k, preferred_element_type=jnp.float32)
     return jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
 
 
-def _head_forward(
+def _tile_forward(
     q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """One head's ``softmax(scores) v: float[B, Lq, D]`` in v's dtype and the scores' row maxima
-    and ``sum(exp(scores - max))``, ``float32[B, Lq, 1]`` each (a log-sum-exp would lose the
-    sum of an all-masked row to rounding); arguments as in :func:`_head_scores`."""
-    scores = _head_scores(q, k, keep)
+    """One tile's ``softmax(scores) v: float[c, Lq, D]`` in v's dtype and the scores' row maxima
+    and ``sum(exp(scores - max))``, ``float32[c, Lq, 1]`` each (a log-sum-exp would lose the
+    sum of an all-masked row to rounding); arguments as in :func:`_tile_scores`."""
+    scores = _tile_scores(q, k, keep)
     peak = jnp.max(scores, axis=-1, keepdims=True)
     exp = jnp.exp(scores - peak)
     total = jnp.sum(exp, axis=-1, keepdims=True)
@@ -306,28 +334,27 @@ def _head_forward(
 
 
 @jax.custom_vjp
-def _attend_heads(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array) -> jax.Array:
-    """Heads-first attention: ``q, k, v: float[N, B, L, D]``, ``keep: bool[B, 1, Lk]``
-    -> ``float[N, B, Lq, D]``."""
-    return _attend_heads_fwd(q, k, v, keep)[0]
+def _attend_tiles(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array) -> jax.Array:
+    """Tiled attention: ``q, k, v: float[T, c, L, D]``, ``keep: bool[T, c, 1, Lk]``
+    -> ``float[T, c, Lq, D]``."""
+    return _attend_tiles_fwd(q, k, v, keep)[0]
 
 
-def _attend_heads_fwd(q, k, v, keep):
-    """Output and residuals: the inputs, the output and the per-head row statistics."""
-    out, stats = jax.lax.map(lambda qkv: _head_forward(*qkv, keep), (q, k, v))
+def _attend_tiles_fwd(q, k, v, keep):
+    """Output and residuals: the inputs, the output and the per-tile row statistics."""
+    out, stats = jax.lax.map(lambda args: _tile_forward(*args), (q, k, v, keep))
     return out, (q, k, v, keep, out, stats)
 
 
-def _attend_heads_bwd(residuals, d_out):
-    """Cotangents of q, k, v (none for ``keep``), per head from recomputed probabilities.
+def _attend_tiles_bwd(residuals, d_out):
+    """Cotangents of q, k, v (none for ``keep``), per tile from recomputed probabilities.
 
-    The tiles are built transposed (``[B, Lk, Lq]``) so that two of the three gradient matmuls
+    The tiles are built transposed (``[c, Lk, Lq]``) so that two of the three gradient matmuls
     contract over the tile's last axis, the layout XLA's CPU matmul takes without a copy.
     """
-    q, k, v, keep, out, stats = residuals
 
-    def head(args):
-        hq, hk, hv, h_out, (h_peak, h_total), h_d = args
+    def tile(args):
+        hq, hk, hv, keep, h_out, (h_peak, h_total), h_d = args
         keep_t = jnp.swapaxes(keep, 1, 2)
         scores_t = jnp.einsum("bkd,bqd->bkq", hk, hq, preferred_element_type=jnp.float32)
         scores_t = jnp.where(keep_t, scores_t, jnp.finfo(jnp.float32).min)
@@ -344,11 +371,11 @@ def _attend_heads_bwd(residuals, d_out):
         d_k = jnp.einsum("bkq,bqd->bkd", d_scores_t, hq, preferred_element_type=jnp.float32)
         return d_q.astype(hq.dtype), d_k.astype(hk.dtype), d_v.astype(hv.dtype)
 
-    d_q, d_k, d_v = jax.lax.map(head, (q, k, v, out, stats, d_out))
+    d_q, d_k, d_v = jax.lax.map(tile, (*residuals, d_out))
     return d_q, d_k, d_v, None
 
 
-_attend_heads.defvjp(_attend_heads_fwd, _attend_heads_bwd)
+_attend_tiles.defvjp(_attend_tiles_fwd, _attend_tiles_bwd)
 
 
 def _unembed_2d(hidden: jax.Array, table: jax.Array) -> jax.Array:
