@@ -7,11 +7,14 @@ Commands run in subprocesses on 1 CPU device sharing a compilation cache (as tes
 does); the GUE protocol runs in this process on the 8 fake devices."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
 
 import cli_runs
+import jax
+import numpy as np
 import pytest
 
 from gemsjax.errors import UserError
@@ -49,12 +52,14 @@ def _summary(stdout: str) -> dict:
 
 @pytest.fixture(scope="module")
 def pretrained(env, tmp_path_factory):
-    """The README's command on the smoke preset with its downstream table switched on."""
+    """The README's command on the smoke preset with its downstream table switched on, its
+    workdir named relative to the current folder as the README's ``runs/<name>`` is (Orbax
+    restores only from absolute paths: the downstream table must make it so)."""
     workdir = tmp_path_factory.mktemp("run") / "cm_gems"
     out = _run(
         env,
         "--config=configs/cm_gems.py:smoke,downstream.eval=True,downstream.draws=1",
-        f"--workdir={workdir}",
+        f"--workdir={os.path.relpath(workdir, ROOT)}",
     )
     return workdir, out
 
@@ -63,8 +68,9 @@ def test_pretraining_run_ends_with_the_downstream_table(pretrained):
     workdir, out = pretrained
     table = out.stdout[out.stdout.index("## GeneMask few-shot: prom_core_10shot_sample") :]
     assert "| task | shots | init | accuracy | macro_f1 | mcc | draws |" in table
-    assert f"| prom_core_10shot_sample | 10 | pretrained: {workdir}@step=6 |" in table
-    assert f"| prom_core_10shot_sample | 10 | random: random ({workdir}@step=6 size) |" in table
+    named = os.path.relpath(workdir, ROOT)
+    assert f"| prom_core_10shot_sample | 10 | pretrained: {named}@step=6 |" in table
+    assert f"| prom_core_10shot_sample | 10 | random: random ({named}@step=6 size) |" in table
     summary = _summary(out.stdout)
     assert summary["step"] == 6 and summary["downstream"]["test_rows"] == 500
     record = json.loads((workdir / "downstream" / "results.json").read_text())
@@ -132,6 +138,13 @@ def test_wrong_checkpoints_are_refused(pretrained):
     with pytest.raises(UserError, match=r"no checkpoint at step 4; saved steps: \[3, 6\]"):
         init.load_encoder(f"{run}:step=4")
     assert init.load_encoder(f"{run}:best").step in (3, 6)
+    relative = init.load_encoder(f"{os.path.relpath(run)}:step=3").params
+    for got, want in zip(
+        jax.tree.leaves(relative),
+        jax.tree.leaves(init.load_encoder(f"{run}:step=3").params),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_gue_scores_a_task_and_skips_one_without_train(shared_data, tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import jax
@@ -34,6 +35,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from gemsjax import remote
 from gemsjax.errors import UserError
 from gemsjax.models import registry
 from gemsjax.models.bert import BertModel
@@ -192,7 +194,9 @@ def _pick_step(folder: epath.Path, which: str) -> int:
 
 
 def _load_run(target: str, which: str, *, params: bool) -> Encoder:
-    folder = epath.Path(target)  # a local folder or a URL (gs://...), read in place
+    # A URL (gs://...) is read in place; a local folder made absolute (Orbax restores only
+    # from absolute paths, and a run folder is often named relative: runs/cm_gems-...).
+    folder = epath.Path(target if remote.is_url(target) else os.path.abspath(target))
     step = _pick_step(folder, which)
     config = _run_meta(folder, step)["config"]
     model = config["model"]
@@ -243,8 +247,8 @@ def _restore_encoder(state_dir: epath.Path, cfg, source: str) -> dict:
             )
     except (ValueError, KeyError) as err:
         raise UserError(
-            f"{source}: the checkpoint's encoder does not fit the size its metadata "
-            f"names ({err}); the run folder is damaged or mixes runs"
+            f"{source}: cannot restore the checkpoint's encoder ({err}); the run folder is "
+            "damaged or mixes runs (its encoder does not fit the size its metadata names)"
         ) from err
     restored = out["params"]["encoder"]
     for (path, want), got in zip(
