@@ -50,6 +50,16 @@ def is_url(value: Any) -> bool:
     return isinstance(value, str) and _URL.match(value) is not None
 
 
+def readable(path: str | os.PathLike) -> Any:
+    """``path`` as an ``etils.epath.Path`` for Orbax to read: a URL as it is, a local path made
+    absolute (Orbax restores only from absolute paths, and run folders are often named
+    relative, ``runs/<name>``)."""
+    from etils import epath
+
+    text = os.fspath(path)
+    return epath.Path(text if is_url(text) else os.path.abspath(text))
+
+
 def filesystem(url: str, what: str):
     """The fsspec filesystem that serves ``url``.
 

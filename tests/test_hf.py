@@ -275,6 +275,12 @@ def test_fine_tuned_run_exports_its_best_state_as_bert_for_sequence_classificati
     _same_logits(ours, theirs, *_dnabert_batch(chr22))
     newest = hf.export_run(arm, tmp_path / "newest", step=16)
     assert newest["step"] == 16 and newest["folder"] == str(tmp_path / "newest")
+    # a run folder named relative to the current folder (Orbax reads absolute paths only)
+    relative = hf.export_run(os.path.relpath(arm), tmp_path / "relative", step=16)
+    assert relative["step"] == 16
+    assert (tmp_path / "relative" / "model.safetensors").read_bytes() == (
+        tmp_path / "newest" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_mean_pooled_classifier_is_refused(tmp_path):

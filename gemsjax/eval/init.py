@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import jax
@@ -194,9 +193,7 @@ def _pick_step(folder: epath.Path, which: str) -> int:
 
 
 def _load_run(target: str, which: str, *, params: bool) -> Encoder:
-    # A URL (gs://...) is read in place; a local folder made absolute (Orbax restores only
-    # from absolute paths, and a run folder is often named relative: runs/cm_gems-...).
-    folder = epath.Path(target if remote.is_url(target) else os.path.abspath(target))
+    folder = remote.readable(target)  # a local folder or a URL (gs://...), read in place
     step = _pick_step(folder, which)
     config = _run_meta(folder, step)["config"]
     model = config["model"]

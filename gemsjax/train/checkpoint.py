@@ -465,7 +465,7 @@ def read_params(step_dir: str | os.PathLike) -> Any:
     """The model parameters of one checkpoint step directory (``<run>/checkpoints/<step>``) as
     nested dicts of host numpy arrays, without building the model or the optimizer (the rest of
     the train state is not read). Raises FileNotFoundError when the step has no ``state`` item."""
-    path = epath.Path(step_dir) / "state"
+    path = remote.readable(step_dir) / "state"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; expected a checkpoint step directory")
     handler = ocp.PyTreeCheckpointHandler()
