@@ -54,7 +54,7 @@ def test_unknown_topology_is_a_user_error():
 
 def test_the_step_is_built_for_the_target_platform_not_the_host():
     """Compiling on this CPU host for a TPU must not pick the CPU's layers: lowered for ``tpu``
-    the step has no per-head attention loops (a forward and a backward ``lax.map`` per layer on
+    the step has no tiled attention loops (a forward and a backward ``lax.map`` per layer on
     ``cpu``, with attention dropout off) and computes in bf16."""
     config = config_lib.load("cm_gems:smoke,model.dropout=0,train.mlm_head_share=0")
     mesh = sharding.make_mesh(-1, 1, devices=compile_ahead.target("v5e:2x2").devices)

@@ -393,7 +393,7 @@ def test_dropout_drops_the_rate_and_rescales_the_rest():
 
 
 def test_attention_equals_jax_dot_product_attention():
-    """Every platform's attention computes the same: per-head (CPU), einsums (``xla``, and
+    """Every platform's attention computes the same: tiled (CPU), einsums (``xla``, and
     attention dropout on CPU), the fused GPU call and the TPU kernel's path as a CPU host runs it
     (the einsums: the Mosaic kernel lowers for TPU only)."""
     keys = jax.random.split(jax.random.key(0), 3)

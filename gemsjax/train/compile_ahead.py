@@ -387,7 +387,7 @@ def format_report(r: dict, tgt: Target) -> str:
     if r["loops_in_step"]:
         lines.append(
             f"  note: {r['loops_in_step']} loop(s) in the step (the masking kernels' "
-            "bisections; on CPU also per-head attention): XLA counts a loop body once, "
+            "bisections; on CPU also the tiled attention): XLA counts a loop body once, "
             "so their share of the FLOPs and time is undercounted"
         )
     return "\n".join(lines)
