@@ -288,7 +288,7 @@ def attend_tiled(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) 
         (rows, len_q, heads, depth), len_k = q.shape, k.shape[1]
         per_tile = max(1, TILE_ELEMENTS // (len_q * len_k))
         per_tile = max(c for c in range(1, per_tile + 1) if (rows * heads) % c == 0)
-        tiles = lambda t: jnp.moveaxis(t, 2, 0).reshape(-1, per_tile, *t.shape[1:2], depth)
+        tiles = lambda t: jnp.moveaxis(t, 2, 0).reshape(-1, per_tile, t.shape[1], depth)
         keep = jnp.broadcast_to(key_mask[None, :, None, :], (heads, rows, 1, len_k))
         q = q * jnp.asarray(1.0 / math.sqrt(depth), q.dtype)
         out = _attend_tiles(tiles(q), tiles(k), tiles(v), keep.reshape(-1, per_tile, 1, len_k))
