@@ -500,6 +500,14 @@ def _masked_counts(length: int, ratio: float) -> np.ndarray:
     return np.floor(ratio * n + 0.5).astype(np.int32)
 
 
+def masked_len(length: int, ratio: float) -> int:
+    """Static bound on the masked tokens per sequence under :func:`mae_drop_fixed`:
+    ``floor(ratio * L + 0.5)``, the count it masks in a row of ``L`` maskable tokens (the count
+    never decreases with ``n``). An MAE decoder head can therefore run on each row's masked
+    positions gathered into ``masked_len(L, ratio)`` slots."""
+    return int(_masked_counts(length, ratio)[-1])
+
+
 def visible_len(length: int, ratio: float) -> int:
     """Static bound on the visible tokens per sequence under :func:`mae_drop_fixed`.
 

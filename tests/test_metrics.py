@@ -37,15 +37,23 @@ def test_bert_flops_match_hand_calculation():
 
 
 def test_step_flops_count_the_slots_and_the_fallback_counts_every_position():
-    """``:paper`` BarcodeMAE: 128 x 110 with the encoder on 71 slots (55 for the fixed draw's
-    bound + 16 slack); the every-position fallback (what XLA costs the ``lax.cond`` at) is the
-    baseline variant's count, 1.212x: BENCHMARKS.md's compile table."""
+    """``:paper`` BarcodeMAE (Bernoulli draw): 128 x 110 with the encoder on 71 slots (55 for
+    the fixed draw's bound + 16 slack) and the decoder head on 71 (the same); the
+    every-position fallback (what XLA costs the ``lax.cond`` at) is the baseline variant's
+    count, 1.267x. The default's fixed draw gives the head exactly 55 slots."""
     config = config_lib.load("barcode_mae:paper")
     slotted = loop.flops_per_step(config, 128)
     everywhere = loop.flops_per_step(config, 128, every_position=True)
-    assert slotted == 128 * flops.mae_train_flops(6, 768, 3072, 6, 4096, 110, 71)
+    assert slotted == 128 * flops.mae_train_flops(6, 768, 3072, 6, 4096, 110, 71, 71)
     assert everywhere == 128 * flops.mae_train_flops(6, 768, 3072, 6, 4096, 110, 110)
-    assert everywhere / slotted == pytest.approx(1.2119, abs=1e-4)
+    assert everywhere / slotted == pytest.approx(1.2672, abs=1e-4)
+    default = config_lib.load("barcode_mae")
+    small = flops.mae_train_flops(4, 256, 1024, 2, 4096, 110, 71, 55)
+    assert loop.flops_per_step(default, 32) == 32 * small
+    # the decoder's last block and head on 55 of 110 rows save 3 x 55 x (4d^2 + 4df + 4Sd)
+    # and 3 x 55 x 2 d C
+    saved = flops.mae_train_flops(4, 256, 1024, 2, 4096, 110, 71) - small
+    assert saved == 3 * 55 * (4 * 256**2 + 4 * 256 * 1024 + 4 * 110 * 256 + 2 * 256 * 4096)
 
 
 def test_mae_flops_match_reference_estimate():

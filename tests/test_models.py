@@ -321,6 +321,29 @@ def test_mae_logits_equal_reference_composition(mae, barcodes):
     np.testing.assert_allclose(_mae_logits(mae, ids, attention, mask), logits, atol=1e-5)
 
 
+def test_mae_logits_at_positions_drop_what_the_full_decoder_drops(barcodes):
+    """With dropout on, the decoder's logits at ``positions`` (its last block, output dropout
+    and classifier run at those rows only) equal the full logits there, for the same key."""
+    ids, attention, mask = barcodes
+    model = build_model(get_model_config("test_mae"), nnx.Rngs(2))
+    model.train()
+    positions = jax.vmap(lambda row: jnp.nonzero(row, size=12, fill_value=0)[0])(mask)
+    num_visible = int((~mask).sum(1).max())
+
+    @nnx.jit
+    def logits(model, positions, key):
+        rngs = nnx.Rngs(dropout=key)
+        return model(ids, attention, mask, num_visible=num_visible, positions=positions, rngs=rngs)
+
+    key = jax.random.key(5)
+    at = logits(model, positions, key)
+    assert at.shape == (ids.shape[0], 12, 4096) and at.dtype == jnp.float32
+    full = jnp.take_along_axis(logits(model, None, key), positions[..., None], 1)
+    np.testing.assert_allclose(at, full, atol=1e-5)
+    other = jnp.take_along_axis(logits(model, None, jax.random.key(6)), positions[..., None], 1)
+    assert float(jnp.max(jnp.abs(other - full))) > 1e-2  # dropout is really on
+
+
 def test_padding_is_never_a_key_in_mae(mae, barcodes):
     ids, attention, mask = barcodes
     changed = jnp.where(attention == 0, 1234, ids)

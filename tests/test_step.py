@@ -197,7 +197,8 @@ def _bold_barcodes(shared_data, rows: int) -> list[str]:
 def test_mae_encoder_sees_unk_kmers_and_its_slots_are_exact(shared_data):
     """The MAE encoder is fed [UNK] k-mers (the reference drops only masked positions and
     padding): rows holding one get other logits than with [UNK] dropped, rows without get the
-    same. Running on num_visible slots gives the loss of running on all L positions."""
+    same. Running the encoder on num_visible slots and the decoder head on the masked ones gives
+    the loss of running on all L positions."""
     config = cli_runs.config("barcode_mae")
     spec = spec_lib.step_spec(config)
     model = registry.build_model(spec_lib.model_config(config), nnx.Rngs(0))
@@ -220,7 +221,9 @@ def test_mae_encoder_sees_unk_kmers_and_its_slots_are_exact(shared_data):
     without = model(batch["inputs"], attention, batch["mask"] | batch["special"], num_visible=slots)
     differs = np.asarray(jnp.abs(fed - without).max(axis=(1, 2)) > 1e-5)
     np.testing.assert_array_equal(differs, unk)
-    at_slots = step_lib.loss_sums(spec, model, batch, attention, None, slots)
+    mae_slots = step_lib.MaeSlots(slots, spec.head_slots(110))
+    assert bool(step_lib.head_fits(batch, mae_slots.masked))
+    at_slots = step_lib.loss_sums(spec, model, batch, attention, None, mae_slots)
     everywhere = step_lib.loss_sums(spec, model, batch, attention, None)
     for key in ("loss_sum", "correct", "count"):
         np.testing.assert_allclose(at_slots[key], everywhere[key], rtol=2e-5)

@@ -1,5 +1,6 @@
-"""The MLM head on masked positions only (``StepSpec.mlm_head_share``): same loss, metrics and
-updates as the head on every position, on real chr22 tokens, including the fallback path."""
+"""The output head on masked positions only (``StepSpec.head_slots``): same loss, metrics and
+updates as the head on every position, for the MLM on real chr22 tokens and the BarcodeMAE
+decoder on real barcodes, including the fallback path."""
 
 import dataclasses
 
@@ -16,6 +17,7 @@ from gemsjax.data import fasta, pipelines, samples
 from gemsjax.models import registry
 from gemsjax.train import optim
 from gemsjax.train import spec as spec_lib
+from gemsjax.train import step as step_lib
 from gemsjax.train.spec import StepSpec
 from gemsjax.train.step import (
     cross_entropy_sums,
@@ -79,6 +81,57 @@ def test_head_on_masked_positions_matches_head_everywhere(
         np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-7)
     for key in ("loss_sum", "correct", "count"):
         np.testing.assert_allclose(got[2][key], expected[2][key], rtol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize("draw, slack, fits", [("fixed", 16, True), ("bernoulli", 0, False)])
+def test_mae_decoder_head_on_masked_positions_matches_head_everywhere(draw, slack, fits):
+    """One BarcodeMAE train step (dropout 0.1 on, 8 shipped barcodes) equals the update from the
+    gradient of the loss with the decoder's output at every position. The fixed draw fits its
+    slots (encoder 71, head exactly 55 of 110): the reference runs the encoder on the same 71
+    slots (its dropout masks are drawn for that layout). The Bernoulli draw with no slack
+    overflows them and the step falls back to every position, encoder included."""
+    config = cli_runs.config("barcode_mae", f"masking.mae_draw={draw}")
+    config.train.mae_visible_slack = slack
+    spec = spec_lib.step_spec(config)
+    assert spec.head_slots(110) == 55 and spec.num_visible(110) == 55 + slack
+    batch = next(pipelines.make_pretraining_iterator(config, "train", 0, 1))
+    batch = {key: jnp.asarray(batch[key]) for key in ("ids", "attention")}
+    tx, lr = optim.make_optimizer(config.optimizer, 1000)
+    model = registry.build_model(spec_lib.model_config(config), nnx.Rngs(0))
+    assert model.decoder.dropout.rate == 0.1
+    state = init_train_state(model, tx, spec)
+    graphdef, _ = step_graphdefs(model)
+    new_state, metrics = jax.jit(make_train_step(spec, graphdef, tx, lr))(state, batch, None)
+
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(spec.seed), state.step), 0)
+    mask_key, dropout_key = jax.random.split(key)
+    ids, attention = batch["ids"], batch["attention"]
+    masked = step_lib.masked_batch(spec, mask_key, state.step, None, ids, attention, None)
+    slots, batch_fits = step_lib._slots(spec, masked, attention)
+    assert slots == step_lib.MaeSlots(55 + slack, 55) and bool(batch_fits) == fits
+
+    def everywhere(params):
+        model = nnx.merge(graphdef, params)
+        if fits:
+            dropped = masked["mask"] | (attention == 0)
+            rngs = nnx.Rngs(dropout=dropout_key)
+            logits = model(masked["inputs"], attention, dropped, num_visible=71, rngs=rngs)
+            sums = cross_entropy_sums(logits, masked["targets"], masked["weights"])
+        else:
+            sums = step_lib.loss_sums(spec, model, masked, attention, dropout_key)
+        return sums["loss_sum"] / sums["count"]
+
+    @jax.jit
+    def reference(params):
+        loss, grads = jax.value_and_grad(everywhere)(params)
+        updates, _ = tx.update(grads, state.opt_state, params)
+        return loss, optax.tree.norm(grads), optax.apply_updates(params, updates)
+
+    loss, grad_norm, params = reference(state.params)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm"], grad_norm, rtol=1e-5)
+    for want, have in zip(jax.tree.leaves(params), jax.tree.leaves(new_state.params), strict=True):
+        np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize(

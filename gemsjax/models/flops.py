@@ -13,9 +13,10 @@ BERT MLM per sequence (``S`` tokens; head on ``P`` positions, default ``P = S``)
 
 (head = dense ``d x d`` + the tied unembedding ``d x V``; embedding lookups cost nothing). This
 equals MaxText's count and the ``6 N + 12 L d S`` per-token rule with N = matmul weights. When
-the step runs the head on ``P < S`` masked slots (``StepSpec.mlm_head_share``) the last layer
+the step runs the head on ``P < S`` masked slots (``StepSpec.head_slots``) the last layer
 runs its queries there too, and the count is what the step computes: that layer costs
 ``P (4 d^2 + 4 d f) + S 4 d^2 + 4 P S d`` (Q, output projection and FFN on P; K, V on S).
+The BarcodeMAE decoder's last block and classifier do the same on its masked slots.
 """
 
 from __future__ import annotations
@@ -30,16 +31,23 @@ def transformer_forward_flops(layers: int, hidden: int, ffn: int, tokens: int, k
     return float(layers * (tokens * (8 * d * d + 4 * d * ffn) + 4 * tokens * keys * d))
 
 
+def stack_forward_flops(layers: int, hidden: int, ffn: int, seq_len: int, rows: int) -> float:
+    """Forward FLOPs of ``layers`` blocks over one sequence of ``seq_len`` tokens whose last
+    block runs its queries, residual stream and FFN on ``rows`` positions only (K and V on all):
+    that block costs ``rows (4 d^2 + 4 d f) + S 4 d^2 + 4 rows S d``."""
+    d, s = hidden, seq_len
+    last = rows * (4 * d * d + 4 * d * ffn) + s * 4 * d * d + 4 * rows * s * d
+    return transformer_forward_flops(layers - 1, d, ffn, s, s) + last
+
+
 def bert_train_flops(
     layers: int, hidden: int, ffn: int, vocab: int, seq_len: int, head_len: int | None = None
 ) -> float:
     """Training FLOPs per sequence of a BERT MLM (module docstring); the MLM head and the last
     layer's queries run on ``head_len`` positions (default all ``seq_len``)."""
-    d, s = hidden, seq_len
-    head = s if head_len is None else head_len
-    encoder = transformer_forward_flops(layers - 1, d, ffn, s, s)
-    last = head * (4 * d * d + 4 * d * ffn) + s * 4 * d * d + 4 * head * s * d
-    return 3.0 * (encoder + last + head * (2 * d * d + 2 * d * vocab))
+    d, head = hidden, seq_len if head_len is None else head_len
+    encoder = stack_forward_flops(layers, d, ffn, seq_len, head)
+    return 3.0 * (encoder + head * (2 * d * d + 2 * d * vocab))
 
 
 def mae_train_flops(
@@ -50,21 +58,25 @@ def mae_train_flops(
     num_classes: int,
     seq_len: int,
     visible_len: int,
+    head_len: int | None = None,
 ) -> float:
     """Training FLOPs per sequence of BarcodeMAE (the decoder has the encoder's width and FFN)::
 
         3 * [ encoder over visible_len tokens (attention over visible_len)
               + projection visible_len * 2 d^2
-              + decoder over seq_len tokens (attention over seq_len)
-              + head seq_len * 2 d num_classes ]
+              + decoder over seq_len tokens (attention over seq_len), its last block's
+                queries on head_len rows (stack_forward_flops)
+              + head head_len * 2 d num_classes ]
 
-    ``visible_len`` is the static encoder length (``seq_len`` for the baseline variant).
+    ``visible_len`` is the static encoder length (``seq_len`` for the baseline variant);
+    ``head_len`` the decoder head's slots (default ``seq_len``: every position).
     """
+    head = seq_len if head_len is None else head_len
     forward = (
         transformer_forward_flops(layers, hidden, ffn, visible_len, visible_len)
         + visible_len * 2 * hidden * hidden
-        + transformer_forward_flops(decoder_layers, hidden, ffn, seq_len, seq_len)
-        + seq_len * 2 * hidden * num_classes
+        + stack_forward_flops(decoder_layers, hidden, ffn, seq_len, head)
+        + head * 2 * hidden * num_classes
     )
     return 3.0 * forward
 
@@ -74,7 +86,8 @@ def train_flops(
 ) -> float:
     """Training FLOPs per sequence of the model ``config`` describes: :func:`bert_train_flops`
     (MLM head on ``head_len`` positions) or, for the MAE archs, :func:`mae_train_flops`
-    (encoder on ``visible_len`` slots; default ``seq_len``, the baseline)."""
+    (encoder on ``visible_len`` slots, default ``seq_len`` as in the baseline; decoder head on
+    ``head_len``)."""
     c = config
     if c.arch == "mlm":
         return bert_train_flops(c.layers, c.hidden, c.ffn, c.vocab_size, seq_len, head_len)
@@ -86,4 +99,5 @@ def train_flops(
         c.num_classes,
         seq_len,
         seq_len if visible_len is None else visible_len,
+        head_len,
     )

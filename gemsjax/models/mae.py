@@ -29,6 +29,7 @@ from gemsjax.models.bert import (
     BertModel,
     Dtype,
     Embeddings,
+    Rows,
     TransformerStack,
     dense,
     dropout_layer,
@@ -109,13 +110,20 @@ class MaeDecoder(nnx.Module):
         )
 
     def __call__(
-        self, x: jax.Array, attention: jax.Array, rngs: nnx.Rngs | None = None
+        self,
+        x: jax.Array,
+        attention: jax.Array,
+        rngs: nnx.Rngs | None = None,
+        positions: jax.Array | None = None,
     ) -> jax.Array:
-        """``x: float[B, L, H]``, ``attention: int[B, L]`` -> logits ``float32[B, L, C]``."""
+        """``x: float[B, L, H]``, ``attention: int[B, L]`` -> logits ``float32[B, L, C]``, or
+        ``float32[B, P, C]`` at ``positions: int32[B, P]`` (the last block, dropout and the
+        classifier then run at those rows only; equal to the full logits there)."""
         position_ids = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
         h = self.embeddings(x, position_ids, jnp.zeros_like(position_ids), rngs)
-        h = self.stack(h, attention != 0, rngs)
-        return self.classifier(self.dropout(h, rngs=rngs)).astype(jnp.float32)
+        h = self.stack(h, attention != 0, rngs, positions)
+        rows = None if positions is None else Rows(1, positions, x.shape[1])
+        return self.classifier(self.dropout(h, rngs=rngs, rows=rows)).astype(jnp.float32)
 
 
 class BarcodeMAE(nnx.Module):
@@ -163,9 +171,11 @@ class BarcodeMAE(nnx.Module):
         mask: jax.Array,
         *,
         num_visible: int | None = None,
+        positions: jax.Array | None = None,
         rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
-        """Logits ``float32[B, L, num_classes]``.
+        """Logits ``float32[B, L, num_classes]``, or ``float32[B, P, num_classes]`` at
+        ``positions``.
 
         Args:
           ids: ``int32[B, L]`` uncorrupted token ids.
@@ -173,6 +183,8 @@ class BarcodeMAE(nnx.Module):
           mask: ``bool[B, L]``, True where a token is masked.
           num_visible: static encoder length for ``variant="dropped"`` (>= the largest visible
             count per row; default L). Ignored by the baseline.
+          positions: ``int32[B, P]`` rows wanted from the decoder (None: all): its last block
+            and classifier then run only there (what a loss on the masked tokens needs).
           rngs: dropout keys when dropout is switched on.
         """
         if self.variant == "baseline":
@@ -184,4 +196,4 @@ class BarcodeMAE(nnx.Module):
             )
             hidden = self.encoder(slot_ids, key_mask, position_ids=slot_pos, rngs=rngs)
             x = expand_visible(self.projection(hidden), mask, self.mask_vector[...])
-        return self.decoder(x, attention, rngs)
+        return self.decoder(x, attention, rngs, positions)

@@ -59,8 +59,9 @@ def flops_per_step(
 ) -> float:
     """Model FLOPs of one optimizer step over ``batch_size`` rows (:mod:`gemsjax.models.flops`),
     counting what the step computes: the MLM head on its slots, the MAE encoder on its visible
-    slots. ``every_position``: the step's fallback branch instead (head and encoder on all
-    ``data.max_len`` positions; what XLA's cost model charges for the ``lax.cond``)."""
+    slots and its decoder head on its masked slots. ``every_position``: the step's fallback
+    branch instead (head and encoder on all ``data.max_len`` positions; what XLA's cost model
+    charges for the ``lax.cond``)."""
     spec, seq_len = spec_lib.step_spec(config), config.data.max_len
     return batch_size * flops.train_flops(
         spec_lib.model_config(config),

@@ -55,7 +55,8 @@ class StepSpec:
         tokens, :func:`masking.mae_drop_fixed`) or ``"bernoulli"`` (each one independently with
         probability ``ratio``, :func:`masking.mae_drop`, the reference's draw).
       mae_visible_slack: MAE: encoder slots beyond the fixed draw's bound, see
-        :meth:`num_visible`.
+        :meth:`num_visible`; the Bernoulli draw's decoder head gets as many beyond its bound,
+        see :meth:`head_slots`.
     """
 
     kind: str
@@ -90,8 +91,21 @@ class StepSpec:
             )
 
     def head_slots(self, length: int) -> int | None:
-        """MLM head slots per row of ``length`` tokens, ``ceil(mlm_head_share * L)``; None when
-        the head runs on every position."""
+        """Output-head slots per row of ``length`` tokens; None when the head runs on every
+        position.
+
+        MLM: ``ceil(mlm_head_share * L)``. MAE: the loss is on the masked tokens only, so the
+        decoder's last block (queries, residual stream, feed-forward; keys and values still
+        cover every position), its output dropout and its ``num_classes``-way classifier run on
+        each row's masked positions, gathered into these slots; a batch with a row over them
+        runs on every position instead (:func:`gemsjax.train.step.head_fits`), with the same
+        loss and gradients. The fixed draw masks at most ``masking.masked_len(L, ratio)``
+        (exact: 55 of 110 at ratio 0.5); the Bernoulli draw gets ``mae_visible_slack`` slots
+        more (71 of 110: a row of 108 maskable tokens overflows with probability ~4e-4)."""
+        if self.kind == "mae":
+            bound = masking.masked_len(length, self.masking.mae_ratio)
+            slack = 0 if self.mae_draw == "fixed" else self.mae_visible_slack
+            return min(length, bound + slack)
         return None if self.mlm_head_share is None else math.ceil(self.mlm_head_share * length)
 
     def num_visible(self, length: int) -> int:
@@ -101,9 +115,11 @@ class StepSpec:
         are dropped there) -- so neither draw has an exact static bound: a row's visible count
         is ``n - masked + u`` with ``u`` its in-sequence ``[UNK]`` k-mers. A batch whose rows all
         fit runs the encoder on these slots; otherwise the whole batch runs on ``L`` slots
-        (:func:`gemsjax.train.step.visible_fits`), which gives the same loss and gradients.
-        At L = 110, ratio 0.5 and slack 16 (71 slots): the fixed draw fits while ``u <= 32``;
-        a Bernoulli(0.5) row of 110 maskable tokens overflows with probability ~3e-4. The
+        (:func:`gemsjax.train.step.visible_fits`), which gives the same loss and gradients
+        without dropout (with it, the same in distribution: the encoder's dropout masks are
+        drawn for the layout it runs on). At L = 110, ratio 0.5 and slack 16 (71 slots): the
+        fixed draw fits while ``u <= 32``; a Bernoulli(0.5) row of 110 maskable tokens
+        overflows with probability ~3e-4. The
         pipeline strips alignment gaps, so ``[UNK]`` comes from N / IUPAC codes only: 7.4 % of
         2,000 BOLD barcodes hold one and 0.10 % (fixed) / 0.13 % (Bernoulli) of rows overflow
         71 slots. With gaps kept, 41 % hold an ``[UNK]`` (99th percentile 58) and 4 % overflow

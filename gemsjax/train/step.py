@@ -171,12 +171,15 @@ def loss_sums(
 ) -> dict:
     """:func:`cross_entropy_sums` of ``model`` on a masked ``batch``.
 
-    ``head_slots`` (MAE): the encoder's slots (:meth:`StepSpec.num_visible`), exact where
-    :func:`visible_fits`; None: ``L``.
-    ``head_slots`` (MLM): the head and the encoder's last layer run on each row's loss positions
-    only, gathered in position order into that many slots (unused slots weigh 0); the rest of the
-    encoder runs on the whole batch (rows stay where they are, so this shards like the batch).
-    Exact only where :func:`head_fits`. None: the model's output at every position.
+    ``head_slots`` (MLM, an int): the head and the encoder's last layer run on each row's loss
+    positions only, gathered in position order into that many slots (unused slots weigh 0); the
+    rest of the encoder runs on the whole batch (rows stay where they are, so this shards like
+    the batch). Exact only where :func:`head_fits`. None: the model's output at every position.
+    ``head_slots`` (MAE, :class:`MaeSlots`): the encoder runs on ``visible`` slots
+    (:meth:`StepSpec.num_visible`), the decoder's last block and classifier on ``masked`` slots
+    of loss positions as the MLM head does (:meth:`StepSpec.head_slots`); exact where
+    :func:`visible_fits` and :func:`head_fits`. None: the encoder on ``L`` slots and the
+    decoder's output at every position.
     """
     rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
     targets, weights = batch["targets"], batch["weights"]
@@ -185,22 +188,36 @@ def loss_sums(
         # the reference), in ``head_slots`` slots (None: L); padding is never a key nor a target,
         # so dropping it changes no output. The BERT-style baseline feeds [MASK] instead.
         dropped = batch["mask"] | (attention == 0) if model.variant == "dropped" else batch["mask"]
-        logits = model(
-            batch["inputs"],
-            attention,
-            dropped,
-            num_visible=head_slots or attention.shape[1],
-            rngs=rngs,
+        run = lambda **kw: model(batch["inputs"], attention, dropped, rngs=rngs, **kw)
+        if head_slots is None:
+            return cross_entropy_sums(run(num_visible=attention.shape[1]), targets, weights)
+        return _at_loss_positions(
+            lambda positions: run(num_visible=head_slots.visible, positions=positions),
+            targets,
+            weights,
+            head_slots.masked,
         )
-        return cross_entropy_sums(logits, targets, weights)
     if head_slots is None:
         return cross_entropy_sums(model(batch["inputs"], attention, rngs=rngs), targets, weights)
+    return _at_loss_positions(
+        lambda positions: model(batch["inputs"], attention, positions=positions, rngs=rngs),
+        targets,
+        weights,
+        head_slots,
+    )
+
+
+def _at_loss_positions(logits_at, targets: jax.Array, weights: jax.Array, slots: int) -> dict:
+    """:func:`cross_entropy_sums` of ``logits_at(positions)`` (``float[B, slots, C]``) at each
+    row's loss positions (``weights != 0``, in position order) gathered into ``slots``
+    positions; unused slots weigh 0. ``targets: int32[B, L]``, ``weights: float32[B, L]``."""
     on_loss = weights != 0
-    positions = jax.vmap(lambda row: jnp.nonzero(row, size=head_slots, fill_value=0)[0])(on_loss)
-    used = jnp.arange(head_slots) < on_loss.sum(axis=1, keepdims=True)
-    logits = model(batch["inputs"], attention, positions=positions, rngs=rngs)
+    positions = jax.vmap(lambda row: jnp.nonzero(row, size=slots, fill_value=0)[0])(on_loss)
+    used = jnp.arange(slots) < on_loss.sum(axis=1, keepdims=True)
     pick = functools.partial(jnp.take_along_axis, indices=positions, axis=1)
-    return cross_entropy_sums(logits, pick(targets), jnp.where(used, pick(weights), 0.0))
+    return cross_entropy_sums(
+        logits_at(positions), pick(targets), jnp.where(used, pick(weights), 0.0)
+    )
 
 
 def head_fits(batch: dict, slots: int) -> jax.Array:
@@ -214,13 +231,26 @@ def visible_fits(batch: dict, attention: jax.Array, slots: int) -> jax.Array:
     return jnp.all((~batch["mask"] & (attention != 0)).sum(axis=1) <= slots)
 
 
-def _slots(spec: StepSpec, batch: dict, attention: jax.Array) -> tuple[int | None, jax.Array]:
-    """``(slots, fits)``: the MLM head's or the MAE encoder's slots (None: every position) and
-    whether this batch fits them."""
+class MaeSlots(NamedTuple):
+    """The MAE step's static slot counts per row: ``visible`` for the encoder, ``masked`` for
+    the decoder's last block and classifier."""
+
+    visible: int
+    masked: int
+
+
+def _slots(
+    spec: StepSpec, batch: dict, attention: jax.Array
+) -> tuple[int | MaeSlots | None, jax.Array]:
+    """``(slots, fits)``: the MLM head's slots or the MAE's :class:`MaeSlots` (None: every
+    position) and whether this batch fits them."""
     length = attention.shape[1]
     if spec.kind == "mae":
-        slots = spec.num_visible(length)
-        return (None, None) if slots >= length else (slots, visible_fits(batch, attention, slots))
+        slots = MaeSlots(spec.num_visible(length), spec.head_slots(length))
+        if min(slots) >= length:
+            return None, None
+        fits = visible_fits(batch, attention, slots.visible) & head_fits(batch, slots.masked)
+        return slots, fits
     slots = spec.head_slots(length)
     return (None, None) if slots is None else (slots, head_fits(batch, slots))
 
