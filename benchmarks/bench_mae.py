@@ -11,8 +11,8 @@ one-cycle over 10K steps), timed to completion (``jax.block_until_ready``). The 
 turns (``benchutil.interleaved_medians``: each round, each contender one untimed step then
 ``--steps`` timed ones), so drift in the load of a shared machine hits both alike; medians are
 reported with the speed-up of the visible-only encoder and the ratio of model FLOPs
-(``gemsjax.models.flops.train_flops``: encoder over ``visible_len(110, 0.5) = 55`` slots vs all
-110 positions).
+(``gemsjax.models.flops.train_flops``: encoder over ``num_visible(110) = 71`` slots vs all 110
+positions; both decoders run their last block and classifier on the 55 masked slots).
 
 Run: ``python benchmarks/bench_mae.py`` (``--batch``, ``--rounds``, ``--steps``).
 """
@@ -69,11 +69,12 @@ def main() -> None:
     batch = {k: jnp.asarray(v) for k, v in host.items()}
     length = host["ids"].shape[1]
     spec = spec_lib.step_spec(recipe("barcode_mae", args.batch))
-    visible = spec.num_visible(length)
+    visible, head = spec.num_visible(length), spec.head_slots(length)
     print(machine_info())
     print(
         f"batch {args.batch} x {length} barcode tokens ({host['attention'].sum(1).mean():.0f} "
-        f"real per row), mask ratio {spec.masking.mae_ratio}, encoder slots {visible}; medians "
+        f"real per row), mask ratio {spec.masking.mae_ratio}, encoder slots {visible}, decoder "
+        f"head slots {head}; medians "
         f"over {args.rounds} rounds of turns (1 untimed + {args.steps} timed steps each); float32"
     )
     (run_mae, box_mae), (run_base, box_base) = (
@@ -82,8 +83,11 @@ def main() -> None:
     times = interleaved_medians({"mae": run_mae, "base": run_base}, args.rounds, args.steps)
     t_mae, t_base = times["mae"], times["base"]
     out_mae, out_base = (jax.device_get(box["metrics"]) for box in (box_mae, box_base))
-    f_mae = flops.train_flops(registry.get_model_config("barcode_mae"), length, visible_len=visible)
-    f_base = flops.train_flops(registry.get_model_config("barcode_mae_baseline"), length)
+    sizes = (registry.get_model_config(s) for s in ("barcode_mae", "barcode_mae_baseline"))
+    f_mae, f_base = (
+        flops.train_flops(size, length, head_len=head, visible_len=slots)
+        for size, slots in zip(sizes, (visible, length), strict=True)
+    )
     tokens = host["ids"].size
     for name, t, out, f in (
         ("barcode_mae (visible-only encoder)", t_mae, out_mae, f_mae),

@@ -41,7 +41,10 @@ RECIPES = {
     "cm_gems:paper,dnabert6": lambda chips: "data.batch_size=256,train.grad_accum=1",
     "barcode_mae:paper": lambda chips: f"data.batch_size={max(128, chips)},train.grad_accum=1",
 }
-MESHES = {"data-parallel": lambda chips: (-1, 1), "FSDP": lambda chips: (1, chips)}
+MESHES = {"data-parallel": lambda devices: (-1, 1), "FSDP": lambda devices: (1, devices)}
+DEVICES_PER_CHIP = {"v4": 2}
+"""libtpu's v4 topologies expose both TensorCores of a chip as devices (a v4 pod's runtime fuses
+them, "megacore"), so the v4 rows shard over 32 devices of half a chip's HBM each."""
 FUSED = "fused, dropout 0"
 """The attention variant of the DNABERT-6 data-parallel rows: the Pallas splash kernel, which
 has no attention dropout (``model.attention=fused,model.dropout=0``); the other rows keep the
@@ -54,7 +57,8 @@ def rows() -> list[dict]:
     for name, (topo, chips) in SLICES.items():
         for recipe, batch in RECIPES.items():
             for mesh in MESHES:
-                data, fsdp = MESHES[mesh](chips)
+                per_chip = DEVICES_PER_CHIP.get(topo.split(":")[0], 1)
+                data, fsdp = MESHES[mesh](chips * per_chip)
                 row = dict(recipe=recipe, slice=name, mesh=mesh, topology=topo)
                 row |= dict(mesh_data=data, mesh_fsdp=fsdp, attention="einsum")
                 table.append(row | dict(spec=f"{recipe},{batch(chips)}"))

@@ -1,7 +1,7 @@
 """BarcodeBERT-style encoder-only MLM baseline: 50% of the non-overlapping 6-mers replaced by
 [MASK], loss on every non-special token.
 
-Presets: "" (the shipped 4,000 BOLD barcodes, 300 steps, minutes on a CPU), "paper", "smoke", a
+Presets: "" (the shipped 4,000 BOLD barcodes, 150 steps, minutes on a CPU), "paper", "smoke", a
 model size, key=value (see gemsjax/config.py).
 """
 

@@ -4,7 +4,7 @@ on non-overlapping 8-mers (65,538 ids), 4 layers x 768, 4 heads; 50% of the 8-me
 README table "BarcodeBERT-5M (k8, 4 layers, 4 heads)"; reference/barcodemae.md sections 1.5, 3).
 660 nt give 660 // 8 = 82 tokens.
 
-Presets: "" (the shipped 4,000 BOLD barcodes, 300 steps, minutes on a CPU), "paper", "smoke", a
+Presets: "" (the shipped 4,000 BOLD barcodes, 150 steps, minutes on a CPU), "paper", "smoke", a
 model size, key=value (see gemsjax/config.py).
 """
 

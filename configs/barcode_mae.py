@@ -2,7 +2,7 @@
 non-overlapping 6-mers dropped); the decoder re-inserts a learned mask vector and predicts the
 dropped k-mers.
 
-Presets: "" (the shipped 4,000 BOLD barcodes, 300 steps, minutes on a CPU), "paper", "smoke", a
+Presets: "" (the shipped 4,000 BOLD barcodes, 150 steps, minutes on a CPU), "paper", "smoke", a
 model size, key=value (see gemsjax/config.py).
 """
 

@@ -5,20 +5,22 @@ Plateau rule: switch once the running minimum of |delta val perplexity| between 
 validations is below ``masking.threshold``. The paper's rule is absolute, 1.0 perplexity
 (``:paper``). The CPU demo's validation perplexity is ~2,000 and moves by ~100 between
 validations, so an absolute 1.0 never fires there; the demo uses a relative rule instead,
-|delta ppl| / previous ppl < 0.01, which on the default run fires at the validation of step 150
-(perplexity 2,010 -> 2,007, after changes of 3-25 %) and trains Global-PMI from there.
+|delta ppl| / previous ppl < 0.01, which on the default run (200 steps) fires at the validation
+of step 150 (perplexity 2,049.9 -> 2,053.4, after changes of 4-25 %) and trains Global-PMI for
+the last 50 steps (the 300-step default before 2026-12-01 switched at step 150 too).
 
 Validation size: ``train.eval_batches`` fixed batches of the validation split (the same rows and
 masks at every validation of a step); 0 runs the whole split, as the reference does over its
 whole validation file (``:paper`` keeps 20 batches x 250 sequences, ~5,000 of them). The plateau
 statistic is a difference of two such estimates, so its noise adds to the threshold. Measured
-with ``reproduce/val_noise.py`` on the default run's final checkpoint (one fixed model, 8 mask
-keys): 2 batches of 8 (this demo) 724.5 +- 40.5 perplexity (5.6 %, against the demo's 1 %
-threshold), 20 batches 914.8 +- 15.3 (1.7 %), the whole split (26 batches) 921.2 +- 8.4. So the
-demo's switch is triggered by noise as much as by a plateau, and ``:paper``'s 1.0 sits below
-the spread unless the validation holds far more tokens (RESULTS.md, fidelity checks).
+with ``reproduce/val_noise.py`` on the final checkpoint of the 300-step default (one fixed
+model, 8 mask keys): 2 batches of 8 (this demo) 724.5 +- 40.5 perplexity (5.6 %, against the
+demo's 1 % threshold), 20 batches 914.8 +- 15.3 (1.7 %), the whole split (26 batches)
+921.2 +- 8.4. So the demo's switch is triggered by noise as much as by a plateau, and
+``:paper``'s 1.0 sits below the spread unless the validation holds far more tokens (RESULTS.md,
+fidelity checks).
 
-Presets: "" (the shipped 1 Mb chr22 sample, 300 steps, minutes on a CPU), "paper", "smoke", a
+Presets: "" (the shipped 1 Mb chr22 sample, 200 steps, minutes on a CPU), "paper", "smoke", a
 model size, key=value (see gemsjax/config.py).
 """
 

@@ -2,7 +2,7 @@
 (p = 0.0136) with probability floor(step / floor(steps / 100)) / 100, otherwise random 6-token
 spans (p = 0.025).
 
-Presets: "" (the shipped 1 Mb chr22 sample, 300 steps, minutes on a CPU), "paper", "smoke", a
+Presets: "" (the shipped 1 Mb chr22 sample, 200 steps, minutes on a CPU), "paper", "smoke", a
 model size, key=value (see gemsjax/config.py).
 """
 

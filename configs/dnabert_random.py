@@ -1,6 +1,6 @@
 """DNABERT baseline: random 6-token spans around centres drawn with p = 0.025, throughout.
 
-Presets: "" (the shipped 1 Mb chr22 sample, 300 steps, minutes on a CPU), "paper", "smoke", a
+Presets: "" (the shipped 1 Mb chr22 sample, 200 steps, minutes on a CPU), "paper", "smoke", a
 model size, key=value (see gemsjax/config.py).
 """
 

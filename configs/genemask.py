@@ -1,7 +1,7 @@
 """GeneMask baseline (Roy et al., ECAI 2023): PMI-guided 6- and 11-token spans around
 centres drawn with p = 0.0176, throughout.
 
-Presets: "" (the shipped 1 Mb chr22 sample, 300 steps, minutes on a CPU), "paper", "smoke", a
+Presets: "" (the shipped 1 Mb chr22 sample, 200 steps, minutes on a CPU), "paper", "smoke", a
 model size, key=value (see gemsjax/config.py).
 """
 

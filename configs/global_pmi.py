@@ -1,7 +1,7 @@
 """Global-PMI baseline: mask +-5 tokens around the k best-ranked (highest-PMI) positions of
 each sequence, k ~ Binomial(n, p), throughout.
 
-Presets: "" (the shipped 1 Mb chr22 sample, 300 steps, minutes on a CPU), "paper", "smoke", a
+Presets: "" (the shipped 1 Mb chr22 sample, 200 steps, minutes on a CPU), "paper", "smoke", a
 model size, key=value (see gemsjax/config.py).
 """
 

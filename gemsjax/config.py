@@ -115,7 +115,7 @@ def _common(recipe: str, kind: str) -> ml_collections.ConfigDict:
     )
     c.train = ml_collections.ConfigDict(
         dict(
-            steps=300,  # optimizer updates
+            steps=200,  # optimizer updates (the CPU demos: ~6 min on 2 cores, BENCHMARKS.md)
             grad_accum=1,  # micro-batches per step (data.batch_size = accum * micro)
             log_every=10,  # console line cadence (metrics.jsonl has every step)
             eval_every=50,
@@ -202,6 +202,7 @@ def barcode_base(recipe: str) -> ml_collections.ConfigDict:
         )
     )
     c.train.mae_visible_slack = 16  # MAE encoder slots beyond the fixed draw's bound
+    c.train.steps = 150  # 32 x 110 steps cost the small MAE ~1.5 s each on a 2-core CPU
     return c
 
 

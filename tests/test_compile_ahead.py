@@ -47,6 +47,17 @@ def test_tpu_targets_from_a_cpu_host(topology, devices, per_chip, hbm, peak):
     assert (tgt.hbm_bytes, tgt.peak_flops) == (hbm, peak)
 
 
+def test_meshes_over_a_v4_topology_keep_a_chips_cores_together():
+    """``jax.make_mesh`` refuses devices that share a chip; a v4 topology's 16 TensorCores
+    (8 chips) are laid out in order, the two cores of a chip adjacent on ``fsdp``."""
+    devices = compile_ahead.target("v4:2x2x2").devices
+    mesh = sharding.make_mesh(-1, 2, devices=devices)
+    assert dict(mesh.shape) == {"data": 8, "fsdp": 2}
+    for pair in mesh.devices:
+        assert pair[0].coords == pair[1].coords and pair[0].id != pair[1].id
+    assert dict(sharding.make_mesh(1, 16, devices=devices).shape) == {"data": 1, "fsdp": 16}
+
+
 def test_unknown_topology_is_a_user_error():
     with pytest.raises(UserError, match=r"config.compile.topology='v5p-64'.*such as v5e:2x2"):
         compile_ahead.target("v5p-64")

@@ -177,7 +177,7 @@ REFUSALS = [  # (presets, what the one-line message must contain)
     ("masking.loss_on=all", "train.mlm_head_share=0.375 needs masking.loss_on='masked'"),
     ("train.mlm_head_share=1.5", "train.mlm_head_share=1.5 must be a number in [0.0, 1.0]"),
     ("data.fasta=no/such.fa.gz", "data.fasta=('no/such.fa.gz',) names missing file(s)"),
-    ("optimizer.warmup_steps=300", "optimizer.warmup_steps=300 must be below train.steps=300"),
+    ("optimizer.warmup_steps=200", "optimizer.warmup_steps=200 must be below train.steps=200"),
     ("optimizer.learning_rate=0", "optimizer.learning_rate=0.0 must be a number > 0.0"),
     ("optimizer.schedule=cosine", "optimizer.schedule='cosine' must be one of"),
     ("train.mesh_data=0", "train.mesh_data=0 must be -1 or >= 1"),

@@ -97,6 +97,9 @@ def make_mesh(
     """A ``(data, fsdp)`` mesh over ``devices`` (default: all devices), both axes ``Auto``.
 
     ``data=-1`` takes every device not used by ``fsdp``: ``data = n_devices // fsdp``.
+    Devices that share a chip (a v4 topology compiled for from libtpu exposes both TensorCores
+    of a chip; ``jax.make_mesh`` lays out one device per chip only) are laid out in the order
+    given, so the two cores of a chip sit next to each other on ``fsdp``.
     """
     n = len(devices) if devices is not None else jax.device_count()
     if fsdp < 1 or n % fsdp:
@@ -105,9 +108,13 @@ def make_mesh(
         data = n // fsdp
     if data * fsdp != n:
         raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} != {n} devices")
-    return jax.make_mesh(
-        (data, fsdp), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices
-    )
+    axis_types = (AxisType.Auto, AxisType.Auto)
+    devices = jax.devices() if devices is None else devices
+    chips = {tuple(d.coords) for d in devices} if hasattr(devices[0], "coords") else None
+    if chips and len(chips) < n:
+        grid = np.asarray(devices, dtype=object).reshape(data, fsdp)
+        return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
+    return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=axis_types, devices=devices)
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
