@@ -123,8 +123,7 @@ def target(topology: str) -> Target:
     else:
         devices = jax.devices()
     first = devices[0]
-    chips = {tuple(d.coords) for d in devices} if hasattr(first, "coords") else None
-    per_chip = len(devices) // len(chips) if chips else 1
+    per_chip = sharding.devices_per_chip(devices)
     if topology or first.platform == "tpu":
         hbm = _chip_hbm(first.device_kind)
         hbm = None if hbm is None else hbm // per_chip

@@ -91,6 +91,14 @@ def check_batch(batch_size: int, grad_accum: int, num_devices: int, where: str) 
     )
 
 
+def devices_per_chip(devices: Sequence[jax.Device]) -> int:
+    """Devices that share a chip (TPU devices carry chip ``coords``; 2 on libtpu's v4
+    topologies, one per TensorCore), 1 where devices have no chip coordinates."""
+    if not hasattr(devices[0], "coords"):
+        return 1
+    return len(devices) // len({tuple(d.coords) for d in devices})
+
+
 def make_mesh(
     data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None
 ) -> jax.sharding.Mesh:
@@ -110,8 +118,7 @@ def make_mesh(
         raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} != {n} devices")
     axis_types = (AxisType.Auto, AxisType.Auto)
     devices = jax.devices() if devices is None else devices
-    chips = {tuple(d.coords) for d in devices} if hasattr(devices[0], "coords") else None
-    if chips and len(chips) < n:
+    if devices_per_chip(devices) > 1:
         grid = np.asarray(devices, dtype=object).reshape(data, fsdp)
         return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
     return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=axis_types, devices=devices)
