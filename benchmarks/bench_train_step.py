@@ -69,10 +69,14 @@ def recipe(size: str, batch_size: int):
     )
 
 
-def jax_train_step(config, mlm_head_share: float | None = None):
+def jax_train_step(
+    config, mlm_head_share: float | None = None, mlm_pack_share: float | None = None
+):
     """``(jitted step, initial TrainState, StepSpec)`` for ``config``, as the train loop builds
-    them on one device."""
-    spec = dataclasses.replace(spec_lib.step_spec(config), mlm_head_share=mlm_head_share)
+    them on one device, with the given masked-token slots."""
+    spec = dataclasses.replace(
+        spec_lib.step_spec(config), mlm_head_share=mlm_head_share, mlm_pack_share=mlm_pack_share
+    )
     tx, lr_schedule = optim.make_optimizer(config.optimizer, config.train.steps)
     model = registry.build_model(spec_lib.model_config(config), nnx.Rngs(config.seed))
     state = init_train_state(model, tx, spec)
@@ -82,11 +86,12 @@ def jax_train_step(config, mlm_head_share: float | None = None):
 
 
 def jax_runner(
-    config, batch: dict, rank_table, switched: bool = False, mlm_head_share: float | None = None
+    config, batch: dict, rank_table, switched: bool = False, slots: tuple = (None, None)
 ) -> tuple[Callable[[int], None], dict]:
     """``(run, box)``: ``run(i)`` does one jax train step and waits for it (CM-GEMS phase:
-    Global-PMI when ``switched``); ``box["metrics"]`` holds the last step's metrics."""
-    step, state, _ = jax_train_step(config, mlm_head_share)
+    Global-PMI when ``switched``; ``slots``: ``(mlm_head_share, mlm_pack_share)``);
+    ``box["metrics"]`` holds the last step's metrics."""
+    step, state, _ = jax_train_step(config, *slots)
     state = state._replace(curriculum=state.curriculum._replace(switched=jnp.bool_(switched)))
     box = {"state": state}
 
@@ -266,6 +271,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per turn")
     parser.add_argument("--mlm-head-share", type=float, default=0.375)
+    parser.add_argument("--mlm-pack-share", type=float, default=0.2)
     parser.add_argument("--share-repeats", type=int, default=30)
     parser.add_argument("--no-share", dest="share", action="store_false")
     args = parser.parse_args()
@@ -285,6 +291,8 @@ def main() -> None:
         batch = {k: jnp.asarray(v) for k, v in host.items()}
         tokens = host["ids"].size
         head = f"mlm_head_share={args.mlm_head_share}"
+        packed = f"{head}, mlm_pack_share={args.mlm_pack_share}"
+        slots = (args.mlm_head_share, args.mlm_pack_share)
         diff = check_gathered_losses(config, batch, rank_table)
         print(f"{size}: gathered PyTorch losses equal the stock loss within {diff:.1e}")
         calls = args.rounds * (1 + args.steps)
@@ -296,14 +304,16 @@ def main() -> None:
         for label, gather in contenders.items():
             runners[label] = torch_runner(config, batch, rank_table, calls, gather)
         boxes = {}
-        for label, head_share in (("head on all positions", None), (head, args.mlm_head_share)):
-            runners[label], boxes[label] = jax_runner(
-                config, batch, rank_table, mlm_head_share=head_share
-            )
+        for label, label_slots in (
+            ("head on all positions", (None, None)),
+            (head, (args.mlm_head_share, None)),
+            (packed, slots),
+        ):
+            runners[label], boxes[label] = jax_runner(config, batch, rank_table, slots=label_slots)
         share = size == "logo" and args.share
         if share:
             runners["Global-PMI phase"], _ = jax_runner(
-                config, batch, rank_table, switched=True, mlm_head_share=args.mlm_head_share
+                config, batch, rank_table, switched=True, slots=slots
             )
         seconds = interleaved_medians(runners, args.rounds, args.steps)
         t_torch = seconds["torch"]
@@ -323,7 +333,7 @@ def main() -> None:
             )
         if share:
             for phase, step_label, switched in (
-                ("GeneMask", head, False),
+                ("GeneMask", packed, False),
                 ("Global-PMI", "Global-PMI phase", True),
             ):
                 t_step = seconds[step_label]

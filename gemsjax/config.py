@@ -171,6 +171,7 @@ def genome_base(recipe: str) -> ml_collections.ConfigDict:
         dict(
             eval_every=25,  # several validations, so a plateau rule can fire
             mlm_head_share=0.375,  # share of positions given to the MLM head (0: all)
+            mlm_pack_share=0.2,  # those slots packed per batch shard (0: per row)
         )
     )
     return c
@@ -490,6 +491,7 @@ RULES: dict[str, Callable] = {
     "train.mesh_data": lambda x: None if x == -1 else _POSITIVE(x) and "must be -1 or >= 1",
     "train.mesh_fsdp": _POSITIVE,
     "train.mlm_head_share": _FRACTION,
+    "train.mlm_pack_share": _FRACTION,
     "train.allow_config_change": _key_names,
     "compile.topology": _text,
     "optimizer.schedule": _one_of(*SCHEDULES),

@@ -115,8 +115,12 @@ def test_paper_step_compiles_for_a_v5p_slice_and_fits(capsys):
     assert report["optimizer_bytes"] == pytest.approx(2 * report["params_bytes"], rel=0.01)
     assert report["argument_bytes"] >= report["params_bytes"] + report["optimizer_bytes"]
     assert 0 < report["total_bytes"] < report["hbm_bytes"] == 95 * GIB
-    slots = math.ceil(0.375 * 512)
-    assert report["model_flops"] == 16 * flops.bert_train_flops(layers, d, ffn, vocab, 512, slots)
+    # 192 query slots per row; packed per device shard of 2 rows (16 rows, 2 micro-batches,
+    # 4 chips): ceil(0.2 x 2 x 512) = 205 slots, 102.5 per row
+    slots, packed = math.ceil(0.375 * 512), math.ceil(0.2 * 2 * 512) / 2
+    assert report["model_flops"] == 16 * flops.bert_train_flops(
+        layers, d, ffn, vocab, 512, slots, packed
+    )
     full_head = 16 * flops.bert_train_flops(layers, d, ffn, vocab, 512)
     assert report["every_position_flops"] == full_head
     assert 1.0 <= report["compiler_flops"] / full_head < 1.1

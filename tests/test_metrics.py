@@ -34,6 +34,12 @@ def test_bert_flops_match_hand_calculation():
     assert saved == 3 * 432 * (
         2 * 768**2 + 2 * 768 * 4101 + 4 * 768**2 + 4 * 768 * 3072 + 4 * 512 * 768
     )
+    # Packed to 50.5 slots per sequence after the attention: the head, output projection and
+    # FFN run on 29.5 fewer tokens than the 80 query slots.
+    packed = flops.bert_train_flops(*args, head_len=80, packed_len=50.5)
+    assert flops.bert_train_flops(*args, head_len=80) - packed == 3 * 29.5 * (
+        2 * 768**2 + 2 * 768 * 4101 + 2 * 768**2 + 4 * 768 * 3072
+    )
 
 
 def test_step_flops_count_the_slots_and_the_fallback_counts_every_position():

@@ -106,7 +106,7 @@ def attend(
     scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(q.shape[-1])
     scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-    rows = None if query_rows is None else query_rows._replace(axis=2)
+    rows = None if query_rows is None else query_rows._replace(axis=2, pack=None)
     probs = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), rngs=rngs, rows=rows)
     return jnp.einsum("bnqk,bknd->bqnd", probs, v)
 

@@ -174,19 +174,40 @@ def dense(
     )
 
 
+class Pack(NamedTuple):
+    """Per-row slots packed per group of rows: ``index: int32[G, P]`` picks ``P`` of each group's
+    ``B / G * S`` slots (row-major) out of a per-row tensor ``[B, S, ...]``. The groups are the
+    batch's shards, so packing never moves a token across devices."""
+
+    index: jax.Array
+
+    def take(self, rows: jax.Array) -> jax.Array:
+        """``rows: [B, S, ...]`` -> ``[G, P, ...]``."""
+        groups = self.index.shape[0]
+        flat = rows.reshape(groups, -1, *rows.shape[2:])
+        index = self.index.reshape(self.index.shape + (1,) * (flat.ndim - 2))
+        return jnp.take_along_axis(flat, index, axis=1)
+
+
 class Rows(NamedTuple):
-    """Rows ``positions`` (``int32[B, P]``, per batch row) along ``axis`` of a tensor whose length
-    along ``axis`` is ``length``: what a computation restricted to some query positions holds."""
+    """Rows ``positions`` (``int32[B, S]``, per batch row) along ``axis`` of a tensor whose length
+    along ``axis`` is ``length``: what a computation restricted to some query positions holds.
+    ``pack``: the block's computation after attention runs on these rows packed (:class:`Pack`)."""
 
     axis: int
     positions: jax.Array
     length: int
+    pack: Pack | None = None
 
     def take(self, full: jax.Array) -> jax.Array:
         """The rows of ``full: [B, ..., length, ...]`` (``length`` at ``axis``)."""
         shape = [1] * full.ndim
         shape[0], shape[self.axis] = self.positions.shape
         return jnp.take_along_axis(full, self.positions.reshape(shape), axis=self.axis)
+
+    def packed(self, rows: jax.Array) -> jax.Array:
+        """``rows: [B, S, ...]`` (what :meth:`take` gave) packed, or unchanged without ``pack``."""
+        return rows if self.pack is None else self.pack.take(rows)
 
 
 class Dropout(nnx.Dropout):
@@ -209,9 +230,9 @@ class Dropout(nnx.Dropout):
         ``1 / (1 - rate)``; unchanged when deterministic or ``rate == 0``. ``rngs`` as in
         ``nnx.Dropout`` (an ``nnx.Rngs`` with a ``dropout`` stream, a stream or a key).
 
-        ``rows``: ``inputs`` holds only some rows of a full tensor (see :class:`Rows`); the keep
-        mask is drawn for the full tensor and its rows are used, so the rows are dropped exactly
-        as they would be in the full computation."""
+        ``rows``: ``inputs`` holds only some rows of a full tensor, packed if ``rows.pack`` (see
+        :class:`Rows`); the keep mask is drawn for the full tensor and its rows are used, so the
+        rows are dropped exactly as they would be in the full computation."""
         deterministic = self.deterministic if deterministic is None else deterministic
         if self.rate == 0.0 or deterministic:
             return inputs
@@ -231,8 +252,9 @@ class Dropout(nnx.Dropout):
         if rows is None:
             keep = self.keep_mask(key, 1.0 - self.rate, inputs.shape)
         else:
-            full = inputs.shape[: rows.axis] + (rows.length,) + inputs.shape[rows.axis + 1 :]
-            keep = rows.take(self.keep_mask(key, 1.0 - self.rate, full))
+            full = list(inputs.shape)
+            full[0], full[rows.axis] = rows.positions.shape[0], rows.length
+            keep = rows.packed(rows.take(self.keep_mask(key, 1.0 - self.rate, tuple(full))))
         return jnp.where(keep, inputs / (1.0 - self.rate), jnp.zeros((), inputs.dtype))
 
 
@@ -317,7 +339,8 @@ class SelfAttention(nnx.Module):
         query_rows: Rows | None = None,
     ):
         """``x: float[B, L, H]``, ``key_mask: bool[B, L]`` -> ``float[B, L, H]``, or
-        ``float[B, P, H]`` for the query rows ``query_rows`` only (keys and values: all of x)."""
+        ``float[B, S, H]`` for the query rows ``query_rows`` only (keys and values: all of x),
+        ``float[G, P, H]`` if they pack (the output projection then runs on the packed rows)."""
         split = lambda t: t.reshape(*t.shape[:-1], self.heads, -1)
         xq = x if query_rows is None else query_rows.take(x)
         ctx = self.attend(
@@ -329,7 +352,8 @@ class SelfAttention(nnx.Module):
             rngs,
             query_rows,
         )
-        return self.out(ctx.reshape(xq.shape[:-1] + (-1,)))
+        ctx = ctx.reshape(xq.shape[:-1] + (-1,))
+        return self.out(ctx if query_rows is None else query_rows.packed(ctx))
 
 
 class TransformerBlock(nnx.Module):
@@ -356,10 +380,12 @@ class TransformerBlock(nnx.Module):
     ):
         """``x: float[B, L, H]``, ``key_mask: bool[B, L]`` -> ``float[B, L, H]``.
 
-        With ``query_rows`` (axis 1): the block's output at those rows only, ``float[B, P, H]``
-        (queries, residual stream and feed-forward at ``P`` positions; keys and values from all
-        ``L``), equal to the rows of the full output, dropout included."""
-        xq = x if query_rows is None else query_rows.take(x)
+        With ``query_rows`` (axis 1): the block's output at those rows only, ``float[B, S, H]``
+        (queries, residual stream and feed-forward at ``S`` positions; keys and values from all
+        ``L``), equal to the rows of the full output, dropout included; ``float[G, P, H]`` if
+        they pack (queries per row; output projection, residual stream and feed-forward on the
+        packed rows)."""
+        xq = x if query_rows is None else query_rows.packed(query_rows.take(x))
         attn = self.attention(x, key_mask, rngs, query_rows)
         h = self.attention_norm(xq + self.attention_dropout(attn, rngs=rngs, rows=query_rows))
         ffn = self.ffn_out(self.gelu(self.ffn_in(h)))
@@ -383,15 +409,19 @@ class TransformerStack(nnx.Module):
         key_mask: jax.Array,
         rngs: nnx.Rngs | None = None,
         positions: jax.Array | None = None,
+        pack: jax.Array | None = None,
     ):
         """``x: float[B, L, H]``, ``key_mask: bool[B, L]`` -> ``float[B, L, H]``, or
-        ``float[B, P, H]`` at ``positions: int32[B, P]``: the last block then computes only
-        those rows (what an output head at ``positions`` needs)."""
+        ``float[B, S, H]`` at ``positions: int32[B, S]``: the last block then computes only
+        those rows (what an output head at ``positions`` needs); ``float[G, P, H]`` when
+        ``pack: int32[G, P]`` packs them (:class:`Pack`)."""
         check_mesh()
         *blocks, last = self.blocks
         for block in blocks:
             x = block(x, key_mask, rngs)
-        rows = None if positions is None else Rows(1, positions, x.shape[1])
+        if positions is None:
+            return last(x, key_mask, rngs)
+        rows = Rows(1, positions, x.shape[1], None if pack is None else Pack(pack))
         return last(x, key_mask, rngs, rows)
 
 
@@ -444,9 +474,11 @@ class BertModel(nnx.Module):
         token_type_ids: jax.Array | None = None,
         rngs: nnx.Rngs | None = None,
         positions: jax.Array | None = None,
+        pack: jax.Array | None = None,
     ) -> jax.Array:
-        """Last hidden layer ``float[B, L, H]`` (compute dtype), or ``float[B, P, H]`` at
-        ``positions`` (the last layer then runs only there; see :class:`TransformerStack`).
+        """Last hidden layer ``float[B, L, H]`` (compute dtype), or ``float[B, S, H]`` at
+        ``positions`` (the last layer then runs only there; see :class:`TransformerStack`),
+        ``float[G, P, H]`` with ``pack``.
 
         Args:
           ids: ``int32[B, L]`` token ids.
@@ -454,14 +486,15 @@ class BertModel(nnx.Module):
           position_ids: ``int32[B, L]``; defaults to ``0..L-1`` in every row.
           token_type_ids: ``int32[B, L]``; defaults to 0.
           rngs: dropout keys (``nnx.Rngs(dropout=key)``) when dropout is switched on.
-          positions: ``int32[B, P]`` rows wanted from the last layer (None: all).
+          positions: ``int32[B, S]`` rows wanted from the last layer (None: all).
+          pack: ``int32[G, P]``: those rows packed per group of ``B / G`` rows (:class:`Pack`).
         """
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(ids)
         x = self.embeddings(self.word_embeddings(ids), position_ids, token_type_ids, rngs)
-        return self.stack(x, attention != 0, rngs, positions)
+        return self.stack(x, attention != 0, rngs, positions, pack)
 
 
 class MlmHead(nnx.Module):
@@ -507,10 +540,13 @@ class BertForMaskedLM(nnx.Module):
         position_ids: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
         rngs: nnx.Rngs | None = None,
+        pack: jax.Array | None = None,
     ) -> jax.Array:
-        """MLM logits ``float32[B, L, V]``, or ``float32[B, P, V]`` at ``positions: int32[B, P]``
+        """MLM logits ``float32[B, L, V]``, or ``float32[B, S, V]`` at ``positions: int32[B, S]``
         (the head and the encoder's last layer then run only there; equal to the full logits
-        at those positions). Other arguments as in :meth:`BertModel.__call__`."""
+        at those positions), ``float32[G, P, V]`` with ``pack: int32[G, P]`` (those positions
+        packed per group of rows, :class:`Pack`). Other arguments as in
+        :meth:`BertModel.__call__`."""
         hidden = self.encoder(
             ids,
             attention,
@@ -518,6 +554,7 @@ class BertForMaskedLM(nnx.Module):
             token_type_ids=token_type_ids,
             rngs=rngs,
             positions=positions,
+            pack=pack,
         )
         return self.head(hidden, self.encoder.word_embeddings.embedding[...])
 

@@ -16,7 +16,11 @@ equals MaxText's count and the ``6 N + 12 L d S`` per-token rule with N = matmul
 the step runs the head on ``P < S`` masked slots (``StepSpec.head_slots``) the last layer
 runs its queries there too, and the count is what the step computes: that layer costs
 ``P (4 d^2 + 4 d f) + S 4 d^2 + 4 P S d`` (Q, output projection and FFN on P; K, V on S).
-The BarcodeMAE decoder's last block and classifier do the same on its masked slots.
+When the masked tokens are also packed per batch shard after that layer's attention
+(``StepSpec.mlm_pack_share``, ``Q`` packed slots per sequence on average), the output
+projection, FFN and head run on ``Q`` instead: ``P (2 d^2 + 4 S d) + S 4 d^2 + Q (2 d^2 + 4 d f)``
+for the layer and ``Q (2 d^2 + 2 d V)`` for the head. The BarcodeMAE decoder's last block and
+classifier run on its masked slots as the unpacked MLM does.
 """
 
 from __future__ import annotations
@@ -31,23 +35,35 @@ def transformer_forward_flops(layers: int, hidden: int, ffn: int, tokens: int, k
     return float(layers * (tokens * (8 * d * d + 4 * d * ffn) + 4 * tokens * keys * d))
 
 
-def stack_forward_flops(layers: int, hidden: int, ffn: int, seq_len: int, rows: int) -> float:
+def stack_forward_flops(
+    layers: int, hidden: int, ffn: int, seq_len: int, rows: int, packed: float | None = None
+) -> float:
     """Forward FLOPs of ``layers`` blocks over one sequence of ``seq_len`` tokens whose last
-    block runs its queries, residual stream and FFN on ``rows`` positions only (K and V on all):
-    that block costs ``rows (4 d^2 + 4 d f) + S 4 d^2 + 4 rows S d``."""
+    block runs its queries on ``rows`` positions only (K and V on all) and its output
+    projection, residual stream and FFN on ``packed`` (default ``rows``): that block costs
+    ``rows (2 d^2 + 4 S d) + S 4 d^2 + packed (2 d^2 + 4 d f)``."""
     d, s = hidden, seq_len
-    last = rows * (4 * d * d + 4 * d * ffn) + s * 4 * d * d + 4 * rows * s * d
+    packed = rows if packed is None else packed
+    last = rows * (2 * d * d + 4 * s * d) + s * 4 * d * d + packed * (2 * d * d + 4 * d * ffn)
     return transformer_forward_flops(layers - 1, d, ffn, s, s) + last
 
 
 def bert_train_flops(
-    layers: int, hidden: int, ffn: int, vocab: int, seq_len: int, head_len: int | None = None
+    layers: int,
+    hidden: int,
+    ffn: int,
+    vocab: int,
+    seq_len: int,
+    head_len: int | None = None,
+    packed_len: float | None = None,
 ) -> float:
-    """Training FLOPs per sequence of a BERT MLM (module docstring); the MLM head and the last
-    layer's queries run on ``head_len`` positions (default all ``seq_len``)."""
+    """Training FLOPs per sequence of a BERT MLM (module docstring); the last layer's queries
+    run on ``head_len`` positions (default all ``seq_len``), its output projection and FFN and
+    the MLM head on ``packed_len`` (default ``head_len``; packed slots per sequence)."""
     d, head = hidden, seq_len if head_len is None else head_len
-    encoder = stack_forward_flops(layers, d, ffn, seq_len, head)
-    return 3.0 * (encoder + head * (2 * d * d + 2 * d * vocab))
+    packed = head if packed_len is None else packed_len
+    encoder = stack_forward_flops(layers, d, ffn, seq_len, head, packed)
+    return 3.0 * (encoder + packed * (2 * d * d + 2 * d * vocab))
 
 
 def mae_train_flops(
@@ -82,15 +98,22 @@ def mae_train_flops(
 
 
 def train_flops(
-    config: BertConfig, seq_len: int, *, head_len: int | None = None, visible_len: int | None = None
+    config: BertConfig,
+    seq_len: int,
+    *,
+    head_len: int | None = None,
+    visible_len: int | None = None,
+    packed_len: float | None = None,
 ) -> float:
     """Training FLOPs per sequence of the model ``config`` describes: :func:`bert_train_flops`
-    (MLM head on ``head_len`` positions) or, for the MAE archs, :func:`mae_train_flops`
-    (encoder on ``visible_len`` slots, default ``seq_len`` as in the baseline; decoder head on
-    ``head_len``)."""
+    (last layer's queries on ``head_len`` positions, MLM head on ``packed_len``) or, for the
+    MAE archs, :func:`mae_train_flops` (encoder on ``visible_len`` slots, default ``seq_len``
+    as in the baseline; decoder head on ``head_len``)."""
     c = config
     if c.arch == "mlm":
-        return bert_train_flops(c.layers, c.hidden, c.ffn, c.vocab_size, seq_len, head_len)
+        return bert_train_flops(
+            c.layers, c.hidden, c.ffn, c.vocab_size, seq_len, head_len, packed_len
+        )
     return mae_train_flops(
         c.layers,
         c.hidden,

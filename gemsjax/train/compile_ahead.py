@@ -299,7 +299,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     cost = _cost(one_compiled)
     compiler_flops = accum * cost["flops"]  # per device
     seconds = accum * cost.get("optimal_seconds", -1.0)
-    model_flops = loop.flops_per_step(config, batch_size)  # all devices
+    model_flops = loop.flops_per_step(config, batch_size, shards=n)  # all devices
     loops = len(re.findall(r"\bwhile\(", one_compiled.as_text()))
     report = dict(
         target=tgt.name,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import pathlib
 import threading
 import time
@@ -55,20 +56,34 @@ def compute_dtype(name: str, platform: str | None = None) -> Any:
 
 
 def flops_per_step(
-    config: ml_collections.ConfigDict, batch_size: int, *, every_position: bool = False
+    config: ml_collections.ConfigDict,
+    batch_size: int,
+    *,
+    every_position: bool = False,
+    shards: int = 1,
 ) -> float:
     """Model FLOPs of one optimizer step over ``batch_size`` rows (:mod:`gemsjax.models.flops`),
-    counting what the step computes: the MLM head on its slots, the MAE encoder on its visible
-    slots and its decoder head on its masked slots. ``every_position``: the step's fallback
-    branch instead (head and encoder on all ``data.max_len`` positions; what XLA's cost model
-    charges for the ``lax.cond``)."""
+    counting what the step computes: the MLM head on its slots (packed per each of ``shards``
+    batch shards with ``train.mlm_pack_share``), the MAE encoder on its visible slots and its
+    decoder head on its masked slots. ``every_position``: the step's fallback branch instead
+    (head and encoder on all ``data.max_len`` positions; what XLA's cost model charges for the
+    ``lax.cond``)."""
     spec, seq_len = spec_lib.step_spec(config), config.data.max_len
+    micro = batch_size // config.train.grad_accum
+    rows = micro // math.gcd(shards, micro)  # as step.batch_groups groups them
+    packed = spec.pack_slots(rows, seq_len)
     return batch_size * flops.train_flops(
         spec_lib.model_config(config),
         seq_len,
         head_len=None if every_position else spec.head_slots(seq_len),
         visible_len=None if every_position else spec.num_visible(seq_len),
+        packed_len=None if every_position or packed is None else packed / rows,
     )
+
+
+def _batch_shards(mesh: jax.sharding.Mesh) -> int:
+    """Devices along the batch axes of ``mesh`` (the step packs masked tokens per shard)."""
+    return math.prod(mesh.shape[name] for name in sharding.BATCH_AXES)
 
 
 def _scalar_metrics(device_metrics: dict) -> dict:
@@ -222,7 +237,7 @@ def _train(
         workdir,
         total_steps=config.train.steps,
         tokens_per_step=batch_size * seq_len,
-        flops_per_step=flops_per_step(config, batch_size),
+        flops_per_step=flops_per_step(config, batch_size, shards=_batch_shards(mesh)),
         peak_flops=metrics.peak_flops_per_device(),
         console_every=config.train.log_every,
         resume_step=int(state.step),

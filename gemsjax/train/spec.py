@@ -51,6 +51,11 @@ class StepSpec:
         dropout included. 0.375 suits the ~15% masking of the MLM recipes: over 9,500 rows of
         chr22 at L = 512 the most masked tokens in a row were 162 (GeneMask), 149 (random
         spans) and 145 (Global-PMI), against 192 slots. ``None``: every position.
+      mlm_pack_share: with ``mlm_head_share``: after the last layer's attention (queries still
+        per row), its output projection, residual stream, feed-forward and the MLM head run on
+        the masked tokens of each batch shard's rows packed together, in
+        :meth:`pack_slots` slots per shard, where the rows' counts average out; a shard with
+        more masked tokens runs everything on every position, as above. ``None``: per row.
       mae_draw: MAE: ``"fixed"`` (exactly ``floor(ratio * n + 0.5)`` of a row's ``n`` maskable
         tokens, :func:`masking.mae_drop_fixed`) or ``"bernoulli"`` (each one independently with
         probability ``ratio``, :func:`masking.mae_drop`, the reference's draw).
@@ -70,6 +75,7 @@ class StepSpec:
     random_low: int = 0
     loss_on: str = "masked"
     mlm_head_share: float | None = None
+    mlm_pack_share: float | None = None
     mae_draw: str = "fixed"
     mae_visible_slack: int = 16
 
@@ -89,6 +95,13 @@ class StepSpec:
                 f"mlm_head_share={self.mlm_head_share} needs kind='mlm', "
                 "loss_on='masked' and a value in (0, 1]; use None otherwise"
             )
+        if self.mlm_pack_share is not None and not (
+            self.mlm_head_share is not None and 0 < self.mlm_pack_share <= 1
+        ):
+            raise ValueError(
+                f"mlm_pack_share={self.mlm_pack_share} needs mlm_head_share and a value in "
+                "(0, 1]; use None otherwise"
+            )
 
     def head_slots(self, length: int) -> int | None:
         """Output-head slots per row of ``length`` tokens; None when the head runs on every
@@ -107,6 +120,13 @@ class StepSpec:
             slack = 0 if self.mae_draw == "fixed" else self.mae_visible_slack
             return min(length, bound + slack)
         return None if self.mlm_head_share is None else math.ceil(self.mlm_head_share * length)
+
+    def pack_slots(self, rows: int, length: int) -> int | None:
+        """MLM packed slots for a shard of ``rows`` rows of ``length`` tokens:
+        ``min(ceil(mlm_pack_share * rows * L), rows * head_slots(L))``; None when not packing."""
+        if self.mlm_pack_share is None:
+            return None
+        return min(math.ceil(self.mlm_pack_share * rows * length), rows * self.head_slots(length))
 
     def num_visible(self, length: int) -> int:
         """MAE encoder slots for rows of ``length`` tokens: ``min(L, visible_len(L, ratio) +
@@ -158,7 +178,8 @@ def step_spec(config: ml_collections.ConfigDict) -> StepSpec:
     MAE models (``arch`` ``mae*``): ``masking.mae_ratio``, ``masking.mae_draw`` and
     ``train.mae_visible_slack``. MLM models: the corruption
     (``masking.mask_frac``, ``random_frac``, ``random_low``), ``masking.loss_on``,
-    ``train.mlm_head_share`` (0: off), and for genomes the curriculum
+    ``train.mlm_head_share`` and ``train.mlm_pack_share`` (0: off; packing needs the head
+    share), and for genomes the curriculum
     (:func:`gemsjax.curriculum.from_config`) and the strategies' probabilities; barcode configs
     have no curriculum, their MLM masks every batch by ``mae_drop`` (Bernoulli ``mae_ratio``).
     """
@@ -194,6 +215,7 @@ def step_spec(config: ml_collections.ConfigDict) -> StepSpec:
         random_low=m.random_low,
         loss_on=m.loss_on,
         mlm_head_share=train.get("mlm_head_share") or None,
+        mlm_pack_share=(train.get("mlm_head_share") and train.get("mlm_pack_share")) or None,
         **common,
     )
 

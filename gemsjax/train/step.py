@@ -18,6 +18,7 @@ device's contiguous block of the sharded batch feeds every micro-batch without r
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -27,6 +28,7 @@ from flax import nnx
 
 from gemsjax import masking
 from gemsjax.curriculum import CurriculumState
+from gemsjax.train.sharding import BATCH_AXES
 from gemsjax.train.spec import StepSpec
 
 
@@ -167,14 +169,16 @@ def loss_sums(
     batch: dict,
     attention: jax.Array,
     dropout_key: jax.Array | None,
-    head_slots: int | None = None,
+    head_slots: MlmSlots | MaeSlots | None = None,
 ) -> dict:
     """:func:`cross_entropy_sums` of ``model`` on a masked ``batch``.
 
-    ``head_slots`` (MLM, an int): the head and the encoder's last layer run on each row's loss
-    positions only, gathered in position order into that many slots (unused slots weigh 0); the
-    rest of the encoder runs on the whole batch (rows stay where they are, so this shards like
-    the batch). Exact only where :func:`head_fits`. None: the model's output at every position.
+    ``head_slots`` (MLM, :class:`MlmSlots`): the head and the encoder's last layer run on each
+    row's loss positions only, gathered in position order into ``rows`` slots (unused slots
+    weigh 0), and after the last layer's attention packed per batch shard into ``packed`` slots
+    when it is set (:func:`batch_groups`); the rest of the encoder runs on the whole batch (rows
+    stay where they are, so this shards like the batch). Exact only where :func:`head_fits`
+    (and :func:`pack_fits`). None: the model's output at every position.
     ``head_slots`` (MAE, :class:`MaeSlots`): the encoder runs on ``visible`` slots
     (:meth:`StepSpec.num_visible`), the decoder's last block and classifier on ``masked`` slots
     of loss positions as the MLM head does (:meth:`StepSpec.head_slots`); exact where
@@ -200,29 +204,71 @@ def loss_sums(
     if head_slots is None:
         return cross_entropy_sums(model(batch["inputs"], attention, rngs=rngs), targets, weights)
     return _at_loss_positions(
-        lambda positions: model(batch["inputs"], attention, positions=positions, rngs=rngs),
+        lambda positions, pack=None: model(
+            batch["inputs"], attention, positions=positions, pack=pack, rngs=rngs
+        ),
         targets,
         weights,
-        head_slots,
+        head_slots.rows,
+        head_slots.packed,
     )
 
 
-def _at_loss_positions(logits_at, targets: jax.Array, weights: jax.Array, slots: int) -> dict:
+def _first(flags: jax.Array, size: int) -> jax.Array:
+    """``int32[..., size]``: the indices of the first ``size`` true entries of each row of
+    ``flags: bool[..., N]``, in order (0 past the last one)."""
+    nonzero = lambda row: jnp.nonzero(row, size=size, fill_value=0)[0]
+    return jax.vmap(nonzero)(flags.reshape(-1, flags.shape[-1])).reshape(*flags.shape[:-1], size)
+
+
+def _at_loss_positions(
+    logits_at, targets: jax.Array, weights: jax.Array, slots: int, packed: int | None = None
+) -> dict:
     """:func:`cross_entropy_sums` of ``logits_at(positions)`` (``float[B, slots, C]``) at each
     row's loss positions (``weights != 0``, in position order) gathered into ``slots``
-    positions; unused slots weigh 0. ``targets: int32[B, L]``, ``weights: float32[B, L]``."""
+    positions; unused slots weigh 0. ``targets: int32[B, L]``, ``weights: float32[B, L]``.
+    ``packed``: ``logits_at(positions, pack)`` (``float[G, packed, C]``) instead, the used slots
+    of each group of ``B / G`` rows (:func:`batch_groups`) packed in order, ``pack:
+    int32[G, packed]`` indexing each group's ``B / G * slots`` slots."""
     on_loss = weights != 0
-    positions = jax.vmap(lambda row: jnp.nonzero(row, size=slots, fill_value=0)[0])(on_loss)
+    positions = _first(on_loss, slots)
     used = jnp.arange(slots) < on_loss.sum(axis=1, keepdims=True)
     pick = functools.partial(jnp.take_along_axis, indices=positions, axis=1)
+    targets, weights = pick(targets), jnp.where(used, pick(weights), 0.0)
+    if packed is None:
+        return cross_entropy_sums(logits_at(positions), targets, weights)
+    grouped = lambda x: x.reshape(batch_groups(x.shape[0]), -1)
+    pack = _first(grouped(used), packed)
+    take = functools.partial(jnp.take_along_axis, indices=pack, axis=1)
+    in_pack = jnp.arange(packed) < grouped(used).sum(axis=1, keepdims=True)
     return cross_entropy_sums(
-        logits_at(positions), pick(targets), jnp.where(used, pick(weights), 0.0)
+        logits_at(positions, pack),
+        take(grouped(targets)),
+        jnp.where(in_pack, take(grouped(weights)), 0.0),
     )
+
+
+def batch_groups(rows: int) -> int:
+    """The shards of a batch of ``rows`` rows under the active mesh: the product of its batch
+    axes' sizes (``sharding.BATCH_AXES``; 1 without a mesh), or its largest divisor of
+    ``rows``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    shards = math.prod(mesh.shape[name] for name in BATCH_AXES if name in mesh.shape)
+    return math.gcd(shards, rows)
 
 
 def head_fits(batch: dict, slots: int) -> jax.Array:
     """``bool[]``: no row of the masked ``batch`` has more than ``slots`` loss positions."""
     return jnp.all((batch["weights"] != 0).sum(axis=1) <= slots)
+
+
+def pack_fits(batch: dict, packed: int) -> jax.Array:
+    """``bool[]``: no group of rows (:func:`batch_groups`) of the masked ``batch`` has more than
+    ``packed`` loss positions."""
+    counts = (batch["weights"] != 0).sum(axis=1)
+    return jnp.all(counts.reshape(batch_groups(counts.shape[0]), -1).sum(axis=1) <= packed)
 
 
 def visible_fits(batch: dict, attention: jax.Array, slots: int) -> jax.Array:
@@ -239,11 +285,20 @@ class MaeSlots(NamedTuple):
     masked: int
 
 
+class MlmSlots(NamedTuple):
+    """The MLM step's static slot counts: ``rows`` per row for the last layer's queries (and
+    everything after them unless packed), ``packed`` per batch shard after its attention (None:
+    no packing)."""
+
+    rows: int
+    packed: int | None
+
+
 def _slots(
     spec: StepSpec, batch: dict, attention: jax.Array
-) -> tuple[int | MaeSlots | None, jax.Array]:
-    """``(slots, fits)``: the MLM head's slots or the MAE's :class:`MaeSlots` (None: every
-    position) and whether this batch fits them."""
+) -> tuple[MlmSlots | MaeSlots | None, jax.Array]:
+    """``(slots, fits)``: the MLM's :class:`MlmSlots` or the MAE's :class:`MaeSlots` (None:
+    every position) and whether this batch fits them."""
     length = attention.shape[1]
     if spec.kind == "mae":
         slots = MaeSlots(spec.num_visible(length), spec.head_slots(length))
@@ -252,7 +307,12 @@ def _slots(
         fits = visible_fits(batch, attention, slots.visible) & head_fits(batch, slots.masked)
         return slots, fits
     slots = spec.head_slots(length)
-    return (None, None) if slots is None else (slots, head_fits(batch, slots))
+    if slots is None:
+        return None, None
+    rows = attention.shape[0]
+    packed = spec.pack_slots(rows // batch_groups(rows), length)
+    fits = head_fits(batch, slots)
+    return MlmSlots(slots, packed), fits if packed is None else fits & pack_fits(batch, packed)
 
 
 def _strategy_counts(strategy: jax.Array, batch_size: int) -> jax.Array:
