@@ -120,7 +120,8 @@ def markdown(records: dict[tuple, dict]) -> str:
         r = records.get(key(row))
         if r is None:
             continue
-        where = f"{row['slice']} ({r.get('devices', '?')} devices, {row['mesh']})"
+        devices = r.get("devices", row["mesh_data"] * row["mesh_fsdp"])
+        where = f"{row['slice']} ({devices} devices, {row['mesh']})"
         config = f"`{row['recipe']}`" + ("" if row["attention"] == "einsum" else f", {FUSED}")
         if r["error"]:
             lines.append(f"| {config} | {where} | | does not fit: {r['error']} |||||")
