@@ -81,11 +81,6 @@ def flops_per_step(
     )
 
 
-def _batch_shards(mesh: jax.sharding.Mesh) -> int:
-    """Devices along the batch axes of ``mesh`` (the step packs masked tokens per shard)."""
-    return math.prod(mesh.shape[name] for name in sharding.BATCH_AXES)
-
-
 def _scalar_metrics(device_metrics: dict) -> dict:
     """Split the per-strategy mix vector into ``mix/<strategy>`` scalars (device arrays)."""
     out = {k: v for k, v in device_metrics.items() if k != "strategy_mix"}
@@ -237,7 +232,7 @@ def _train(
         workdir,
         total_steps=config.train.steps,
         tokens_per_step=batch_size * seq_len,
-        flops_per_step=flops_per_step(config, batch_size, shards=_batch_shards(mesh)),
+        flops_per_step=flops_per_step(config, batch_size, shards=sharding.batch_shards(mesh)),
         peak_flops=metrics.peak_flops_per_device(),
         console_every=config.train.log_every,
         resume_step=int(state.step),

@@ -129,6 +129,12 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def batch_shards(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh) -> int:
+    """Devices along ``mesh``'s batch axes (``BATCH_AXES``): the shards of a batch (1 for an
+    empty mesh)."""
+    return math.prod(dict(mesh.shape).get(name, 1) for name in BATCH_AXES)
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     """Leading (batch) axis split over ``data`` x ``fsdp``; other axes replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))

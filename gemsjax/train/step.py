@@ -28,7 +28,7 @@ from flax import nnx
 
 from gemsjax import masking
 from gemsjax.curriculum import CurriculumState
-from gemsjax.train.sharding import BATCH_AXES
+from gemsjax.train import sharding
 from gemsjax.train.spec import StepSpec
 
 
@@ -252,11 +252,7 @@ def batch_groups(rows: int) -> int:
     """The shards of a batch of ``rows`` rows under the active mesh: the product of its batch
     axes' sizes (``sharding.BATCH_AXES``; 1 without a mesh), or its largest divisor of
     ``rows``."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return 1
-    shards = math.prod(mesh.shape[name] for name in BATCH_AXES if name in mesh.shape)
-    return math.gcd(shards, rows)
+    return math.gcd(sharding.batch_shards(jax.sharding.get_abstract_mesh()), rows)
 
 
 def head_fits(batch: dict, slots: int) -> jax.Array:
