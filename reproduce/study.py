@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -53,10 +54,10 @@ SCALES = {
             }
         ),
         fewshot=dict(
-            shots={"Prom-core": "(10,50)", "Splice-40": "(10,)"}, draws=3, test_subsample=500
+            shots={"Prom-core": "(10,50)", "Splice-40": "(10,)"}, draws=2, test_subsample=500
         ),
-        gue=dict(tasks='("prom/prom_core_all","tf/0")', max_train_rows=2000, max_eval_rows=500),
-        barcode_train=dict(**{"train.steps": 600, "data.batch_size": 32, "downstream.eval": False}),
+        gue=dict(tasks='("prom/prom_core_all","tf/0")', max_train_rows=1000, max_eval_rows=500),
+        barcode_train=dict(**{"train.steps": 300, "data.batch_size": 32, "downstream.eval": False}),
         eval_presets="",
         barcode_eval_presets="",
     ),
@@ -202,6 +203,8 @@ def run_family(
     if unknown:
         sys.exit(f"--arms: unknown {sorted(unknown)} for {family}; valid: {', '.join(arms)}")
     arms = [a for a in arms if not only or a in only]
+    # one persistent XLA cache for the scale: the arms' evaluations compile the same programs
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(out / scale_name / "jax_cache")}
     failed = []
     for arm in arms:
         for done, cmd in build(arm, scale, data, out / scale_name):
@@ -211,7 +214,7 @@ def run_family(
             print(f"[study] {family}/{arm}: {' '.join(cmd)}", flush=True)
             if dry_run:
                 continue
-            code = subprocess.run(cmd, cwd=ROOT).returncode
+            code = subprocess.run(cmd, cwd=ROOT, env=env).returncode
             if code:  # the other arms still run; a rerun retries this one
                 print(
                     f"[study] {family}/{arm}: exit code {code}; rest of the arm skipped", flush=True
