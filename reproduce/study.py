@@ -11,7 +11,8 @@ is skipped (``train.done`` after a finished pretraining, ``results.json`` after 
 a pretraining that was stopped resumes from its newest checkpoint, so the study can be stopped and
 rerun arm by arm (``reproduce/run_all.sh`` runs both families under nohup). After every finished
 command the tables between the markers in RESULTS.md are rewritten from the ``results.json``
-files; an arm without results reads "not run yet". Seeds are the configs' (``seed=0``); every arm
+files; an arm without results reads "not run yet"; every command's wall seconds go to
+``<out>/<scale>/times.jsonl`` and a wall-time table beside them. Seeds are the configs' (``seed=0``); every arm
 of a family has the same model size, batch, sequence length and steps.
 """
 
@@ -23,6 +24,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "RESULTS.md"
@@ -214,7 +216,12 @@ def run_family(
             print(f"[study] {family}/{arm}: {' '.join(cmd)}", flush=True)
             if dry_run:
                 continue
+            started = time.time()
             code = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+            record = dict(family=family, arm=arm, command=_command_name(done), exit=code)
+            (out / scale_name).mkdir(parents=True, exist_ok=True)
+            with open(out / scale_name / "times.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(dict(record, seconds=round(time.time() - started, 1))) + "\n")
             if code:  # the other arms still run; a rerun retries this one
                 print(
                     f"[study] {family}/{arm}: exit code {code}; rest of the arm skipped", flush=True
@@ -226,6 +233,40 @@ def run_family(
             write_tables(out)
     if failed:
         sys.exit(f"[study] {family}: failed arms {failed}; rerun to retry them")
+
+
+def _command_name(done: pathlib.Path) -> str:
+    """A command's column in the wall-time table, from its done marker."""
+    if done.name == "train.done":
+        return "pretraining"
+    return done.parent.name if done.name == "results.json" else "split"
+
+
+def _times_table(path: pathlib.Path) -> str:
+    """Wall seconds of every command the study ran at one scale (``times.jsonl``; a resumed or
+    retried command's runs are added up), per arm and in all."""
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    if not records:
+        return "#### Wall time\n\nnot run yet\n"
+    seconds: dict[tuple[str, str], dict[str, float]] = {}
+    columns: list[str] = []
+    for r in records:
+        cell = seconds.setdefault((r["family"], r["arm"]), {})
+        cell[r["command"]] = cell.get(r["command"], 0.0) + r["seconds"]
+        columns += [r["command"]] if r["command"] not in columns else []
+    lines = [
+        "#### Wall time (seconds per command, from `times.jsonl`)",
+        "",
+        "| family | arm | " + " | ".join(columns) + " | arm |",
+        "|---|---|" + "---|" * (len(columns) + 1),
+    ]
+    for (family, arm), cell in seconds.items():
+        row = [f"{cell[c]:,.0f}" if c in cell else "" for c in columns]
+        lines.append(f"| {family} | {arm} | " + " | ".join(row) + f" | {sum(cell.values()):,.0f} |")
+    total = sum(r["seconds"] for r in records)
+    failed = sum(r["exit"] != 0 for r in records)
+    lines += ["", f"In all: {total:,.0f} s ({total / 3600:.2f} h); failed commands: {failed}."]
+    return "\n".join(lines) + "\n"
 
 
 def _rows(path: pathlib.Path) -> list[dict]:
@@ -303,6 +344,7 @@ def write_tables(out: pathlib.Path) -> None:
                 root,
             )
         )
+        parts.append(_times_table(base / "times.jsonl"))
         head, rest = text.split(start, 1)
         text = head + start + "\n" + "\n".join(parts) + end + rest.split(end, 1)[1]
     RESULTS.write_text(text)
