@@ -12,8 +12,8 @@ a pretraining that was stopped resumes from its newest checkpoint, so the study 
 rerun arm by arm (``reproduce/run_all.sh`` runs both families under nohup). After every finished
 command the tables between the markers in RESULTS.md are rewritten from the ``results.json``
 files; an arm without results reads "not run yet"; every command's wall seconds go to
-``<out>/<scale>/times.jsonl`` and a wall-time table beside them. Seeds are the configs' (``seed=0``); every arm
-of a family has the same model size, batch, sequence length and steps.
+``<out>/<scale>/times.jsonl`` and a wall-time table beside them. Seeds are the configs'
+(``seed=0``); every arm of a family has the same model size, batch, sequence length and steps.
 """
 
 from __future__ import annotations
