@@ -47,7 +47,7 @@ SCALES = {
     "cpu": dict(
         cmgems_train=dict(
             **{
-                "train.steps": 600,
+                "train.steps": 400,
                 "data.batch_size": 8,
                 "data.max_len": 512,
                 "model.name": "logo",
@@ -59,7 +59,7 @@ SCALES = {
             shots={"Prom-core": "(10,50)", "Splice-40": "(10,)"}, draws=2, test_subsample=500
         ),
         gue=dict(tasks='("prom/prom_core_all","tf/0")', max_train_rows=1000, max_eval_rows=500),
-        barcode_train=dict(**{"train.steps": 300, "data.batch_size": 32, "downstream.eval": False}),
+        barcode_train=dict(**{"train.steps": 200, "data.batch_size": 32, "downstream.eval": False}),
         eval_presets="",
         barcode_eval_presets="",
     ),
