@@ -207,6 +207,9 @@ def run_family(
     arms = [a for a in arms if not only or a in only]
     # one persistent XLA cache for the scale: the arms' evaluations compile the same programs
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(out / scale_name / "jax_cache")}
+    times = out / scale_name / "times.jsonl"
+    if not dry_run:
+        times.parent.mkdir(parents=True, exist_ok=True)
     failed = []
     for arm in arms:
         for done, cmd in build(arm, scale, data, out / scale_name):
@@ -219,8 +222,7 @@ def run_family(
             started = time.time()
             code = subprocess.run(cmd, cwd=ROOT, env=env).returncode
             record = dict(family=family, arm=arm, command=_command_name(done), exit=code)
-            (out / scale_name).mkdir(parents=True, exist_ok=True)
-            with open(out / scale_name / "times.jsonl", "a", encoding="utf-8") as f:
+            with open(times, "a", encoding="utf-8") as f:
                 f.write(json.dumps(dict(record, seconds=round(time.time() - started, 1))) + "\n")
             if code:  # the other arms still run; a rerun retries this one
                 print(
@@ -249,11 +251,10 @@ def _times_table(path: pathlib.Path) -> str:
     if not records:
         return "#### Wall time\n\nnot run yet\n"
     seconds: dict[tuple[str, str], dict[str, float]] = {}
-    columns: list[str] = []
     for r in records:
         cell = seconds.setdefault((r["family"], r["arm"]), {})
         cell[r["command"]] = cell.get(r["command"], 0.0) + r["seconds"]
-        columns += [r["command"]] if r["command"] not in columns else []
+    columns = list(dict.fromkeys(r["command"] for r in records))
     lines = [
         "#### Wall time (seconds per command, from `times.jsonl`)",
         "",
