@@ -175,6 +175,45 @@ def test_sample_sets_hold_out_whole_species():
     assert len(sets.train) > 500 and len(sets.test) > 200 and len(sets.unseen) > 100
 
 
+def test_cut_queries_keeps_the_keys_and_each_class_share():
+    sets = barcodes.load_barcode_sets(samples.sample_path(samples.BARCODES))
+    cut = barcodes.cut_queries(sets, 40)
+    assert cut.train is sets.train and (len(cut.test), len(cut.unseen)) == (40, 40)
+    assert set(cut.test.sequences) <= set(sets.test.sequences)
+    assert set(cut.unseen.sequences) <= set(sets.unseen.sequences)
+    for part, whole, labels in (
+        (cut.test, sets.test, "species"),
+        (cut.unseen, sets.unseen, "genus"),
+    ):
+        counts = collections.Counter(getattr(whole, labels).tolist())
+        kept = collections.Counter(getattr(part, labels).tolist())
+        for label, n in counts.items():  # largest remainders: within one row of the share
+            assert abs(kept[label] - n * 40 / len(whole)) < 1
+    again = barcodes.cut_queries(sets, 40)
+    assert again.test.sequences == cut.test.sequences  # fixed: seed 0
+    whole = barcodes.cut_queries(sets, 10_000)  # a set no larger than the cut stays whole
+    assert (whole.test.sequences, whole.unseen.sequences) == (
+        sets.test.sequences,
+        sets.unseen.sequences,
+    )
+
+
+@pytest.mark.slow  # UMAP compile for the picture
+def test_evaluate_without_baselines_scores_only_the_encoder_on_the_cut(tmp_path):
+    from gemsjax.eval import config as eval_config
+
+    overrides = {"baseline": "False", "probe": "False", "cluster": "False", "max_query_rows": "40"}
+    config = eval_config.load("barcodes:smoke", overrides, "evaluate")
+    barcodes.evaluate(config, tmp_path)
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert [row["method"] for row in record["rows"]] == ["random (test_mae)"]
+    assert record["sets"] == {"train": 580, "test": 40, "unseen": 40}
+    assert (
+        "test and unseen cut to fixed stratified subsamples of 40 (of 284, 158"
+        in (tmp_path / "results.md").read_text()
+    )
+
+
 def test_bad_barcode_tables_are_user_errors(tmp_path, bold_split):
     no_genus = tmp_path / "no_genus.tsv"
     no_genus.write_text(

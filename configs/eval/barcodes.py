@@ -1,7 +1,7 @@
 """Barcode evaluation (``--mode=evaluate``): closed-world species (linear probe; full fine-tuning
 with ``full_finetune``), open-world genus (cosine 1-NN of unseen species), BIN reconstruction
-(UMAP + Ward, AMI) and their harmonic mean, for an encoder (``init``), its random-init twin
-(``baseline``), 6-mer frequencies and exact lookup.
+(UMAP + Ward, AMI) and their harmonic mean, for an encoder (``init``) and, with ``baseline``,
+its random-init twin, 6-mer frequencies and exact lookup.
 
     python -m gemsjax.eval.barcode_split insect_coi_barcodes.tsv.gz runs/bold_split
     python -m gemsjax.main --mode=evaluate --workdir=runs/eval_barcodes \\

@@ -109,8 +109,12 @@ def gue_base() -> ml_collections.ConfigDict:
 def barcodes_base() -> ml_collections.ConfigDict:
     """Barcodes (:mod:`gemsjax.eval.barcodes`): ``tsv`` (a table with a ``split`` column; empty:
     the shipped sample), the embedding ``layer`` / ``pooling`` / ``batch_size``, the linear
-    probe (``probe``, ``probe_max_iter``), BIN clustering (``cluster``, ``umap_components``) and
-    full fine-tuning of the encoder on the species (``full_finetune`` with ``finetune.*``)."""
+    probe (``probe``, ``probe_max_iter``), BIN clustering (``cluster``, ``umap_components``),
+    full fine-tuning of the encoder on the species (``full_finetune`` with ``finetune.*``),
+    ``baseline`` (the random-init twin, 6-mer frequency and exact-lookup rows; a study scores
+    them once, not for every arm) and ``max_query_rows`` (> 0: fixed stratified subsamples of
+    the seen-test rows by species and the unseen rows by genus, seed 0, for CPU runs; the keys
+    stay whole)."""
     c = _common("barcodes")
     c.model.name = "barcode_mae_small"
     c.tsv = ""
@@ -118,6 +122,7 @@ def barcodes_base() -> ml_collections.ConfigDict:
     c.batch_size, c.layer, c.pooling = 64, -1, "mean"
     c.probe, c.probe_max_iter = True, 300
     c.cluster, c.umap_components = True, 64
+    c.max_query_rows = 0
     c.full_finetune = False
     c.finetune.learning_rate, c.finetune.epochs, c.finetune.batch_size = 1e-4, 3, 32
     c.finetune.weight_decay = 1e-5
