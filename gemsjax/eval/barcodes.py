@@ -360,23 +360,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
         rows.append(score_representation("6-mer frequencies", kmers, sets, **kw))
         rows.append(exact_lookup_row(sets))
     counts = {role: len(getattr(sets, role)) for role in ("train", "test", "unseen")}
-    cut = [role for role in whole if counts[role] < whole[role]]
-    notes = (
+    notes = [
         *NOTES,
         f"{sets.source}: keys {counts['train']}, seen test {counts['test']}, "
         f"unseen {counts['unseen']} barcodes; unseen from {sets.unseen_from}; "
         f"{sets.unscored_test} seen-test rows not scored (deduplication left their species "
         "no train rows)",
-        *(
-            [
-                f"{' and '.join(cut)} cut to fixed stratified subsamples of "
-                f"{config.max_query_rows} (of {', '.join(str(whole[r]) for r in cut)}; "
-                "max_query_rows, seed 0)"
-            ]
-            if cut
-            else []
-        ),
-    )
+    ]
+    cut = [role for role in whole if counts[role] < whole[role]]
+    if cut:
+        notes.append(
+            f"{' and '.join(cut)} cut to fixed stratified subsamples of {config.max_query_rows} "
+            f"(of {', '.join(str(whole[r]) for r in cut)}; max_query_rows, seed 0)"
+        )
     report.write_report(
         workdir,
         "Barcodes: closed- and open-world evaluation",
