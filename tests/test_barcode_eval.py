@@ -176,6 +176,8 @@ def test_sample_sets_hold_out_whole_species():
 
 
 def test_cut_queries_keeps_the_keys_and_each_class_share():
+    from gemsjax.eval import config as eval_config
+
     sets = barcodes.load_barcode_sets(samples.sample_path(samples.BARCODES))
     cut = barcodes.cut_queries(sets, 40)
     assert cut.train is sets.train and (len(cut.test), len(cut.unseen)) == (40, 40)
@@ -191,6 +193,8 @@ def test_cut_queries_keeps_the_keys_and_each_class_share():
             assert abs(kept[label] - n * 40 / len(whole)) < 1
     again = barcodes.cut_queries(sets, 40)
     assert again.test.sequences == cut.test.sequences  # fixed: seed 0
+    with pytest.raises(UserError, match=r"max_query_rows=-5 must be >= 0 \(0: every query\)"):
+        eval_config.load("barcodes:smoke", {"max_query_rows": "-5"}, "evaluate")
     whole = barcodes.cut_queries(sets, 10_000)  # a set no larger than the cut stays whole
     assert (whole.test.sequences, whole.unseen.sequences) == (
         sets.test.sequences,

@@ -251,6 +251,8 @@ def validate(c: ml_collections.ConfigDict, source: str = "config") -> None:
             problems.append(f"draws={c.draws} must be >= 1")
         if c.test_subsample < 0:
             problems.append(f"test_subsample={c.test_subsample} must be >= 0 (0: every row)")
+    if c.protocol == "barcodes" and c.max_query_rows < 0:
+        problems.append(f"max_query_rows={c.max_query_rows} must be >= 0 (0: every query)")
     if c.protocol == "gue":
         if not c.gue_dir:
             problems.append("gue_dir is empty: point it at a GUE folder (EMP/, prom/, ...)")
