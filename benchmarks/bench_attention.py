@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,7 @@ def inputs(queries: int) -> dict[str, np.ndarray]:
     return dict(q=q, k=k, v=v, g=g, keep=keep)
 
 
-def jax_gradient(attention, x: dict) -> callable:
+def jax_gradient(attention, x: dict) -> Callable[[int], object]:
     """``run(i)``: the jitted gradient of ``sum(attention(q, k, v, keep) * g)`` w.r.t. q, k, v."""
     q, k, v, g, keep = (jnp.asarray(x[n]) for n in ("q", "k", "v", "g", "keep"))
     grad = jax.jit(
@@ -59,7 +60,7 @@ def stock(q, k, v, keep):
     return jax.nn.dot_product_attention(q, k, v, mask=keep[:, None, None, :], implementation="xla")
 
 
-def torch_gradient(x: dict) -> callable:
+def torch_gradient(x: dict) -> Callable[[int], object]:
     """``run(i)``: SDPA forward and ``autograd.grad`` of the same sum (heads-first layout)."""
     heads_first = lambda a: torch.as_tensor(a).transpose(1, 2).contiguous()
     q, k, v = (heads_first(x[n]).requires_grad_() for n in ("q", "k", "v"))
