@@ -569,6 +569,74 @@ def test_tiled_attention_values_and_gradients_match_the_plain_formula(
         np.testing.assert_allclose(g, w, atol=2e-5)
 
 
+@pytest.mark.parametrize("leading", [1, 4, 5, 9])
+@pytest.mark.parametrize("devices", [1, 4])
+def test_leading_query_attention_is_the_tiled_attention_of_those_slots(
+    leading, devices, monkeypatch
+):
+    """attend_leading computes attend_tiled's values and gradients for the first ``leading``
+    query slots (in the smallest bucket of 4 that holds them, or all 9), zeros after them, and
+    passes no gradient through the slots it skips; one compiled program for every count, also
+    with the rows spread over 4 devices."""
+    monkeypatch.setattr(backend, "QUERY_BUCKET", 4)
+    keys = jax.random.split(jax.random.key(2), 4)
+    q, weights = (jax.random.normal(key, (4, 9, 2, 8)) for key in keys[:2])
+    k, v = (jax.random.normal(key, (4, 11, 2, 8)) for key in keys[2:])
+    key_mask = jnp.arange(11)[None, :] < jnp.array([[11], [5], [8], [0]])
+    front = (jnp.arange(9) < leading)[None, :, None, None]
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * weights * front)
+
+    tiled = lambda q, k, v: backend.attend_tiled(q, k, v, key_mask)
+    run = jax.jit(lambda q, k, v, n: backend.attend_leading(q, k, v, key_mask, n))
+    grad = jax.jit(jax.grad(lambda q, k, v, n: loss(lambda *a: run(*a, n))(q, k, v), (0, 1, 2)))
+    with jax.set_mesh(jax.make_mesh((devices,), ("data",), axis_types=(AxisType.Auto,))):
+        got = run(q, k, v, jnp.int32(leading))
+        got_grads = grad(q, k, v, jnp.int32(leading))
+    np.testing.assert_allclose(got[:, :leading], tiled(q, k, v)[:, :leading], atol=1e-6)
+    bucket = min(9, -(-leading // 4) * 4)
+    assert not np.any(np.asarray(got[:, bucket:]))
+    want = jax.grad(loss(tiled), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got_grads, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [(24, 8), (8, 24), (8, 8)])
+def test_cpu_dense_gradients_equal_the_stock_linear(shape):
+    """The CPU dense layer (Dense2D through matmul_2d, the kernel gradient of a tall kernel
+    computed transposed) gives nnx.Linear's output and gradients, for 3-D inputs; a float32
+    output over bfloat16 inputs (the logits' case) still takes nnx.Linear's own path."""
+    din, dout = shape
+    x = jax.random.normal(jax.random.key(0), (2, 5, din))
+    g = jax.random.normal(jax.random.key(1), (2, 5, dout))
+    kw = dict(bias_init=nnx.initializers.normal(1.0))
+    cpu, stock = (
+        backend.Dense2D(din, dout, rngs=nnx.Rngs(3), **kw),
+        nnx.Linear(din, dout, rngs=nnx.Rngs(3), **kw),
+    )
+
+    def grads(layer):
+        graphdef, params = nnx.split(layer)
+        out, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x), params, x)
+        return out, vjp(g)
+
+    (out, (d_params, d_x)), (want, (want_params, want_x)) = grads(cpu), grads(stock)
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(d_x, want_x, rtol=1e-6, atol=1e-6)
+    for got_leaf, want_leaf in zip(
+        jax.tree.leaves(d_params), jax.tree.leaves(want_params), strict=True
+    ):
+        np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-5, atol=1e-5)
+    if din > dout:
+        text = jax.jit(lambda x: grads(cpu)[1]).lower(x).as_text()
+        assert "optimization_barrier" in text
+    mixed = backend.Dense2D(
+        din, dout, dtype=jnp.bfloat16, preferred_element_type=jnp.float32, rngs=nnx.Rngs(3)
+    )
+    assert mixed(x).dtype == jnp.float32
+
+
 def test_gelu_is_exact_erf_gelu_with_its_exact_derivative():
     """The custom-VJP GELU equals jax.nn.gelu(approximate=False), value and gradient, also far
     in the tails (x = -12 .. 12) and under jit/vmap."""

@@ -130,7 +130,8 @@ def test_head_on_masked_positions_matches_head_everywhere(
 @pytest.mark.parametrize(
     "pack_share, grad_accum, mesh_devices, dropout, fits",
     [
-        (0.25, 1, None, -1.0, True),  # one group of 8 rows, ~150 masked tokens in 256 slots
+        (0.25, 1, None, 0.0, True),  # one group of 8 rows, ~150 masked tokens in 256 slots;
+        # no dropout: the last layer attends only the query slots its fullest row uses
         (0.25, 2, None, 0.1, True),  # two micro-batches of 4 rows; dropout masks gathered
         (0.25, 1, 2, 0.1, True),  # a 2-device mesh: two groups of 4 rows, one per device
         (0.25, 1, 8, -1.0, False),  # 8 devices, groups of 1 row: 32 slots, some row has more

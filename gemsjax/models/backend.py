@@ -5,9 +5,11 @@ GELU, attention, dropout keep-mask and tied-decoder matmul. Every platform's imp
 compute the same functions with the same parameters, so checkpoints move between platforms.
 
 - ``"cpu"``: XLA's CPU backend is memory-bound on the shapes a BERT step makes; these versions
-  avoid its slow paths (timings in BENCHMARKS.md): 2-D matmuls, an ``erf`` GELU whose derivative
-  is computed in the backward pass, attention a few (row, head) pairs at a time with a recomputing
-  backward pass, and 16-bit dropout draws.
+  avoid its slow paths (timings in BENCHMARKS.md): 2-D matmuls (a tall kernel's gradient
+  computed transposed), an ``erf`` GELU whose derivative is computed in the backward pass,
+  attention a few (row, head) pairs at a time with a recomputing backward pass (the masked-token
+  step's last layer: only as many query slots as its fullest row uses), and 16-bit dropout
+  draws.
 - every other platform (``"gpu"``, ``"tpu"``): the stock formulations, left to XLA's fusion.
 
 Attention has a second switch, ``attention`` (``BertConfig.attention``, ``model.attention``):
@@ -212,12 +214,49 @@ def attend_splash(q, k, v, key_mask, dropout, rngs, query_rows=None, *, interpre
 class Dense2D(nnx.Linear):
     """``nnx.Linear`` that multiplies its inputs as a 2-D ``[tokens, din]`` matrix (same
     parameters and results): with ``[B, L, din]`` inputs XLA's CPU backend first transposes the
-    whole output gradient to get the kernel gradient."""
+    whole output gradient to get the kernel gradient. Inputs, kernel and output of one dtype
+    (float32 training on CPU) take :func:`matmul_2d`'s kernel gradient."""
 
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
         """``inputs: float[..., din]`` -> ``float[..., dout]``."""
         flat = inputs.reshape(-1, inputs.shape[-1])
-        return super().__call__(flat, out_sharding).reshape(*inputs.shape[:-1], -1)
+        kernel = self.kernel[...]
+        dtypes = {kernel.dtype, self.dtype or flat.dtype, self.preferred_element_type or flat.dtype}
+        if out_sharding is None and self.precision is None and dtypes == {flat.dtype}:
+            out = matmul_2d(flat, kernel)
+            if self.bias is not None:
+                out = out + self.bias[...].astype(out.dtype)
+        else:
+            out = super().__call__(flat, out_sharding)
+        return out.reshape(*inputs.shape[:-1], -1)
+
+
+@jax.custom_vjp
+def matmul_2d(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x: float[T, din] @ w: float[din, dout] -> float[T, dout]`` (one dtype), with a backward
+    pass in the layouts XLA's CPU matmul is fastest at (BENCHMARKS.md): the input gradient
+    ``g w^T`` multiplies by a transposed copy of ``w`` (a ``[din, dout]`` copy, against a matmul
+    with ``T`` rows), and for ``din > dout`` (a feed-forward layer's output projection) the
+    kernel gradient ``x^T g``, a tall ``[din, dout]`` output 1.3-1.4x slower than the wide one,
+    is computed as ``(g^T x)^T``. Optimisation barriers keep XLA from folding the transposes
+    back into the matmuls."""
+    return x @ w
+
+
+def _matmul_2d_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return x @ w, (x, w)
+
+
+def _matmul_2d_bwd(residuals, d_out):
+    x, w = residuals
+    if w.shape[0] > w.shape[1]:
+        d_w = jax.lax.optimization_barrier(d_out.T @ x).T
+    else:
+        d_w = x.T @ d_out
+    return d_out @ jax.lax.optimization_barrier(w.T), d_w
+
+
+matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
 
 
 @jax.custom_vjp
@@ -256,10 +295,43 @@ def attend_cpu(
     rngs: nnx.Rngs | None,
     query_rows: Any = None,
 ) -> jax.Array:
-    """:func:`attend`, through :func:`attend_tiled` when there is no probability dropout."""
-    if dropout.rate == 0.0 or dropout.deterministic:
-        return attend_tiled(q, k, v, key_mask)
-    return attend(q, k, v, key_mask, dropout, rngs, query_rows)
+    """:func:`attend`, through :func:`attend_tiled` when there is no probability dropout, and
+    through :func:`attend_leading` when the queries are rows that pack (``query_rows.pack``: only
+    the slots :meth:`~gemsjax.models.bert.Rows.slots_read` counts are ever read)."""
+    if dropout.rate > 0.0 and not dropout.deterministic:
+        return attend(q, k, v, key_mask, dropout, rngs, query_rows)
+    if query_rows is not None and query_rows.pack is not None:
+        return attend_leading(q, k, v, key_mask, query_rows.slots_read())
+    return attend_tiled(q, k, v, key_mask)
+
+
+QUERY_BUCKET = 16
+""":func:`attend_leading` attends the smallest multiple of this many leading query slots that
+holds every slot it must (one compiled branch per multiple)."""
+
+
+def attend_leading(
+    q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, leading: jax.Array
+) -> jax.Array:
+    """:func:`attend_tiled` for the first ``leading`` (``int32[]``, traced) query slots of every
+    row; the outputs of the others are 0. A ``lax.switch`` over the multiples of
+    :data:`QUERY_BUCKET` up to ``Lq`` picks the smallest that holds ``leading``: the masked-token
+    step's last layer attends as many query slots as its fullest row needs (~100 of 192 for
+    DNABERT 6-mers at 15 % masking), not the per-row slots sized for the worst case.
+    Arguments otherwise as in :func:`attend_tiled`."""
+    len_q = q.shape[1]
+    sizes = [*range(QUERY_BUCKET, len_q, QUERY_BUCKET), len_q]
+
+    def first(size: int) -> Callable[..., jax.Array]:
+        def run(q, k, v, key_mask):
+            out = attend_tiled(q[:, :size], k, v, key_mask)
+            return jnp.pad(out, ((0, 0), (0, len_q - size), (0, 0), (0, 0)))
+
+        return run
+
+    branch = jnp.searchsorted(jnp.asarray(sizes), leading.astype(jnp.int32))
+    branches = [first(size) for size in sizes]
+    return jax.lax.switch(jnp.minimum(branch, len(sizes) - 1), branches, q, k, v, key_mask)
 
 
 TILE_ELEMENTS = 1 << 16

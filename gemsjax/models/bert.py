@@ -209,6 +209,12 @@ class Rows(NamedTuple):
         """``rows: [B, S, ...]`` (what :meth:`take` gave) packed, or unchanged without ``pack``."""
         return rows if self.pack is None else self.pack.take(rows)
 
+    def slots_read(self) -> jax.Array:
+        """``int32[]``: with ``pack``, the slots of each row from this one on are never packed,
+        so a per-row computation's outputs there are never read (the slots of a row's positions
+        come first, unused ones after them; an unused entry of ``pack`` reads slot 0)."""
+        return jnp.max(self.pack.index % self.positions.shape[1]) + 1
+
 
 class Dropout(nnx.Dropout):
     """``nnx.Dropout`` that can drop rows of a larger tensor exactly as the whole (``rows``),
