@@ -233,13 +233,12 @@ class Dense2D(nnx.Linear):
 
 @jax.custom_vjp
 def matmul_2d(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x: float[T, din] @ w: float[din, dout] -> float[T, dout]`` (one dtype), with a backward
-    pass in the layouts XLA's CPU matmul is fastest at (BENCHMARKS.md): the input gradient
-    ``g w^T`` multiplies by a transposed copy of ``w`` (a ``[din, dout]`` copy, against a matmul
-    with ``T`` rows), and for ``din > dout`` (a feed-forward layer's output projection) the
-    kernel gradient ``x^T g``, a tall ``[din, dout]`` output 1.3-1.4x slower than the wide one,
-    is computed as ``(g^T x)^T``. Optimisation barriers keep XLA from folding the transposes
-    back into the matmuls."""
+    """``x: float[T, din] @ w: float[din, dout] -> float[T, dout]`` (one dtype), whose kernel
+    gradient for ``din > dout`` (a feed-forward layer's output projection) is computed as
+    ``(g^T x)^T``: XLA's CPU matmul computes ``x^T g`` into a tall ``[din, dout]`` output up to
+    1.4x slower than the wide ``[dout, din]`` one plus a transpose (BENCHMARKS.md); an
+    optimisation barrier keeps XLA from folding the transpose back into the matmul. Same values,
+    bit for bit."""
     return x @ w
 
 
@@ -253,7 +252,7 @@ def _matmul_2d_bwd(residuals, d_out):
         d_w = jax.lax.optimization_barrier(d_out.T @ x).T
     else:
         d_w = x.T @ d_out
-    return d_out @ jax.lax.optimization_barrier(w.T), d_w
+    return d_out @ w.T, d_w
 
 
 matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)

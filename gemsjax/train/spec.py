@@ -60,6 +60,9 @@ class StepSpec:
         13-14 % masked, sd ~28 tokens per row) batches of 8 overflowed 820 slots in 0 % (random
         spans, GeneMask) and 0.10 % (Global-PMI) of cases; 4 rows: 0.05 / 0.57 / 0.99 %;
         1 row: 4.4 / 7.2 / 9.5 % (there packing saves little; set a larger share or None).
+        On CPU, without attention dropout, the last layer attends only the leading per-row slots
+        the batch's fullest row uses, rounded up to a multiple of 16
+        (:func:`gemsjax.models.backend.attend_leading`).
       mae_draw: MAE: ``"fixed"`` (exactly ``floor(ratio * n + 0.5)`` of a row's ``n`` maskable
         tokens, :func:`masking.mae_drop_fixed`) or ``"bernoulli"`` (each one independently with
         probability ``ratio``, :func:`masking.mae_drop`, the reference's draw).
