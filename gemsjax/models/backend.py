@@ -315,8 +315,8 @@ def attend_leading(
     """:func:`attend_tiled` for the first ``leading`` (``int32[]``, traced) query slots of every
     row; the outputs of the others are 0. A ``lax.switch`` over the multiples of
     :data:`QUERY_BUCKET` up to ``Lq`` picks the smallest that holds ``leading``: the masked-token
-    step's last layer attends as many query slots as its fullest row needs (~100 of 192 for
-    DNABERT 6-mers at 15 % masking), not the per-row slots sized for the worst case.
+    step's last layer attends as many query slots as its fullest row needs (85-118 of 192 in
+    the LOGO benchmark's GeneMask batches), not the per-row slots sized for the worst case.
     Arguments otherwise as in :func:`attend_tiled`."""
     len_q = q.shape[1]
     sizes = [*range(QUERY_BUCKET, len_q, QUERY_BUCKET), len_q]

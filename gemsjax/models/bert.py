@@ -210,9 +210,10 @@ class Rows(NamedTuple):
         return rows if self.pack is None else self.pack.take(rows)
 
     def slots_read(self) -> jax.Array:
-        """``int32[]``: with ``pack``, the slots of each row from this one on are never packed,
-        so a per-row computation's outputs there are never read (the slots of a row's positions
-        come first, unused ones after them; an unused entry of ``pack`` reads slot 0)."""
+        """``int32[]``, with ``pack``: how many leading slots of the rows are ever read. No row's
+        slot from this count on is packed, so a per-row computation's outputs there are never
+        read (a row's positions take its first slots, unused ones follow; an unused entry of
+        ``pack`` reads slot 0)."""
         return jnp.max(self.pack.index % self.positions.shape[1]) + 1
 
 
