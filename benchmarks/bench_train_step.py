@@ -19,12 +19,15 @@ biases and LayerNorm, gradient clipping 1.0: the CM-GEMS recipe) in float32.
   batches are precomputed (with gemsjax's GeneMask + corruption, so the masking statistics
   match): torch is given the advantage of no masking cost.
 
-The contenders take turns (``benchutil.interleaved_medians``): ``--rounds`` rounds, in each of
+The contenders take turns (``benchutil.interleaved_turns``): ``--rounds`` rounds, in each of
 which every contender runs one untimed step (compilation in the first round, cache warm-up after
 the others' turns) and ``--steps`` timed steps, each waited for (``jax.block_until_ready``;
 torch is synchronous on CPU), so a change in the machine's load hits all of them alike. Medians
-are reported as tokens/s (padded tokens, B x L) with the jax/torch ratio. Threads: JAX's CPU
-client uses all cores (its default); torch gets ``torch.set_num_threads(os.cpu_count())``.
+are reported as tokens/s (padded tokens, B x L) with the jax/torch ratio, and for each jax
+contender its ratio to the fastest torch contender per round (``benchutil.round_ratios``: the
+median and range over rounds; neighbouring turns share the machine's state, so these hold when
+the shared VM's speed drifts between rounds). Threads: JAX's CPU client uses all cores (its
+default); torch gets ``torch.set_num_threads(os.cpu_count())``.
 
 Also measured for ``logo`` (``--share``): the share of the step spent on masking and corruption,
 i.e. the step's own ``masked_batch`` (special positions, curriculum draw, mask, corruption) jitted
@@ -40,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 from collections.abc import Callable
 
 import jax
@@ -47,7 +51,14 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
-from benchutil import genome_batch, interleaved_medians, machine_info, median_seconds
+from benchutil import (
+    call_medians,
+    genome_batch,
+    interleaved_turns,
+    machine_info,
+    median_seconds,
+    round_ratios,
+)
 from flax import nnx
 
 from gemsjax import config as config_lib
@@ -315,7 +326,8 @@ def main() -> None:
             runners["Global-PMI phase"], _ = jax_runner(
                 config, batch, rank_table, switched=True, slots=slots
             )
-        seconds = interleaved_medians(runners, args.rounds, args.steps)
+        turns = interleaved_turns(runners, args.rounds, args.steps)
+        seconds = call_medians(turns)
         t_torch = seconds["torch"]
         print(
             f"{size}: batch {batch_size} x {host['ids'].shape[1]} | torch {t_torch:.3f} s/step "
@@ -326,10 +338,13 @@ def main() -> None:
         best = min(contenders, key=seconds.get)
         for label, box in boxes.items():
             t_jax = seconds[label]
+            per_round = round_ratios(turns, best, label)
             print(
                 f"  jax ({label}): {t_jax:.3f} s/step {tokens / t_jax:,.0f} tok/s, loss "
                 f"{box['metrics']['loss']:.3f} | jax/torch {t_torch / t_jax:.2f}x, jax/"
-                f"({best}) {seconds[best] / t_jax:.2f}x"
+                f"({best}) {seconds[best] / t_jax:.2f}x; per round "
+                f"{statistics.median(per_round):.2f}x ({min(per_round):.2f}-"
+                f"{max(per_round):.2f}x over {len(per_round)} rounds)"
             )
         if share:
             for phase, step_label, switched in (

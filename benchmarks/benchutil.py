@@ -54,10 +54,11 @@ def median_seconds(fn: Callable[[int], object], repeats: int, warmup: int = 1) -
     return statistics.median(times)
 
 
-def interleaved_medians(
+def interleaved_turns(
     runners: dict[str, Callable[[int], object]], rounds: int, steps: int
-) -> dict[str, float]:
-    """Median wall time per call of each runner, the runners taking turns.
+) -> dict[str, list[list[float]]]:
+    """Wall times of each runner's timed calls, per round, the runners taking turns:
+    ``{name: [[seconds] * steps] * rounds]}``.
 
     In each of ``rounds`` rounds every runner takes a turn of ``1 + steps`` consecutive calls
     ``fn(i)`` (``i`` counts that runner's calls from 0); the first call of a turn is untimed
@@ -65,17 +66,39 @@ def interleaved_medians(
     Turns spread drift in the machine's load over all contenders, so their ratio is steadier
     than that of one block each. Each ``fn`` must finish its work before returning.
     """
-    times: dict[str, list[float]] = {name: [] for name in runners}
+    times: dict[str, list[list[float]]] = {name: [] for name in runners}
     calls = dict.fromkeys(runners, 0)
     for _ in range(rounds):
         for name, fn in runners.items():
+            turn = []
             for turn_step in range(1 + steps):
                 start = time.perf_counter()
                 fn(calls[name])
                 calls[name] += 1
                 if turn_step:
-                    times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+                    turn.append(time.perf_counter() - start)
+            times[name].append(turn)
+    return times
+
+
+def interleaved_medians(
+    runners: dict[str, Callable[[int], object]], rounds: int, steps: int
+) -> dict[str, float]:
+    """Median wall time per call of each runner over :func:`interleaved_turns`."""
+    return call_medians(interleaved_turns(runners, rounds, steps))
+
+
+def call_medians(turns: dict[str, list[list[float]]]) -> dict[str, float]:
+    """Median wall time per call of each runner of :func:`interleaved_turns`' ``turns``."""
+    return {name: statistics.median(t for turn in per for t in turn) for name, per in turns.items()}
+
+
+def round_ratios(turns: dict[str, list[list[float]]], num: str, den: str) -> list[float]:
+    """Per round of :func:`interleaved_turns`, the median time of ``num``'s turn over that of
+    ``den``'s (> 1: ``den`` faster): neighbouring turns share the machine's state, so these
+    ratios hold even when its speed drifts between rounds."""
+    median = statistics.median
+    return [median(a) / median(b) for a, b in zip(turns[num], turns[den], strict=True)]
 
 
 def genome_batch(batch: int, max_len: int = 512) -> dict[str, np.ndarray]:
