@@ -533,16 +533,16 @@ def test_explicit_axis_mesh_is_refused_with_a_clear_error(mlm, dna_batch):
         mlm(*dna_batch)
 
 
-@pytest.mark.parametrize("pairs_per_tile", [1, 2, 4, None])
+@pytest.mark.parametrize("budget", [(81, None), (162, None), (324, None), (1 << 21, 2), None])
 @pytest.mark.parametrize("devices", [1, 4])
-def test_tiled_attention_values_and_gradients_match_the_plain_formula(
-    pairs_per_tile, devices, monkeypatch
-):
+def test_tiled_attention_values_and_gradients_match_the_plain_formula(budget, devices, monkeypatch):
     """The custom-VJP tiled path equals softmax(QK^T/sqrt(d) masked) V, gradients included,
-    also for a row whose keys are all padding: tiles of 1, 2 and 4 (row, head) pairs or the
-    default size (one tile here), with no mesh and with the rows spread over 4 devices."""
-    if pairs_per_tile:
-        monkeypatch.setattr(backend, "TILE_ELEMENTS", pairs_per_tile * 9 * 9)
+    also for a row whose keys are all padding: tiles of 1, 2 and 4 (row, head) pairs by the
+    element budget, of 2 by the pair cap, or this host's default, with no mesh and with the
+    rows spread over 4 devices."""
+    if budget:
+        monkeypatch.setattr(backend, "TILE_ELEMENTS", budget[0])
+        monkeypatch.setattr(backend, "TILE_PAIRS", budget[1])
     keys = jax.random.split(jax.random.key(1), 4)
     q, k, v = (jax.random.normal(key, (4, 9, 2, 8)) for key in keys[:3])
     weights = jax.random.normal(keys[3], (4, 9, 2, 8))
@@ -567,6 +567,26 @@ def test_tiled_attention_values_and_gradients_match_the_plain_formula(
     want = jax.grad(loss(plain), argnums=(0, 1, 2))(q, k, v)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=2e-5)
+
+
+def test_attention_tiles_are_sized_from_the_hosts_l2_cache(tmp_path):
+    """sysfs's level-2 data/unified cache sets the tile budget: one 512-token (row, head) pair
+    per step below 2 MiB of L2, up to 8 pairs (2^21 scores) from 2 MiB; no sysfs: the small
+    budget."""
+    for name, (level, kind, size) in {
+        "index0": ("1", "Data", "48K"),
+        "index1": ("1", "Instruction", "32K"),
+        "index2": ("2", "Unified", "2048K"),
+        "index3": ("3", "Unified", "491520K"),
+    }.items():
+        (tmp_path / name).mkdir()
+        for field, value in (("level", level), ("type", kind), ("size", size)):
+            (tmp_path / name / field).write_text(value + "\n")
+    assert backend.l2_cache_bytes(str(tmp_path)) == 2 << 20
+    assert backend.l2_cache_bytes(str(tmp_path / "absent")) is None
+    assert backend.tile_budget(2 << 20) == (1 << 21, 8)
+    assert backend.tile_budget(512 << 10) == (1 << 16, None)
+    assert backend.tile_budget(None) == (1 << 16, None)
 
 
 @pytest.mark.parametrize("leading", [1, 4, 5, 9])

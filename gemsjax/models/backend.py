@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pathlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -333,9 +334,39 @@ def attend_leading(
     return jax.lax.switch(jnp.minimum(branch, len(sizes) - 1), branches, q, k, v, key_mask)
 
 
-TILE_ELEMENTS = 1 << 16
-""":func:`attend_tiled` scores this many (query, key) pairs per loop step at most (one
-(row, head) pair's ``[Lq, Lk]`` tile when that is larger)."""
+def l2_cache_bytes(cpu_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """Size of the level-2 data (or unified) cache of the first CPU core, from Linux sysfs;
+    ``None`` where sysfs does not say (another OS, a container hiding it)."""
+    for index in sorted(pathlib.Path(cpu_dir).glob("index*")):
+        try:
+            level = (index / "level").read_text().strip()
+            kind = (index / "type").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        if level == "2" and kind in ("Data", "Unified") and size[:-1].isdigit():
+            return int(size[:-1]) << {"K": 10, "M": 20}.get(size[-1], 0)
+    return None
+
+
+def tile_budget(l2_bytes: int | None) -> tuple[int, int | None]:
+    """``(TILE_ELEMENTS, TILE_PAIRS)`` for a host whose cores have ``l2_bytes`` of L2 cache.
+
+    Measured on two 2-core VMs (BENCHMARKS.md): with 512 KiB-class L2 (AMD EPYC) one (row, head)
+    pair per loop step at 512 tokens was fastest (65,536 scores; 2-32 pairs: up to 17 % slower
+    at 512 queries, 12-32 % at 192); with 2 MiB L2 (Intel Xeon, AVX-512) 8 pairs at 512 tokens
+    were 14-23 % faster (the loop's per-step cost and its small matmuls' threading dominate
+    there), but capped at 8 pairs (128 pairs of 110 tokens made the BarcodeMAE forward 18 %
+    slower)."""
+    if l2_bytes is not None and l2_bytes >= 2 << 20:
+        return 1 << 21, 8
+    return 1 << 16, None
+
+
+TILE_ELEMENTS, TILE_PAIRS = tile_budget(l2_cache_bytes())
+""":func:`attend_tiled` scores at most ``TILE_ELEMENTS`` (query, key) pairs of at most
+``TILE_PAIRS`` (row, head) pairs (no cap when ``None``) per loop step (one pair's ``[Lq, Lk]``
+tile when that is larger), by :func:`tile_budget` for this host."""
 
 
 def attend_tiled(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> jax.Array:
@@ -344,8 +375,9 @@ def attend_tiled(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) 
 
     XLA's CPU backend writes every ``[B, N, Lq, Lk]`` intermediate (scores, exponentials, their
     gradients) to memory. A ``jax.lax.map`` over tiles of ``c`` (row, head) pairs keeps each to
-    ``[c, Lq, Lk]`` with ``c * Lq * Lk`` near :data:`TILE_ELEMENTS`, in cache (a cache
-    optimisation that would only serialise work on a GPU or TPU); the forward pass saves only the
+    ``[c, Lq, Lk]``, ``c * Lq * Lk`` up to :data:`TILE_ELEMENTS` and ``c`` up to
+    :data:`TILE_PAIRS` (sized for this host's cache by :func:`tile_budget`; a CPU optimisation
+    that would only serialise work on a GPU or TPU); the forward pass saves only the
     softmax's row maxima and sums (``float32[.., Lq, 1]`` each) and the backward pass recomputes
     the probabilities; the scale is folded into ``q`` and the normalisation divides the
     ``[c, Lq, D]`` output rather than the probabilities. Under a mesh each device loops over its
@@ -357,7 +389,7 @@ def attend_tiled(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) 
 
     def run(q, k, v, key_mask):
         (rows, len_q, heads, depth), len_k = q.shape, k.shape[1]
-        per_tile = max(1, TILE_ELEMENTS // (len_q * len_k))
+        per_tile = max(1, min(TILE_ELEMENTS // (len_q * len_k), TILE_PAIRS or rows * heads))
         per_tile = max(c for c in range(1, per_tile + 1) if (rows * heads) % c == 0)
         tiles = lambda t: jnp.moveaxis(t, 2, 0).reshape(-1, per_tile, t.shape[1], depth)
         keep = jnp.broadcast_to(key_mask[None, :, None, :], (heads, rows, 1, len_k))
