@@ -703,7 +703,9 @@ def test_splash_attention_equals_the_einsums_with_padding_query_rows_and_a_mesh(
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got[real], want[real], atol=2e-6)
         for a, b in zip(got_grads, grads, strict=True):
-            np.testing.assert_allclose(a, b, atol=1e-4)  # gradients are O(1e-2)
+            # O(1e-2), but O(1e2) for the keys of the 1-key row: relative there (2e-6 on an
+            # AVX-512 Xeon)
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
     rows = jax.sharding.NamedSharding(mesh, P(("data", "fsdp")))
     with jax.set_mesh(mesh):
