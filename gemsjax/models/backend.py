@@ -7,9 +7,10 @@ compute the same functions with the same parameters, so checkpoints move between
 - ``"cpu"``: XLA's CPU backend is memory-bound on the shapes a BERT step makes; these versions
   avoid its slow paths (timings in BENCHMARKS.md): 2-D matmuls (a tall kernel's gradient
   computed transposed), an ``erf`` GELU whose derivative is computed in the backward pass,
-  attention a few (row, head) pairs at a time with a recomputing backward pass (the masked-token
-  step's last layer: only as many query slots as its fullest row uses), and 16-bit dropout
-  draws.
+  attention in a fused C++ kernel (:mod:`gemsjax.models.native_attention`; where it cannot be
+  built, XLA a few (row, head) pairs at a time), both with a recomputing backward pass (the
+  masked-token step's last layer: only as many query slots as its fullest row uses), and
+  16-bit dropout draws.
 - every other platform (``"gpu"``, ``"tpu"``): the stock formulations, left to XLA's fusion.
 
 Attention has a second switch, ``attention`` (``BertConfig.attention``, ``model.attention``):
@@ -41,6 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gemsjax import random_bits
+from gemsjax.models import native_attention
 
 
 class Layers(NamedTuple):
@@ -302,7 +304,19 @@ def attend_cpu(
         return attend(q, k, v, key_mask, dropout, rngs, query_rows)
     if query_rows is not None and query_rows.pack is not None:
         return attend_leading(q, k, v, key_mask, query_rows.slots_read())
-    return attend_tiled(q, k, v, key_mask)
+    return attend_fused_cpu(q, k, v, key_mask)
+
+
+def attend_fused_cpu(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> jax.Array:
+    """:func:`attend` without dropout through the C++ kernel of
+    :mod:`gemsjax.models.native_attention` (float32 inside; each device runs it on its own rows
+    of the batch) when it builds on this host, else through :func:`attend_tiled`. Arguments and
+    result as in :func:`attend_tiled`."""
+    if not native_attention.load():
+        return attend_tiled(q, k, v, key_mask)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    q, k, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+    return per_device_rows(native_attention.attend, q * scale, k, v32, key_mask).astype(v.dtype)
 
 
 QUERY_BUCKET = 16
@@ -313,7 +327,7 @@ holds every slot it must (one compiled branch per multiple)."""
 def attend_leading(
     q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, leading: jax.Array
 ) -> jax.Array:
-    """:func:`attend_tiled` for the first ``leading`` (``int32[]``, traced) query slots of every
+    """:func:`attend_fused_cpu` for the first ``leading`` (``int32[]``, traced) query slots of every
     row; the outputs of the others are 0. A ``lax.switch`` over the multiples of
     :data:`QUERY_BUCKET` up to ``Lq`` picks the smallest that holds ``leading``: the masked-token
     step's last layer attends as many query slots as its fullest row needs (85-118 of 192 in
@@ -324,7 +338,7 @@ def attend_leading(
 
     def first(size: int) -> Callable[..., jax.Array]:
         def run(q, k, v, key_mask):
-            out = attend_tiled(q[:, :size], k, v, key_mask)
+            out = attend_fused_cpu(q[:, :size], k, v, key_mask)
             return jnp.pad(out, ((0, 0), (0, len_q - size), (0, 0), (0, 0)))
 
         return run

@@ -1,0 +1,353 @@
+// Bidirectional attention for XLA's CPU backend as two XLA FFI custom calls (forward, backward).
+//
+// Built on first use by gemsjax/models/native_attention.py (c++ -O3 -march=native) and called
+// through jax.ffi. Same function as gemsjax.models.backend.attend without dropout, on float32
+// q: [B, Lq, N, D], k, v: [B, Lk, N, D], keep: bool[B, Lk] (the scale already folded into q):
+//   out = softmax(where(keep, q k^T, FLT_MIN)) v   per (row, head) pair.
+// Each work item takes one (row, head) pair (the forward pass: one block of its queries) and
+// keeps that block's [Lq_block, Lk] scores in the core's cache; the backward pass recomputes
+// the probabilities instead of reading them back. Items are spread over XLA's intra-op thread
+// pool. Matmuls run on a register-blocked kernel written with GCC vector extensions (one
+// 16-float vector type that compiles to AVX-512, AVX2 or SSE as -march allows).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cfloat>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i16v __attribute__((vector_size(64), aligned(4)));
+constexpr int W = 16;          // floats per vector
+constexpr int ROWS = 8;        // rows per register tile
+constexpr int64_t QBLOCK = 64; // query rows per forward work item
+
+inline v16 splat(float x) { return v16{} + x; }
+inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
+inline void store(float* p, v16 x) { *reinterpret_cast<v16*>(p) = x; }
+
+// exp(x) for x <= 0 (Cephes expf's range reduction and polynomial, ~1 ulp); exactly 0 where
+// float32 exp underflows.
+inline v16 exp_nonpositive(v16 x) {
+  const v16 lo = splat(-87.33654f);
+  v16 xc = x < lo ? lo : x;
+  v16 t = xc * 1.44269504088896341f;
+  const v16 magic = splat(12582912.0f);  // 1.5 * 2^23: rounds to the nearest integer
+  v16 n = (t + magic) - magic;
+  v16 r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  v16 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
+  v16 result = p * reinterpret_cast<v16&>(bits);
+  return x < lo ? splat(0.0f) : result;
+}
+
+// One float broadcast to every lane, read from memory (AVX-512: a load-port broadcast that
+// leaves the FMA ports free; a register broadcast would take one of them).
+inline v16 splat_from(const float* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<v16>(_mm512_set1_ps(*p));
+#else
+  return splat(*p);
+#endif
+}
+
+// C[R, NV*16] (+)= A[R, K] B[K, NV*16], A packed k-major (A's (r, k) at panel[k*R + r]), B's row
+// k at b + k*ldb, C's rows ldc apart.
+template <int R, int NV>
+inline void tile(int64_t K, const float* panel, const float* b, int64_t ldb, float* c,
+                 int64_t ldc, bool accumulate) {
+  v16 sum[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) sum[r][v] = accumulate ? load(c + r * ldc + v * W) : v16{};
+  for (int64_t k = 0; k < K; ++k) {
+    v16 bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = load(b + k * ldb + v * W);
+    for (int r = 0; r < R; ++r) {
+      v16 av = splat_from(panel + k * R + r);
+      for (int v = 0; v < NV; ++v) sum[r][v] += av * bv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) store(c + r * ldc + v * W, sum[r][v]);
+}
+
+// Rows [0, R) of C (+)= A B: A's (r, k) at a[r*ras + k*cas], packed first; B and C as in `tile`.
+template <int R>
+void row_block(int64_t N, int64_t K, const float* a, int64_t ras, int64_t cas, const float* b,
+               int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  thread_local std::vector<float> panel;
+  panel.resize(K * R);
+  float* pp = panel.data();
+  for (int64_t k = 0; k < K; ++k)
+    for (int r = 0; r < R; ++r) pp[k * R + r] = a[r * ras + k * cas];
+  int64_t j = 0;
+  for (; j + 2 * W <= N; j += 2 * W) tile<R, 2>(K, pp, b + j, ldb, c + j, ldc, accumulate);
+  for (; j + W <= N; j += W) tile<R, 1>(K, pp, b + j, ldb, c + j, ldc, accumulate);
+  for (; j < N; ++j)
+    for (int r = 0; r < R; ++r) {
+      float sum = accumulate ? c[r * ldc + j] : 0.0f;
+      for (int64_t k = 0; k < K; ++k) sum += pp[k * R + r] * b[k * ldb + j];
+      c[r * ldc + j] = sum;
+    }
+}
+
+// C[M, N] (+)= A[M, K] B[K, N]; A's (i, k) at a[i*ras + k*cas], B's row k at b + k*ldb, C's
+// rows ldc apart.
+void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ras, int64_t cas,
+          const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  int64_t i = 0;
+  for (; i + ROWS <= M; i += ROWS)
+    row_block<ROWS>(N, K, a + i * ras, ras, cas, b, ldb, c + i * ldc, ldc, accumulate);
+  for (; i + 4 <= M; i += 4)
+    row_block<4>(N, K, a + i * ras, ras, cas, b, ldb, c + i * ldc, ldc, accumulate);
+  for (; i < M; ++i) row_block<1>(N, K, a + i * ras, ras, cas, b, ldb, c + i * ldc, ldc, accumulate);
+}
+
+// dst[D, L] = src[L, D] with src's rows `stride` floats apart (in blocks of W rows).
+void transpose(const float* src, int64_t L, int64_t D, int64_t stride, float* dst) {
+  for (int64_t l0 = 0; l0 < L; l0 += W) {
+    const int64_t l1 = std::min(L, l0 + W);
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t l = l0; l < l1; ++l) dst[d * L + l] = src[l * stride + d];
+  }
+}
+
+// dst[L, D] (rows `stride` floats apart) = src[D, L]^T.
+void untranspose(const float* src, int64_t L, int64_t D, int64_t stride, float* dst) {
+  for (int64_t l0 = 0; l0 < L; l0 += W) {
+    const int64_t l1 = std::min(L, l0 + W);
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t l = l0; l < l1; ++l) dst[l * stride + d] = src[d * L + l];
+  }
+}
+
+// keep_mask[L] <- -1 where keep, else 0 (the lane condition of the vector selects below).
+void keep_lanes(const bool* keep, int64_t L, std::vector<int32_t>& keep_mask) {
+  keep_mask.resize(L);
+  for (int64_t j = 0; j < L; ++j) keep_mask[j] = keep[j] ? -1 : 0;
+}
+
+inline i16v load_lanes(const int32_t* p) { return *reinterpret_cast<const i16v*>(p); }
+
+// scores[rows, L] <- softmax(where(keep, scores, FLT_MIN)) along each row (keep as from
+// keep_lanes).
+void softmax_rows(float* scores, int64_t rows, int64_t L, const int32_t* keep) {
+  const int64_t full = L - L % W;
+  const v16 lowest = splat(-FLT_MAX);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* s = scores + i * L;
+    v16 peaks = lowest;
+    for (int64_t j = 0; j < full; j += W) {
+      v16 x = load_lanes(keep + j) != 0 ? load(s + j) : lowest;
+      store(s + j, x);
+      peaks = x > peaks ? x : peaks;
+    }
+    float peak = -FLT_MAX;
+    for (int v = 0; v < W; ++v) peak = std::max(peak, peaks[v]);
+    for (int64_t j = full; j < L; ++j) {
+      s[j] = keep[j] ? s[j] : -FLT_MAX;
+      peak = std::max(peak, s[j]);
+    }
+    v16 sums{};
+    for (int64_t j = 0; j < full; j += W) {
+      v16 e = exp_nonpositive(load(s + j) - peak);
+      store(s + j, e);
+      sums += e;
+    }
+    float total = 0.0f;
+    for (int v = 0; v < W; ++v) total += sums[v];
+    for (int64_t j = full; j < L; ++j) total += s[j] = std::exp(s[j] - peak);
+    const float inverse = 1.0f / total;
+    for (int64_t j = 0; j < full; j += W) store(s + j, load(s + j) * inverse);
+    for (int64_t j = full; j < L; ++j) s[j] *= inverse;
+  }
+}
+
+// d_scores[rows, L] <- probs * (d_scores - sum_j probs * d_scores) where keep, else 0 (the
+// softmax's backward pass: d_scores holds d_probs on entry).
+void softmax_backward_rows(const float* probs, float* d_scores, int64_t rows, int64_t L,
+                           const int32_t* keep) {
+  const int64_t full = L - L % W;
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* p = probs + i * L;
+    float* d = d_scores + i * L;
+    v16 sums{};
+    for (int64_t j = 0; j < full; j += W) sums += load(p + j) * load(d + j);
+    float delta = 0.0f;
+    for (int v = 0; v < W; ++v) delta += sums[v];
+    for (int64_t j = full; j < L; ++j) delta += p[j] * d[j];
+    for (int64_t j = 0; j < full; j += W)
+      store(d + j, load_lanes(keep + j) != 0 ? load(p + j) * (load(d + j) - delta) : v16{});
+    for (int64_t j = full; j < L; ++j) d[j] = keep[j] ? p[j] * (d[j] - delta) : 0.0f;
+  }
+}
+
+// Runs body(item) for item in [0, items) on the calling thread and the pool's threads.
+void parallel_for(ffi::ThreadPool& pool, int64_t items, const std::function<void(int64_t)>& body) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> active{0};
+    int64_t items;
+    const std::function<void(int64_t)>* body;
+  };
+  auto state = std::make_shared<State>();
+  state->items = items;
+  state->body = &body;
+  auto drain = [](State& s) {
+    for (int64_t i = s.next.fetch_add(1); i < s.items; i = s.next.fetch_add(1)) (*s.body)(i);
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items - 1);
+  for (int64_t h = 0; h < helpers; ++h)
+    pool.Schedule([state, drain] {
+      state->active.fetch_add(1);
+      drain(*state);
+      state->active.fetch_sub(1);
+    });
+  drain(*state);
+  // A helper that starts after this point finds no items left and never reads `body`.
+  while (state->active.load() != 0) std::this_thread::yield();
+}
+
+struct Shape {
+  int64_t rows, len_q, len_k, heads, depth;
+};
+
+ffi::Error check(const Shape& s, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                 ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::PRED>& keep) {
+  auto dq = q.dimensions(), dk = k.dimensions(), dv = v.dimensions(), dm = keep.dimensions();
+  if (dq.size() != 4 || dk.size() != 4 || dv.size() != 4 || dm.size() != 2)
+    return ffi::Error::InvalidArgument("attention: q, k, v must be [B, L, N, D], keep [B, Lk]");
+  for (int i : {0, 2, 3})
+    if (dk[i] != dq[i] || dv[i] != dq[i])
+      return ffi::Error::InvalidArgument("attention: q, k, v disagree on B, N or D");
+  if (dv[1] != dk[1] || dm[0] != s.rows || dm[1] != s.len_k)
+    return ffi::Error::InvalidArgument("attention: k, v and keep disagree on B or Lk");
+  return ffi::Error::Success();
+}
+
+Shape shape_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
+  auto dq = q.dimensions();
+  return Shape{dq[0], dq[1], k.dimensions()[1], dq[2], dq[3]};
+}
+
+ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> keep,
+                   ffi::ResultBuffer<ffi::F32> out) {
+  const Shape s = shape_of(q, k);
+  if (ffi::Error e = check(s, q, k, v, keep); e.failure()) return e;
+  const int64_t stride = s.heads * s.depth;  // between positions of one (row, head) pair
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const bool* keep_all = keep.typed_data();
+  float* op = out->typed_data();
+  parallel_for(pool, s.rows * s.heads, [&](int64_t pair) {
+    const int64_t b = pair / s.heads, n = pair % s.heads;
+    thread_local std::vector<float> k_t, scores;
+    thread_local std::vector<int32_t> keep_mask;
+    k_t.resize(s.depth * s.len_k);
+    scores.resize(QBLOCK * s.len_k);
+    keep_lanes(keep_all + b * s.len_k, s.len_k, keep_mask);
+    const int64_t k_off = b * s.len_k * stride + n * s.depth;
+    transpose(kp + k_off, s.len_k, s.depth, stride, k_t.data());
+    for (int64_t first = 0; first < s.len_q; first += QBLOCK) {
+      const int64_t count = std::min(QBLOCK, s.len_q - first);
+      const int64_t q_off = (b * s.len_q + first) * stride + n * s.depth;
+      gemm(count, s.len_k, s.depth, qp + q_off, stride, 1, k_t.data(), s.len_k, scores.data(),
+           s.len_k, false);
+      softmax_rows(scores.data(), count, s.len_k, keep_mask.data());
+      gemm(count, s.depth, s.len_k, scores.data(), s.len_k, 1, vp + k_off, stride, op + q_off,
+           stride, false);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> keep,
+                    ffi::Buffer<ffi::F32> d_out, ffi::ResultBuffer<ffi::F32> d_q,
+                    ffi::ResultBuffer<ffi::F32> d_k, ffi::ResultBuffer<ffi::F32> d_v) {
+  const Shape s = shape_of(q, k);
+  if (ffi::Error e = check(s, q, k, v, keep); e.failure()) return e;
+  const int64_t stride = s.heads * s.depth;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const float* dop = d_out.typed_data();
+  const bool* keep_all = keep.typed_data();
+  float *dqp = d_q->typed_data(), *dkp = d_k->typed_data(), *dvp = d_v->typed_data();
+  parallel_for(pool, s.rows * s.heads, [&](int64_t pair) {
+    const int64_t b = pair / s.heads, n = pair % s.heads;
+    thread_local std::vector<float> k_t, v_t, probs, d_scores, dk_acc, dv_acc;
+    thread_local std::vector<int32_t> keep_mask;
+    k_t.resize(s.depth * s.len_k);
+    v_t.resize(s.depth * s.len_k);
+    probs.resize(QBLOCK * s.len_k);
+    d_scores.resize(QBLOCK * s.len_k);
+    dk_acc.assign(s.depth * s.len_k, 0.0f);  // d_k^T, d_v^T: [D, Lk]
+    dv_acc.assign(s.depth * s.len_k, 0.0f);
+    keep_lanes(keep_all + b * s.len_k, s.len_k, keep_mask);
+    const int64_t k_off = b * s.len_k * stride + n * s.depth;
+    transpose(kp + k_off, s.len_k, s.depth, stride, k_t.data());
+    transpose(vp + k_off, s.len_k, s.depth, stride, v_t.data());
+    float *p = probs.data(), *ds = d_scores.data();
+    for (int64_t first = 0; first < s.len_q; first += QBLOCK) {
+      const int64_t count = std::min(QBLOCK, s.len_q - first);
+      const int64_t q_off = (b * s.len_q + first) * stride + n * s.depth;
+      gemm(count, s.len_k, s.depth, qp + q_off, stride, 1, k_t.data(), s.len_k, p, s.len_k, false);
+      softmax_rows(p, count, s.len_k, keep_mask.data());
+      gemm(count, s.len_k, s.depth, dop + q_off, stride, 1, v_t.data(), s.len_k, ds, s.len_k,
+           false);
+      softmax_backward_rows(p, ds, count, s.len_k, keep_mask.data());
+      gemm(count, s.depth, s.len_k, ds, s.len_k, 1, kp + k_off, stride, dqp + q_off, stride,
+           false);
+      gemm(s.depth, s.len_k, count, qp + q_off, 1, stride, ds, s.len_k, dk_acc.data(), s.len_k,
+           true);
+      gemm(s.depth, s.len_k, count, dop + q_off, 1, stride, p, s.len_k, dv_acc.data(), s.len_k,
+           true);
+    }
+    untranspose(dk_acc.data(), s.len_k, s.depth, stride, dkp + k_off);
+    untranspose(dv_acc.data(), s.len_k, s.depth, stride, dvp + k_off);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GemsjaxAttentionForward, forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GemsjaxAttentionBackward, backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

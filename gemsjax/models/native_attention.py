@@ -1,0 +1,156 @@
+"""A fused CPU attention kernel: C++ (``native/attention.cc``) behind two XLA FFI custom calls.
+
+XLA's CPU backend runs attention as separate small matmuls and elementwise passes over
+``[c, Lq, Lk]`` tiles (:func:`gemsjax.models.backend.attend_tiled`); this kernel computes one
+(row, head) pair's scores, softmax and output in one pass over a 64-query block held in the
+core's cache, spread over XLA's intra-op thread pool, and its backward pass recomputes the
+probabilities from q and k. Same function as :func:`gemsjax.models.backend.attend` without
+dropout (float32; equal within float rounding, see tests/test_models.py).
+
+The kernel is compiled on first use with the host's C++ compiler (``$CXX``, default ``c++``;
+``-O3 -march=native``, about 2 s) into ``$GEMSJAX_CACHE/native/`` (default
+``~/.cache/gemsjax``), one library per source, compiler, jaxlib and CPU, and reused after. With
+no compiler, or ``GEMSJAX_NATIVE_ATTENTION=0``, :func:`load` says why once and returns False,
+and the CPU layers use the XLA path instead (same results, slower).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+
+import jax
+import jax.numpy as jnp
+
+from gemsjax.data.genome_cache import cache_root
+
+_log = logging.getLogger(__name__)
+
+SOURCE = pathlib.Path(__file__).with_name("native") / "attention.cc"
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w")
+SWITCH_ENV = "GEMSJAX_NATIVE_ATTENTION"
+"""Set to ``0`` to run the CPU layers' XLA attention instead of this kernel."""
+_FORWARD, _BACKWARD = "gemsjax_attention_forward", "gemsjax_attention_backward"
+
+
+def _host_signature() -> str:
+    """The CPU's model name and feature flags (``-march=native`` code is only valid there)."""
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return os.uname().machine
+    keep = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(dict.fromkeys(line for line in lines if line.startswith(keep)))
+
+
+def library_path(compiler: str) -> pathlib.Path:
+    """Where the kernel built by ``compiler`` for this host lives:
+    ``<cache>/native/attention-<digest of source, flags, compiler, jaxlib, CPU>.so``."""
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    key = "\n".join(
+        (SOURCE.read_text(), " ".join(FLAGS), version, jax.__version__, _host_signature())
+    )
+    digest = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+    return cache_root() / "native" / f"attention-{digest}.so"
+
+
+def _build(compiler: str, target: pathlib.Path) -> None:
+    """Compile :data:`SOURCE` into ``target`` (through a per-process temporary file, so that
+    processes building at once never load a half-written library)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(f".{os.getpid()}.tmp")
+    command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(partial)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        partial.unlink(missing_ok=True)
+        first = (done.stderr.strip().splitlines() or ["no output"])[0]
+        raise RuntimeError(f"{' '.join(command[:2])} ... failed: {first}")
+    os.replace(partial, target)
+
+
+@functools.cache
+def load() -> bool:
+    """Build (or find) the kernel for this host and register its custom calls with XLA's CPU
+    backend; True when it is ready. False, with one warning naming the reason and the fix,
+    when it is switched off or cannot be built."""
+    if os.environ.get(SWITCH_ENV, "1") == "0":
+        _log.info("%s=0: CPU attention runs on XLA's tiled path", SWITCH_ENV)
+        return False
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        _log.warning(
+            "no C++ compiler (%s) on PATH: CPU attention falls back to XLA's tiled path "
+            "(same results, slower); install g++ or set CXX",
+            compiler,
+        )
+        return False
+    target = library_path(compiler)
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        _register(str(target))
+    except (OSError, RuntimeError) as error:
+        _log.warning(
+            "CPU attention kernel not built (%s): falling back to XLA's tiled path; "
+            "set %s=0 to skip the build",
+            error,
+            SWITCH_ENV,
+        )
+        return False
+    return True
+
+
+_registered: list[str] = []
+
+
+def _register(library_file: str) -> None:
+    """Load the built library and register its two handlers with XLA, once per process (XLA
+    keeps the first registration of a name; every library built from :data:`SOURCE` is the
+    same kernel)."""
+    if _registered:
+        return
+    library = ctypes.cdll.LoadLibrary(library_file)
+    for name, symbol in (
+        (_FORWARD, "GemsjaxAttentionForward"),
+        (_BACKWARD, "GemsjaxAttentionBackward"),
+    ):
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), "cpu")
+    _registered.append(library_file)
+
+
+@jax.custom_vjp
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> jax.Array:
+    """``softmax(where(key_mask, q k^T, float32 min)) v`` per (row, head) pair, the scale
+    already folded into ``q`` (call :func:`load` first; one device's arrays).
+
+    Args:
+      q: ``float32[B, Lq, N, D]``; k, v: ``float32[B, Lk, N, D]``; key_mask: ``bool[B, Lk]``.
+    Returns:
+      ``float32[B, Lq, N, D]``.
+    """
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return jax.ffi.ffi_call(_FORWARD, out, vmap_method="sequential")(q, k, v, key_mask)
+
+
+def _attend_fwd(q, k, v, key_mask):
+    return attend(q, k, v, key_mask), (q, k, v, key_mask)
+
+
+def _attend_bwd(residuals, d_out):
+    q, k, v, key_mask = residuals
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    d_q, d_k, d_v = jax.ffi.ffi_call(_BACKWARD, shapes, vmap_method="sequential")(
+        q, k, v, key_mask, d_out
+    )
+    return d_q, d_k, d_v, None
+
+
+attend.defvjp(_attend_fwd, _attend_bwd)
