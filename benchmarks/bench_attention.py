@@ -3,17 +3,19 @@
 What is left of the LOGO train step's gap to the fully gathered PyTorch step (BENCHMARKS.md,
 issue 13 §6) is attention, so this times it alone, float32, on the CPU:
 
-- ``gemsjax``: :func:`gemsjax.models.backend.attend_tiled` (what the CPU train step runs without
-  attention dropout: tiles of (row, head) pairs under ``lax.map``, recomputing custom VJP),
-  ``jax.jit(jax.grad(...))`` of ``sum(out * g)``;
+- ``gemsjax kernel``: :func:`gemsjax.models.backend.attend_fused_cpu` (what the CPU train step
+  runs without attention dropout: the fused C++ kernel of :mod:`gemsjax.models.native_attention`
+  through XLA FFI), ``jax.jit(jax.grad(...))`` of ``sum(out * g)``;
+- ``gemsjax XLA tiled``: :func:`gemsjax.models.backend.attend_tiled` (its fallback where no C++
+  compiler is found: tiles of (row, head) pairs under ``lax.map``, recomputing custom VJP);
 - ``jax stock``: ``jax.nn.dot_product_attention(..., implementation="xla")``, the same gradient;
 - ``torch``: ``torch.nn.functional.scaled_dot_product_attention`` with an additive key mask and
   ``torch.autograd.grad`` of the same sum (its fused CPU flash kernel, forward and backward).
 
 Shapes: LOGO (8 heads of 32) at batch 8, keys 512 (5 padding keys masked); queries 512 (every
 layer but the last) and 192 (the last layer's per-row masked-token slots). The contenders take
-turns (``benchutil.interleaved_medians``); the ratio is torch's time over gemsjax's (> 1: gemsjax
-faster). Results are checked equal (gradients within 1e-4) before timing.
+turns (``benchutil.interleaved_medians``); the ratio is torch's time over each one's (> 1: faster
+than torch). Results are checked equal (gradients within 1e-4) before timing.
 
 Run: ``python benchmarks/bench_attention.py [--rounds 5] [--steps 3]``.
 """
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from benchutil import interleaved_medians, machine_info
 
-from gemsjax.models import backend
+from gemsjax.models import backend, native_attention
 
 BATCH, KEYS, HEADS, DEPTH, PADDING = 8, 512, 8, 32, 5
 
@@ -76,10 +78,13 @@ def torch_gradient(x: dict) -> Callable[[int], object]:
 
 
 def check_equal(x: dict) -> float:
-    """Largest gradient difference between gemsjax's attention and torch's (asserted < 1e-4)."""
-    ours = jax_gradient(backend.attend_tiled, x)(0)
+    """Largest gradient difference between gemsjax's attentions and torch's (asserted < 1e-4)."""
     theirs = [t.transpose(1, 2).numpy() for t in torch_gradient(x)(0)]
-    diff = max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(ours, theirs, strict=True))
+    diff = 0.0
+    for attention in (backend.attend_fused_cpu, backend.attend_tiled):
+        ours = jax_gradient(attention, x)(0)
+        for a, b in zip(ours, theirs, strict=True):
+            diff = max(diff, float(np.max(np.abs(np.asarray(a) - b))))
     assert diff < 1e-4, diff
     return diff
 
@@ -89,6 +94,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
+    if not native_attention.load():
+        raise SystemExit("the C++ attention kernel did not build here (see the warning above)")
     torch.set_num_threads(os.cpu_count())
     print(machine_info())
     print(
@@ -100,7 +107,8 @@ def main() -> None:
         x = inputs(queries)
         diff = check_equal(x)
         runners = {
-            "gemsjax (attend_tiled)": jax_gradient(backend.attend_tiled, x),
+            "gemsjax kernel (attend_fused_cpu)": jax_gradient(backend.attend_fused_cpu, x),
+            "gemsjax XLA tiled (attend_tiled)": jax_gradient(backend.attend_tiled, x),
             "jax stock (dot_product_attention, xla)": jax_gradient(stock, x),
             "torch SDPA": torch_gradient(x),
         }

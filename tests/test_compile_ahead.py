@@ -12,7 +12,7 @@ from flax import nnx
 
 from gemsjax import config as config_lib
 from gemsjax.errors import UserError
-from gemsjax.models import flops, registry
+from gemsjax.models import flops, native_attention, registry
 from gemsjax.models.sizes import SIZES
 from gemsjax.train import compile_ahead, sharding
 
@@ -65,8 +65,9 @@ def test_unknown_topology_is_a_user_error():
 
 def test_the_step_is_built_for_the_target_platform_not_the_host():
     """Compiling on this CPU host for a TPU must not pick the CPU's layers: lowered for ``tpu``
-    the step has no tiled attention loops (a forward and a backward ``lax.map`` per layer on
-    ``cpu``, with attention dropout off) and computes in bf16."""
+    the step has none of the CPU attention (with attention dropout off: the C++ kernel's
+    forward and backward custom calls per layer on ``cpu``, or where it cannot be built the
+    tiled ``lax.map`` loops) and computes in bf16."""
     config = config_lib.load("cm_gems:smoke,model.dropout=0,train.mlm_head_share=0")
     mesh = sharding.make_mesh(-1, 1, devices=compile_ahead.target("v5e:2x2").devices)
     text = {}
@@ -76,7 +77,11 @@ def test_the_step_is_built_for_the_target_platform_not_the_host():
             text[platform] = step.step.lower(*step.args).as_text()
     layers = SIZES["test"]["layers"]
     loops = {p: t.count("stablehlo.while") for p, t in text.items()}
-    assert loops["cpu"] - loops["tpu"] == 2 * layers, loops
+    kernel = {p: t.count("gemsjax_attention_") for p, t in text.items()}
+    if native_attention.load():
+        assert kernel == {"cpu": 2 * layers, "tpu": 0} and loops["cpu"] == loops["tpu"], kernel
+    else:
+        assert loops["cpu"] - loops["tpu"] == 2 * layers and not any(kernel.values()), loops
     assert "bf16" in text["tpu"] and "bf16" not in text["cpu"]
     # With no attention dropout the TPU step runs the Pallas splash kernels (forward, and the
     # backward's dq and dkv: three, shared by the layers in the lowered module);

@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import AxisType
 
 from gemsjax.models import backend, native_attention
+from gemsjax.models.bert import Dropout
 from gemsjax.models.registry import build_model, get_model_config
 
 needs_compiler = pytest.mark.skipif(
@@ -169,3 +170,32 @@ def test_a_failed_build_is_reported_and_falls_back(monkeypatch, caplog, tmp_path
     with caplog.at_level(logging.WARNING):
         assert not native_attention.load()
     assert not caplog.text
+
+
+@needs_compiler
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_inside_the_kernel_drops_what_the_einsums_drop(rate):
+    """With probability dropout on, the CPU attention hands the kernel the keep mask the
+    einsum path draws from the same key: same values and gradients (the scale 1 / (1 - rate)
+    included), a different key gives different values."""
+    assert native_attention.load()
+    dropout = Dropout(rate, deterministic=False, platform="cpu")
+    q, k, v, g, key_mask = _inputs(3, 70, 24, 2, 16, seed=2)
+
+    def run(fn, seed):
+        call = lambda q, k, v: fn(q, k, v, key_mask, dropout, jax.random.key(seed))
+        grads = jax.jit(jax.grad(lambda *a: jnp.sum(call(*a) * g), argnums=(0, 1, 2)))(q, k, v)
+        return jax.jit(call)(q, k, v), grads
+
+    got, got_grads = run(backend.attend_cpu, 5)
+    want, want_grads = run(backend.attend, 5)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(a, b, atol=3e-5, rtol=1e-5)
+    assert not np.allclose(run(backend.attend_cpu, 6)[0], got, atol=1e-3)
+    text = (
+        jax.jit(lambda q, k, v: backend.attend_cpu(q, k, v, key_mask, dropout, jax.random.key(5)))
+        .lower(q, k, v)
+        .as_text()
+    )
+    assert "gemsjax_attention_forward_dropout" in text

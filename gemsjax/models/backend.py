@@ -297,26 +297,46 @@ def attend_cpu(
     rngs: nnx.Rngs | None,
     query_rows: Any = None,
 ) -> jax.Array:
-    """:func:`attend`, through :func:`attend_tiled` when there is no probability dropout, and
-    through :func:`attend_leading` when the queries are rows that pack (``query_rows.pack``: only
-    the slots :meth:`~gemsjax.models.bert.Rows.slots_read` counts are ever read)."""
-    if dropout.rate > 0.0 and not dropout.deterministic:
-        return attend(q, k, v, key_mask, dropout, rngs, query_rows)
+    """:func:`attend` through :func:`attend_fused_cpu`: with probability dropout on, given the
+    keep mask ``dropout`` would draw for the probabilities (where the kernel cannot be built,
+    :func:`attend` itself); without it, through :func:`attend_leading` when the queries are rows
+    that pack (``query_rows.pack``: only the slots :meth:`~gemsjax.models.bert.Rows.slots_read`
+    counts are ever read)."""
+    if _dropout_on(dropout):
+        if dropout.rate == 1.0 or not native_attention.load():
+            return attend(q, k, v, key_mask, dropout, rngs, query_rows)
+        rows = None if query_rows is None else query_rows._replace(axis=2, pack=None)
+        (batch, len_q, heads, _), len_k = q.shape, k.shape[1]
+        kept = dropout.kept((batch, heads, len_q, len_k), rngs=rngs, rows=rows)
+        return attend_fused_cpu(q, k, v, key_mask, kept, 1.0 / (1.0 - dropout.rate))
     if query_rows is not None and query_rows.pack is not None:
         return attend_leading(q, k, v, key_mask, query_rows.slots_read())
     return attend_fused_cpu(q, k, v, key_mask)
 
 
-def attend_fused_cpu(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> jax.Array:
-    """:func:`attend` without dropout through the C++ kernel of
-    :mod:`gemsjax.models.native_attention` (float32 inside; each device runs it on its own rows
-    of the batch) when it builds on this host, else through :func:`attend_tiled`. Arguments and
-    result as in :func:`attend_tiled`."""
+def attend_fused_cpu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array,
+    kept: jax.Array | None = None,
+    scale: float = 1.0,
+) -> jax.Array:
+    """:func:`attend` through the C++ kernel of :mod:`gemsjax.models.native_attention` (float32
+    inside; each device runs it on its own rows of the batch) when it builds on this host, else
+    through :func:`attend_tiled` (then only without ``kept``). Arguments and result as in
+    :func:`attend_tiled`; ``kept: bool[B, N, Lq, Lk]`` and ``scale``: dropout's keep mask on
+    the probabilities and ``1 / (1 - rate)``."""
     if not native_attention.load():
         return attend_tiled(q, k, v, key_mask)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    q, k, v32 = (x.astype(jnp.float32) for x in (q, k, v))
-    return per_device_rows(native_attention.attend, q * scale, k, v32, key_mask).astype(v.dtype)
+    q = q.astype(jnp.float32) * (1.0 / math.sqrt(q.shape[-1]))
+    args = (q, k.astype(jnp.float32), v.astype(jnp.float32), key_mask)
+    if kept is None:
+        out = per_device_rows(native_attention.attend, *args)
+    else:
+        run = lambda *a: native_attention.attend(*a, scale)
+        out = per_device_rows(run, *args, kept)
+    return out.astype(v.dtype)
 
 
 QUERY_BUCKET = 16

@@ -245,6 +245,15 @@ class Dropout(nnx.Dropout):
             return inputs
         if self.rate == 1.0:
             return jnp.zeros_like(inputs)
+        keep = self.kept(inputs.shape, rngs=rngs, rows=rows)
+        return jnp.where(keep, inputs / (1.0 - self.rate), jnp.zeros((), inputs.dtype))
+
+    def kept(
+        self, shape: tuple[int, ...], *, rngs: nnx.Rngs | None = None, rows: Rows | None = None
+    ) -> jax.Array:
+        """The keep mask ``bool[shape]`` that calling this layer on an input of ``shape`` would
+        apply (drawing the same key from ``rngs``; ``rows`` as there), for kernels that drop
+        inside (:func:`gemsjax.models.backend.attend_cpu`)."""
         rngs = self.rngs if rngs is None else rngs
         if rngs is None:
             raise ValueError(
@@ -257,12 +266,10 @@ class Dropout(nnx.Dropout):
             else (rngs() if isinstance(rngs, nnx.RngStream) else rngs)
         )
         if rows is None:
-            keep = self.keep_mask(key, 1.0 - self.rate, inputs.shape)
-        else:
-            full = list(inputs.shape)
-            full[0], full[rows.axis] = rows.positions.shape[0], rows.length
-            keep = rows.packed(rows.take(self.keep_mask(key, 1.0 - self.rate, tuple(full))))
-        return jnp.where(keep, inputs / (1.0 - self.rate), jnp.zeros((), inputs.dtype))
+            return self.keep_mask(key, 1.0 - self.rate, shape)
+        full = list(shape)
+        full[0], full[rows.axis] = rows.positions.shape[0], rows.length
+        return rows.packed(rows.take(self.keep_mask(key, 1.0 - self.rate, tuple(full))))
 
 
 def dropout_layer(rate: float, platform: str | None) -> Dropout:

@@ -24,9 +24,11 @@ import os
 import pathlib
 import shutil
 import subprocess
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gemsjax.data.genome_cache import cache_root
 
@@ -37,6 +39,12 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", 
 SWITCH_ENV = "GEMSJAX_NATIVE_ATTENTION"
 """Set to ``0`` to run the CPU layers' XLA attention instead of this kernel."""
 _FORWARD, _BACKWARD = "gemsjax_attention_forward", "gemsjax_attention_backward"
+_HANDLERS = {
+    _FORWARD: "GemsjaxAttentionForward",
+    _BACKWARD: "GemsjaxAttentionBackward",
+    _FORWARD + "_dropout": "GemsjaxAttentionForwardDropout",
+    _BACKWARD + "_dropout": "GemsjaxAttentionBackwardDropout",
+}
 
 
 def _host_signature() -> str:
@@ -118,39 +126,55 @@ def _register(library_file: str) -> None:
     if _registered:
         return
     library = ctypes.cdll.LoadLibrary(library_file)
-    for name, symbol in (
-        (_FORWARD, "GemsjaxAttentionForward"),
-        (_BACKWARD, "GemsjaxAttentionBackward"),
-    ):
+    for name, symbol in _HANDLERS.items():
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), "cpu")
     _registered.append(library_file)
 
 
-@jax.custom_vjp
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_mask: jax.Array,
+    kept: jax.Array | None = None,
+    scale: float = 1.0,
+) -> jax.Array:
     """``softmax(where(key_mask, q k^T, float32 min)) v`` per (row, head) pair, the scale
-    already folded into ``q`` (call :func:`load` first; one device's arrays).
+    already folded into ``q`` (call :func:`load` first; one device's arrays); with ``kept``,
+    the probabilities dropped where it is False and the rest multiplied by ``scale``
+    (dropout at rate ``1 - 1 / scale``).
 
     Args:
       q: ``float32[B, Lq, N, D]``; k, v: ``float32[B, Lk, N, D]``; key_mask: ``bool[B, Lk]``.
+      kept: ``bool[B, N, Lq, Lk]`` (the probabilities' layout in
+        :func:`gemsjax.models.backend.attend`), or None for no dropout.
+      scale: a Python float, ``1 / (1 - rate)``.
     Returns:
       ``float32[B, Lq, N, D]``.
     """
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    return jax.ffi.ffi_call(_FORWARD, out, vmap_method="sequential")(q, k, v, key_mask)
+    return _call(_FORWARD, out, (q, k, v, key_mask), kept, scale)
 
 
-def _attend_fwd(q, k, v, key_mask):
-    return attend(q, k, v, key_mask), (q, k, v, key_mask)
+def _call(target: str, out: Any, args: tuple, kept: jax.Array | None, scale: float):
+    """The custom call ``target`` on ``args`` (the dropout variant, with ``kept`` inserted
+    after the key mask, when ``kept`` is given)."""
+    if kept is None:
+        return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*args)
+    call = jax.ffi.ffi_call(target + "_dropout", out, vmap_method="sequential")
+    return call(*args[:4], kept, *args[4:], scale=np.float32(scale))
 
 
-def _attend_bwd(residuals, d_out):
-    q, k, v, key_mask = residuals
+def _attend_fwd(q, k, v, key_mask, kept, scale):
+    return attend(q, k, v, key_mask, kept, scale), (q, k, v, key_mask, kept)
+
+
+def _attend_bwd(scale, residuals, d_out):
+    q, k, v, key_mask, kept = residuals
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
-    d_q, d_k, d_v = jax.ffi.ffi_call(_BACKWARD, shapes, vmap_method="sequential")(
-        q, k, v, key_mask, d_out
-    )
-    return d_q, d_k, d_v, None
+    d_q, d_k, d_v = _call(_BACKWARD, shapes, (q, k, v, key_mask, d_out), kept, scale)
+    return d_q, d_k, d_v, None, None
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)

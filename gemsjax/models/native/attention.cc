@@ -150,9 +150,9 @@ void keep_lanes(const bool* keep, int64_t L, std::vector<int32_t>& keep_mask) {
 
 inline i16v load_lanes(const int32_t* p) { return *reinterpret_cast<const i16v*>(p); }
 
-// scores[rows, L] <- softmax(where(keep, scores, FLT_MIN)) along each row (keep as from
-// keep_lanes).
-void softmax_rows(float* scores, int64_t rows, int64_t L, const int32_t* keep) {
+// scores[rows, L] <- exp(where(keep, scores, FLT_MIN) - row max), inverse[rows] <- 1 / row sum
+// (softmax = scores * inverse; keep as from keep_lanes).
+void exp_rows(float* scores, int64_t rows, int64_t L, const int32_t* keep, float* inverse) {
   const int64_t full = L - L % W;
   const v16 lowest = splat(-FLT_MAX);
   for (int64_t i = 0; i < rows; ++i) {
@@ -178,28 +178,46 @@ void softmax_rows(float* scores, int64_t rows, int64_t L, const int32_t* keep) {
     float total = 0.0f;
     for (int v = 0; v < W; ++v) total += sums[v];
     for (int64_t j = full; j < L; ++j) total += s[j] = std::exp(s[j] - peak);
-    const float inverse = 1.0f / total;
-    for (int64_t j = 0; j < full; j += W) store(s + j, load(s + j) * inverse);
-    for (int64_t j = full; j < L; ++j) s[j] *= inverse;
+    inverse[i] = 1.0f / total;
   }
 }
 
-// d_scores[rows, L] <- probs * (d_scores - sum_j probs * d_scores) where keep, else 0 (the
-// softmax's backward pass: d_scores holds d_probs on entry).
-void softmax_backward_rows(const float* probs, float* d_scores, int64_t rows, int64_t L,
-                           const int32_t* keep) {
+// d_scores[rows, L] <- probs * (d_probs - sum_j probs * d_probs) where keep, else 0: the
+// softmax's backward pass, with probs = exps * inverse (exps, inverse as from exp_rows) and
+// d_probs = d_scores * d_scale on entry.
+void softmax_backward_rows(const float* exps, const float* inverse, float* d_scores, int64_t rows,
+                           int64_t L, const int32_t* keep, float d_scale) {
   const int64_t full = L - L % W;
   for (int64_t i = 0; i < rows; ++i) {
-    const float* p = probs + i * L;
+    const float* e = exps + i * L;
     float* d = d_scores + i * L;
     v16 sums{};
-    for (int64_t j = 0; j < full; j += W) sums += load(p + j) * load(d + j);
-    float delta = 0.0f;
-    for (int v = 0; v < W; ++v) delta += sums[v];
-    for (int64_t j = full; j < L; ++j) delta += p[j] * d[j];
+    for (int64_t j = 0; j < full; j += W) sums += load(e + j) * load(d + j);
+    float dot = 0.0f;
+    for (int v = 0; v < W; ++v) dot += sums[v];
+    for (int64_t j = full; j < L; ++j) dot += e[j] * d[j];
+    // d_probs is d_scores * d_scale; probs = exps * inverse.
+    const float scale = inverse[i] * d_scale, delta = dot * inverse[i];
     for (int64_t j = 0; j < full; j += W)
-      store(d + j, load_lanes(keep + j) != 0 ? load(p + j) * (load(d + j) - delta) : v16{});
-    for (int64_t j = full; j < L; ++j) d[j] = keep[j] ? p[j] * (d[j] - delta) : 0.0f;
+      store(d + j, load_lanes(keep + j) != 0 ? load(e + j) * ((load(d + j) - delta) * scale) : v16{});
+    for (int64_t j = full; j < L; ++j) d[j] = keep[j] ? e[j] * ((d[j] - delta) * scale) : 0.0f;
+  }
+}
+
+typedef uint8_t u8x16 __attribute__((vector_size(16), aligned(1)));
+
+// dst[rows, L] <- src * kept (kept: bool[rows, L], the dropout's keep mask).
+void apply_kept(const float* src, const bool* kept, int64_t rows, int64_t L, float* dst) {
+  const int64_t full = L - L % W;
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* s = src + i * L;
+    const bool* m = kept + i * L;
+    float* d = dst + i * L;
+    for (int64_t j = 0; j < full; j += W) {
+      i16v lanes = __builtin_convertvector(*reinterpret_cast<const u8x16*>(m + j), i16v);
+      store(d + j, lanes != 0 ? load(s + j) : v16{});
+    }
+    for (int64_t j = full; j < L; ++j) d[j] = m[j] ? s[j] : 0.0f;
   }
 }
 
@@ -251,9 +269,11 @@ Shape shape_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
   return Shape{dq[0], dq[1], k.dimensions()[1], dq[2], dq[3]};
 }
 
-ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> keep,
-                   ffi::ResultBuffer<ffi::F32> out) {
+// The forward pass; with `kept` (bool[B, N, Lq, Lk], or null) the probabilities are dropped
+// where it is false and the rest multiplied by `scale` (dropout).
+ffi::Error forward_pass(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                        ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::PRED>& keep, const bool* kept,
+                        float scale, ffi::Result<ffi::Buffer<ffi::F32>>& out) {
   const Shape s = shape_of(q, k);
   if (ffi::Error e = check(s, q, k, v, keep); e.failure()) return e;
   const int64_t stride = s.heads * s.depth;  // between positions of one (row, head) pair
@@ -262,10 +282,11 @@ ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   float* op = out->typed_data();
   parallel_for(pool, s.rows * s.heads, [&](int64_t pair) {
     const int64_t b = pair / s.heads, n = pair % s.heads;
-    thread_local std::vector<float> k_t, scores;
+    thread_local std::vector<float> k_t, scores, inverse;
     thread_local std::vector<int32_t> keep_mask;
     k_t.resize(s.depth * s.len_k);
     scores.resize(QBLOCK * s.len_k);
+    inverse.resize(QBLOCK);
     keep_lanes(keep_all + b * s.len_k, s.len_k, keep_mask);
     const int64_t k_off = b * s.len_k * stride + n * s.depth;
     transpose(kp + k_off, s.len_k, s.depth, stride, k_t.data());
@@ -274,18 +295,27 @@ ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
       const int64_t q_off = (b * s.len_q + first) * stride + n * s.depth;
       gemm(count, s.len_k, s.depth, qp + q_off, stride, 1, k_t.data(), s.len_k, scores.data(),
            s.len_k, false);
-      softmax_rows(scores.data(), count, s.len_k, keep_mask.data());
-      gemm(count, s.depth, s.len_k, scores.data(), s.len_k, 1, vp + k_off, stride, op + q_off,
-           stride, false);
+      exp_rows(scores.data(), count, s.len_k, keep_mask.data(), inverse.data());
+      if (kept != nullptr)
+        apply_kept(scores.data(), kept + (pair * s.len_q + first) * s.len_k, count, s.len_k,
+                   scores.data());
+      float* o = op + q_off;
+      gemm(count, s.depth, s.len_k, scores.data(), s.len_k, 1, vp + k_off, stride, o, stride,
+           false);
+      for (int64_t i = 0; i < count; ++i)
+        for (int64_t d = 0; d < s.depth; ++d) o[i * stride + d] *= inverse[i] * scale;
     }
   });
   return ffi::Error::Success();
 }
 
-ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> keep,
-                    ffi::Buffer<ffi::F32> d_out, ffi::ResultBuffer<ffi::F32> d_q,
-                    ffi::ResultBuffer<ffi::F32> d_k, ffi::ResultBuffer<ffi::F32> d_v) {
+// The backward pass of forward_pass (same `kept` and `scale`).
+ffi::Error backward_pass(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                         ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::PRED>& keep, const bool* kept,
+                         float scale, ffi::Buffer<ffi::F32>& d_out,
+                         ffi::Result<ffi::Buffer<ffi::F32>>& d_q,
+                         ffi::Result<ffi::Buffer<ffi::F32>>& d_k,
+                         ffi::Result<ffi::Buffer<ffi::F32>>& d_v) {
   const Shape s = shape_of(q, k);
   if (ffi::Error e = check(s, q, k, v, keep); e.failure()) return e;
   const int64_t stride = s.heads * s.depth;
@@ -295,12 +325,16 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   float *dqp = d_q->typed_data(), *dkp = d_k->typed_data(), *dvp = d_v->typed_data();
   parallel_for(pool, s.rows * s.heads, [&](int64_t pair) {
     const int64_t b = pair / s.heads, n = pair % s.heads;
-    thread_local std::vector<float> k_t, v_t, probs, d_scores, dk_acc, dv_acc;
+    thread_local std::vector<float> k_t, v_t, probs, d_scores, dk_acc, dv_acc, inverse, d_out_p,
+        dropped;
     thread_local std::vector<int32_t> keep_mask;
     k_t.resize(s.depth * s.len_k);
     v_t.resize(s.depth * s.len_k);
     probs.resize(QBLOCK * s.len_k);
     d_scores.resize(QBLOCK * s.len_k);
+    if (kept != nullptr) dropped.resize(QBLOCK * s.len_k);
+    inverse.resize(QBLOCK);
+    d_out_p.resize(QBLOCK * s.depth);
     dk_acc.assign(s.depth * s.len_k, 0.0f);  // d_k^T, d_v^T: [D, Lk]
     dv_acc.assign(s.depth * s.len_k, 0.0f);
     keep_lanes(keep_all + b * s.len_k, s.len_k, keep_mask);
@@ -312,21 +346,72 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       const int64_t count = std::min(QBLOCK, s.len_q - first);
       const int64_t q_off = (b * s.len_q + first) * stride + n * s.depth;
       gemm(count, s.len_k, s.depth, qp + q_off, stride, 1, k_t.data(), s.len_k, p, s.len_k, false);
-      softmax_rows(p, count, s.len_k, keep_mask.data());
+      exp_rows(p, count, s.len_k, keep_mask.data(), inverse.data());
       gemm(count, s.len_k, s.depth, dop + q_off, stride, 1, v_t.data(), s.len_k, ds, s.len_k,
            false);
-      softmax_backward_rows(p, ds, count, s.len_k, keep_mask.data());
+      // With dropout: d_probs = d_dropped * kept * scale, and d_v from the dropped exps.
+      const float* v_weights = p;
+      if (kept != nullptr) {
+        const bool* block_kept = kept + (pair * s.len_q + first) * s.len_k;
+        apply_kept(ds, block_kept, count, s.len_k, ds);
+        apply_kept(p, block_kept, count, s.len_k, dropped.data());
+        v_weights = dropped.data();
+      }
+      softmax_backward_rows(p, inverse.data(), ds, count, s.len_k, keep_mask.data(),
+                            kept != nullptr ? scale : 1.0f);
+      // d_v^T += d_out^T probs = (d_out * inverse * scale)^T exps.
+      for (int64_t i = 0; i < count; ++i)
+        for (int64_t d = 0; d < s.depth; ++d)
+          d_out_p[i * s.depth + d] = dop[q_off + i * stride + d] * (inverse[i] * scale);
       gemm(count, s.depth, s.len_k, ds, s.len_k, 1, kp + k_off, stride, dqp + q_off, stride,
            false);
       gemm(s.depth, s.len_k, count, qp + q_off, 1, stride, ds, s.len_k, dk_acc.data(), s.len_k,
            true);
-      gemm(s.depth, s.len_k, count, dop + q_off, 1, stride, p, s.len_k, dv_acc.data(), s.len_k,
-           true);
+      gemm(s.depth, s.len_k, count, d_out_p.data(), 1, s.depth, v_weights, s.len_k,
+           dv_acc.data(), s.len_k, true);
     }
     untranspose(dk_acc.data(), s.len_k, s.depth, stride, dkp + k_off);
     untranspose(dv_acc.data(), s.len_k, s.depth, stride, dvp + k_off);
   });
   return ffi::Error::Success();
+}
+
+ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> keep,
+                   ffi::ResultBuffer<ffi::F32> out) {
+  return forward_pass(pool, q, k, v, keep, nullptr, 1.0f, out);
+}
+
+ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> keep,
+                    ffi::Buffer<ffi::F32> d_out, ffi::ResultBuffer<ffi::F32> d_q,
+                    ffi::ResultBuffer<ffi::F32> d_k, ffi::ResultBuffer<ffi::F32> d_v) {
+  return backward_pass(pool, q, k, v, keep, nullptr, 1.0f, d_out, d_q, d_k, d_v);
+}
+
+ffi::Error check_kept(const Shape& s, ffi::Buffer<ffi::PRED>& kept) {
+  auto dims = kept.dimensions();
+  if (dims.size() != 4 || dims[0] != s.rows || dims[1] != s.heads || dims[2] != s.len_q ||
+      dims[3] != s.len_k)
+    return ffi::Error::InvalidArgument("attention: the dropout mask must be bool[B, N, Lq, Lk]");
+  return ffi::Error::Success();
+}
+
+ffi::Error forward_dropout(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> keep,
+                           ffi::Buffer<ffi::PRED> kept, float scale,
+                           ffi::ResultBuffer<ffi::F32> out) {
+  if (ffi::Error e = check_kept(shape_of(q, k), kept); e.failure()) return e;
+  return forward_pass(pool, q, k, v, keep, kept.typed_data(), scale, out);
+}
+
+ffi::Error backward_dropout(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                            ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                            ffi::Buffer<ffi::PRED> keep, ffi::Buffer<ffi::PRED> kept, float scale,
+                            ffi::Buffer<ffi::F32> d_out, ffi::ResultBuffer<ffi::F32> d_q,
+                            ffi::ResultBuffer<ffi::F32> d_k, ffi::ResultBuffer<ffi::F32> d_v) {
+  if (ffi::Error e = check_kept(shape_of(q, k), kept); e.failure()) return e;
+  return backward_pass(pool, q, k, v, keep, kept.typed_data(), scale, d_out, d_q, d_k, d_v);
 }
 
 }  // namespace
@@ -338,6 +423,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GemsjaxAttentionForward, forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GemsjaxAttentionForwardDropout, forward_dropout,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GemsjaxAttentionBackwardDropout, backward_dropout,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Attr<float>("scale")
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GemsjaxAttentionBackward, backward,
