@@ -1,7 +1,7 @@
 """Benchmark: gemsjax's CPU attention (forward + backward) vs PyTorch's fused SDPA, LOGO shapes.
 
-What is left of the LOGO train step's gap to the fully gathered PyTorch step (BENCHMARKS.md,
-issue 13 §6) is attention, so this times it alone, float32, on the CPU:
+Attention was the largest part of the LOGO train step's gap to the fully gathered PyTorch step
+(BENCHMARKS.md, issue 13 §6), so this times it alone, float32, on the CPU:
 
 - ``gemsjax kernel``: :func:`gemsjax.models.backend.attend_fused_cpu` (what the CPU train step
   runs without attention dropout: the fused C++ kernel of :mod:`gemsjax.models.native_attention`

@@ -153,7 +153,8 @@ def test_a_step_too_big_for_its_chips_fails_naming_the_fix():
 @pytest.mark.slow
 def test_compile_mode_on_the_local_devices(tmp_path):
     """``python -m gemsjax.main --mode=compile`` without a topology: the 8 fake CPU devices,
-    float32 (the CPU's compute dtype), no HBM figure; the summary line carries the report."""
+    float32 (the CPU's compute dtype), no HBM figure; the summary line carries the report,
+    which says that XLA's figures miss the C++ attention kernel's calls (where it builds)."""
     env = dict(cli_runs.env(), XLA_FLAGS="--xla_force_host_platform_device_count=8")
     args = cli_runs.cli("cm_gems", tmp_path, "data.batch_size=16")
     out = cli_runs.run(args + ["--mode=compile"], env)
@@ -168,3 +169,8 @@ def test_compile_mode_on_the_local_devices(tmp_path):
     assert report["batch_size"] == 16 and report["batch_bytes"] > 0
     assert math.isfinite(report["compiler_flops"]) and report["compiler_flops"] > 0
     assert "gemsjax compile: local: 8 x cpu" in out.stdout
+    if native_attention.load():
+        assert report["cpu_attention_calls"] > 0
+        assert "call(s) of the C++ CPU attention kernel" in out.stdout
+    else:
+        assert report["cpu_attention_calls"] == 0
