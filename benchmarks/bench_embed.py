@@ -36,7 +36,7 @@ from flax import nnx
 
 from gemsjax.data import samples, tables
 from gemsjax.eval import embed
-from gemsjax.models import registry
+from gemsjax.models import backend, registry
 from gemsjax.models.bert import BertModel
 
 SEQ_LEN = {"barcode_mae": 110, "barcode_bert": 110, "logo": 512, "dnabert6": 512}
@@ -99,7 +99,10 @@ def runners(size: str, batch_size: int):
     model = BertModel(c, rngs=nnx.Rngs(0))
     batch = (barcode_batch if SEQ_LEN[size] == 110 else genome_batch)(batch_size, SEQ_LEN[size])
     graphdef, params = nnx.split(model)
-    step = jax.jit(embed.make_embed_step(graphdef, -1, "mean"))
+    step = jax.jit(
+        embed.make_embed_step(graphdef, -1, "mean"),
+        compiler_options=backend.inference_compiler_options(),
+    )
     ids, attention = jax.device_put(batch["ids"]), jax.device_put(batch["attention"])
     hf = torch_bert(model, c)
     t_ids = torch.as_tensor(batch["ids"], dtype=torch.long)

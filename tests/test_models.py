@@ -763,3 +763,16 @@ def test_a_fused_attention_model_computes_what_the_einsum_model_computes(dna_bat
     np.testing.assert_allclose(hidden["fused"][real], hidden["xla"][real], atol=1e-5)
     with pytest.raises(ValueError, match="attention"):
         get_model_config("test", attention="flash")
+
+
+def test_forward_only_programs_compile_without_ynnpack_fusions_on_cpu(mlm, dna_batch):
+    """``inference_compiler_options``: on CPU the embedding and prediction steps are compiled
+    without XLA's YNNPACK fusions (slower there, BENCHMARKS.md, Embeddings), with the same
+    values; elsewhere nothing is set."""
+    assert backend.inference_compiler_options("tpu") is None
+    options = backend.inference_compiler_options("cpu")
+    forward = lambda ids, attention: mlm(ids, attention)
+    default = jax.jit(forward).lower(*dna_batch).compile()
+    plain = jax.jit(forward, compiler_options=options).lower(*dna_batch).compile()
+    assert "ynn_fusion" in default.as_text() and "ynn_fusion" not in plain.as_text()
+    np.testing.assert_allclose(plain(*dna_batch), default(*dna_batch), atol=1e-5)

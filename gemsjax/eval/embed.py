@@ -31,6 +31,7 @@ from flax import nnx
 from gemsjax.data import fasta, tables
 from gemsjax.errors import UserError
 from gemsjax.eval import labelled
+from gemsjax.models import backend
 from gemsjax.models.bert import POOLINGS, BertModel, masked_mean
 from gemsjax.tokenizers import KmerTokenizer, data_tokenizer, kmer_text_to_sequence
 from gemsjax.train import sharding
@@ -166,6 +167,7 @@ def embed_sequences(
             make_embed_step(graphdef, layer, pooling),
             in_shardings=(param_sh, sharding.batch_sharding(mesh), sharding.batch_sharding(mesh)),
             out_shardings=sharding.replicated(mesh),
+            compiler_options=backend.inference_compiler_options(),
         )
         pending, out = None, []
         for start in range(0, len(sequences), batch_size):

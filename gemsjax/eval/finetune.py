@@ -44,7 +44,7 @@ from gemsjax.data import pipelines, tables
 from gemsjax.errors import UserError
 from gemsjax.eval import scores
 from gemsjax.eval.init import Encoder
-from gemsjax.models import flops
+from gemsjax.models import backend, flops
 from gemsjax.models.bert import BertClassifier
 from gemsjax.train import checkpoint, metrics, optim, sharding
 
@@ -220,6 +220,7 @@ class Finetuner:
             predict_step,
             in_shardings=(self.state_sharding.params, batch_sh),
             out_shardings=batch_sh,
+            compiler_options=backend.inference_compiler_options(),
         )
         self.local_shards = len(mesh.local_devices)
 
