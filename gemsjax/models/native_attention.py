@@ -7,11 +7,12 @@ core's cache, spread over XLA's intra-op thread pool, and its backward pass reco
 probabilities from q and k. Same function as :func:`gemsjax.models.backend.attend` without
 dropout (float32; equal within float rounding, see tests/test_models.py).
 
-The kernel is compiled on first use with the host's C++ compiler (``$CXX``, default ``c++``;
-``-O3 -march=native``, about 2 s) into ``$GEMSJAX_CACHE/native/`` (default
-``~/.cache/gemsjax``), one library per source, compiler, jaxlib and CPU, and reused after. With
-no compiler, or ``GEMSJAX_NATIVE_ATTENTION=0``, :func:`load` says why once and returns False,
-and the CPU layers use the XLA path instead (same results, slower).
+The kernel is for x86 CPUs with AVX-512 (Linux). It is compiled on first use with the host's C++
+compiler (``$CXX``, default ``c++``; ``-O3 -march=native``, about 3 s) into
+``$GEMSJAX_CACHE/native/`` (default ``~/.cache/gemsjax``), one library per source, compiler,
+jaxlib and CPU, and reused after. On other CPUs, with no compiler, or with
+``GEMSJAX_NATIVE_ATTENTION=0``, :func:`load` says why once and returns False, and the CPU
+layers use XLA's tiled attention instead (same results, slower).
 """
 
 from __future__ import annotations
@@ -47,14 +48,26 @@ _HANDLERS = {
 }
 
 
+def _cpuinfo() -> str:
+    try:
+        return pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def _host_signature() -> str:
     """The CPU's model name and feature flags (``-march=native`` code is only valid there)."""
-    try:
-        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return os.uname().machine
     keep = ("model name", "flags", "Features", "CPU part")
+    lines = _cpuinfo().splitlines()
     return "\n".join(dict.fromkeys(line for line in lines if line.startswith(keep)))
+
+
+def host_supported(cpuinfo: str) -> bool:
+    """Whether ``cpuinfo`` (``/proc/cpuinfo``'s text) lists AVX-512F: the kernel is built only
+    there (an AVX2 build measured slower than XLA's tiled attention, BENCHMARKS.md)."""
+    return any(
+        line.startswith("flags") and "avx512f" in line.split() for line in cpuinfo.splitlines()
+    )
 
 
 def library_path(compiler: str) -> pathlib.Path:
@@ -92,6 +105,9 @@ def load() -> bool:
     if os.environ.get(SWITCH_ENV, "1") == "0":
         _log.info("%s=0: CPU attention runs on XLA's tiled path", SWITCH_ENV)
         return False
+    if not host_supported(_cpuinfo()):
+        _log.info("no AVX-512 on this CPU: CPU attention runs on XLA's tiled path")
+        return False
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         _log.warning(
@@ -100,8 +116,8 @@ def load() -> bool:
             compiler,
         )
         return False
-    target = library_path(compiler)
     try:
+        target = library_path(compiler)
         if not target.exists():
             _build(compiler, target)
         _register(str(target))

@@ -1,14 +1,15 @@
-// Bidirectional attention for XLA's CPU backend as two XLA FFI custom calls (forward, backward).
+// Bidirectional attention for XLA's CPU backend as XLA FFI custom calls: forward and backward,
+// each also with dropout on the probabilities.
 //
 // Built on first use by gemsjax/models/native_attention.py (c++ -O3 -march=native) and called
-// through jax.ffi. Same function as gemsjax.models.backend.attend without dropout, on float32
+// through jax.ffi. Same function as gemsjax.models.backend.attend, on float32
 // q: [B, Lq, N, D], k, v: [B, Lk, N, D], keep: bool[B, Lk] (the scale already folded into q):
-//   out = softmax(where(keep, q k^T, FLT_MIN)) v   per (row, head) pair.
-// Each work item takes one (row, head) pair (the forward pass: one block of its queries) and
-// keeps that block's [Lq_block, Lk] scores in the core's cache; the backward pass recomputes
-// the probabilities instead of reading them back. Items are spread over XLA's intra-op thread
-// pool. Matmuls run on a register-blocked kernel written with GCC vector extensions (one
-// 16-float vector type that compiles to AVX-512, AVX2 or SSE as -march allows).
+//   out = dropout(softmax(where(keep, q k^T, FLT_MIN))) v   per (row, head) pair,
+// the dropout given as its keep mask kept: bool[B, N, Lq, Lk] and scale 1 / (1 - rate).
+// Each work item takes one (row, head) pair and walks its queries in blocks of 64, keeping a
+// block's [64, Lk] scores in the core's cache; the backward pass recomputes the probabilities
+// instead of reading them back. Items are spread over XLA's intra-op thread pool. Matmuls run on
+// a register-blocked kernel written with GCC vector extensions on AVX-512 (16-float vectors).
 
 #include <algorithm>
 #include <atomic>
@@ -17,9 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#if defined(__AVX512F__)
 #include <immintrin.h>
-#endif
 #include <memory>
 #include <thread>
 #include <vector>
@@ -30,61 +29,63 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef int32_t i16v __attribute__((vector_size(64), aligned(4)));
-constexpr int W = 16;          // floats per vector
-constexpr int ROWS = 8;        // rows per register tile
-constexpr int64_t QBLOCK = 64; // query rows per forward work item
+// One vector of W floats (vf), of W int32 lane conditions (vi) and of W bytes (vb): AVX-512's 16
+// lanes; its 32 registers hold 8-row register tiles. (An AVX2 build of the same code, 8 lanes
+// and 6-row tiles, measured slower than XLA's own tiled attention: gemsjax only builds this
+// kernel on AVX-512 hosts.)
+#if !defined(__AVX512F__)
+#error "the CPU attention kernel needs AVX-512 (-march=native on an AVX-512 host)"
+#endif
+constexpr int W = 16;
+constexpr int ROWS = 8;
+typedef float vf __attribute__((vector_size(4 * W), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(4 * W), aligned(4)));
+typedef uint8_t vb __attribute__((vector_size(W), aligned(1)));
+constexpr int64_t QBLOCK = 64; // query rows per block
 
-inline v16 splat(float x) { return v16{} + x; }
-inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
-inline void store(float* p, v16 x) { *reinterpret_cast<v16*>(p) = x; }
+inline vf splat(float x) { return vf{} + x; }
+inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
+inline void store(float* p, vf x) { *reinterpret_cast<vf*>(p) = x; }
 
 // exp(x) for x <= 0 (Cephes expf's range reduction and polynomial, ~1 ulp); exactly 0 where
 // float32 exp underflows.
-inline v16 exp_nonpositive(v16 x) {
-  const v16 lo = splat(-87.33654f);
-  v16 xc = x < lo ? lo : x;
-  v16 t = xc * 1.44269504088896341f;
-  const v16 magic = splat(12582912.0f);  // 1.5 * 2^23: rounds to the nearest integer
-  v16 n = (t + magic) - magic;
-  v16 r = xc - n * 0.693359375f;
+inline vf exp_nonpositive(vf x) {
+  const vf lo = splat(-87.33654f);
+  vf xc = x < lo ? lo : x;
+  vf t = xc * 1.44269504088896341f;
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: rounds to the nearest integer
+  vf n = (t + magic) - magic;
+  vf r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  v16 p = splat(1.9875691500e-4f);
+  vf p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
-  v16 result = p * reinterpret_cast<v16&>(bits);
+  vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf result = p * reinterpret_cast<vf>(bits);
   return x < lo ? splat(0.0f) : result;
 }
 
-// One float broadcast to every lane, read from memory (AVX-512: a load-port broadcast that
-// leaves the FMA ports free; a register broadcast would take one of them).
-inline v16 splat_from(const float* p) {
-#if defined(__AVX512F__)
-  return reinterpret_cast<v16>(_mm512_set1_ps(*p));
-#else
-  return splat(*p);
-#endif
-}
+// One float broadcast to every lane, read from memory (a load-port broadcast that leaves the
+// FMA ports free; GCC's generic splat broadcasts from a register, on an FMA port).
+inline vf splat_from(const float* p) { return reinterpret_cast<vf>(_mm512_set1_ps(*p)); }
 
 // C[R, NV*16] (+)= A[R, K] B[K, NV*16], A packed k-major (A's (r, k) at panel[k*R + r]), B's row
 // k at b + k*ldb, C's rows ldc apart.
 template <int R, int NV>
 inline void tile(int64_t K, const float* panel, const float* b, int64_t ldb, float* c,
                  int64_t ldc, bool accumulate) {
-  v16 sum[R][NV];
+  vf sum[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) sum[r][v] = accumulate ? load(c + r * ldc + v * W) : v16{};
+    for (int v = 0; v < NV; ++v) sum[r][v] = accumulate ? load(c + r * ldc + v * W) : vf{};
   for (int64_t k = 0; k < K; ++k) {
-    v16 bv[NV];
+    vf bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = load(b + k * ldb + v * W);
     for (int r = 0; r < R; ++r) {
-      v16 av = splat_from(panel + k * R + r);
+      vf av = splat_from(panel + k * R + r);
       for (int v = 0; v < NV; ++v) sum[r][v] += av * bv[v];
     }
   }
@@ -148,18 +149,18 @@ void keep_lanes(const bool* keep, int64_t L, std::vector<int32_t>& keep_mask) {
   for (int64_t j = 0; j < L; ++j) keep_mask[j] = keep[j] ? -1 : 0;
 }
 
-inline i16v load_lanes(const int32_t* p) { return *reinterpret_cast<const i16v*>(p); }
+inline vi load_lanes(const int32_t* p) { return *reinterpret_cast<const vi*>(p); }
 
 // scores[rows, L] <- exp(where(keep, scores, FLT_MIN) - row max), inverse[rows] <- 1 / row sum
 // (softmax = scores * inverse; keep as from keep_lanes).
 void exp_rows(float* scores, int64_t rows, int64_t L, const int32_t* keep, float* inverse) {
   const int64_t full = L - L % W;
-  const v16 lowest = splat(-FLT_MAX);
+  const vf lowest = splat(-FLT_MAX);
   for (int64_t i = 0; i < rows; ++i) {
     float* s = scores + i * L;
-    v16 peaks = lowest;
+    vf peaks = lowest;
     for (int64_t j = 0; j < full; j += W) {
-      v16 x = load_lanes(keep + j) != 0 ? load(s + j) : lowest;
+      vf x = load_lanes(keep + j) != 0 ? load(s + j) : lowest;
       store(s + j, x);
       peaks = x > peaks ? x : peaks;
     }
@@ -169,9 +170,9 @@ void exp_rows(float* scores, int64_t rows, int64_t L, const int32_t* keep, float
       s[j] = keep[j] ? s[j] : -FLT_MAX;
       peak = std::max(peak, s[j]);
     }
-    v16 sums{};
+    vf sums{};
     for (int64_t j = 0; j < full; j += W) {
-      v16 e = exp_nonpositive(load(s + j) - peak);
+      vf e = exp_nonpositive(load(s + j) - peak);
       store(s + j, e);
       sums += e;
     }
@@ -191,7 +192,7 @@ void softmax_backward_rows(const float* exps, const float* inverse, float* d_sco
   for (int64_t i = 0; i < rows; ++i) {
     const float* e = exps + i * L;
     float* d = d_scores + i * L;
-    v16 sums{};
+    vf sums{};
     for (int64_t j = 0; j < full; j += W) sums += load(e + j) * load(d + j);
     float dot = 0.0f;
     for (int v = 0; v < W; ++v) dot += sums[v];
@@ -199,12 +200,10 @@ void softmax_backward_rows(const float* exps, const float* inverse, float* d_sco
     // d_probs is d_scores * d_scale; probs = exps * inverse.
     const float scale = inverse[i] * d_scale, delta = dot * inverse[i];
     for (int64_t j = 0; j < full; j += W)
-      store(d + j, load_lanes(keep + j) != 0 ? load(e + j) * ((load(d + j) - delta) * scale) : v16{});
+      store(d + j, load_lanes(keep + j) != 0 ? load(e + j) * ((load(d + j) - delta) * scale) : vf{});
     for (int64_t j = full; j < L; ++j) d[j] = keep[j] ? e[j] * ((d[j] - delta) * scale) : 0.0f;
   }
 }
-
-typedef uint8_t u8x16 __attribute__((vector_size(16), aligned(1)));
 
 // dst[rows, L] <- src * kept (kept: bool[rows, L], the dropout's keep mask).
 void apply_kept(const float* src, const bool* kept, int64_t rows, int64_t L, float* dst) {
@@ -214,8 +213,8 @@ void apply_kept(const float* src, const bool* kept, int64_t rows, int64_t L, flo
     const bool* m = kept + i * L;
     float* d = dst + i * L;
     for (int64_t j = 0; j < full; j += W) {
-      i16v lanes = __builtin_convertvector(*reinterpret_cast<const u8x16*>(m + j), i16v);
-      store(d + j, lanes != 0 ? load(s + j) : v16{});
+      vi lanes = __builtin_convertvector(*reinterpret_cast<const vb*>(m + j), vi);
+      store(d + j, lanes != 0 ? load(s + j) : vf{});
     }
     for (int64_t j = full; j < L; ++j) d[j] = m[j] ? s[j] : 0.0f;
   }
