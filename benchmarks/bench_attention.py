@@ -95,7 +95,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     if not native_attention.load():
-        raise SystemExit("the C++ attention kernel did not build here (see the warning above)")
+        raise SystemExit(
+            "the C++ attention kernel is not available here: it needs an x86 CPU with AVX-512 "
+            "and a C++ compiler (see any warning above)"
+        )
     torch.set_num_threads(os.cpu_count())
     print(machine_info())
     print(
