@@ -50,12 +50,14 @@ def inputs(queries: int) -> dict[str, np.ndarray]:
 
 
 def jax_gradient(attention, x: dict) -> Callable[[int], object]:
-    """``run(i)``: the jitted gradient of ``sum(attention(q, k, v, keep) * g)`` w.r.t. q, k, v."""
+    """``run(i)``: the jitted value and gradient of ``sum(attention(q, k, v, keep) * g)`` w.r.t.
+    q, k, v, returning the gradients. The value is computed too, as in training (with ``jax.grad``
+    alone XLA drops a forward pass whose output the backward pass does not read: the C++
+    kernel's)."""
     q, k, v, g, keep = (jnp.asarray(x[n]) for n in ("q", "k", "v", "g", "keep"))
-    grad = jax.jit(
-        jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v, keep) * g), argnums=(0, 1, 2))
-    )
-    return lambda _: jax.block_until_ready(grad(q, k, v))
+    loss = lambda q, k, v: jnp.sum(attention(q, k, v, keep) * g)
+    both = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    return lambda _: jax.block_until_ready(both(q, k, v))[1]
 
 
 def stock(q, k, v, keep):
