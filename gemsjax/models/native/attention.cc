@@ -103,6 +103,7 @@ void row_block(int64_t N, int64_t K, const float* a, int64_t ras, int64_t cas, c
   for (int64_t k = 0; k < K; ++k)
     for (int r = 0; r < R; ++r) pp[k * R + r] = a[r * ras + k * cas];
   int64_t j = 0;
+  for (; j + 3 * W <= N; j += 3 * W) tile<R, 3>(K, pp, b + j, ldb, c + j, ldc, accumulate);
   for (; j + 2 * W <= N; j += 2 * W) tile<R, 2>(K, pp, b + j, ldb, c + j, ldc, accumulate);
   for (; j + W <= N; j += W) tile<R, 1>(K, pp, b + j, ldb, c + j, ldc, accumulate);
   for (; j < N; ++j)
