@@ -1,7 +1,8 @@
 """Test set-up, before JAX starts: 8 fake CPU devices, and one persistent compilation cache for
-the whole session (every compile, however short), shared by the in-process tests and the
-subprocesses: most tests compile the same smoke-size programs, and a cached executable loads in
-milliseconds where compiling it takes up to seconds."""
+the whole session (every compile, however short), shared by the in-process tests, the
+pytest-xdist workers (they inherit the folder the controller made) and the subprocesses: most
+tests compile the same smoke-size programs, and a cached executable loads in milliseconds where
+compiling it takes up to seconds."""
 
 import atexit
 import os
