@@ -341,10 +341,12 @@ def attend_fused_cpu(
 ) -> jax.Array:
     """:func:`attend` through the C++ kernel of :mod:`gemsjax.models.native_attention` (float32
     inside; each device runs it on its own rows of the batch) when it builds on this host, else
-    through :func:`attend_tiled` (then only without ``kept``). Arguments and result as in
+    through :func:`attend_tiled` (then ``kept`` must be None). Arguments and result as in
     :func:`attend_tiled`; ``kept: bool[B, N, Lq, Lk]`` and ``scale``: dropout's keep mask on
     the probabilities and ``1 / (1 - rate)``."""
     if not native_attention.load():
+        if kept is not None:  # the tiled path has no dropout: never drop it silently
+            raise ValueError("attend_fused_cpu: dropout needs the C++ kernel; use attend instead")
         return attend_tiled(q, k, v, key_mask)
     q = q.astype(jnp.float32) * (1.0 / math.sqrt(q.shape[-1]))
     args = (q, k.astype(jnp.float32), v.astype(jnp.float32), key_mask)
