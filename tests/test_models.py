@@ -622,6 +622,38 @@ def test_leading_query_attention_is_the_tiled_attention_of_those_slots(
         np.testing.assert_allclose(g, w, atol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cpu_layer_norm_equals_the_stock_layer_norm(dtype):
+    """The CPU LayerNorm (its closed-form backward pass) gives nnx.LayerNorm's output and
+    gradients (two-pass variance, scale and bias away from their initial 1 and 0); bfloat16
+    inputs take nnx.LayerNorm's own path."""
+    x = (3.0 + 2.0 * jax.random.normal(jax.random.key(0), (2, 5, 16))).astype(dtype)
+    g = jax.random.normal(jax.random.key(1), (2, 5, 16))
+    layers = [
+        cls(16, epsilon=1e-12, use_fast_variance=False, rngs=nnx.Rngs(0))
+        for cls in (backend.LayerNormLastAxis, nnx.LayerNorm)
+    ]
+    for layer in layers:
+        layer.scale[...] = 1.0 + 0.3 * jax.random.normal(jax.random.key(2), (16,))
+        layer.bias[...] = 0.3 * jax.random.normal(jax.random.key(3), (16,))
+
+    def grads(layer):
+        graphdef, params = nnx.split(layer)
+        out, vjp = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x), params, x)
+        return out, vjp(g.astype(out.dtype))
+
+    (out, (d_params, d_x)), (want, (want_params, want_x)) = map(grads, layers)
+    tol = 1e-5 if dtype == jnp.float32 else 0.0
+    np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(d_x, want_x, rtol=tol, atol=tol)
+    for got_leaf, want_leaf in zip(
+        jax.tree.leaves(d_params), jax.tree.leaves(want_params), strict=True
+    ):
+        np.testing.assert_allclose(got_leaf, want_leaf, rtol=tol, atol=tol)
+    jaxpr = str(jax.make_jaxpr(lambda x: layers[0](x))(x))
+    assert ("custom_vjp_call" in jaxpr) == (dtype == jnp.float32)
+
+
 @pytest.mark.parametrize("shape", [(24, 8), (8, 24), (8, 8)])
 def test_cpu_dense_gradients_equal_the_stock_linear(shape):
     """The CPU dense layer (Dense2D through matmul_2d, the kernel gradient of a tall kernel

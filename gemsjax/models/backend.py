@@ -50,6 +50,7 @@ class Layers(NamedTuple):
 
     Attributes:
       dense: the ``nnx.Linear`` class the model's dense layers use.
+      norm: the ``nnx.LayerNorm`` class the model's LayerNorms use.
       gelu: exact (erf) GELU, ``float[...] -> float[...]``.
       attention: ``(q, k, v, key_mask, dropout, rngs, query_rows) -> float[B, Lq, N, D]``
         (see :func:`attend`).
@@ -58,6 +59,7 @@ class Layers(NamedTuple):
     """
 
     dense: type[nnx.Linear]
+    norm: type[nnx.LayerNorm]
     gelu: Callable[[jax.Array], jax.Array]
     attention: Callable[..., jax.Array]
     keep_mask: Callable[[jax.Array, float, tuple[int, ...]], jax.Array]
@@ -148,7 +150,9 @@ def _unembed(hidden: jax.Array, table: jax.Array) -> jax.Array:
 
 
 ACCELERATOR = Layers(
-    dense=nnx.Linear, gelu=_gelu, attention=attend, keep_mask=_keep_mask, unembed=_unembed
+    dense=nnx.Linear,
+    norm=nnx.LayerNorm,
+    gelu=_gelu, attention=attend, keep_mask=_keep_mask, unembed=_unembed
 )
 
 
@@ -278,6 +282,65 @@ def _matmul_2d_bwd(residuals, d_out):
 matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
 
 
+class LayerNormLastAxis(nnx.LayerNorm):
+    """``nnx.LayerNorm`` (same parameters and results) whose float32 normalisation over the last
+    axis, with scale and bias and the two-pass variance, goes through :func:`layer_norm`'s
+    hand-written gradient; any other configuration takes ``nnx.LayerNorm``'s own path."""
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """``x: float[..., H]`` -> ``float[..., H]``."""
+        scale = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
+        plain = (
+            mask is None
+            and scale is not None
+            and bias is not None
+            and not self.use_fast_variance
+            and self.axis_name is None
+            and self.reduction_axes in (-1, (-1,))
+            and self.feature_axes in (-1, (-1,))
+            and {x.dtype, scale.dtype, bias.dtype, jnp.dtype(self.dtype or x.dtype)}
+            == {jnp.dtype(jnp.float32)}
+        )
+        if not plain:
+            return super().__call__(x, mask=mask)
+        return layer_norm(x, scale, bias, self.epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """``(x - mean) / sqrt(var + eps) * scale + bias`` over the last axis of ``x: float32[..., H]``
+    (``scale, bias: float32[H]``; two-pass variance, as PyTorch). Its backward pass is the
+    closed form ``rstd * (d - mean(d) - x_hat * mean(d * x_hat))`` with ``d = g * scale`` from
+    the saved row statistics: autodiff of the same forward pass runs 1.3x slower on XLA's CPU
+    backend (BENCHMARKS.md)."""
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centered = x - mean
+    rstd = jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + eps)
+    return centered * rstd * scale + bias, (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(eps, residuals, d_out):
+    del eps
+    x, mean, rstd, scale = residuals
+    x_hat = (x - mean) * rstd
+    d_hat = d_out * scale
+    d_x = rstd * (
+        d_hat
+        - jnp.mean(d_hat, axis=-1, keepdims=True)
+        - x_hat * jnp.mean(d_hat * x_hat, axis=-1, keepdims=True)
+    )
+    rows = tuple(range(x.ndim - 1))
+    return d_x, jnp.sum(d_out * x_hat, axis=rows), jnp.sum(d_out, axis=rows)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 @jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
     """Exact (erf) GELU in PyTorch's form ``x * (1 + erf(x / sqrt(2))) / 2``.
@@ -363,6 +426,7 @@ QUERY_BUCKET = 16
 holds every slot it must (one compiled branch per multiple)."""
 
 
+@jax.custom_vjp
 def attend_leading(
     q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, leading: jax.Array
 ) -> jax.Array:
@@ -371,9 +435,12 @@ def attend_leading(
     :data:`QUERY_BUCKET` up to ``Lq`` picks the smallest that holds ``leading``: the masked-token
     step's last layer attends as many query slots as its fullest row needs (85-118 of 192 in
     the LOGO benchmark's GeneMask batches), not the per-row slots sized for the worst case.
-    Arguments otherwise as in :func:`attend_tiled`."""
+    The backward pass is a second switch that recomputes from the inputs (the C++ kernel's
+    backward reads only those), so no branch hands residuals to the others: autodiff of the
+    forward switch alone made every branch write zeros for every other branch's residuals and
+    copy ``k`` and ``v`` out (~8 ms of a 0.37 s LOGO step). Arguments otherwise as in
+    :func:`attend_tiled`."""
     len_q = q.shape[1]
-    sizes = [*range(QUERY_BUCKET, len_q, QUERY_BUCKET), len_q]
 
     def first(size: int) -> Callable[..., jax.Array]:
         def run(q, k, v, key_mask):
@@ -382,9 +449,39 @@ def attend_leading(
 
         return run
 
+    return _switch_leading(first, leading, len_q, q, k, v, key_mask)
+
+
+def _switch_leading(branch_for: Callable, leading: jax.Array, len_q: int, *args) -> Any:
+    """``lax.switch`` over ``branch_for(size)`` for the multiples ``size`` of
+    :data:`QUERY_BUCKET` below ``len_q`` and ``len_q`` itself: the smallest that holds
+    ``leading``."""
+    sizes = [*range(QUERY_BUCKET, len_q, QUERY_BUCKET), len_q]
     branch = jnp.searchsorted(jnp.asarray(sizes), leading.astype(jnp.int32))
-    branches = [first(size) for size in sizes]
-    return jax.lax.switch(jnp.minimum(branch, len(sizes) - 1), branches, q, k, v, key_mask)
+    branches = [branch_for(size) for size in sizes]
+    return jax.lax.switch(jnp.minimum(branch, len(sizes) - 1), branches, *args)
+
+
+def _attend_leading_fwd(q, k, v, key_mask, leading):
+    return attend_leading(q, k, v, key_mask, leading), (q, k, v, key_mask, leading)
+
+
+def _attend_leading_bwd(residuals, d_out):
+    q, k, v, key_mask, leading = residuals
+
+    def first(size: int) -> Callable[..., tuple[jax.Array, ...]]:
+        def run(q, k, v, key_mask, d_out):
+            attend_first = lambda q, k, v: attend_fused_cpu(q[:, :size], k, v, key_mask)
+            _, vjp = jax.vjp(attend_first, q, k, v)
+            return vjp(d_out[:, :size])
+
+        return run
+
+    d_q, d_k, d_v = _switch_leading(first, leading, q.shape[1], q, k, v, key_mask, d_out)
+    return d_q, d_k, d_v, None, None
+
+
+attend_leading.defvjp(_attend_leading_fwd, _attend_leading_bwd)
 
 
 def l2_cache_bytes(cpu_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
@@ -545,6 +642,7 @@ def _unembed_2d(hidden: jax.Array, table: jax.Array) -> jax.Array:
 
 CPU = Layers(
     dense=Dense2D,
+    norm=LayerNormLastAxis,
     gelu=gelu,
     attention=attend_cpu,
     keep_mask=random_bits.bernoulli16,

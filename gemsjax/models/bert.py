@@ -299,10 +299,17 @@ def embed(
 
 
 def layer_norm(
-    features: int, eps: float, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs
+    features: int,
+    eps: float,
+    *,
+    platform: str | None,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    rngs: nnx.Rngs,
 ) -> nnx.LayerNorm:
-    """LayerNorm with float32 statistics and the two-pass (exact) variance, as in PyTorch."""
-    return nnx.LayerNorm(
+    """LayerNorm with float32 statistics and the two-pass (exact) variance, as in PyTorch (the
+    ``platform``'s LayerNorm class)."""
+    return backend.layers(platform).norm(
         features,
         epsilon=eps,
         dtype=dtype,
@@ -378,12 +385,12 @@ class TransformerBlock(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attention = SelfAttention(config, **kw)
         self.attention_dropout = dropout_layer(config.dropout, platform)
-        self.attention_norm = layer_norm(h, config.ln_eps, **kw)
+        self.attention_norm = layer_norm(h, config.ln_eps, platform=platform, **kw)
         self.ffn_in = dense(h, config.ffn, (None, FSDP_AXIS), platform=platform, **kw)
         self.ffn_out = dense(config.ffn, h, (FSDP_AXIS, None), platform=platform, **kw)
         self.gelu = backend.layers(platform).gelu
         self.ffn_dropout = dropout_layer(config.dropout, platform)
-        self.ffn_norm = layer_norm(h, config.ln_eps, **kw)
+        self.ffn_norm = layer_norm(h, config.ln_eps, platform=platform, **kw)
 
     def __call__(
         self,
@@ -448,7 +455,7 @@ class Embeddings(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.position = embed(config.max_positions, config.hidden, (None, FSDP_AXIS), **kw)
         self.token_type = embed(config.type_vocab, config.hidden, None, **kw)
-        self.norm = layer_norm(config.hidden, config.ln_eps, **kw)
+        self.norm = layer_norm(config.hidden, config.ln_eps, platform=config.platform, **kw)
         self.dropout = dropout_layer(config.dropout, config.platform)
 
     def __call__(
@@ -521,7 +528,7 @@ class MlmHead(nnx.Module):
             config.hidden, config.hidden, (FSDP_AXIS, None), platform=config.platform, **kw
         )
         self.gelu, self.unembed = ops.gelu, ops.unembed
-        self.norm = layer_norm(config.hidden, config.ln_eps, **kw)
+        self.norm = layer_norm(config.hidden, config.ln_eps, platform=config.platform, **kw)
         self.bias = nnx.Param(jnp.zeros((config.vocab_size,), param_dtype))
 
     def __call__(self, hidden: jax.Array, word_embeddings: jax.Array) -> jax.Array:
