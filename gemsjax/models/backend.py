@@ -1,13 +1,13 @@
 """Platform-specific layer implementations, behind one switch: :func:`layers`.
 
-The model (:mod:`gemsjax.models.bert`) asks ``layers(config.platform)`` for its dense layer class,
-GELU, attention, dropout keep-mask and tied-decoder matmul. Every platform's implementations
+The model (:mod:`gemsjax.models.bert`) asks ``layers(config.platform)`` for its dense layer and
+LayerNorm classes, GELU, attention, dropout keep-mask and tied-decoder matmul. Every platform's implementations
 compute the same functions with the same parameters, so checkpoints move between platforms.
 
 - ``"cpu"``: XLA's CPU backend is memory-bound on the shapes a BERT step makes; these versions
   avoid its slow paths (timings in BENCHMARKS.md): 2-D matmuls (a tall kernel's gradient
-  computed transposed), an ``erf`` GELU whose derivative is computed in the backward pass,
-  attention in a fused C++ kernel (:mod:`gemsjax.models.native_attention`; where it cannot be
+  computed transposed), an ``erf`` GELU whose derivative is computed in the backward pass, a
+  LayerNorm with a closed-form backward pass, attention in a fused C++ kernel (:mod:`gemsjax.models.native_attention`; where it cannot be
   built, XLA a few (row, head) pairs at a time), both with a recomputing backward pass (the
   masked-token step's last layer: only as many query slots as its fullest row uses), and
   16-bit dropout draws.
