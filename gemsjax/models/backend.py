@@ -1,16 +1,17 @@
 """Platform-specific layer implementations, behind one switch: :func:`layers`.
 
 The model (:mod:`gemsjax.models.bert`) asks ``layers(config.platform)`` for its dense layer and
-LayerNorm classes, GELU, attention, dropout keep-mask and tied-decoder matmul. Every platform's implementations
-compute the same functions with the same parameters, so checkpoints move between platforms.
+LayerNorm classes, GELU, attention, dropout keep-mask and tied-decoder matmul. Every platform's
+implementations compute the same functions with the same parameters, so checkpoints move
+between platforms.
 
 - ``"cpu"``: XLA's CPU backend is memory-bound on the shapes a BERT step makes; these versions
   avoid its slow paths (timings in BENCHMARKS.md): 2-D matmuls (a tall kernel's gradient
   computed transposed), an ``erf`` GELU whose derivative is computed in the backward pass, a
-  LayerNorm with a closed-form backward pass, attention in a fused C++ kernel (:mod:`gemsjax.models.native_attention`; where it cannot be
-  built, XLA a few (row, head) pairs at a time), both with a recomputing backward pass (the
-  masked-token step's last layer: only as many query slots as its fullest row uses), and
-  16-bit dropout draws.
+  LayerNorm with a closed-form backward pass, attention in a fused C++ kernel
+  (:mod:`gemsjax.models.native_attention`; where it cannot be built, XLA a few (row, head)
+  pairs at a time), both with a recomputing backward pass (the masked-token step's last
+  layer: only as many query slots as its fullest row uses), and 16-bit dropout draws.
 - every other platform (``"gpu"``, ``"tpu"``): the stock formulations, left to XLA's fusion.
 
 Attention has a second switch, ``attention`` (``BertConfig.attention``, ``model.attention``):
@@ -152,7 +153,10 @@ def _unembed(hidden: jax.Array, table: jax.Array) -> jax.Array:
 ACCELERATOR = Layers(
     dense=nnx.Linear,
     norm=nnx.LayerNorm,
-    gelu=_gelu, attention=attend, keep_mask=_keep_mask, unembed=_unembed
+    gelu=_gelu,
+    attention=attend,
+    keep_mask=_keep_mask,
+    unembed=_unembed,
 )
 
 
