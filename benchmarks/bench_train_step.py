@@ -17,7 +17,10 @@ biases and LayerNorm, gradient clipping 1.0: the CM-GEMS recipe) in float32.
 - ``torch``: ``model(input_ids, attention_mask, labels)`` (labels -100 off the mask), backward,
   ``clip_grad_norm_``, ``torch.optim.AdamW.step``, scheduler step, ``zero_grad``. Its masked
   batches are precomputed (with gemsjax's GeneMask + corruption, so the masking statistics
-  match): torch is given the advantage of no masking cost.
+  match): torch is given the advantage of no masking cost. Contenders: stock, the head on the
+  masked tokens only, head and last layer on them (:func:`torch_gathered_loss`), and the last
+  with ``torch.compile`` on its fixed-shape layers (:func:`compile_fixed_shape_layers`;
+  ``--no-torch-compile`` skips it).
 
 The contenders take turns (``benchutil.interleaved_turns``): ``--rounds`` rounds, in each of
 which every contender runs one untimed step (compilation in the first round, cache warm-up after
@@ -215,15 +218,29 @@ def check_gathered_losses(config, batch: dict, rank_table) -> float:
     return max(diffs)
 
 
+def compile_fixed_shape_layers(model: transformers.BertForMaskedLM) -> None:
+    """``torch.compile`` (inductor) the embeddings and every encoder layer but the last in
+    place: the part of the gathered step whose shapes never change (``[B, L, H]``). The last
+    layer and the head run on as many rows as the batch's masked tokens need, which changes
+    from batch to batch; compiling the whole loss instead (``dynamic=True``) broke its graph
+    at those data-dependent sizes and was slower than eager (BENCHMARKS.md)."""
+    layers = model.bert.encoder.layer
+    for i in range(len(layers) - 1):
+        layers[i] = torch.compile(layers[i])
+    model.bert.embeddings = torch.compile(model.bert.embeddings)
+
+
 def torch_runner(
-    config, batch: dict, rank_table, count: int, gather: str = ""
+    config, batch: dict, rank_table, count: int, gather: str = "", compiled: bool = False
 ) -> Callable[[int], None]:
     """``run(i)``: one PyTorch train step (forward with labels, backward, clip, AdamW) on
     precomputed masked batch ``i`` (``0 <= i < count``). ``gather``: ``""`` (stock
     ``BertForMaskedLM``, head on every position), ``"head"`` or ``"head+last"``
-    (:func:`torch_gathered_loss`)."""
+    (:func:`torch_gathered_loss`); ``compiled``: with :func:`compile_fixed_shape_layers`."""
     torch.manual_seed(0)
     model = torch_model(config)
+    if compiled:
+        compile_fixed_shape_layers(model)
     gathered = torch_gathered_loss(model, gather == "head+last") if gather else None
     no_decay = ("bias", "LayerNorm.weight")
     named = list(model.named_parameters())
@@ -285,6 +302,12 @@ def main() -> None:
     parser.add_argument("--mlm-pack-share", type=float, default=0.2)
     parser.add_argument("--share-repeats", type=int, default=30)
     parser.add_argument("--no-share", dest="share", action="store_false")
+    parser.add_argument(
+        "--no-torch-compile",
+        dest="torch_compile",
+        action="store_false",
+        help="skip the torch.compile contender (its compilation takes a minute or more)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     rank_table = jnp.asarray(spec_lib.rank_table(recipe("logo", 1), VOCAB))
@@ -314,6 +337,10 @@ def main() -> None:
         }
         for label, gather in contenders.items():
             runners[label] = torch_runner(config, batch, rank_table, calls, gather)
+        if args.torch_compile:
+            label = "torch, head + last layer on masked, torch.compile"
+            contenders[label] = "head+last"
+            runners[label] = torch_runner(config, batch, rank_table, calls, "head+last", True)
         boxes = {}
         for label, label_slots in (
             ("head on all positions", (None, None)),
