@@ -332,15 +332,13 @@ def main() -> None:
         calls = args.rounds * (1 + args.steps)
         runners = {"torch": torch_runner(config, batch, rank_table, calls)}
         contenders = {
-            "torch, head on masked": "head",
-            "torch, head + last layer on masked": "head+last",
+            "torch, head on masked": ("head", False),
+            "torch, head + last layer on masked": ("head+last", False),
         }
-        for label, gather in contenders.items():
-            runners[label] = torch_runner(config, batch, rank_table, calls, gather)
         if args.torch_compile:
-            label = "torch, head + last layer on masked, torch.compile"
-            contenders[label] = "head+last"
-            runners[label] = torch_runner(config, batch, rank_table, calls, "head+last", True)
+            contenders["torch, head + last layer on masked, torch.compile"] = ("head+last", True)
+        for label, (gather, compiled) in contenders.items():
+            runners[label] = torch_runner(config, batch, rank_table, calls, gather, compiled)
         boxes = {}
         for label, label_slots in (
             ("head on all positions", (None, None)),
