@@ -99,7 +99,7 @@ def main() -> None:
     if not native_attention.load():
         raise SystemExit(
             "the C++ attention kernel is not available here: it needs an x86 CPU with AVX-512 "
-            "and a C++ compiler (see any warning above)"
+            "or AVX2 + FMA and a C++ compiler (see any warning above)"
         )
     torch.set_num_threads(os.cpu_count())
     print(machine_info())

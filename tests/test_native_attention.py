@@ -17,14 +17,14 @@ from gemsjax.models import backend, native_attention
 from gemsjax.models.bert import Dropout
 from gemsjax.models.registry import build_model, get_model_config
 
-needs_avx512 = pytest.mark.skipif(
+needs_vector_cpu = pytest.mark.skipif(
     not native_attention.host_supported(native_attention._cpuinfo()),
-    reason="no AVX-512 here: the kernel is never built (XLA's tiled attention instead)",
+    reason="no AVX-512 or AVX2 + FMA here: the kernel is never built (XLA's tiled attention)",
 )
 needs_compiler = pytest.mark.skipif(
     shutil.which(os.environ.get("CXX", "c++")) is None
     or not native_attention.host_supported(native_attention._cpuinfo()),
-    reason="no C++ compiler or no AVX-512 here: only the XLA fallback can run",
+    reason="no C++ compiler, or no AVX-512 or AVX2 + FMA, here: only the XLA fallback can run",
 )
 
 
@@ -69,8 +69,8 @@ def _values_and_grads(fn, q, k, v, g, key_mask):
     ],
 )
 def test_kernel_values_and_gradients_match_the_plain_formula(shape):
-    """Query blocks with and without a remainder (64 per block), key counts off the 16-lane
-    vectors, head sizes 8-64, a row whose keys are all padding (uniform over them, as the
+    """Query blocks with and without a remainder (64 per block), key counts off the 8- and
+    16-lane vectors, head sizes 8-64, a row whose keys are all padding (uniform over them, as the
     formula gives) and rows with a kept prefix: the output within 1e-5, q/k/v gradients
     within 2e-5 of autodiff through the formula."""
     assert native_attention.load()
@@ -142,18 +142,19 @@ def test_the_kernel_is_built_once_per_host_and_reused(tmp_path, monkeypatch):
     assert built[0].stat().st_mtime_ns == stamp
 
 
-def test_the_kernel_is_built_only_for_cpus_with_avx512():
-    """``/proc/cpuinfo``'s flags decide: AVX-512F yes; AVX2 only, an ARM host, or no cpuinfo
-    (not Linux) no."""
+def test_the_kernel_is_built_only_for_cpus_with_avx512_or_avx2_and_fma():
+    """``/proc/cpuinfo``'s flags decide: AVX-512F, or AVX2 with FMA, yes; AVX2 without FMA,
+    AVX only, an ARM host, or no cpuinfo (not Linux) no."""
     intel = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512dq\n"
     amd = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
     arm = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes\n"
-    assert native_attention.host_supported(intel)
-    assert not any(map(native_attention.host_supported, (amd, arm, "")))
-    assert not native_attention.host_supported("flags\t\t: avx2 avx512fp16\n")
+    assert native_attention.host_supported(intel) and native_attention.host_supported(amd)
+    assert not any(map(native_attention.host_supported, (arm, "")))
+    assert not native_attention.host_supported("flags\t\t: fpu sse2 avx avx2 avx512fp16\n")
+    assert not native_attention.host_supported("flags\t\t: fpu sse2 avx fma\n")
 
 
-@needs_avx512
+@needs_vector_cpu
 def test_without_a_compiler_cpu_attention_falls_back_to_xla(monkeypatch, caplog):
     """No compiler: one warning naming the compiler and the fix, and the CPU attention is
     XLA's tiled path (same values), with no custom call."""
@@ -169,7 +170,7 @@ def test_without_a_compiler_cpu_attention_falls_back_to_xla(monkeypatch, caplog)
     )
 
 
-@needs_avx512
+@needs_vector_cpu
 def test_a_failed_build_is_reported_and_falls_back(monkeypatch, caplog, tmp_path):
     """A compiler that fails: a warning with its first error line, no library left behind,
     and the XLA path; ``GEMSJAX_NATIVE_ATTENTION=0`` skips the kernel without a warning."""

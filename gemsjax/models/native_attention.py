@@ -7,8 +7,8 @@ core's cache, spread over XLA's intra-op thread pool, and its backward pass reco
 probabilities from q and k. Same function as :func:`gemsjax.models.backend.attend` without
 dropout (float32; equal within float rounding, see tests/test_models.py).
 
-The kernel is for x86 CPUs with AVX-512 (Linux). It is compiled on first use with the host's C++
-compiler (``$CXX``, default ``c++``; ``-O3 -march=native``, about 3 s) into
+The kernel is for x86 CPUs with AVX-512, or AVX2 with FMA (Linux). It is compiled on first use
+with the host's C++ compiler (``$CXX``, default ``c++``; ``-O3 -march=native``, about 3 s) into
 ``$GEMSJAX_CACHE/native/`` (default ``~/.cache/gemsjax``), one library per source, compiler,
 jaxlib and CPU, and reused after. On other CPUs, with no compiler, or with
 ``GEMSJAX_NATIVE_ATTENTION=0``, :func:`load` says why once and returns False, and the CPU
@@ -63,11 +63,13 @@ def _host_signature() -> str:
 
 
 def host_supported(cpuinfo: str) -> bool:
-    """Whether ``cpuinfo`` (``/proc/cpuinfo``'s text) lists AVX-512F: the kernel is built only
-    there (an AVX2 build measured slower than XLA's tiled attention, BENCHMARKS.md)."""
-    return any(
-        line.startswith("flags") and "avx512f" in line.split() for line in cpuinfo.splitlines()
-    )
+    """Whether ``cpuinfo`` (``/proc/cpuinfo``'s text) lists AVX-512F, or AVX2 and FMA: the
+    vector widths the kernel is written for (16 and 8 floats)."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split())
+            return "avx512f" in flags or {"avx2", "fma"} <= flags
+    return False
 
 
 def library_path(compiler: str) -> pathlib.Path:
@@ -106,7 +108,7 @@ def load() -> bool:
         _log.info("%s=0: CPU attention runs on XLA's tiled path", SWITCH_ENV)
         return False
     if not host_supported(_cpuinfo()):
-        _log.info("no AVX-512 on this CPU: CPU attention runs on XLA's tiled path")
+        _log.info("no AVX-512 or AVX2 + FMA on this CPU: CPU attention runs on XLA's tiled path")
         return False
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:

@@ -9,7 +9,8 @@
 // Each work item takes one (row, head) pair and walks its queries in blocks of 64, keeping a
 // block's [64, Lk] scores in the core's cache; the backward pass recomputes the probabilities
 // instead of reading them back. Items are spread over XLA's intra-op thread pool. Matmuls run on
-// a register-blocked kernel written with GCC vector extensions on AVX-512 (16-float vectors).
+// a register-blocked kernel written with GCC vector extensions: 16-float vectors on AVX-512,
+// 8-float vectors on AVX2 + FMA.
 
 #include <algorithm>
 #include <atomic>
@@ -29,15 +30,20 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// One vector of W floats (vf), of W int32 lane conditions (vi) and of W bytes (vb): AVX-512's 16
-// lanes; its 32 registers hold 8-row register tiles. (An AVX2 build of the same code, 8 lanes
-// and 6-row tiles, measured slower than XLA's own tiled attention: gemsjax only builds this
-// kernel on AVX-512 hosts.)
-#if !defined(__AVX512F__)
-#error "the CPU attention kernel needs AVX-512 (-march=native on an AVX-512 host)"
-#endif
+// One vector of W floats (vf), of W int32 lane conditions (vi) and of W bytes (vb). AVX-512: 16
+// lanes, and its 32 registers hold register tiles of 8 rows x 3 vectors; AVX2 + FMA: 8 lanes, and
+// its 16 registers hold 6 rows x 2 vectors (12 sums, 2 B vectors, 1 broadcast).
+#if defined(__AVX512F__)
 constexpr int W = 16;
 constexpr int ROWS = 8;
+constexpr int VECTORS = 3;  // the widest tile, in vectors
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int W = 8;
+constexpr int ROWS = 6;
+constexpr int VECTORS = 2;
+#else
+#error "the CPU attention kernel needs AVX-512 or AVX2 with FMA (-march=native on such a host)"
+#endif
 typedef float vf __attribute__((vector_size(4 * W), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(4 * W), aligned(4)));
 typedef uint8_t vb __attribute__((vector_size(W), aligned(1)));
@@ -70,10 +76,17 @@ inline vf exp_nonpositive(vf x) {
 }
 
 // One float broadcast to every lane, read from memory (a load-port broadcast that leaves the
-// FMA ports free; GCC's generic splat broadcasts from a register, on an FMA port).
+// FMA ports free; GCC's generic splat broadcasts from a register, on an FMA port). Through
+// set1 of a plain load, not _mm256_broadcast_ss(p): GCC treats that builtin's read as possibly
+// touching any memory, and then stores a register tile's sums to the stack after every FMA
+// (1.7x slower on AVX2).
+#if defined(__AVX512F__)
 inline vf splat_from(const float* p) { return reinterpret_cast<vf>(_mm512_set1_ps(*p)); }
+#else
+inline vf splat_from(const float* p) { return reinterpret_cast<vf>(_mm256_set1_ps(*p)); }
+#endif
 
-// C[R, NV*16] (+)= A[R, K] B[K, NV*16], A packed k-major (A's (r, k) at panel[k*R + r]), B's row
+// C[R, NV*W] (+)= A[R, K] B[K, NV*W], A packed k-major (A's (r, k) at panel[k*R + r]), B's row
 // k at b + k*ldb, C's rows ldc apart.
 template <int R, int NV>
 inline void tile(int64_t K, const float* panel, const float* b, int64_t ldb, float* c,
@@ -103,7 +116,8 @@ void row_block(int64_t N, int64_t K, const float* a, int64_t ras, int64_t cas, c
   for (int64_t k = 0; k < K; ++k)
     for (int r = 0; r < R; ++r) pp[k * R + r] = a[r * ras + k * cas];
   int64_t j = 0;
-  for (; j + 3 * W <= N; j += 3 * W) tile<R, 3>(K, pp, b + j, ldb, c + j, ldc, accumulate);
+  if constexpr (VECTORS >= 3)
+    for (; j + 3 * W <= N; j += 3 * W) tile<R, 3>(K, pp, b + j, ldb, c + j, ldc, accumulate);
   for (; j + 2 * W <= N; j += 2 * W) tile<R, 2>(K, pp, b + j, ldb, c + j, ldc, accumulate);
   for (; j + W <= N; j += W) tile<R, 1>(K, pp, b + j, ldb, c + j, ldc, accumulate);
   for (; j < N; ++j)
