@@ -129,15 +129,25 @@ void row_block(int64_t N, int64_t K, const float* a, int64_t ras, int64_t cas, c
 }
 
 // C[M, N] (+)= A[M, K] B[K, N]; A's (i, k) at a[i*ras + k*cas], B's row k at b + k*ldb, C's
-// rows ldc apart.
+// rows ldc apart. Rows go in register tiles of ROWS, then 4, then the last 1-3; with 6-row tiles
+// a last 1 or 2 rows (a head of 32: 5 x 6 + 2) take one 6-row block along as 4 + 3 or 4 + 4,
+// since a 1-row tile loads a B vector per FMA.
 void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t ras, int64_t cas,
           const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  int64_t blocks = M / ROWS;
+  if (ROWS == 6 && blocks > 0 && M % ROWS <= 2 && M % ROWS > 0) --blocks;
   int64_t i = 0;
-  for (; i + ROWS <= M; i += ROWS)
+  for (; i < blocks * ROWS; i += ROWS)
     row_block<ROWS>(N, K, a + i * ras, ras, cas, b, ldb, c + i * ldc, ldc, accumulate);
   for (; i + 4 <= M; i += 4)
     row_block<4>(N, K, a + i * ras, ras, cas, b, ldb, c + i * ldc, ldc, accumulate);
-  for (; i < M; ++i) row_block<1>(N, K, a + i * ras, ras, cas, b, ldb, c + i * ldc, ldc, accumulate);
+  const float* rest_a = a + i * ras;
+  float* rest_c = c + i * ldc;
+  switch (M - i) {
+    case 3: row_block<3>(N, K, rest_a, ras, cas, b, ldb, rest_c, ldc, accumulate); break;
+    case 2: row_block<2>(N, K, rest_a, ras, cas, b, ldb, rest_c, ldc, accumulate); break;
+    case 1: row_block<1>(N, K, rest_a, ras, cas, b, ldb, rest_c, ldc, accumulate); break;
+  }
 }
 
 // dst[D, L] = src[L, D] with src's rows `stride` floats apart (in blocks of W rows).
