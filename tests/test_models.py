@@ -689,6 +689,21 @@ def test_cpu_dense_gradients_equal_the_stock_linear(shape):
     assert mixed(x).dtype == jnp.float32
 
 
+@pytest.mark.parametrize("dtype", [None, jnp.float32, np.float32, np.dtype("float32")])
+def test_cpu_dense_takes_matmul_2d_however_float32_is_named(dtype):
+    """The model builds its layers with ``dtype=jnp.float32`` (a scalar type, not a
+    ``np.dtype``): the float32 dense layer must still go through matmul_2d. A set of the raw
+    dtypes once held both spellings, so every dense layer of the float32 training step took
+    nnx.Linear's path instead (the LOGO step 3.5 % slower, BENCHMARKS.md)."""
+    layer = backend.Dense2D(8, 24, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    jaxpr = str(jax.make_jaxpr(lambda x: layer(x))(jnp.ones((2, 5, 8))))
+    assert "name=matmul_2d" in jaxpr
+    model = build_model(get_model_config("test"), nnx.Rngs(0))
+    ids = jnp.full((2, 16), 5, jnp.int32)
+    jaxpr = str(jax.make_jaxpr(lambda ids: model(ids, jnp.ones_like(ids)))(ids))
+    assert jaxpr.count("name=matmul_2d") == 2 * 6 + 1  # 6 per block (2 blocks), 1 in the head
+
+
 def test_gelu_is_exact_erf_gelu_with_its_exact_derivative():
     """The custom-VJP GELU equals jax.nn.gelu(approximate=False), value and gradient, also far
     in the tails (x = -12 .. 12) and under jit/vmap."""

@@ -249,8 +249,12 @@ class Dense2D(nnx.Linear):
         """``inputs: float[..., din]`` -> ``float[..., dout]``."""
         flat = inputs.reshape(-1, inputs.shape[-1])
         kernel = self.kernel[...]
-        dtypes = {kernel.dtype, self.dtype or flat.dtype, self.preferred_element_type or flat.dtype}
-        if out_sharding is None and self.precision is None and dtypes == {flat.dtype}:
+        dtypes = (kernel.dtype, self.dtype or flat.dtype, self.preferred_element_type or flat.dtype)
+        if (
+            out_sharding is None
+            and self.precision is None
+            and {jnp.dtype(d) for d in dtypes} == {flat.dtype}
+        ):
             out = matmul_2d(flat, kernel)
             if self.bias is not None:
                 out = out + self.bias[...].astype(out.dtype)
