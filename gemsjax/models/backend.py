@@ -57,6 +57,11 @@ class Layers(NamedTuple):
         (see :func:`attend`).
       keep_mask: ``(key, keep_prob: float, shape) -> bool[shape]`` for dropout.
       unembed: ``(hidden: float[..., H], table: float[V, H]) -> float32[..., V]``.
+      leading_sums: ``(fn, leading, params, rows, data) -> fn(params, rows, data)``, a dict of
+        float32 sums over rows that ``fn`` computes row by row along axis 1 of ``rows`` and
+        ``data`` (``[G, P, ...]``), of which only the first ``leading`` (``int32[]``) per group
+        carry weight; ``"loss_sum"`` is differentiated (:func:`sums_on_leading_rows` on CPU,
+        ``fn`` on every row elsewhere).
     """
 
     dense: type[nnx.Linear]
@@ -65,6 +70,7 @@ class Layers(NamedTuple):
     attention: Callable[..., jax.Array]
     keep_mask: Callable[[jax.Array, float, tuple[int, ...]], jax.Array]
     unembed: Callable[[jax.Array, jax.Array], jax.Array]
+    leading_sums: Callable[..., dict]
 
 
 ATTENTIONS = ("auto", "xla", "fused")
@@ -150,6 +156,11 @@ def _unembed(hidden: jax.Array, table: jax.Array) -> jax.Array:
     )
 
 
+def _sums_on_all_rows(fn: Callable[..., dict], leading: jax.Array, params, rows, data) -> dict:
+    del leading  # every row computed; XLA differentiates fn
+    return fn(params, rows, data)
+
+
 ACCELERATOR = Layers(
     dense=nnx.Linear,
     norm=nnx.LayerNorm,
@@ -157,6 +168,7 @@ ACCELERATOR = Layers(
     attention=attend,
     keep_mask=_keep_mask,
     unembed=_unembed,
+    leading_sums=_sums_on_all_rows,
 )
 
 
@@ -465,9 +477,82 @@ def _switch_leading(branch_for: Callable, leading: jax.Array, len_q: int, *args)
     :data:`QUERY_BUCKET` below ``len_q`` and ``len_q`` itself: the smallest that holds
     ``leading``."""
     sizes = [*range(QUERY_BUCKET, len_q, QUERY_BUCKET), len_q]
+    return _switch_sizes(branch_for, sizes, leading, *args)
+
+
+def _switch_sizes(branch_for: Callable, sizes: list[int], leading: jax.Array, *args) -> Any:
+    """``lax.switch`` over ``branch_for(size)`` for the ascending ``sizes``: the smallest that
+    holds ``leading`` (the largest where none does)."""
     branch = jnp.searchsorted(jnp.asarray(sizes), leading.astype(jnp.int32))
     branches = [branch_for(size) for size in sizes]
     return jax.lax.switch(jnp.minimum(branch, len(sizes) - 1), branches, *args)
+
+
+ROW_BUCKETS = 16
+""":func:`sums_on_leading_rows` runs on the smallest of ``ceil(i * P / ROW_BUCKETS)`` rows,
+``i = ROW_BUCKETS / 2 .. ROW_BUCKETS``, rounded up to a multiple of 8, that holds the rows that
+carry weight (one compiled branch per size)."""
+
+
+def row_buckets(total: int) -> list[int]:
+    """The row counts :func:`sums_on_leading_rows` compiles a branch for, of ``total`` rows."""
+    round_up = lambda n: -(-n // 8) * 8
+    steps = range(ROW_BUCKETS // 2, ROW_BUCKETS + 1)
+    return sorted({min(total, round_up(math.ceil(i * total / ROW_BUCKETS))) for i in steps})
+
+
+def sums_on_leading_rows(
+    fn: Callable[..., dict], leading: jax.Array, params: Any, rows: Any, data: Any
+) -> dict:
+    """``fn(params, rows, data)`` (a dict of float32 sums) on the first ``size`` rows of axis 1
+    of every array in ``rows`` (differentiable, float) and ``data`` (not differentiated), for
+    the smallest ``size`` of :func:`row_buckets` that holds ``leading`` (``int32[]``): the
+    masked-token step's packed slots after the last layer's attention, of which a batch uses
+    as many as its fullest shard has masked tokens (536-713 of 820 in the LOGO benchmark's
+    GeneMask batches). ``fn`` must work row by row and give the rows from ``leading`` on no
+    weight in its sums; then the result and the gradient of ``"loss_sum"`` with respect to
+    ``params`` and ``rows`` equal ``fn``'s on every row.
+
+    A ``lax.switch`` over the sizes. Under differentiation each branch computes ``fn``'s value
+    and gradient together (``jax.value_and_grad``) and the backward pass only scales them by
+    the incoming cotangent: a switch differentiated by JAX would have every branch write zeros
+    for every other branch's residuals, and a switch per matmul (tried) pads every product back
+    to ``P`` rows, which costs what the smaller products save (BENCHMARKS.md, Train step)."""
+    total = jax.tree.leaves(rows)[0].shape[1]
+    sizes = row_buckets(total)
+    cut = lambda size, tree: jax.tree.map(lambda a: a[:, :size], tree)
+
+    def value(size: int) -> Callable[..., dict]:
+        return lambda params, rows, data: fn(params, cut(size, rows), cut(size, data))
+
+    def value_and_grads(size: int) -> Callable[..., tuple]:
+        def run(params, rows, data):
+            def loss(params, rows):
+                sums = fn(params, rows, cut(size, data))
+                return sums["loss_sum"], sums
+
+            grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+            (_, sums), (d_params, d_rows) = grad(params, cut(size, rows))
+            pad = lambda d: jnp.pad(d, [(0, 0), (0, total - size)] + [(0, 0)] * (d.ndim - 2))
+            return sums, d_params, jax.tree.map(pad, d_rows)
+
+        return run
+
+    @jax.custom_vjp
+    def sums(leading, params, rows, data):
+        return _switch_sizes(value, sizes, leading, params, rows, data)
+
+    def sums_fwd(leading, params, rows, data):
+        out, d_params, d_rows = _switch_sizes(value_and_grads, sizes, leading, params, rows, data)
+        return out, (d_params, d_rows)
+
+    def sums_bwd(residuals, d_out):
+        scale = lambda d: d * d_out["loss_sum"].astype(d.dtype)
+        d_params, d_rows = jax.tree.map(scale, residuals)
+        return None, d_params, d_rows, None
+
+    sums.defvjp(sums_fwd, sums_bwd)
+    return sums(leading, params, rows, data)
 
 
 def _attend_leading_fwd(q, k, v, key_mask, leading):
@@ -655,4 +740,5 @@ CPU = Layers(
     attention=attend_cpu,
     keep_mask=random_bits.bernoulli16,
     unembed=_unembed_2d,
+    leading_sums=sums_on_leading_rows,
 )

@@ -22,6 +22,7 @@ Conventions shared by every module here:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -177,9 +178,12 @@ def dense(
 class Pack(NamedTuple):
     """Per-row slots packed per group of rows: ``index: int32[G, P]`` picks ``P`` of each group's
     ``B / G * S`` slots (row-major) out of a per-row tensor ``[B, S, ...]``. The groups are the
-    batch's shards, so packing never moves a token across devices."""
+    batch's shards, so packing never moves a token across devices. ``used`` (``int32[]``, for
+    :meth:`BertForMaskedLM.packed_sums`): no group's packed slot from this count on is ever
+    read."""
 
     index: jax.Array
+    used: jax.Array | None = None
 
     def take(self, rows: jax.Array) -> jax.Array:
         """``rows: [B, S, ...]`` -> ``[G, P, ...]``."""
@@ -240,12 +244,35 @@ class Dropout(nnx.Dropout):
         ``rows``: ``inputs`` holds only some rows of a full tensor, packed if ``rows.pack`` (see
         :class:`Rows`); the keep mask is drawn for the full tensor and its rows are used, so the
         rows are dropped exactly as they would be in the full computation."""
+        keep = self.draw(inputs.shape, deterministic=deterministic, rngs=rngs, rows=rows)
+        return self.apply(inputs, keep, deterministic=deterministic)
+
+    def _off(self, deterministic: bool | None) -> bool:
         deterministic = self.deterministic if deterministic is None else deterministic
-        if self.rate == 0.0 or deterministic:
+        return self.rate == 0.0 or deterministic
+
+    def draw(
+        self,
+        shape: tuple[int, ...],
+        *,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | None = None,
+        rows: Rows | None = None,
+    ) -> jax.Array | None:
+        """The keep mask ``bool[shape]`` calling this layer would draw, or None where it draws
+        none (deterministic, rate 0 or 1); arguments as in :meth:`__call__`."""
+        if self._off(deterministic) or self.rate == 1.0:
+            return None
+        return self.kept(shape, rngs=rngs, rows=rows)
+
+    def apply(
+        self, inputs: jax.Array, keep: jax.Array | None, *, deterministic: bool | None = None
+    ) -> jax.Array:
+        """``inputs`` dropped by ``keep`` (what :meth:`draw` gave) as :meth:`__call__` drops."""
+        if self._off(deterministic):
             return inputs
         if self.rate == 1.0:
             return jnp.zeros_like(inputs)
-        keep = self.kept(inputs.shape, rngs=rngs, rows=rows)
         return jnp.where(keep, inputs / (1.0 - self.rate), jnp.zeros((), inputs.dtype))
 
     def kept(
@@ -406,11 +433,35 @@ class TransformerBlock(nnx.Module):
         ``L``), equal to the rows of the full output, dropout included; ``float[G, P, H]`` if
         they pack (queries per row; output projection, residual stream and feed-forward on the
         packed rows)."""
+        return self.after_attention(*self.attend(x, key_mask, rngs, query_rows))
+
+    def attend(
+        self,
+        x: jax.Array,
+        key_mask: jax.Array,
+        rngs: nnx.Rngs | None = None,
+        query_rows: Rows | None = None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+        """The block up to its attention's output projection: ``(xq, attn, keep_attn,
+        keep_ffn)``, the residual stream and attention output at the query rows (``[B, L, H]``,
+        ``[B, S, H]`` or packed ``[G, P, H]``) and the keep masks of the block's two dropouts
+        (None where they draw none), drawn in the order :meth:`__call__` draws them."""
         xq = x if query_rows is None else query_rows.packed(query_rows.take(x))
         attn = self.attention(x, key_mask, rngs, query_rows)
-        h = self.attention_norm(xq + self.attention_dropout(attn, rngs=rngs, rows=query_rows))
+        draw = lambda dropout: dropout.draw(attn.shape, rngs=rngs, rows=query_rows)
+        return xq, attn, draw(self.attention_dropout), draw(self.ffn_dropout)
+
+    def after_attention(
+        self,
+        xq: jax.Array,
+        attn: jax.Array,
+        keep_attn: jax.Array | None,
+        keep_ffn: jax.Array | None,
+    ) -> jax.Array:
+        """The rest of the block (row by row) on :meth:`attend`'s outputs -> ``float[..., H]``."""
+        h = self.attention_norm(xq + self.attention_dropout.apply(attn, keep_attn))
         ffn = self.ffn_out(self.gelu(self.ffn_in(h)))
-        return self.ffn_norm(h + self.ffn_dropout(ffn, rngs=rngs, rows=query_rows))
+        return self.ffn_norm(h + self.ffn_dropout.apply(ffn, keep_ffn))
 
 
 class TransformerStack(nnx.Module):
@@ -430,20 +481,25 @@ class TransformerStack(nnx.Module):
         key_mask: jax.Array,
         rngs: nnx.Rngs | None = None,
         positions: jax.Array | None = None,
-        pack: jax.Array | None = None,
+        pack: Pack | None = None,
+        tail: Callable[..., Any] | None = None,
     ):
         """``x: float[B, L, H]``, ``key_mask: bool[B, L]`` -> ``float[B, L, H]``, or
         ``float[B, S, H]`` at ``positions: int32[B, S]``: the last block then computes only
         those rows (what an output head at ``positions`` needs); ``float[G, P, H]`` when
-        ``pack: int32[G, P]`` packs them (:class:`Pack`)."""
+        ``pack`` packs them (:class:`Pack`). ``tail`` (with ``positions``): the last block
+        stops after its attention and ``tail(last_block, *last_block.attend(...))`` is
+        returned (:meth:`TransformerBlock.attend`)."""
         check_mesh()
         *blocks, last = self.blocks
         for block in blocks:
             x = block(x, key_mask, rngs)
         if positions is None:
             return last(x, key_mask, rngs)
-        rows = Rows(1, positions, x.shape[1], None if pack is None else Pack(pack))
-        return last(x, key_mask, rngs, rows)
+        rows = Rows(1, positions, x.shape[1], pack)
+        if tail is None:
+            return last(x, key_mask, rngs, rows)
+        return tail(last, *last.attend(x, key_mask, rngs, rows))
 
 
 class Embeddings(nnx.Module):
@@ -495,7 +551,8 @@ class BertModel(nnx.Module):
         token_type_ids: jax.Array | None = None,
         rngs: nnx.Rngs | None = None,
         positions: jax.Array | None = None,
-        pack: jax.Array | None = None,
+        pack: Pack | None = None,
+        tail: Callable[..., Any] | None = None,
     ) -> jax.Array:
         """Last hidden layer ``float[B, L, H]`` (compute dtype), or ``float[B, S, H]`` at
         ``positions`` (the last layer then runs only there; see :class:`TransformerStack`),
@@ -508,14 +565,16 @@ class BertModel(nnx.Module):
           token_type_ids: ``int32[B, L]``; defaults to 0.
           rngs: dropout keys (``nnx.Rngs(dropout=key)``) when dropout is switched on.
           positions: ``int32[B, S]`` rows wanted from the last layer (None: all).
-          pack: ``int32[G, P]``: those rows packed per group of ``B / G`` rows (:class:`Pack`).
+          pack: those rows packed per group of ``B / G`` rows (:class:`Pack`).
+          tail: what the last layer's rows go to after its attention (see
+            :class:`TransformerStack`); its result is returned.
         """
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(ids)
         x = self.embeddings(self.word_embeddings(ids), position_ids, token_type_ids, rngs)
-        return self.stack(x, attention != 0, rngs, positions, pack)
+        return self.stack(x, attention != 0, rngs, positions, pack, tail)
 
 
 class MlmHead(nnx.Module):
@@ -551,6 +610,7 @@ class BertForMaskedLM(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.encoder = BertModel(config, **kw)
         self.head = MlmHead(config, **kw)
+        self.leading_sums = backend.layers(config.platform).leading_sums
 
     def __call__(
         self,
@@ -561,13 +621,10 @@ class BertForMaskedLM(nnx.Module):
         position_ids: jax.Array | None = None,
         token_type_ids: jax.Array | None = None,
         rngs: nnx.Rngs | None = None,
-        pack: jax.Array | None = None,
     ) -> jax.Array:
         """MLM logits ``float32[B, L, V]``, or ``float32[B, S, V]`` at ``positions: int32[B, S]``
         (the head and the encoder's last layer then run only there; equal to the full logits
-        at those positions), ``float32[G, P, V]`` with ``pack: int32[G, P]`` (those positions
-        packed per group of rows, :class:`Pack`). Other arguments as in
-        :meth:`BertModel.__call__`."""
+        at those positions). Other arguments as in :meth:`BertModel.__call__`."""
         hidden = self.encoder(
             ids,
             attention,
@@ -575,9 +632,45 @@ class BertForMaskedLM(nnx.Module):
             token_type_ids=token_type_ids,
             rngs=rngs,
             positions=positions,
-            pack=pack,
         )
         return self.head(hidden, self.encoder.word_embeddings.embedding[...])
+
+    def packed_sums(
+        self,
+        ids: jax.Array,
+        attention: jax.Array,
+        positions: jax.Array,
+        pack: Pack,
+        loss: Callable[..., dict],
+        data: tuple[jax.Array, ...],
+        *,
+        rngs: nnx.Rngs | None = None,
+    ) -> dict:
+        """``loss(logits, *data)`` at ``positions: int32[B, S]`` packed by ``pack``
+        (:class:`Pack`): a dict of float32 sums over the packed slots, of which ``"loss_sum"``
+        is differentiated (``logits: float32[G, P', V]``, ``data``: arrays ``[G, P, ...]``, both
+        cut to the same ``P'`` leading slots). The last layer's attention runs as in
+        :meth:`__call__`; the rest of it, the head and ``loss`` run through the platform's
+        ``leading_sums`` (:mod:`gemsjax.models.backend`): on CPU on the fewest leading slots
+        that hold ``pack.used``, with their gradient computed alongside. Equal to ``loss`` of
+        the packed logits wherever ``loss`` gives the slots from ``pack.used`` on no weight."""
+        table = self.encoder.word_embeddings.embedding[...]
+
+        def tail(last, xq, attn, keep_attn, keep_ffn):
+            graphdef, state = nnx.split((last, self.head))
+
+            def run(params, rows, data):
+                (last, head), table = nnx.merge(graphdef, params[0]), params[1]
+                xq, attn = rows
+                (keep_attn, keep_ffn), data = data[:2], data[2:]
+                logits = head(last.after_attention(xq, attn, keep_attn, keep_ffn), table)
+                return loss(logits, *data)
+
+            return self.leading_sums(
+                run, pack.used, (state, table), (xq, attn), (keep_attn, keep_ffn, *data)
+            )
+
+        return self.encoder(ids, attention, rngs=rngs, positions=positions, pack=pack, tail=tail)
 
 
 class ClassifierHead(nnx.Module):

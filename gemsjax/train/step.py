@@ -28,6 +28,7 @@ from flax import nnx
 
 from gemsjax import masking
 from gemsjax.curriculum import CurriculumState
+from gemsjax.models.bert import Pack
 from gemsjax.train import sharding
 from gemsjax.train.spec import StepSpec
 
@@ -203,14 +204,16 @@ def loss_sums(
         )
     if head_slots is None:
         return cross_entropy_sums(model(batch["inputs"], attention, rngs=rngs), targets, weights)
+    inputs = batch["inputs"]
     return _at_loss_positions(
-        lambda positions, pack=None: model(
-            batch["inputs"], attention, positions=positions, pack=pack, rngs=rngs
-        ),
+        lambda positions: model(inputs, attention, positions=positions, rngs=rngs),
         targets,
         weights,
         head_slots.rows,
         head_slots.packed,
+        lambda positions, pack, data: model.packed_sums(
+            inputs, attention, positions, pack, cross_entropy_sums, data, rngs=rngs
+        ),
     )
 
 
@@ -222,14 +225,21 @@ def _first(flags: jax.Array, size: int) -> jax.Array:
 
 
 def _at_loss_positions(
-    logits_at, targets: jax.Array, weights: jax.Array, slots: int, packed: int | None = None
+    logits_at,
+    targets: jax.Array,
+    weights: jax.Array,
+    slots: int,
+    packed: int | None = None,
+    packed_sums=None,
 ) -> dict:
     """:func:`cross_entropy_sums` of ``logits_at(positions)`` (``float[B, slots, C]``) at each
     row's loss positions (``weights != 0``, in position order) gathered into ``slots``
     positions; unused slots weigh 0. ``targets: int32[B, L]``, ``weights: float32[B, L]``.
-    ``packed``: ``logits_at(positions, pack)`` (``float[G, packed, C]``) instead, the used slots
-    of each group of ``B / G`` rows (:func:`batch_groups`) packed in order, ``pack:
-    int32[G, packed]`` indexing each group's ``B / G * slots`` slots."""
+    ``packed``: ``packed_sums(positions, pack, (targets, weights))`` instead (the model's
+    :meth:`~gemsjax.models.bert.BertForMaskedLM.packed_sums` of :func:`cross_entropy_sums`),
+    the used slots of each group of ``B / G`` rows (:func:`batch_groups`) packed in order:
+    ``pack`` (:class:`~gemsjax.models.bert.Pack`) indexes each group's ``B / G * slots`` slots
+    with ``packed`` entries, its ``used`` the fullest group's count."""
     on_loss = weights != 0
     positions = _first(on_loss, slots)
     used = jnp.arange(slots) < on_loss.sum(axis=1, keepdims=True)
@@ -238,14 +248,13 @@ def _at_loss_positions(
     if packed is None:
         return cross_entropy_sums(logits_at(positions), targets, weights)
     grouped = lambda x: x.reshape(batch_groups(x.shape[0]), -1)
-    pack = _first(grouped(used), packed)
-    take = functools.partial(jnp.take_along_axis, indices=pack, axis=1)
-    in_pack = jnp.arange(packed) < grouped(used).sum(axis=1, keepdims=True)
-    return cross_entropy_sums(
-        logits_at(positions, pack),
-        take(grouped(targets)),
-        jnp.where(in_pack, take(grouped(weights)), 0.0),
-    )
+    index = _first(grouped(used), packed)
+    take = functools.partial(jnp.take_along_axis, indices=index, axis=1)
+    counts = grouped(used).sum(axis=1, keepdims=True)
+    in_pack = jnp.arange(packed) < counts
+    pack = Pack(index, jnp.minimum(counts.max(), packed).astype(jnp.int32))
+    data = (take(grouped(targets)), jnp.where(in_pack, take(grouped(weights)), 0.0))
+    return packed_sums(positions, pack, data)
 
 
 def batch_groups(rows: int) -> int:
