@@ -622,6 +622,54 @@ def test_leading_query_attention_is_the_tiled_attention_of_those_slots(
         np.testing.assert_allclose(g, w, atol=2e-5)
 
 
+def test_row_buckets_run_from_half_to_all_rows_in_sixteenths():
+    """The packed tail's row counts: ceil(i * P / 16) for i = 8..16, rounded up to 8 (LOGO's 820
+    packed slots: 9 sizes; a test batch's 40: 3)."""
+    assert backend.row_buckets(820) == [416, 464, 520, 568, 616, 672, 720, 776, 820]
+    assert backend.row_buckets(40) == [24, 32, 40]
+    assert backend.row_buckets(5) == [5]
+
+
+@pytest.mark.parametrize("leading", [0, 13, 25, 40])
+def test_sums_on_leading_rows_equal_the_sums_on_every_row(leading):
+    """sums_on_leading_rows gives the all-rows sums and the all-rows gradient of "loss_sum"
+    (parameters and row inputs, zero past ``leading``) when no row from ``leading`` on carries
+    weight, computing on the smallest of 24 / 32 / 40 rows that holds ``leading``; ``data``
+    (integer targets, float weights, a None) is cut alongside and not differentiated."""
+    groups, total, width, classes = 2, 40, 6, 5
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (groups, total, width))
+    kernel = jax.random.normal(keys[1], (width, classes))
+    bias = jax.random.normal(keys[2], (classes,))
+    targets = jax.random.randint(keys[3], (groups, total), 0, classes)
+    counts = jnp.array([[leading], [max(leading - 3, 0)]])
+    weights = (jnp.arange(total) < counts).astype(jnp.float32) * 0.5
+
+    def fn(params, rows, data):
+        (kernel, bias), (x,), (weights, targets, none) = params, rows, data
+        assert none is None
+        logits = jnp.tanh(x @ kernel + bias) * 3.0
+        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        loss = jax.nn.logsumexp(logits, axis=-1) - picked
+        seen = jnp.float32(x.shape[1])
+        return dict(loss_sum=(loss * weights).sum(), count=weights.sum(), seen=seen)
+
+    def run(sums_fn, n):
+        loss = lambda params, x: sums_fn(fn, n, params, (x,), (weights, targets, None))
+        value = loss((kernel, bias), x)
+        grads = jax.grad(lambda p, x: loss(p, x)["loss_sum"], argnums=(0, 1))((kernel, bias), x)
+        return value, grads
+
+    got, got_grads = jax.jit(lambda n: run(backend.sums_on_leading_rows, n))(jnp.int32(leading))
+    want, want_grads = run(backend._sums_on_all_rows, jnp.int32(leading))
+    assert float(got["seen"]) == {0: 24, 13: 24, 25: 32, 40: 40}[leading]
+    np.testing.assert_allclose(got["loss_sum"], want["loss_sum"], rtol=1e-6)
+    assert float(got["count"]) == float(want["count"])
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    assert not np.any(np.asarray(got_grads[1][:, leading:]))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_cpu_layer_norm_equals_the_stock_layer_norm(dtype):
     """The CPU LayerNorm (its closed-form backward pass) gives nnx.LayerNorm's output and

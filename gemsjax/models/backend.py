@@ -11,7 +11,9 @@ between platforms.
   LayerNorm with a closed-form backward pass, attention in a fused C++ kernel
   (:mod:`gemsjax.models.native_attention`; where it cannot be built, XLA a few (row, head)
   pairs at a time), both with a recomputing backward pass (the masked-token step's last
-  layer: only as many query slots as its fullest row uses), and 16-bit dropout draws.
+  layer: only as many query slots as its fullest row uses), the masked-token step's tail
+  (after the last layer's attention) on only as many packed slots as its fullest shard uses,
+  and 16-bit dropout draws.
 - every other platform (``"gpu"``, ``"tpu"``): the stock formulations, left to XLA's fusion.
 
 Attention has a second switch, ``attention`` (``BertConfig.attention``, ``model.attention``):
