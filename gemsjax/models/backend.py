@@ -159,7 +159,7 @@ def _unembed(hidden: jax.Array, table: jax.Array) -> jax.Array:
 
 
 def _sums_on_all_rows(fn: Callable[..., dict], leading: jax.Array, params, rows, data) -> dict:
-    del leading  # every row computed; XLA differentiates fn
+    del leading  # every row computed; JAX differentiates fn
     return fn(params, rows, data)
 
 
@@ -490,6 +490,28 @@ def _switch_sizes(branch_for: Callable, sizes: list[int], leading: jax.Array, *a
     return jax.lax.switch(jnp.minimum(branch, len(sizes) - 1), branches, *args)
 
 
+def _attend_leading_fwd(q, k, v, key_mask, leading):
+    return attend_leading(q, k, v, key_mask, leading), (q, k, v, key_mask, leading)
+
+
+def _attend_leading_bwd(residuals, d_out):
+    q, k, v, key_mask, leading = residuals
+
+    def first(size: int) -> Callable[..., tuple[jax.Array, ...]]:
+        def run(q, k, v, key_mask, d_out):
+            attend_first = lambda q, k, v: attend_fused_cpu(q[:, :size], k, v, key_mask)
+            _, vjp = jax.vjp(attend_first, q, k, v)
+            return vjp(d_out[:, :size])
+
+        return run
+
+    d_q, d_k, d_v = _switch_leading(first, leading, q.shape[1], q, k, v, key_mask, d_out)
+    return d_q, d_k, d_v, None, None
+
+
+attend_leading.defvjp(_attend_leading_fwd, _attend_leading_bwd)
+
+
 ROW_BUCKETS = 16
 """:func:`sums_on_leading_rows` runs on the smallest of ``ceil(i * P / ROW_BUCKETS)`` rows,
 ``i = ROW_BUCKETS / 2 .. ROW_BUCKETS``, rounded up to a multiple of 8, that holds the rows that
@@ -555,28 +577,6 @@ def sums_on_leading_rows(
 
     sums.defvjp(sums_fwd, sums_bwd)
     return sums(leading, params, rows, data)
-
-
-def _attend_leading_fwd(q, k, v, key_mask, leading):
-    return attend_leading(q, k, v, key_mask, leading), (q, k, v, key_mask, leading)
-
-
-def _attend_leading_bwd(residuals, d_out):
-    q, k, v, key_mask, leading = residuals
-
-    def first(size: int) -> Callable[..., tuple[jax.Array, ...]]:
-        def run(q, k, v, key_mask, d_out):
-            attend_first = lambda q, k, v: attend_fused_cpu(q[:, :size], k, v, key_mask)
-            _, vjp = jax.vjp(attend_first, q, k, v)
-            return vjp(d_out[:, :size])
-
-        return run
-
-    d_q, d_k, d_v = _switch_leading(first, leading, q.shape[1], q, k, v, key_mask, d_out)
-    return d_q, d_k, d_v, None, None
-
-
-attend_leading.defvjp(_attend_leading_fwd, _attend_leading_bwd)
 
 
 def l2_cache_bytes(cpu_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
