@@ -4,7 +4,7 @@ Attention was the largest part of the LOGO train step's gap to the fully gathere
 (BENCHMARKS.md, issue 13 §6), so this times it alone, float32, on the CPU:
 
 - ``gemsjax kernel``: :func:`gemsjax.models.backend.attend_fused_cpu` (what the CPU train step
-  runs without attention dropout: the fused C++ kernel of :mod:`gemsjax.models.native_attention`
+  runs without attention dropout: the fused C++ kernel of :mod:`gemsjax.models.native_kernels`
   through XLA FFI), ``jax.jit(jax.grad(...))`` of ``sum(out * g)``;
 - ``gemsjax XLA tiled``: :func:`gemsjax.models.backend.attend_tiled` (its fallback where no C++
   compiler is found: tiles of (row, head) pairs under ``lax.map``, recomputing custom VJP);
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from benchutil import interleaved_medians, machine_info
 
-from gemsjax.models import backend, native_attention
+from gemsjax.models import backend, native_kernels
 
 BATCH, KEYS, HEADS, DEPTH, PADDING = 8, 512, 8, 32, 5
 
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
-    if not native_attention.load():
+    if not native_kernels.load():
         raise SystemExit(
             "the C++ attention kernel is not available here: it needs an x86 CPU with AVX-512 "
             "or AVX2 + FMA and a C++ compiler (see any warning above)"

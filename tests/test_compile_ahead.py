@@ -12,7 +12,7 @@ from flax import nnx
 
 from gemsjax import config as config_lib
 from gemsjax.errors import UserError
-from gemsjax.models import flops, native_attention, registry
+from gemsjax.models import flops, native_kernels, registry
 from gemsjax.models.sizes import SIZES
 from gemsjax.train import compile_ahead, sharding
 
@@ -78,7 +78,7 @@ def test_the_step_is_built_for_the_target_platform_not_the_host():
     layers = SIZES["test"]["layers"]
     loops = {p: t.count("stablehlo.while") for p, t in text.items()}
     kernel = {p: t.count("gemsjax_attention_") for p, t in text.items()}
-    if native_attention.load():
+    if native_kernels.load():
         assert kernel == {"cpu": 2 * layers, "tpu": 0} and loops["cpu"] == loops["tpu"], kernel
     else:
         assert loops["cpu"] - loops["tpu"] == 2 * layers and not any(kernel.values()), loops
@@ -169,7 +169,7 @@ def test_compile_mode_on_the_local_devices(tmp_path):
     assert report["batch_size"] == 16 and report["batch_bytes"] > 0
     assert math.isfinite(report["compiler_flops"]) and report["compiler_flops"] > 0
     assert "gemsjax compile: local: 8 x cpu" in out.stdout
-    if native_attention.load():
+    if native_kernels.load():
         assert report["cpu_attention_calls"] > 0
         assert "call(s) of the C++ CPU attention kernel" in out.stdout
     else:

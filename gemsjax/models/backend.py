@@ -7,11 +7,11 @@ between platforms.
 
 - ``"cpu"``: XLA's CPU backend is memory-bound on the shapes a BERT step makes; these versions
   avoid its slow paths (timings in BENCHMARKS.md): 2-D matmuls (a tall kernel's gradient
-  computed transposed), an ``erf`` GELU whose derivative is computed in the backward pass, a
-  LayerNorm with a closed-form backward pass, attention in a fused C++ kernel
-  (:mod:`gemsjax.models.native_attention`; where it cannot be built, XLA a few (row, head)
-  pairs at a time), both with a recomputing backward pass (the masked-token step's last
-  layer: only as many query slots as its fullest row uses), the masked-token step's tail
+  computed transposed), an ``erf`` GELU whose derivative is computed in the backward pass,
+  LayerNorm and attention in fused C++ kernels (:mod:`gemsjax.models.native_kernels`; where
+  they cannot be built, a LayerNorm with a closed-form backward pass, and XLA's attention a few
+  (row, head) pairs at a time), attention with a recomputing backward pass (the masked-token
+  step's last layer: only as many query slots as its fullest row uses), the masked-token step's tail
   (after the last layer's attention) on only as many packed slots as its fullest shard uses,
   and 16-bit dropout draws.
 - every other platform (``"gpu"``, ``"tpu"``): the stock formulations, left to XLA's fusion.
@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gemsjax import random_bits
-from gemsjax.models import native_attention
+from gemsjax.models import native_kernels
 
 
 class Layers(NamedTuple):
@@ -306,7 +306,8 @@ matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
 
 class LayerNormLastAxis(nnx.LayerNorm):
     """``nnx.LayerNorm`` (same parameters and results) whose float32 normalisation over the last
-    axis, with scale and bias and the two-pass variance, goes through :func:`layer_norm`'s
+    axis, with scale and bias and the two-pass variance, goes through the C++ kernel
+    (:func:`layer_norm_fused_cpu`) where it builds, else through :func:`layer_norm`'s
     hand-written gradient; any other configuration takes ``nnx.LayerNorm``'s own path."""
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
@@ -326,7 +327,8 @@ class LayerNormLastAxis(nnx.LayerNorm):
         )
         if not plain:
             return super().__call__(x, mask=mask)
-        return layer_norm(x, scale, bias, self.epsilon)
+        norm = layer_norm_fused_cpu if native_kernels.load() else layer_norm
+        return norm(x, scale, bias, self.epsilon)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -361,6 +363,39 @@ def _layer_norm_bwd(eps, residuals, d_out):
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm_fused_cpu(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """:func:`layer_norm` in the C++ kernel of :mod:`gemsjax.models.native_kernels` (call its
+    ``load`` first), each device on its own rows of the batch: both passes read and write each
+    array once, where XLA's fusions of :func:`layer_norm` materialise ``[..., H]`` broadcasts of
+    the row statistics and of the scale (a LOGO step 2 % faster, BENCHMARKS.md). The scale's and
+    bias's gradients are summed per device in the kernel, then over the devices. Arguments and
+    result as in :func:`layer_norm` (``x``'s first axis the batch)."""
+    return _layer_norm_fused_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fused_fwd(x, scale, bias, eps):
+    forward = lambda x, scale, bias: native_kernels.layer_norm_forward(x, scale, bias, eps)
+    out, stats = per_device_rows(forward, x, shared=(scale, bias))
+    return out, (x, stats, scale)
+
+
+def _layer_norm_fused_bwd(eps, residuals, d_out):
+    del eps
+
+    def backward(x, stats, d_out, scale):
+        d_x, d_params = native_kernels.layer_norm_backward(x, stats, scale, d_out)
+        return d_x, d_params[None]
+
+    x, stats, scale = residuals
+    d_x, d_params = per_device_rows(backward, x, stats, d_out, shared=(scale,))
+    d_scale, d_bias = jnp.sum(d_params, axis=0)
+    return d_x, d_scale, d_bias
+
+
+layer_norm_fused_cpu.defvjp(_layer_norm_fused_fwd, _layer_norm_fused_bwd)
 
 
 @jax.custom_vjp
@@ -405,7 +440,7 @@ def attend_cpu(
     that pack (``query_rows.pack``: only the slots :meth:`~gemsjax.models.bert.Rows.slots_read`
     counts are ever read)."""
     if _dropout_on(dropout):
-        if dropout.rate == 1.0 or not native_attention.load():
+        if dropout.rate == 1.0 or not native_kernels.load():
             return attend(q, k, v, key_mask, dropout, rngs, query_rows)
         rows = None if query_rows is None else query_rows._replace(axis=2, pack=None)
         (batch, len_q, heads, _), len_k = q.shape, k.shape[1]
@@ -424,21 +459,21 @@ def attend_fused_cpu(
     kept: jax.Array | None = None,
     scale: float = 1.0,
 ) -> jax.Array:
-    """:func:`attend` through the C++ kernel of :mod:`gemsjax.models.native_attention` (float32
+    """:func:`attend` through the C++ kernel of :mod:`gemsjax.models.native_kernels` (float32
     inside; each device runs it on its own rows of the batch) when it builds on this host, else
     through :func:`attend_tiled` (then ``kept`` must be None). Arguments and result as in
     :func:`attend_tiled`; ``kept: bool[B, N, Lq, Lk]`` and ``scale``: dropout's keep mask on
     the probabilities and ``1 / (1 - rate)``."""
-    if not native_attention.load():
+    if not native_kernels.load():
         if kept is not None:  # the tiled path has no dropout: never drop it silently
             raise ValueError("attend_fused_cpu: dropout needs the C++ kernel; use attend instead")
         return attend_tiled(q, k, v, key_mask)
     q = q.astype(jnp.float32) * (1.0 / math.sqrt(q.shape[-1]))
     args = (q, k.astype(jnp.float32), v.astype(jnp.float32), key_mask)
     if kept is None:
-        out = per_device_rows(native_attention.attend, *args)
+        out = per_device_rows(native_kernels.attend, *args)
     else:
-        run = lambda *a: native_attention.attend(*a, scale)
+        run = lambda *a: native_kernels.attend(*a, scale)
         out = per_device_rows(run, *args, kept)
     return out.astype(v.dtype)
 
@@ -645,19 +680,19 @@ def attend_tiled(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) 
     return per_device_rows(run, q, k, v, key_mask)
 
 
-def per_device_rows(fn: Callable[..., jax.Array], *args: jax.Array) -> jax.Array:
-    """``fn(*args)`` (batch-major arguments and result) run by each device on its own rows of the
-    batch under the active mesh: ``shard_map`` with the batch over every mesh axis (the batch
-    sharding of :func:`gemsjax.train.sharding.batch_sharding`). Without a mesh, on one device,
-    or for a batch the devices do not divide, ``fn(*args)`` itself."""
+def per_device_rows(fn: Callable[..., Any], *args: jax.Array, shared: tuple = ()) -> Any:
+    """``fn(*args, *shared)`` (batch-major ``args`` and results; ``shared`` whole on every
+    device) run by each device on its own rows of the batch under the active mesh: ``shard_map``
+    with the batch over every mesh axis (the batch sharding of
+    :func:`gemsjax.train.sharding.batch_sharding`). Without a mesh, on one device, or for a
+    batch the devices do not divide, ``fn(*args, *shared)`` itself."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or args[0].shape[0] % mesh.size:
-        return fn(*args)
-    rows = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
-    run = jax.shard_map(
-        fn, mesh=mesh, in_specs=(rows,) * len(args), out_specs=rows, check_vma=False
-    )
-    return run(*args)
+        return fn(*args, *shared)
+    rows, whole = jax.sharding.PartitionSpec(tuple(mesh.axis_names)), jax.sharding.PartitionSpec()
+    specs = (rows,) * len(args) + (whole,) * len(shared)
+    run = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=rows, check_vma=False)
+    return run(*args, *shared)
 
 
 def _tile_scores(q: jax.Array, k: jax.Array, keep: jax.Array) -> jax.Array:

@@ -522,6 +522,7 @@ class Embeddings(nnx.Module):
         rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
         """``x: float[B, L, H]``, ``position_ids, token_type_ids: int32[B, L]`` -> ``[B, L, H]``."""
+        check_mesh()
         x = x + self.position(position_ids) + self.token_type(token_type_ids)
         return self.dropout(self.norm(x), rngs=rngs)
 

@@ -1,9 +1,10 @@
 // Bidirectional attention for XLA's CPU backend as XLA FFI custom calls: forward and backward,
 // each also with dropout on the probabilities.
 //
-// Built on first use by gemsjax/models/native_attention.py (c++ -O3 -march=native) and called
-// through jax.ffi. Same function as gemsjax.models.backend.attend, on float32
-// q: [B, Lq, N, D], k, v: [B, Lk, N, D], keep: bool[B, Lk] (the scale already folded into q):
+// Built with layer_norm.cc into one library on first use by gemsjax/models/native_kernels.py
+// (c++ -O3 -march=native) and called through jax.ffi. Same function as
+// gemsjax.models.backend.attend, on float32 q: [B, Lq, N, D], k, v: [B, Lk, N, D],
+// keep: bool[B, Lk] (the scale already folded into q):
 //   out = dropout(softmax(where(keep, q k^T, FLT_MIN))) v   per (row, head) pair,
 // the dropout given as its keep mask kept: bool[B, N, Lq, Lk] and scale 1 / (1 - rate).
 // Each work item takes one (row, head) pair and walks its queries in blocks of 64, keeping a
@@ -12,46 +13,17 @@
 // a register-blocked kernel written with GCC vector extensions: 16-float vectors on AVX-512,
 // 8-float vectors on AVX2 + FMA.
 
-#include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cfloat>
-#include <cstdint>
 #include <cstring>
-#include <functional>
 #include <immintrin.h>
-#include <memory>
-#include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "common.h"
 
 namespace {
 
-// One vector of W floats (vf), of W int32 lane conditions (vi) and of W bytes (vb). AVX-512: 16
-// lanes, and its 32 registers hold register tiles of 8 rows x 3 vectors; AVX2 + FMA: 8 lanes, and
-// its 16 registers hold 6 rows x 2 vectors (12 sums, 2 B vectors, 1 broadcast).
-#if defined(__AVX512F__)
-constexpr int W = 16;
-constexpr int ROWS = 8;
-constexpr int VECTORS = 3;  // the widest tile, in vectors
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int W = 8;
-constexpr int ROWS = 6;
-constexpr int VECTORS = 2;
-#else
-#error "the CPU attention kernel needs AVX-512 or AVX2 with FMA (-march=native on such a host)"
-#endif
-typedef float vf __attribute__((vector_size(4 * W), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(4 * W), aligned(4)));
-typedef uint8_t vb __attribute__((vector_size(W), aligned(1)));
 constexpr int64_t QBLOCK = 64; // query rows per block
-
-inline vf splat(float x) { return vf{} + x; }
-inline vf load(const float* p) { return *reinterpret_cast<const vf*>(p); }
-inline void store(float* p, vf x) { *reinterpret_cast<vf*>(p) = x; }
 
 // exp(x) for x <= 0 (Cephes expf's range reduction and polynomial, ~1 ulp); exactly 0 where
 // float32 exp underflows.
@@ -243,32 +215,6 @@ void apply_kept(const float* src, const bool* kept, int64_t rows, int64_t L, flo
     }
     for (int64_t j = full; j < L; ++j) d[j] = m[j] ? s[j] : 0.0f;
   }
-}
-
-// Runs body(item) for item in [0, items) on the calling thread and the pool's threads.
-void parallel_for(ffi::ThreadPool& pool, int64_t items, const std::function<void(int64_t)>& body) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> active{0};
-    int64_t items;
-    const std::function<void(int64_t)>* body;
-  };
-  auto state = std::make_shared<State>();
-  state->items = items;
-  state->body = &body;
-  auto drain = [](State& s) {
-    for (int64_t i = s.next.fetch_add(1); i < s.items; i = s.next.fetch_add(1)) (*s.body)(i);
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), items - 1);
-  for (int64_t h = 0; h < helpers; ++h)
-    pool.Schedule([state, drain] {
-      state->active.fetch_add(1);
-      drain(*state);
-      state->active.fetch_sub(1);
-    });
-  drain(*state);
-  // A helper that starts after this point finds no items left and never reads `body`.
-  while (state->active.load() != 0) std::this_thread::yield();
 }
 
 struct Shape {

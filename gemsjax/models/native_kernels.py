@@ -1,18 +1,21 @@
-"""A fused CPU attention kernel: C++ (``native/attention.cc``) behind two XLA FFI custom calls.
+"""Fused CPU kernels in C++ (``native/*.cc``) behind XLA FFI custom calls: attention and
+LayerNorm, each a forward and a backward call.
 
 XLA's CPU backend runs attention as separate small matmuls and elementwise passes over
-``[c, Lq, Lk]`` tiles (:func:`gemsjax.models.backend.attend_tiled`); this kernel computes one
-(row, head) pair's scores, softmax and output in one pass over a 64-query block held in the
-core's cache, spread over XLA's intra-op thread pool, and its backward pass recomputes the
+``[c, Lq, Lk]`` tiles (:func:`gemsjax.models.backend.attend_tiled`); the attention kernel
+computes one (row, head) pair's scores, softmax and output in one pass over a 64-query block held
+in the core's cache, spread over XLA's intra-op thread pool, and its backward pass recomputes the
 probabilities from q and k. Same function as :func:`gemsjax.models.backend.attend` without
-dropout (float32; equal within float rounding, see tests/test_models.py).
+dropout (float32; equal within float rounding, see tests/test_native_kernels.py). The LayerNorm
+kernel reads and writes each array once per pass, where XLA's fusions of the same formula
+materialise broadcasts of the row statistics and of the scale (:func:`layer_norm_forward`).
 
-The kernel is for x86 CPUs with AVX-512, or AVX2 with FMA (Linux). It is compiled on first use
-with the host's C++ compiler (``$CXX``, default ``c++``; ``-O3 -march=native``, about 3 s) into
-``$GEMSJAX_CACHE/native/`` (default ``~/.cache/gemsjax``), one library per source, compiler,
-jaxlib and CPU, and reused after. On other CPUs, with no compiler, or with
-``GEMSJAX_NATIVE_ATTENTION=0``, :func:`load` says why once and returns False, and the CPU
-layers use XLA's tiled attention instead (same results, slower).
+The kernels are for x86 CPUs with AVX-512, or AVX2 with FMA (Linux). They are compiled on first
+use with the host's C++ compiler (``$CXX``, default ``c++``; ``-O3 -march=native``, about 5 s)
+into one library in ``$GEMSJAX_CACHE/native/`` (default ``~/.cache/gemsjax``), one per source,
+compiler, jaxlib and CPU, and reused after. On other CPUs, with no compiler, or with
+``GEMSJAX_NATIVE_KERNELS=0``, :func:`load` says why once and returns False, and the CPU layers
+use XLA's formulations instead (same results, slower).
 """
 
 from __future__ import annotations
@@ -35,16 +38,20 @@ from gemsjax.data.genome_cache import cache_root
 
 _log = logging.getLogger(__name__)
 
-SOURCE = pathlib.Path(__file__).with_name("native") / "attention.cc"
+SOURCES = tuple(sorted(pathlib.Path(__file__).with_name("native").glob("*.[ch]*")))
+"""The kernels' C++ files (``.cc``, compiled together into one library) and their header."""
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w")
-SWITCH_ENV = "GEMSJAX_NATIVE_ATTENTION"
-"""Set to ``0`` to run the CPU layers' XLA attention instead of this kernel."""
+SWITCH_ENV = "GEMSJAX_NATIVE_KERNELS"
+"""Set to ``0`` to run the CPU layers' XLA attention and LayerNorm instead of these kernels."""
 _FORWARD, _BACKWARD = "gemsjax_attention_forward", "gemsjax_attention_backward"
+_NORM_FORWARD, _NORM_BACKWARD = "gemsjax_layer_norm_forward", "gemsjax_layer_norm_backward"
 _HANDLERS = {
     _FORWARD: "GemsjaxAttentionForward",
     _BACKWARD: "GemsjaxAttentionBackward",
     _FORWARD + "_dropout": "GemsjaxAttentionForwardDropout",
     _BACKWARD + "_dropout": "GemsjaxAttentionBackwardDropout",
+    _NORM_FORWARD: "GemsjaxLayerNormForward",
+    _NORM_BACKWARD: "GemsjaxLayerNormBackward",
 }
 
 
@@ -64,7 +71,7 @@ def _host_signature() -> str:
 
 def host_supported(cpuinfo: str) -> bool:
     """Whether ``cpuinfo`` (``/proc/cpuinfo``'s text) lists AVX-512F, or AVX2 and FMA: the
-    vector widths the kernel is written for (16 and 8 floats)."""
+    vector widths the kernels are written for (16 and 8 floats)."""
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
             flags = set(line.split())
@@ -73,24 +80,26 @@ def host_supported(cpuinfo: str) -> bool:
 
 
 def library_path(compiler: str) -> pathlib.Path:
-    """Where the kernel built by ``compiler`` for this host lives:
-    ``<cache>/native/attention-<digest of source, flags, compiler, jaxlib, CPU>.so``."""
+    """Where the kernels built by ``compiler`` for this host live:
+    ``<cache>/native/kernels-<digest of sources, flags, compiler, jaxlib, CPU>.so``."""
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=False
     ).stdout
     key = "\n".join(
-        (SOURCE.read_text(), " ".join(FLAGS), version, jax.__version__, _host_signature())
+        (*(f.read_text() for f in SOURCES), " ".join(FLAGS), version, jax.__version__)
+        + (_host_signature(),)
     )
     digest = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
-    return cache_root() / "native" / f"attention-{digest}.so"
+    return cache_root() / "native" / f"kernels-{digest}.so"
 
 
 def _build(compiler: str, target: pathlib.Path) -> None:
-    """Compile :data:`SOURCE` into ``target`` (through a per-process temporary file, so that
+    """Compile :data:`SOURCES` into ``target`` (through a per-process temporary file, so that
     processes building at once never load a half-written library)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(f".{os.getpid()}.tmp")
-    command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(partial)]
+    units = [str(f) for f in SOURCES if f.suffix == ".cc"]
+    command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), *units, "-o", str(partial)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         partial.unlink(missing_ok=True)
@@ -101,19 +110,21 @@ def _build(compiler: str, target: pathlib.Path) -> None:
 
 @functools.cache
 def load() -> bool:
-    """Build (or find) the kernel for this host and register its custom calls with XLA's CPU
+    """Build (or find) the kernels for this host and register its custom calls with XLA's CPU
     backend; True when it is ready. False, with one warning naming the reason and the fix,
     when it is switched off or cannot be built."""
     if os.environ.get(SWITCH_ENV, "1") == "0":
-        _log.info("%s=0: CPU attention runs on XLA's tiled path", SWITCH_ENV)
+        _log.info("%s=0: CPU attention and LayerNorm run on XLA's paths", SWITCH_ENV)
         return False
     if not host_supported(_cpuinfo()):
-        _log.info("no AVX-512 or AVX2 + FMA on this CPU: CPU attention runs on XLA's tiled path")
+        _log.info(
+            "no AVX-512 or AVX2 + FMA on this CPU: attention and LayerNorm run on XLA's paths"
+        )
         return False
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         _log.warning(
-            "no C++ compiler (%s) on PATH: CPU attention falls back to XLA's tiled path "
+            "no C++ compiler (%s) on PATH: CPU attention and LayerNorm fall back to XLA's paths "
             "(same results, slower); install g++ or set CXX",
             compiler,
         )
@@ -125,7 +136,7 @@ def load() -> bool:
         _register(str(target))
     except (OSError, RuntimeError) as error:
         _log.warning(
-            "CPU attention kernel not built (%s): falling back to XLA's tiled path; "
+            "CPU kernels not built (%s): attention and LayerNorm fall back to XLA's paths; "
             "set %s=0 to skip the build",
             error,
             SWITCH_ENV,
@@ -138,9 +149,9 @@ _registered: list[str] = []
 
 
 def _register(library_file: str) -> None:
-    """Load the built library and register its two handlers with XLA, once per process (XLA
-    keeps the first registration of a name; every library built from :data:`SOURCE` is the
-    same kernel)."""
+    """Load the built library and register its handlers with XLA, once per process (XLA keeps
+    the first registration of a name; every library built from :data:`SOURCES` has the same
+    kernels)."""
     if _registered:
         return
     library = ctypes.cdll.LoadLibrary(library_file)
@@ -196,3 +207,39 @@ def _attend_bwd(scale, residuals, d_out):
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def layer_norm_forward(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float
+) -> tuple[jax.Array, jax.Array]:
+    """The LayerNorm kernel's forward call (call :func:`load` first; one device's arrays):
+    ``(x - mean) / sqrt(var + eps) * scale + bias`` over the last axis with the two-pass
+    variance (:func:`gemsjax.models.backend.layer_norm`'s function), and each row's
+    ``(mean, 1 / sqrt(var + eps))``.
+
+    Args:
+      x: ``float32[..., H]``; scale, bias: ``float32[H]``; eps: a Python float.
+    Returns:
+      ``(float32[..., H], float32[..., 2])``.
+    """
+    shapes = (
+        jax.ShapeDtypeStruct(x.shape, jnp.float32),
+        jax.ShapeDtypeStruct((*x.shape[:-1], 2), jnp.float32),
+    )
+    call = jax.ffi.ffi_call(_NORM_FORWARD, shapes, vmap_method="sequential")
+    return call(x, scale, bias, eps=np.float32(eps))
+
+
+def layer_norm_backward(
+    x: jax.Array, stats: jax.Array, scale: jax.Array, d_out: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The LayerNorm kernel's backward call: ``x``'s gradient ``float32[..., H]`` and
+    ``float32[2, H]``, the row sums of ``d_out * x_hat`` and of ``d_out`` (the scale's and the
+    bias's gradients, added in a fixed order: the same bits for any number of threads), from
+    the forward call's ``stats: float32[..., 2]``; ``d_out`` like ``x``."""
+    shapes = (
+        jax.ShapeDtypeStruct(x.shape, jnp.float32),
+        jax.ShapeDtypeStruct((2, x.shape[-1]), jnp.float32),
+    )
+    call = jax.ffi.ffi_call(_NORM_BACKWARD, shapes, vmap_method="sequential")
+    return call(x, stats, scale, d_out)
