@@ -319,3 +319,33 @@ def test_the_cpu_model_normalises_through_the_kernel():
     loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(ids, attention))
     text = jax.jit(jax.grad(loss)).lower(params).as_text()
     assert "gemsjax_layer_norm_forward" in text and "gemsjax_layer_norm_backward" in text
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape", [(1, 1), (33, 70), (256, 3072), (64, 5)])
+def test_transpose_kernel_writes_the_row_major_transpose(shape):
+    """Shapes on and off the 32 x 32 blocks: the kernel's output is ``x.T``, bit for bit."""
+    assert native_kernels.load()
+    x = jax.random.normal(jax.random.key(0), shape)
+    np.testing.assert_array_equal(jax.jit(native_kernels.transpose)(x), x.T)
+
+
+@needs_compiler
+@pytest.mark.parametrize("devices", [1, 4])
+def test_a_tall_kernels_gradient_is_transposed_by_the_kernel_on_one_device(devices):
+    """``matmul_2d``'s kernel gradient for ``din > dout`` goes through the transpose kernel on
+    one device (not under a multi-device mesh, where XLA's partitioner places the product),
+    with the values of autodiff through ``x @ w`` either way."""
+    assert native_kernels.load()
+    keys = jax.random.split(jax.random.key(2), 3)
+    x, w = jax.random.normal(keys[0], (16, 24)), jax.random.normal(keys[1], (24, 8))
+    g = jax.random.normal(keys[2], (16, 8))
+    grads = jax.jit(jax.grad(lambda x, w: jnp.sum(backend.matmul_2d(x, w) * g), argnums=(0, 1)))
+    mesh = jax.make_mesh((devices,), ("data",), axis_types=(AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        got = grads(x, w)
+        text = grads.lower(x, w).as_text()
+    assert ("gemsjax_transpose" in text) == (devices == 1)
+    want = jax.grad(lambda x, w: jnp.sum((x @ w) * g), argnums=(0, 1))(x, w)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

@@ -1,5 +1,5 @@
 """Fused CPU kernels in C++ (``native/*.cc``) behind XLA FFI custom calls: attention and
-LayerNorm, each a forward and a backward call.
+LayerNorm, each a forward and a backward call, and a 2-D transpose.
 
 XLA's CPU backend runs attention as separate small matmuls and elementwise passes over
 ``[c, Lq, Lk]`` tiles (:func:`gemsjax.models.backend.attend_tiled`); the attention kernel
@@ -8,7 +8,9 @@ in the core's cache, spread over XLA's intra-op thread pool, and its backward pa
 probabilities from q and k. Same function as :func:`gemsjax.models.backend.attend` without
 dropout (float32; equal within float rounding, see tests/test_native_kernels.py). The LayerNorm
 kernel reads and writes each array once per pass, where XLA's fusions of the same formula
-materialise broadcasts of the row statistics and of the scale (:func:`layer_norm_forward`).
+materialise broadcasts of the row statistics and of the scale (:func:`layer_norm_forward`). The
+transpose writes a row-major copy once, where XLA would leave a transposed layout for every
+consumer to read with strided loads (:func:`transpose`).
 
 The kernels are for x86 CPUs with AVX-512, or AVX2 with FMA (Linux). They are compiled on first
 use with the host's C++ compiler (``$CXX``, default ``c++``; ``-O3 -march=native``, about 5 s)
@@ -45,6 +47,7 @@ SWITCH_ENV = "GEMSJAX_NATIVE_KERNELS"
 """Set to ``0`` to run the CPU layers' XLA attention and LayerNorm instead of these kernels."""
 _FORWARD, _BACKWARD = "gemsjax_attention_forward", "gemsjax_attention_backward"
 _NORM_FORWARD, _NORM_BACKWARD = "gemsjax_layer_norm_forward", "gemsjax_layer_norm_backward"
+_TRANSPOSE = "gemsjax_transpose"
 _HANDLERS = {
     _FORWARD: "GemsjaxAttentionForward",
     _BACKWARD: "GemsjaxAttentionBackward",
@@ -52,6 +55,7 @@ _HANDLERS = {
     _BACKWARD + "_dropout": "GemsjaxAttentionBackwardDropout",
     _NORM_FORWARD: "GemsjaxLayerNormForward",
     _NORM_BACKWARD: "GemsjaxLayerNormBackward",
+    _TRANSPOSE: "GemsjaxTranspose",
 }
 
 
@@ -243,3 +247,10 @@ def layer_norm_backward(
     )
     call = jax.ffi.ffi_call(_NORM_BACKWARD, shapes, vmap_method="sequential")
     return call(x, stats, scale, d_out)
+
+
+def transpose(x: jax.Array) -> jax.Array:
+    """``x: float32[M, N]`` -> ``float32[N, M]``, ``x.T`` written row-major by the kernel (call
+    :func:`load` first; one device's array)."""
+    out = jax.ShapeDtypeStruct(x.shape[::-1], jnp.float32)
+    return jax.ffi.ffi_call(_TRANSPOSE, out, vmap_method="sequential")(x)
