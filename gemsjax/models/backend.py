@@ -383,7 +383,7 @@ def layer_norm_fused_cpu(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: f
     """:func:`layer_norm` in the C++ kernel of :mod:`gemsjax.models.native_kernels` (call its
     ``load`` first), each device on its own rows of the batch: both passes read and write each
     array once, where XLA's fusions of :func:`layer_norm` materialise ``[..., H]`` broadcasts of
-    the row statistics and of the scale (a LOGO step 2 % faster, BENCHMARKS.md). The scale's and
+    the row statistics and of the scale (a LOGO step ~1 % faster, BENCHMARKS.md). The scale's and
     bias's gradients are summed per device in the kernel, then over the devices. Arguments and
     result as in :func:`layer_norm` (``x``'s first axis the batch)."""
     return _layer_norm_fused_fwd(x, scale, bias, eps)[0]
