@@ -7,11 +7,12 @@ between platforms.
 
 - ``"cpu"``: XLA's CPU backend is memory-bound on the shapes a BERT step makes; these versions
   avoid its slow paths (timings in BENCHMARKS.md): 2-D matmuls (a tall kernel's gradient
-  computed transposed), an ``erf`` GELU whose derivative is computed in the backward pass,
-  LayerNorm and attention in fused C++ kernels (:mod:`gemsjax.models.native_kernels`; where
-  they cannot be built, a LayerNorm with a closed-form backward pass, and XLA's attention a few
-  (row, head) pairs at a time), attention with a recomputing backward pass (the masked-token
-  step's last layer: only as many query slots as its fullest row uses), the masked-token step's tail
+  computed transposed, then copied row-major), an ``erf`` GELU whose derivative is computed in
+  the backward pass, LayerNorm, attention and that copy in C++ kernels
+  (:mod:`gemsjax.models.native_kernels`; where they cannot be built, a LayerNorm with a
+  closed-form backward pass, XLA's attention a few (row, head) pairs at a time and XLA's
+  transposed layout), attention with a recomputing backward pass (the masked-token step's
+  last layer: only as many query slots as its fullest row uses), the masked-token step's tail
   (after the last layer's attention) on only as many packed slots as its fullest shard uses,
   and 16-bit dropout draws.
 - every other platform (``"gpu"``, ``"tpu"``): the stock formulations, left to XLA's fusion.
