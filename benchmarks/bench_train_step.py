@@ -30,7 +30,10 @@ are reported as tokens/s (padded tokens, B x L) with the jax/torch ratio, and fo
 contender its ratio to the fastest torch contender per round (``benchutil.round_ratios``: the
 median and range over rounds; neighbouring turns share the machine's state, so these hold when
 the shared VM's speed drifts between rounds). Threads: JAX's CPU client uses all cores (its
-default); torch gets ``torch.set_num_threads(os.cpu_count())``.
+default); torch gets ``torch.set_num_threads(os.cpu_count())``. Both run on the allocator that
+``python -m gemsjax.main`` sets up (:func:`gemsjax.host_memory.keep_freed_memory`: freed memory
+reused rather than mapped afresh every step; ``GEMSJAX_KEEP_FREED_MEMORY=0`` for glibc's
+defaults).
 
 Also measured for ``logo`` (``--share``): the share of the step spent on masking and corruption,
 i.e. the step's own ``masked_batch`` (special positions, curriculum draw, mask, corruption) jitted
@@ -65,7 +68,7 @@ from benchutil import (
 from flax import nnx
 
 from gemsjax import config as config_lib
-from gemsjax import masking
+from gemsjax import host_memory, masking
 from gemsjax.models import registry
 from gemsjax.train import optim
 from gemsjax.train import spec as spec_lib
@@ -309,6 +312,7 @@ def main() -> None:
         help="skip the torch.compile contender (its compilation takes a minute or more)",
     )
     args = parser.parse_args()
+    kept = host_memory.keep_freed_memory()
     torch.set_num_threads(os.cpu_count())
     rank_table = jnp.asarray(spec_lib.rank_table(recipe("logo", 1), VOCAB))
     print(machine_info())
@@ -316,7 +320,8 @@ def main() -> None:
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
         f"{transformers.__version__}; medians of {args.rounds} x {args.steps} steps, "
         f"contenders taking turns of 1 untimed + {args.steps} timed steps; float32; tokens/s "
-        "counts padded tokens (B x L)"
+        "counts padded tokens (B x L); allocator: "
+        + ("freed memory kept (gemsjax.host_memory)" if kept else "glibc's defaults")
     )
     for size in args.sizes:
         batch_size = args.logo_batch if size == "logo" else args.dnabert_batch

@@ -18,7 +18,7 @@ import textwrap
 from absl import app, flags, logging
 
 from gemsjax import config as config_lib
-from gemsjax import remote
+from gemsjax import host_memory, remote
 from gemsjax.errors import UserError
 
 MODES = {
@@ -369,4 +369,5 @@ def run(argv):
 
 
 if __name__ == "__main__":
+    host_memory.keep_freed_memory()
     app.run(run, flags_parser=parse_flags)
