@@ -14,9 +14,9 @@ ends, and threads share one arena's lock for allocations larger than glibc's per
 (XLA allocates per execution, not per operation).
 
 Call it at the start of a process, before JAX runs anything (a thread that has allocated already
-keeps its own arena). ``python -m gemsjax.main`` and the benchmarks do (the benchmarks' PyTorch
-contenders, in the same process, get the same allocator). ``GEMSJAX_KEEP_FREED_MEMORY=0`` leaves
-the allocator as it is.
+keeps its own arena). ``python -m gemsjax.main`` and ``benchmarks/bench_train_step.py`` do (the
+benchmark's PyTorch contenders, in the same process, get the same allocator).
+``GEMSJAX_KEEP_FREED_MEMORY=0`` leaves the allocator as it is.
 """
 
 from __future__ import annotations
