@@ -2,7 +2,9 @@
 LayerNorm's values and gradients against the plain formulas, per-device rows under a mesh, the
 build cache, and the fallback to XLA's paths when the kernels cannot be built."""
 
+import functools
 import logging
+import math
 import os
 import shutil
 
@@ -322,30 +324,63 @@ def test_the_cpu_model_normalises_through_the_kernel():
 
 
 @needs_compiler
-@pytest.mark.parametrize("shape", [(1, 1), (33, 70), (256, 3072), (64, 5)])
-def test_transpose_kernel_writes_the_row_major_transpose(shape):
-    """Shapes on and off the 32 x 32 blocks: the kernel's output is ``x.T``, bit for bit."""
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize(
+    "m, n, k",
+    [(1, 1, 1), (7, 17, 5), (100, 50, 300), (616, 256, 3072), (64, 1200, 1800), (3, 40, 0)],
+)
+def test_matmul_kernel_equals_the_product(m, n, k, transpose_a, transpose_b):
+    """``op(a) @ op(b)`` for every transposition, on shapes off the register tile (6 x 16 or
+    8 x 48), past one packed depth (256), a LOGO tail product, the path that computes the
+    transposed product (more columns than rows, ``op(b)`` over one packed block: 1800 x 1200
+    floats) and an empty contraction (zeros); float32 rounding of a float64 reference."""
     assert native_kernels.load()
-    x = jax.random.normal(jax.random.key(0), shape)
-    np.testing.assert_array_equal(jax.jit(native_kernels.transpose)(x), x.T)
+    keys = jax.random.split(jax.random.key(m * n + k), 2)
+    a = jax.random.normal(keys[0], (k, m) if transpose_a else (m, k))
+    b = jax.random.normal(keys[1], (n, k) if transpose_b else (k, n))
+    call = functools.partial(
+        native_kernels.matmul, transpose_a=transpose_a, transpose_b=transpose_b
+    )
+    got = jax.jit(call)(a, b)
+    op_a, op_b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    want = (op_a.T if transpose_a else op_a) @ (op_b.T if transpose_b else op_b)
+    assert got.shape == (m, n) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5 * math.sqrt(max(k, 1)))
+
+
+@needs_compiler
+def test_matmul_kernel_gives_the_same_bits_on_every_call():
+    """Each output element sums over k in one order whatever thread computes it: repeated calls
+    (threads taking different work items) agree bit for bit."""
+    assert native_kernels.load()
+    keys = jax.random.split(jax.random.key(5), 2)
+    a, b = jax.random.normal(keys[0], (700, 300)), jax.random.normal(keys[1], (300, 500))
+    call = jax.jit(native_kernels.matmul)
+    first = np.asarray(call(a, b))
+    for _ in range(3):
+        np.testing.assert_array_equal(call(a, b), first)
 
 
 @needs_compiler
 @pytest.mark.parametrize("devices", [1, 4])
-def test_a_tall_kernels_gradient_is_transposed_by_the_kernel_on_one_device(devices):
-    """``matmul_2d``'s kernel gradient for ``din > dout`` goes through the transpose kernel on
-    one device (not under a multi-device mesh, where XLA's partitioner places the product),
-    with the values of autodiff through ``x @ w`` either way."""
+def test_dense_products_run_on_the_kernel_on_one_device(devices):
+    """``matmul_2d``'s product and both gradients are the kernel's calls on one device (none
+    under a multi-device mesh, where XLA's partitioner places the products), with the values of
+    autodiff through ``x @ w`` either way, for wide and tall kernels."""
     assert native_kernels.load()
-    keys = jax.random.split(jax.random.key(2), 3)
-    x, w = jax.random.normal(keys[0], (16, 24)), jax.random.normal(keys[1], (24, 8))
-    g = jax.random.normal(keys[2], (16, 8))
-    grads = jax.jit(jax.grad(lambda x, w: jnp.sum(backend.matmul_2d(x, w) * g), argnums=(0, 1)))
-    mesh = jax.make_mesh((devices,), ("data",), axis_types=(AxisType.Auto,))
-    with jax.set_mesh(mesh):
-        got = grads(x, w)
-        text = grads.lower(x, w).as_text()
-    assert ("gemsjax_transpose" in text) == (devices == 1)
-    want = jax.grad(lambda x, w: jnp.sum((x @ w) * g), argnums=(0, 1))(x, w)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    keys = jax.random.split(jax.random.key(2), 5)
+    x = jax.random.normal(keys[0], (16, 24))
+    for w in (jax.random.normal(keys[1], (24, 8)), jax.random.normal(keys[2], (24, 40))):
+        g = jax.random.normal(keys[3], (16, w.shape[1]))
+        loss = lambda x, w, g=g: jnp.sum(backend.matmul_2d(x, w) * g)
+        grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        mesh = jax.make_mesh((devices,), ("data",), axis_types=(AxisType.Auto,))
+        with jax.set_mesh(mesh):
+            got = grads(x, w)
+            text = grads.lower(x, w).as_text()
+        assert text.count("gemsjax_matmul") == (3 if devices == 1 else 0)
+        want = jax.value_and_grad(lambda x, w, g=g: jnp.sum((x @ w) * g), argnums=(0, 1))(x, w)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+        for a, b in zip(got[1], want[1], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -6,12 +6,12 @@ implementations compute the same functions with the same parameters, so checkpoi
 between platforms.
 
 - ``"cpu"``: XLA's CPU backend is memory-bound on the shapes a BERT step makes; these versions
-  avoid its slow paths (timings in BENCHMARKS.md): 2-D matmuls (a tall kernel's gradient
-  computed transposed, then copied row-major), an ``erf`` GELU whose derivative is computed in
-  the backward pass, LayerNorm, attention and that copy in C++ kernels
+  avoid its slow paths (timings in BENCHMARKS.md): 2-D matmuls (where the C++ kernels cannot
+  be built, a tall kernel's gradient computed transposed), an ``erf`` GELU whose derivative is
+  computed in the backward pass, LayerNorm, attention and the dense products in C++ kernels
   (:mod:`gemsjax.models.native_kernels`; where they cannot be built, a LayerNorm with a
   closed-form backward pass, XLA's attention a few (row, head) pairs at a time and XLA's
-  transposed layout), attention with a recomputing backward pass (the masked-token step's
+  products), attention with a recomputing backward pass (the masked-token step's
   last layer: only as many query slots as its fullest row uses), the masked-token step's tail
   (after the last layer's attention) on only as many packed slots as its fullest shard uses,
   and 16-bit dropout draws.
@@ -280,26 +280,32 @@ class Dense2D(nnx.Linear):
 
 @jax.custom_vjp
 def matmul_2d(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x: float[T, din] @ w: float[din, dout] -> float[T, dout]`` (one dtype), whose kernel
-    gradient for ``din > dout`` (a feed-forward layer's output projection) is computed as
-    ``(g^T x)^T``: XLA's CPU matmul computes ``x^T g`` into a tall ``[din, dout]`` output up to
-    1.4x slower than the wide ``[dout, din]`` one plus a transpose (BENCHMARKS.md); an
-    optimisation barrier keeps XLA from folding the transpose back into the matmul. XLA makes
-    that transpose a column-major layout that every consumer (the optimizer's update, gradient
-    clipping) reads with strided loads; float32 on one device, where the kernels of
-    :mod:`gemsjax.models.native_kernels` build, one row-major copy is made instead (the LOGO
-    step ~2.5 % faster). Same values, bit for bit."""
+    """``x: float[T, din] @ w: float[din, dout] -> float[T, dout]`` (one dtype).
+
+    float32 on one device, where the kernels of :mod:`gemsjax.models.native_kernels` build, the
+    product and both gradients (``d_out w^T``, ``x^T d_out``) are :func:`native_kernels.matmul`
+    calls: a register-tiled product that reads transposed operands in place (on the 2-core AMD
+    host 1.05-1.4x XLA's products on LOGO's feed-forward shapes; BENCHMARKS.md). Elsewhere XLA's
+    products, whose kernel gradient for ``din > dout`` (a feed-forward layer's output
+    projection) is computed as ``(g^T x)^T``: XLA's CPU matmul computes ``x^T g`` into a tall
+    ``[din, dout]`` output up to 1.4x slower than the wide ``[dout, din]`` one plus a transpose;
+    an optimisation barrier keeps XLA from folding the transpose back into the matmul."""
+    if _kernels_apply(x):
+        return native_kernels.matmul(x, w)
     return x @ w
 
 
 def _matmul_2d_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return x @ w, (x, w)
+    return matmul_2d(x, w), (x, w)
 
 
 def _matmul_2d_bwd(residuals, d_out):
     x, w = residuals
+    if _kernels_apply(x):
+        d_x = native_kernels.matmul(d_out, w, transpose_b=True)
+        return d_x, native_kernels.matmul(x, d_out, transpose_a=True)
     if w.shape[0] > w.shape[1]:
-        d_w = _transposed(jax.lax.optimization_barrier(d_out.T @ x))
+        d_w = jax.lax.optimization_barrier(d_out.T @ x).T
     else:
         d_w = x.T @ d_out
     return d_out @ w.T, d_w
@@ -308,14 +314,12 @@ def _matmul_2d_bwd(residuals, d_out):
 matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
 
 
-def _transposed(x: jax.Array) -> jax.Array:
-    """``x.T`` of a 2-D array, written row-major by the C++ kernel for float32 outside a
-    multi-device mesh when the kernels build (else XLA's layout)."""
+def _kernels_apply(x: jax.Array) -> bool:
+    """Whether a float32 ``x`` can go to the C++ kernels: outside a multi-device mesh (one
+    device's arrays) and where they build."""
     mesh = jax.sharding.get_abstract_mesh()
     one_device = mesh.empty or mesh.size == 1
-    if x.dtype == jnp.float32 and one_device and native_kernels.load():
-        return native_kernels.transpose(x)
-    return x.T
+    return x.dtype == jnp.float32 and one_device and native_kernels.load()
 
 
 class LayerNormLastAxis(nnx.LayerNorm):

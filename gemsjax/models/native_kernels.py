@@ -1,5 +1,5 @@
 """Fused CPU kernels in C++ (``native/*.cc``) behind XLA FFI custom calls: attention and
-LayerNorm, each a forward and a backward call, and a 2-D transpose.
+LayerNorm, each a forward and a backward call, and a matrix product.
 
 XLA's CPU backend runs attention as separate small matmuls and elementwise passes over
 ``[c, Lq, Lk]`` tiles (:func:`gemsjax.models.backend.attend_tiled`); the attention kernel
@@ -9,8 +9,9 @@ probabilities from q and k. Same function as :func:`gemsjax.models.backend.atten
 dropout (float32; equal within float rounding, see tests/test_native_kernels.py). The LayerNorm
 kernel reads and writes each array once per pass, where XLA's fusions of the same formula
 materialise broadcasts of the row statistics and of the scale (:func:`layer_norm_forward`). The
-transpose writes a row-major copy once, where XLA would leave a transposed layout for every
-consumer to read with strided loads (:func:`transpose`).
+matrix product (:func:`matmul`) packs its operands into the register tile's panels as it goes,
+reading a transposed operand in place, where XLA's CPU backend sends a product that contracts
+the lhs's first dimension (a dense layer's kernel gradient) to a slower library.
 
 The kernels are for x86 CPUs with AVX-512, or AVX2 with FMA (Linux). They are compiled on first
 use with the host's C++ compiler (``$CXX``, default ``c++``; ``-O3 -march=native``, about 5 s)
@@ -47,7 +48,7 @@ SWITCH_ENV = "GEMSJAX_NATIVE_KERNELS"
 """Set to ``0`` to run the CPU layers' XLA attention and LayerNorm instead of these kernels."""
 _FORWARD, _BACKWARD = "gemsjax_attention_forward", "gemsjax_attention_backward"
 _NORM_FORWARD, _NORM_BACKWARD = "gemsjax_layer_norm_forward", "gemsjax_layer_norm_backward"
-_TRANSPOSE = "gemsjax_transpose"
+_MATMUL = "gemsjax_matmul"
 _HANDLERS = {
     _FORWARD: "GemsjaxAttentionForward",
     _BACKWARD: "GemsjaxAttentionBackward",
@@ -55,7 +56,7 @@ _HANDLERS = {
     _BACKWARD + "_dropout": "GemsjaxAttentionBackwardDropout",
     _NORM_FORWARD: "GemsjaxLayerNormForward",
     _NORM_BACKWARD: "GemsjaxLayerNormBackward",
-    _TRANSPOSE: "GemsjaxTranspose",
+    _MATMUL: "GemsjaxMatmul",
 }
 
 
@@ -249,8 +250,15 @@ def layer_norm_backward(
     return call(x, stats, scale, d_out)
 
 
-def transpose(x: jax.Array) -> jax.Array:
-    """``x: float32[M, N]`` -> ``float32[N, M]``, ``x.T`` written row-major by the kernel (call
-    :func:`load` first; one device's array)."""
-    out = jax.ShapeDtypeStruct(x.shape[::-1], jnp.float32)
-    return jax.ffi.ffi_call(_TRANSPOSE, out, vmap_method="sequential")(x)
+def matmul(
+    a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False
+) -> jax.Array:
+    """``op(a) @ op(b)`` by the kernel (call :func:`load` first; one device's arrays), ``op(x)``
+    being ``x.T`` where its flag is set: ``a: float32[M, K]`` (``[K, M]`` transposed),
+    ``b: float32[K, N]`` (``[N, K]`` transposed) -> ``float32[M, N]``, row-major, with no
+    transposed copy of either operand."""
+    m = a.shape[1] if transpose_a else a.shape[0]
+    n = b.shape[0] if transpose_b else b.shape[1]
+    out = jax.ShapeDtypeStruct((m, n), jnp.float32)
+    call = jax.ffi.ffi_call(_MATMUL, out, vmap_method="sequential")
+    return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b)

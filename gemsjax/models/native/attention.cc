@@ -16,7 +16,6 @@
 #include <cmath>
 #include <cfloat>
 #include <cstring>
-#include <immintrin.h>
 #include <vector>
 
 #include "common.h"
@@ -45,37 +44,6 @@ inline vf exp_nonpositive(vf x) {
   vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
   vf result = p * reinterpret_cast<vf>(bits);
   return x < lo ? splat(0.0f) : result;
-}
-
-// One float broadcast to every lane, read from memory (a load-port broadcast that leaves the
-// FMA ports free; GCC's generic splat broadcasts from a register, on an FMA port). Through
-// set1 of a plain load, not _mm256_broadcast_ss(p): GCC treats that builtin's read as possibly
-// touching any memory, and then stores a register tile's sums to the stack after every FMA
-// (1.7x slower on AVX2).
-#if defined(__AVX512F__)
-inline vf splat_from(const float* p) { return reinterpret_cast<vf>(_mm512_set1_ps(*p)); }
-#else
-inline vf splat_from(const float* p) { return reinterpret_cast<vf>(_mm256_set1_ps(*p)); }
-#endif
-
-// C[R, NV*W] (+)= A[R, K] B[K, NV*W], A packed k-major (A's (r, k) at panel[k*R + r]), B's row
-// k at b + k*ldb, C's rows ldc apart.
-template <int R, int NV>
-inline void tile(int64_t K, const float* panel, const float* b, int64_t ldb, float* c,
-                 int64_t ldc, bool accumulate) {
-  vf sum[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) sum[r][v] = accumulate ? load(c + r * ldc + v * W) : vf{};
-  for (int64_t k = 0; k < K; ++k) {
-    vf bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = load(b + k * ldb + v * W);
-    for (int r = 0; r < R; ++r) {
-      vf av = splat_from(panel + k * R + r);
-      for (int v = 0; v < NV; ++v) sum[r][v] += av * bv[v];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) store(c + r * ldc + v * W, sum[r][v]);
 }
 
 // Rows [0, R) of C (+)= A B: A's (r, k) at a[r*ras + k*cas], packed first; B and C as in `tile`.
