@@ -704,8 +704,9 @@ def test_cpu_layer_norm_equals_the_stock_layer_norm(dtype):
 
 @pytest.mark.parametrize("shape", [(24, 8), (8, 24), (8, 8)])
 def test_cpu_dense_gradients_equal_the_stock_linear(shape):
-    """The CPU dense layer (Dense2D through matmul_2d, the kernel gradient of a tall kernel
-    computed transposed) gives nnx.Linear's output and gradients, for 3-D inputs; a float32
+    """The CPU dense layer (Dense2D through matmul_2d: the C++ products on one device, else the
+    kernel gradient of a tall kernel computed transposed) gives nnx.Linear's output and
+    gradients, for 3-D inputs; a float32
     output over bfloat16 inputs (the logits' case) still takes nnx.Linear's own path."""
     din, dout = shape
     x = jax.random.normal(jax.random.key(0), (2, 5, din))
@@ -728,8 +729,9 @@ def test_cpu_dense_gradients_equal_the_stock_linear(shape):
         jax.tree.leaves(d_params), jax.tree.leaves(want_params), strict=True
     ):
         np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-5, atol=1e-5)
-    if din > dout:
-        text = jax.jit(lambda x: grads(cpu)[1]).lower(x).as_text()
+    if din > dout:  # XLA's products (a multi-device mesh): the tall kernel's gradient transposed
+        with jax.set_mesh(jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,))):
+            text = jax.jit(lambda x: grads(cpu)[1]).lower(x).as_text()
         assert "optimization_barrier" in text
     mixed = backend.Dense2D(
         din, dout, dtype=jnp.bfloat16, preferred_element_type=jnp.float32, rngs=nnx.Rngs(3)
