@@ -45,7 +45,8 @@ SOURCES = tuple(sorted(pathlib.Path(__file__).with_name("native").glob("*.[ch]*"
 """The kernels' C++ files (``.cc``, compiled together into one library) and their header."""
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w")
 SWITCH_ENV = "GEMSJAX_NATIVE_KERNELS"
-"""Set to ``0`` to run the CPU layers' XLA attention and LayerNorm instead of these kernels."""
+"""Set to ``0`` to run the CPU layers' XLA attention, LayerNorm and products instead of these
+kernels."""
 _FORWARD, _BACKWARD = "gemsjax_attention_forward", "gemsjax_attention_backward"
 _NORM_FORWARD, _NORM_BACKWARD = "gemsjax_layer_norm_forward", "gemsjax_layer_norm_backward"
 _MATMUL = "gemsjax_matmul"
@@ -119,18 +120,19 @@ def load() -> bool:
     backend; True when it is ready. False, with one warning naming the reason and the fix,
     when it is switched off or cannot be built."""
     if os.environ.get(SWITCH_ENV, "1") == "0":
-        _log.info("%s=0: CPU attention and LayerNorm run on XLA's paths", SWITCH_ENV)
+        _log.info("%s=0: CPU attention, LayerNorm and products run on XLA's paths", SWITCH_ENV)
         return False
     if not host_supported(_cpuinfo()):
         _log.info(
-            "no AVX-512 or AVX2 + FMA on this CPU: attention and LayerNorm run on XLA's paths"
+            "no AVX-512 or AVX2 + FMA on this CPU: attention, LayerNorm and products run on "
+            "XLA's paths"
         )
         return False
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         _log.warning(
-            "no C++ compiler (%s) on PATH: CPU attention and LayerNorm fall back to XLA's paths "
-            "(same results, slower); install g++ or set CXX",
+            "no C++ compiler (%s) on PATH: CPU attention, LayerNorm and products fall back to "
+            "XLA's paths (same results, slower); install g++ or set CXX",
             compiler,
         )
         return False
@@ -141,8 +143,8 @@ def load() -> bool:
         _register(str(target))
     except (OSError, RuntimeError) as error:
         _log.warning(
-            "CPU kernels not built (%s): attention and LayerNorm fall back to XLA's paths; "
-            "set %s=0 to skip the build",
+            "CPU kernels not built (%s): attention, LayerNorm and products fall back to XLA's "
+            "paths; set %s=0 to skip the build",
             error,
             SWITCH_ENV,
         )
