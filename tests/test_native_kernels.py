@@ -363,11 +363,46 @@ def test_matmul_kernel_gives_the_same_bits_on_every_call():
 
 
 @needs_compiler
+@pytest.mark.parametrize("shape", [(1, 1), (33, 70), (256, 3072), (64, 5)])
+def test_transpose_kernel_writes_the_row_major_transpose(shape):
+    """Shapes on and off the 32 x 32 blocks: the kernel's output is ``x.T``, bit for bit."""
+    assert native_kernels.load()
+    x = jax.random.normal(jax.random.key(0), shape)
+    np.testing.assert_array_equal(jax.jit(native_kernels.transpose)(x), x.T)
+
+
+@needs_compiler
+@pytest.mark.parametrize("devices", [1, 4])
+def test_a_wide_layers_tall_kernel_gradient_is_transposed_by_the_kernel(devices):
+    """A layer wider than ``KERNEL_MAX_WIDTH`` both ways keeps XLA's products; its tall kernel's
+    gradient goes through the transpose kernel on one device (not under a multi-device mesh),
+    with the values of autodiff through ``x @ w`` either way."""
+    assert native_kernels.load()
+    width = backend.KERNEL_MAX_WIDTH
+    keys = jax.random.split(jax.random.key(2), 3)
+    x, w = (
+        jax.random.normal(keys[0], (16, 2 * width)),
+        jax.random.normal(keys[1], (2 * width, width + 8)),
+    )
+    g = jax.random.normal(keys[2], (16, width + 8))
+    grads = jax.jit(jax.grad(lambda x, w: jnp.sum(backend.matmul_2d(x, w) * g), argnums=(0, 1)))
+    mesh = jax.make_mesh((devices,), ("data",), axis_types=(AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        got = grads(x, w)
+        text = grads.lower(x, w).as_text()
+    assert ("gemsjax_transpose" in text) == (devices == 1) and "gemsjax_matmul" not in text
+    want = jax.grad(lambda x, w: jnp.sum((x @ w) * g), argnums=(0, 1))(x, w)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+@needs_compiler
 @pytest.mark.parametrize("devices", [1, 4])
 def test_dense_products_run_on_the_kernel_on_one_device(devices):
-    """``matmul_2d``'s product and both gradients are the kernel's calls on one device (none
-    under a multi-device mesh, where XLA's partitioner places the products), with the values of
-    autodiff through ``x @ w`` either way, for wide and tall kernels."""
+    """``matmul_2d``'s product and both gradients are the kernel's calls on one device for a
+    layer at most ``KERNEL_MAX_WIDTH`` wide one way (none under a multi-device mesh, where XLA's
+    partitioner places the products), with the values of autodiff through ``x @ w`` either
+    way, for wide and tall kernels."""
     assert native_kernels.load()
     keys = jax.random.split(jax.random.key(2), 5)
     x = jax.random.normal(keys[0], (16, 24))

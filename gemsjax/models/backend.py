@@ -6,13 +6,15 @@ implementations compute the same functions with the same parameters, so checkpoi
 between platforms.
 
 - ``"cpu"``: XLA's CPU backend is memory-bound on the shapes a BERT step makes; these versions
-  avoid its slow paths (timings in BENCHMARKS.md): 2-D matmuls (where the C++ kernels cannot
-  be built, a tall kernel's gradient computed transposed), an ``erf`` GELU whose derivative is
-  computed in the backward pass, LayerNorm, attention and the dense products in C++ kernels
+  avoid its slow paths (timings in BENCHMARKS.md): 2-D matmuls (a C++ product for layers up to
+  256 features wide; else a tall kernel's gradient computed transposed, then copied
+  row-major), an ``erf`` GELU whose derivative is computed in the backward pass, LayerNorm,
+  attention, those products and that copy in C++ kernels
   (:mod:`gemsjax.models.native_kernels`; where they cannot be built, a LayerNorm with a
-  closed-form backward pass, XLA's attention a few (row, head) pairs at a time and XLA's
-  products), attention with a recomputing backward pass (the masked-token step's
-  last layer: only as many query slots as its fullest row uses), the masked-token step's tail
+  closed-form backward pass, XLA's attention a few (row, head) pairs at a time, XLA's
+  products and its transposed layout), attention with a recomputing backward pass (the
+  masked-token step's last layer: only as many query slots as its fullest row uses), the
+  masked-token step's tail
   (after the last layer's attention) on only as many packed slots as its fullest shard uses,
   and 16-bit dropout draws.
 - every other platform (``"gpu"``, ``"tpu"``): the stock formulations, left to XLA's fusion.
@@ -278,19 +280,27 @@ class Dense2D(nnx.Linear):
         return out.reshape(*inputs.shape[:-1], -1)
 
 
+KERNEL_MAX_WIDTH = 256
+"""Dense layers whose kernel has a dimension of at most this many features take the C++ product
+(:func:`matmul_2d`): measured faster than XLA's there (a 256-wide model such as LOGO), slower
+at 768 features (DNABERT-6, BarcodeMAE; BENCHMARKS.md)."""
+
+
 @jax.custom_vjp
 def matmul_2d(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x: float[T, din] @ w: float[din, dout] -> float[T, dout]`` (one dtype).
 
-    float32 on one device, where the kernels of :mod:`gemsjax.models.native_kernels` build, the
-    product and both gradients (``d_out w^T``, ``x^T d_out``) are :func:`native_kernels.matmul`
-    calls: a register-tiled product that reads transposed operands in place (on the 2-core AMD
-    host 1.05-1.4x XLA's products on LOGO's feed-forward shapes; BENCHMARKS.md). Elsewhere XLA's
+    float32 on one device, where the kernels of :mod:`gemsjax.models.native_kernels` build and
+    ``min(din, dout) <= KERNEL_MAX_WIDTH``, the product and both gradients (``d_out w^T``,
+    ``x^T d_out``) are :func:`native_kernels.matmul` calls: a register-tiled product that reads
+    transposed operands in place (the LOGO step 7 % faster on the 2-core AMD host; the
+    DNABERT-6 step 7 % slower, hence the width limit; BENCHMARKS.md). Otherwise XLA's
     products, whose kernel gradient for ``din > dout`` (a feed-forward layer's output
     projection) is computed as ``(g^T x)^T``: XLA's CPU matmul computes ``x^T g`` into a tall
     ``[din, dout]`` output up to 1.4x slower than the wide ``[dout, din]`` one plus a transpose;
-    an optimisation barrier keeps XLA from folding the transpose back into the matmul."""
-    if _kernels_apply(x):
+    an optimisation barrier keeps XLA from folding the transpose back into the matmul, and
+    :func:`_transposed` writes it row-major."""
+    if _product_kernel_applies(x, w):
         return native_kernels.matmul(x, w)
     return x @ w
 
@@ -301,11 +311,11 @@ def _matmul_2d_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Arr
 
 def _matmul_2d_bwd(residuals, d_out):
     x, w = residuals
-    if _kernels_apply(x):
+    if _product_kernel_applies(x, w):
         d_x = native_kernels.matmul(d_out, w, transpose_b=True)
         return d_x, native_kernels.matmul(x, d_out, transpose_a=True)
     if w.shape[0] > w.shape[1]:
-        d_w = jax.lax.optimization_barrier(d_out.T @ x).T
+        d_w = _transposed(jax.lax.optimization_barrier(d_out.T @ x))
     else:
         d_w = x.T @ d_out
     return d_out @ w.T, d_w
@@ -320,6 +330,19 @@ def _kernels_apply(x: jax.Array) -> bool:
     mesh = jax.sharding.get_abstract_mesh()
     one_device = mesh.empty or mesh.size == 1
     return x.dtype == jnp.float32 and one_device and native_kernels.load()
+
+
+def _product_kernel_applies(x: jax.Array, w: jax.Array) -> bool:
+    """Whether ``x @ w`` and its gradients take the C++ product (:data:`KERNEL_MAX_WIDTH`)."""
+    return min(w.shape) <= KERNEL_MAX_WIDTH and _kernels_apply(x)
+
+
+def _transposed(x: jax.Array) -> jax.Array:
+    """``x.T`` of a 2-D array, written row-major by the C++ kernel for float32 outside a
+    multi-device mesh when the kernels build (else XLA's layout)."""
+    if _kernels_apply(x):
+        return native_kernels.transpose(x)
+    return x.T
 
 
 class LayerNormLastAxis(nnx.LayerNorm):

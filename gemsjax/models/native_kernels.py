@@ -1,5 +1,5 @@
 """Fused CPU kernels in C++ (``native/*.cc``) behind XLA FFI custom calls: attention and
-LayerNorm, each a forward and a backward call, and a matrix product.
+LayerNorm, each a forward and a backward call, a matrix product and a 2-D transpose.
 
 XLA's CPU backend runs attention as separate small matmuls and elementwise passes over
 ``[c, Lq, Lk]`` tiles (:func:`gemsjax.models.backend.attend_tiled`); the attention kernel
@@ -11,7 +11,9 @@ kernel reads and writes each array once per pass, where XLA's fusions of the sam
 materialise broadcasts of the row statistics and of the scale (:func:`layer_norm_forward`). The
 matrix product (:func:`matmul`) packs its operands into the register tile's panels as it goes,
 reading a transposed operand in place, where XLA's CPU backend sends a product that contracts
-the lhs's first dimension (a dense layer's kernel gradient) to a slower library.
+the lhs's first dimension (a dense layer's kernel gradient) to a slower library. The transpose
+writes a row-major copy once, where XLA would leave a transposed layout for every consumer to
+read with strided loads (:func:`transpose`).
 
 The kernels are for x86 CPUs with AVX-512, or AVX2 with FMA (Linux). They are compiled on first
 use with the host's C++ compiler (``$CXX``, default ``c++``; ``-O3 -march=native``, about 5 s)
@@ -50,6 +52,7 @@ kernels."""
 _FORWARD, _BACKWARD = "gemsjax_attention_forward", "gemsjax_attention_backward"
 _NORM_FORWARD, _NORM_BACKWARD = "gemsjax_layer_norm_forward", "gemsjax_layer_norm_backward"
 _MATMUL = "gemsjax_matmul"
+_TRANSPOSE = "gemsjax_transpose"
 _HANDLERS = {
     _FORWARD: "GemsjaxAttentionForward",
     _BACKWARD: "GemsjaxAttentionBackward",
@@ -58,6 +61,7 @@ _HANDLERS = {
     _NORM_FORWARD: "GemsjaxLayerNormForward",
     _NORM_BACKWARD: "GemsjaxLayerNormBackward",
     _MATMUL: "GemsjaxMatmul",
+    _TRANSPOSE: "GemsjaxTranspose",
 }
 
 
@@ -264,3 +268,10 @@ def matmul(
     out = jax.ShapeDtypeStruct((m, n), jnp.float32)
     call = jax.ffi.ffi_call(_MATMUL, out, vmap_method="sequential")
     return call(a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+
+def transpose(x: jax.Array) -> jax.Array:
+    """``x: float32[M, N]`` -> ``float32[N, M]``, ``x.T`` written row-major by the kernel (call
+    :func:`load` first; one device's array)."""
+    out = jax.ShapeDtypeStruct(x.shape[::-1], jnp.float32)
+    return jax.ffi.ffi_call(_TRANSPOSE, out, vmap_method="sequential")(x)
