@@ -1,7 +1,7 @@
-// What the CPU kernels (attention.cc, layer_norm.cc, matmul.cc) share: the vector width and types
-// of the host's instruction set, the register-tiled matmul step, and a parallel loop over XLA's
-// intra-op thread pool. Each kernel file includes it inside its own translation unit (everything
-// here is internal to the file).
+// What the CPU kernels (attention.cc, layer_norm.cc, matmul.cc, transpose.cc) share: the vector
+// width and types of the host's instruction set, the register-tiled matmul step, a parallel loop
+// over XLA's intra-op thread pool and a 2-D transpose on it. Each kernel file includes it inside
+// its own translation unit (everything here is internal to the file).
 
 #pragma once
 
