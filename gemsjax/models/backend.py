@@ -14,9 +14,8 @@ between platforms.
   closed-form backward pass, XLA's attention a few (row, head) pairs at a time, XLA's
   products and its transposed layout), attention with a recomputing backward pass (the
   masked-token step's last layer: only as many query slots as its fullest row uses), the
-  masked-token step's tail
-  (after the last layer's attention) on only as many packed slots as its fullest shard uses,
-  and 16-bit dropout draws.
+  masked-token step's tail (after the last layer's attention) on only as many packed slots as
+  its fullest shard uses, and 16-bit dropout draws.
 - every other platform (``"gpu"``, ``"tpu"``): the stock formulations, left to XLA's fusion.
 
 Attention has a second switch, ``attention`` (``BertConfig.attention``, ``model.attention``):
